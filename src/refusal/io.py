@@ -49,6 +49,10 @@ def write_yaml(path: Path, obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
+def read_yaml(path: Path) -> Any:
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     """Save tensors as safetensors; ``metadata`` values are JSON-encoded into the header."""
     path = Path(path)

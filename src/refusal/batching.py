@@ -1,0 +1,71 @@
+"""Running work in batches: progress bars, and halving the batch on out-of-memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+@contextmanager
+def progress(description: str, total: int):
+    """A rich progress bar; yields ``advance(n)``."""
+    if _quiet or total <= 0:
+        yield lambda n=1: None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=False) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def in_batches(
+    fn: Callable[[Sequence[T]], None], items: Sequence[T], batch_size: int, description: str = "",
+) -> int:
+    """Call ``fn`` on consecutive slices of ``items``; on out-of-memory, halve the batch, say so, and retry.
+
+    Returns the batch size that worked, so the caller can keep using it.
+    """
+    i = 0
+    with progress(description, len(items)) as advance:
+        while i < len(items):
+            chunk = items[i:i + batch_size]
+            try:
+                fn(chunk)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_oom(exc) or batch_size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                batch_size = max(1, batch_size // 2)
+                console.print(f"[yellow]Out of memory in {description or 'a batch'}: halving the batch to "
+                              f"{batch_size} and retrying.[/]")
+                continue
+            i += len(chunk)
+            advance(len(chunk))
+    return batch_size

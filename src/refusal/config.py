@@ -1,0 +1,177 @@
+"""The one typed configuration of a run: defaults, then a preset, then a YAML file, then CLI flags.
+
+The resolved config is saved with every run (``config.yaml``); its hash tells whether a run folder was made with
+the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RefusalError
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+
+
+@dataclass
+class DataConfig:
+    harmful: str = "builtin"
+    harmless: str = "builtin"
+    harmful_test: str | None = None  # a separate harmful test set (e.g. JailbreakBench)
+    harmless_test: str | None = None
+    n_train: int = 128
+    n_val: int = 32
+    n_test: int = 100
+    seed: int = 42
+    filter: bool = True  # keep harmful train/val prompts the model refuses and harmless ones it does not
+
+
+@dataclass
+class SelectConfig:
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    max_layer_fraction: float = 0.8  # candidates from the last 20 % of layers are not scored
+    layer_stride: int = 1  # score every k-th layer (1 = all, as in the paper)
+    prune: bool = False  # bypass/KL only for candidates passing the induce filter (same pick, fewer forwards)
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 256
+    ablation: str = "weights"  # "weights" (orthogonalize, fast) or "hooks"; both give the same model
+    static_cache: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: str = DEFAULT_MODEL
+    preset: str = "auto"  # "auto" = "cpu" without a GPU, else "paper"
+    device: str | None = None
+    dtype: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    batch_size: int | None = None  # sequences per forward; None = chosen from the device
+    system_prompt: str | None = None
+    refusal_tokens: list[str] | None = None  # refusal openings; None = the built-in list
+    output: str = "runs"
+    name: str | None = None  # run folder name; None = the model's alias
+    data: DataConfig = field(default_factory=DataConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    # fields that do not change results, left out of the hash
+    _NOT_HASHED = ("device", "device_map", "batch_size", "output", "name", "preset")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        d = {k: v for k, v in self.to_dict().items() if k not in self._NOT_HASHED}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Presets sit between the defaults and the user's file/flags.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # Sized for a 2-core CPU: the whole pipeline in minutes on the 0.5B catalog model.
+    "cpu": {
+        "model": "qwen2.5-coder-0.5b-instruct",
+        "data": {"n_train": 32, "n_val": 6, "n_test": 16, "filter": False},
+        "select": {"prune": True, "layer_stride": 2},
+        "generate": {"max_new_tokens": 32},
+    },
+}
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if k not in base:
+            raise RefusalError(f"Unknown config key '{k}' in {where}.",
+                               f"Known keys there: {', '.join(sorted(base))}.")
+        out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) and isinstance(v, dict) else v
+    return out
+
+
+def _build(d: dict) -> RunConfig:
+    d = dict(d)
+    sub = {"data": DataConfig, "select": SelectConfig, "generate": GenerateConfig}
+    kwargs = {k: (sub[k](**v) if k in sub else v) for k, v in d.items()}
+    return RunConfig(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise RefusalError(f"The config file '{path}' does not exist.", "Check the path given to --config.")
+    try:
+        d = yaml.safe_load(p.read_text("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RefusalError(f"The config file '{path}' is not valid YAML ({exc}).", "Fix the YAML syntax.") from None
+    if not isinstance(d, dict):
+        raise RefusalError(f"The config file '{path}' is not a mapping.", "Write it as key: value pairs.")
+    return d
+
+
+def resolve(config_file: str | Path | None = None, overrides: dict | None = None, *,
+            has_gpu: bool | None = None) -> RunConfig:
+    """Defaults < preset < YAML file < overrides (a nested dict of the CLI flags that were given)."""
+    base = RunConfig().to_dict()
+    user = _merge(base, load_yaml(config_file), str(config_file)) if config_file else dict(base)
+    user_diff = _diff(base, user)
+    user_diff = _merge_plain(user_diff, overrides or {})
+    preset = user_diff.get("preset", "auto")
+    if preset == "auto":
+        if has_gpu is None:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        device = user_diff.get("device")
+        preset = "paper" if (has_gpu and device in (None, "cuda")) or (device or "").startswith("cuda") else "cpu"
+    if preset not in PRESETS:
+        raise RefusalError(f"Unknown preset '{preset}'.", f"Use one of: auto, {', '.join(PRESETS)}.")
+    merged = _merge(_merge(base, PRESETS[preset], f"preset {preset}"), user_diff, "the config")
+    merged["preset"] = preset
+    cfg = _build(merged)
+    validate(cfg)
+    return cfg
+
+
+def _diff(base: dict, new: dict) -> dict:
+    out = {}
+    for k, v in new.items():
+        if isinstance(v, dict):
+            sub = _diff(base[k], v)
+            if sub:
+                out[k] = sub
+        elif v != base[k]:
+            out[k] = v
+    return out
+
+
+def _merge_plain(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_plain(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def validate(cfg: RunConfig) -> None:
+    d = cfg.data
+    for name in ("n_train", "n_val", "n_test"):
+        if getattr(d, name) < 1:
+            raise RefusalError(f"data.{name} must be at least 1 (got {getattr(d, name)}).", "Set a positive size.")
+    if cfg.generate.ablation not in ("weights", "hooks"):
+        raise RefusalError(f"generate.ablation must be 'weights' or 'hooks' (got '{cfg.generate.ablation}').",
+                           "Use 'weights' (orthogonalized weights, faster) or 'hooks'.")
+    if not 0 < cfg.select.max_layer_fraction <= 1:
+        raise RefusalError("select.max_layer_fraction must be in (0, 1].", "For the paper's filter use 0.8.")
+    if cfg.generate.max_new_tokens < 1:
+        raise RefusalError("generate.max_new_tokens must be at least 1.", "The paper uses 512; the default is 256.")

@@ -1,0 +1,185 @@
+"""Interventions on a plain Hugging Face model, as composable context managers.
+
+>>> with ablate(model, direction):            # remove the direction everywhere in the residual stream
+...     model.generate(...)
+>>> with add(model, direction, layer=12, coeff=-1.0):   # activation subtraction at one layer
+...     model(...)
+
+Hooks are installed on entry and always removed on exit, even on error; several interventions nest.
+A direction of shape ``(d,)`` is one direction; ``(k, d)`` is a subspace (orthonormalised here). With
+``per_row=True`` the tensor is ``(batch, d)``: one direction per batch row, which lets many candidate directions be
+scored in a single forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .models import find_parts
+
+
+def _basis(direction: torch.Tensor) -> torch.Tensor:
+    d = direction.float()
+    if d.ndim == 1:
+        return (d / d.norm()).unsqueeze(0)
+    q, _ = torch.linalg.qr(d.T)  # (d, k) orthonormal columns spanning the rows of `direction`
+    return q.T.contiguous()
+
+
+def project_out(x: torch.Tensor, basis: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """``x`` minus its component in the span of ``basis`` (rows orthonormal); per-row: one unit row per batch row."""
+    b = basis.to(x.dtype)
+    if per_row:
+        b = b[:, None, :] if x.ndim == 3 else b
+        return x - (x * b).sum(-1, keepdim=True) * b
+    return x - (x @ b.T) @ b
+
+
+def _edit_output(output, fn):
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    return fn(output)
+
+
+def _edit_input(args, kwargs, fn):
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+    return args, kwargs
+
+
+@contextmanager
+def _hooks(register: Iterable) -> Iterator[None]:
+    handles = []
+    try:
+        for h in register:
+            handles.append(h())
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layer_list(n: int, layers: int | Iterable[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int):
+        return [layers]
+    return list(layers)
+
+
+@contextmanager
+def ablate(model: nn.Module, direction: torch.Tensor, *, layers: Iterable[int] | None = None, per_row: bool = False):
+    """Directional ablation: project the direction (or subspace) out of the residual stream.
+
+    At every chosen layer (default: all) the hook acts on the layer's input and on the outputs of its attention and
+    MLP blocks, so no component along the direction is written back into the residual stream.
+    """
+    parts = find_parts(model)
+    dev = parts.embed.weight.device
+    if per_row:
+        d = direction.float()
+        basis = (d / d.norm(dim=-1, keepdim=True)).to(dev)
+    else:
+        basis = _basis(direction).to(dev)
+    cache: dict = {}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        b = cache.get(x.device)
+        if b is None:
+            b = cache[x.device] = basis.to(device=x.device, dtype=x.dtype)
+        return project_out(x, b, per_row)
+
+    regs = []
+    for i in _layer_list(parts.n_layers, layers):
+        regs.append(lambda m=parts.layers[i]: m.register_forward_pre_hook(
+            lambda _m, a, k: _edit_input(a, k, fn), with_kwargs=True))
+        for block in (parts.attn[i], parts.mlp[i]):
+            regs.append(lambda m=block: m.register_forward_hook(lambda _m, _a, out: _edit_output(out, fn)))
+    with _hooks(regs):
+        yield
+
+
+@contextmanager
+def add(model: nn.Module, vector: torch.Tensor, layer: int, *, coeff: float = 1.0, per_row: bool = False):
+    """Activation addition: add ``coeff * vector`` to the residual stream at the input of ``layer``, all positions.
+
+    The vector is used as given (the difference in means, not normalised), as in Arditi et al.
+    """
+    parts = find_parts(model)
+    v = (coeff * vector.float()).to(parts.embed.weight.device)
+    if per_row:
+        v = v[:, None, :]
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x + v.to(device=x.device, dtype=x.dtype)
+
+    reg = lambda m=parts.layers[layer]: m.register_forward_pre_hook(  # noqa: E731
+        lambda _m, a, k: _edit_input(a, k, fn), with_kwargs=True)
+    with _hooks([reg]):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight orthogonalization: ablation baked into the weights
+
+
+def _orthogonalize_linear(lin: nn.Linear, d: torch.Tensor) -> None:
+    w = lin.weight.data
+    dd = d.to(device=w.device, dtype=torch.float32)
+    w.sub_((dd[:, None] * (dd @ w.float())[None, :]).to(w.dtype))
+    if lin.bias is not None:
+        b = lin.bias.data
+        b.sub_((dd * (dd @ b.float())).to(b.dtype))
+
+
+def orthogonalize_(model: nn.Module, direction: torch.Tensor) -> None:
+    """Edit the weights in place so that no block can write ``direction`` into the residual stream.
+
+    The embedding and every attention and MLP output projection are projected; a tied output embedding is untied
+    first so the logits do not change. The result equals hook-based :func:`ablate` at all layers.
+    """
+    parts = find_parts(model)
+    d = direction.float()
+    d = d / d.norm()
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight is parts.embed.weight:
+        out_emb.weight = nn.Parameter(parts.embed.weight.data.clone(), requires_grad=False)
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+    e = parts.embed.weight.data
+    dd = d.to(device=e.device)
+    e.sub_(((e.float() @ dd)[:, None] * dd[None, :]).to(e.dtype))
+    for i in range(parts.n_layers):
+        _orthogonalize_linear(parts.attn_out_proj(i), d)
+        _orthogonalize_linear(parts.mlp_out_proj(i), d)
+
+
+@contextmanager
+def orthogonalized(model: nn.Module, direction: torch.Tensor):
+    """:func:`orthogonalize_` for the duration of a block; the original weights come back on exit."""
+    parts = find_parts(model)
+    mods = [parts.embed] + [parts.attn_out_proj(i) for i in range(parts.n_layers)] + [
+        parts.mlp_out_proj(i) for i in range(parts.n_layers)]
+    saved = [(m, m.weight.data.clone(), None if getattr(m, "bias", None) is None else m.bias.data.clone())
+             for m in mods]
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is parts.embed.weight
+    tie_cfg = getattr(model.config, "tie_word_embeddings", None)
+    try:
+        orthogonalize_(model, direction)
+        yield
+    finally:
+        for m, w, b in saved:
+            m.weight.data.copy_(w)
+            if b is not None:
+                m.bias.data.copy_(b)
+        if tied:
+            out_emb.weight = parts.embed.weight
+            if tie_cfg is not None:
+                model.config.tie_word_embeddings = tie_cfg

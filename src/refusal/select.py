@@ -1,0 +1,220 @@
+"""Scoring candidate directions and picking one (Arditi et al. 2024, section 2.3 and appendix C).
+
+For each candidate ``r`` at (position, layer):
+
+* **bypass**: mean refusal score on harmful validation prompts with ``r`` ablated at every layer (lower is better);
+* **induce**: mean refusal score on harmless validation prompts with ``r`` added at its source layer;
+* **KL**: mean KL(baseline || ablated) of the last-position distribution on harmless validation prompts.
+
+Candidates are scored many at a time: the prompts are repeated once per candidate along the batch, and each batch
+row gets its own direction (see ``per_row`` in :mod:`refusal.interventions`). Only the last position's logits are
+computed, and scores are reduced on the device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+from . import io
+from .batching import in_batches
+from .chat import refusal_score, tokenize
+from .directions import Candidates
+from .errors import RefusalError
+from .interventions import ablate, add
+from .models import model_device
+
+
+@torch.no_grad()
+def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the last position, ``(batch, vocab)``; computes the output head on that position only."""
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.logits[:, -1, :]
+
+
+def kl_div(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(P_base || P) per row, from log-probabilities."""
+    return (base_logp.exp() * (base_logp - logp)).sum(-1)
+
+
+@torch.no_grad()
+def refusal_scores(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 32,
+                   description: str = "") -> torch.Tensor:
+    """Per-prompt refusal score (log-odds of refusal tokens at the first generated position)."""
+    dev = model_device(model)
+    ids = torch.tensor(list(refusal_ids), device=dev)
+    out: list[torch.Tensor] = []
+
+    def run(chunk):
+        b = tokenize(tokenizer, list(chunk), dev)
+        out.append(refusal_score(last_logits(model, b.input_ids, b.attention_mask), ids).cpu())
+
+    in_batches(run, list(prompts), batch_size, description)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass
+class Scores:
+    """Scores of every candidate, each ``(n_positions, n_layers)``; NaN where a candidate was not scored."""
+
+    positions: list[int]
+    bypass: torch.Tensor
+    induce: torch.Tensor
+    kl: torch.Tensor
+    baseline_harmful: float
+    baseline_harmless: float
+
+    def to_json(self) -> dict:
+        def grid(t):
+            return [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in t.tolist()]
+        return {"positions": self.positions, "baseline_refusal_score": {
+            "harmful": self.baseline_harmful, "harmless": self.baseline_harmless},
+            "bypass": grid(self.bypass), "induce": grid(self.induce), "kl": grid(self.kl)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Scores:
+        def t(g):
+            return torch.tensor([[float("nan") if v is None else v for v in row] for row in g])
+        b = d["baseline_refusal_score"]
+        return cls(list(d["positions"]), t(d["bypass"]), t(d["induce"]), t(d["kl"]), b["harmful"], b["harmless"])
+
+
+@torch.no_grad()
+def score_candidates(
+    model, tokenizer, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
+    refusal_ids: Sequence[int], *, layers: Sequence[int] | None = None, batch_size: int = 64,
+    prune_induce_below: float | None = None,
+) -> Scores:
+    """Bypass, induce and KL scores for every (position, layer) candidate in ``layers`` (default: all).
+
+    ``batch_size`` is the number of sequences per forward pass; candidates are packed into it. With
+    ``prune_induce_below``, bypass and KL are computed only for candidates whose induce score exceeds it (the
+    selection filter would discard the others; their bypass and KL stay NaN).
+    """
+    dev = model_device(model)
+    n_pos, n_layers = len(candidates.positions), candidates.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    diffs = candidates.diffs.to(dev)
+    units = diffs / diffs.norm(dim=-1, keepdim=True)
+    rids = torch.tensor(list(refusal_ids), device=dev)
+    cand = [(p, layer) for layer in layers for p in range(n_pos)]
+    nh, nb = len(harmful_val), len(harmless_val)
+
+    both = tokenize(tokenizer, list(harmful_val) + list(harmless_val), dev)
+    base_logits = last_logits(model, both.input_ids, both.attention_mask)
+    base_scores = refusal_score(base_logits, rids)
+    base_logp = torch.log_softmax(base_logits[nh:].float(), -1)
+    harmless = tokenize(tokenizer, list(harmless_val), dev)
+
+    bypass = torch.full((n_pos, n_layers), float("nan"), device=dev)
+    induce = torch.full((n_pos, n_layers), float("nan"), device=dev)
+    kl = torch.full((n_pos, n_layers), float("nan"), device=dev)
+
+    def run_ablation(chunk):
+        c, n = len(chunk), nh + nb
+        pi = torch.tensor([p for p, _ in chunk], device=dev)
+        li = torch.tensor([lay for _, lay in chunk], device=dev)
+        dirs = units[pi, li].repeat_interleave(n, 0)
+        with ablate(model, dirs, per_row=True):
+            logits = last_logits(model, both.input_ids.repeat(c, 1), both.attention_mask.repeat(c, 1))
+        logits = logits.view(c, n, -1)
+        bypass[pi, li] = refusal_score(logits[:, :nh], rids).mean(1)
+        logp = torch.log_softmax(logits[:, nh:].float(), -1)
+        kl[pi, li] = kl_div(base_logp.unsqueeze(0), logp).mean(1)
+
+    def run_induce(chunk):
+        c = len(chunk)
+        pi = torch.tensor([p for p, _ in chunk], device=dev)
+        li = torch.tensor([lay for _, lay in chunk], device=dev)
+        vecs = diffs[pi, li]
+        with ExitStack() as stack:
+            for layer in sorted({lay for _, lay in chunk}):
+                rows = (li == layer).to(vecs.dtype)[:, None] * vecs  # zero for candidates of other layers
+                stack.enter_context(add(model, rows.repeat_interleave(nb, 0), layer, per_row=True))
+            logits = last_logits(model, harmless.input_ids.repeat(c, 1), harmless.attention_mask.repeat(c, 1))
+        induce[pi, li] = refusal_score(logits.view(c, nb, -1), rids).mean(1)
+
+    # candidates are packed into each forward pass; on out-of-memory the pack halves (down to one candidate)
+    in_batches(run_induce, cand, max(1, batch_size // nb), "Scoring induce")
+    if prune_induce_below is not None:  # the filter would drop these anyway: skip their bypass and KL forwards
+        cand = [(p, lay) for p, lay in cand if float(induce[p, lay]) > prune_induce_below]
+    in_batches(run_ablation, cand, max(1, batch_size // (nh + nb)), "Scoring bypass + KL")
+    return Scores(list(candidates.positions), bypass.cpu(), induce.cpu(), kl.cpu(),
+                  float(base_scores[:nh].mean()), float(base_scores[nh:].mean()))
+
+
+@dataclass
+class Selection:
+    pos: int
+    layer: int
+    bypass: float
+    induce: float
+    kl: float
+    n_passing: int
+
+
+def choose(scores: Scores, *, n_layers: int, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
+           max_layer_fraction: float = 0.8) -> Selection:
+    """The candidate with the lowest bypass score among those with KL < threshold, induce > threshold and layer
+    < ``max_layer_fraction`` of the depth."""
+    ok = (scores.kl < kl_threshold) & (scores.induce > induce_threshold) & ~scores.bypass.isnan()
+    layer_ok = torch.arange(n_layers) < int(max_layer_fraction * n_layers)
+    ok &= layer_ok[None, :]
+    n_ok = int(ok.sum())
+    if n_ok == 0:
+        raise RefusalError(
+            f"No candidate direction passed the filters (KL < {kl_threshold}, induce > {induce_threshold}, layer < {max_layer_fraction:.0%} of depth); best KL was "
+            f"{float(torch.nan_to_num(scores.kl, nan=1e9).min()):.3f} and best induce {float(torch.nan_to_num(scores.induce, nan=-1e9).max()):.3f}.",
+            "Loosen select.kl_threshold / select.induce_threshold in the config, or use more validation prompts; "
+            "a model that never refuses has no refusal direction to find.",
+        )
+    masked = torch.where(ok, scores.bypass, torch.full_like(scores.bypass, float("inf")))
+    flat = int(masked.argmin())
+    p, layer = divmod(flat, n_layers)
+    return Selection(scores.positions[p], layer, float(scores.bypass[p, layer]), float(scores.induce[p, layer]),
+                     float(scores.kl[p, layer]), n_ok)
+
+
+def plot_scores(scores: Scores, selection: Selection | None, path, title: str = "") -> None:
+    """Bypass, induce and KL against layer, one line per post-instruction position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    panels = [("bypass", "Refusal score, direction ablated (harmful)", scores.baseline_harmful),
+              ("induce", "Refusal score, direction added (harmless)", scores.baseline_harmless),
+              ("kl", "KL divergence, direction ablated (harmless)", None)]
+    n_layers = scores.bypass.shape[1]
+    for ax, (key, label, base) in zip(axes, panels):
+        grid = getattr(scores, key)
+        for i, pos in enumerate(scores.positions):
+            ax.plot(range(n_layers), grid[i].numpy(), marker=".", lw=1.2, label=f"pos {pos}")
+        if base is not None:
+            ax.axhline(base, color="gray", ls="--", lw=1, label="baseline")
+        if selection is not None:
+            ax.scatter([selection.layer], [getattr(selection, key)], s=120, facecolors="none",
+                       edgecolors="red", linewidths=2, zorder=5, label="selected")
+        if key == "kl":
+            ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlabel("layer")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    io.write_bytes(Path(path), buf.getvalue())

@@ -1,0 +1,208 @@
+"""Numerical checks of directions, interventions and scoring on tiny random models (Llama, Qwen2, Gemma)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal import ablate, add, extract, find_parts, format_prompts, orthogonalized, post_instruction_ids
+from refusal.chat import refusal_score, refusal_token_ids, tokenize
+from refusal.data import builtin
+from refusal.directions import Candidates, Direction
+from refusal.select import Scores, choose, last_logits, score_candidates
+
+HARMFUL = [r["instruction"] for r in builtin("harmful")[:6]]
+HARMLESS = [r["instruction"] for r in builtin("harmless")[:5]]
+
+
+def hidden_inputs(model, tok, prompts):
+    """Residual stream at the input of every layer, plus the last layer's output: list of (B, T, d)."""
+    b = tokenize(tok, prompts, "cpu")
+    caught = {}
+    last = find_parts(model).layers[-1]
+    h = last.register_forward_hook(lambda m, a, o: caught.setdefault("out", o[0] if isinstance(o, tuple) else o))
+    try:
+        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+    finally:
+        h.remove()
+    n = find_parts(model).n_layers
+    return list(out.hidden_states[:n]) + [caught["out"]], b
+
+
+def test_post_instruction_positions_from_template(tokenizer):
+    ids = post_instruction_ids(tokenizer)
+    assert tokenizer.decode(ids) == "<|im_end|>\n<|im_start|>assistant\n"
+    prompt = format_prompts(tokenizer, ["hello there"])[0]
+    full = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert full[-len(ids):] == ids
+
+
+def test_refusal_tokens_and_score(tokenizer):
+    ids = refusal_token_ids(tokenizer, ["I'm sorry", "Sorry, no", "As an AI"])
+    assert tokenizer.decode(ids[0]) == "I" and len(ids) == 3
+    logits = torch.randn(4, len(tokenizer))
+    p = torch.softmax(logits, -1)[:, ids].sum(-1)
+    expected = torch.log(p) - torch.log1p(-p)
+    torch.testing.assert_close(refusal_score(logits, torch.tensor(ids)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_directions_equal_hand_computed_means(model, tokenizer):
+    n_pos = len(post_instruction_ids(tokenizer))
+    hp, bp = format_prompts(tokenizer, HARMFUL), format_prompts(tokenizer, HARMLESS)
+    cands = extract(model, tokenizer, hp, bp, n_pos, batch_size=4)  # batches of 4: means over uneven batches
+    hs_h, _ = hidden_inputs(model, tokenizer, hp)
+    hs_b, _ = hidden_inputs(model, tokenizer, bp)
+    n = find_parts(model).n_layers
+    want_h = torch.stack([hs_h[i][:, -n_pos:].mean(0) for i in range(n)], 1)
+    want_b = torch.stack([hs_b[i][:, -n_pos:].mean(0) for i in range(n)], 1)
+    torch.testing.assert_close(cands.harmful_mean, want_h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cands.diffs, want_h - want_b, rtol=1e-4, atol=1e-5)
+    assert cands.positions == list(range(-n_pos, 0))
+
+
+def test_ablation_leaves_no_component_at_any_layer(model, tokenizer):
+    d = torch.randn(find_parts(model).hidden_size)
+    prompts = format_prompts(tokenizer, HARMFUL[:3])
+    before, _ = hidden_inputs(model, tokenizer, prompts)
+    u = d / d.norm()
+    assert max(float((h @ u).abs().max()) for h in before) > 1e-2  # the test can fail
+    with ablate(model, d):
+        hs, b = hidden_inputs(model, tokenizer, prompts)
+    for h in hs:
+        assert float((h @ u).abs().max()) < 1e-4
+    assert not find_parts(model).layers[0]._forward_pre_hooks  # removed on exit
+
+
+def test_subspace_ablation(model, tokenizer):
+    d = torch.randn(2, find_parts(model).hidden_size)
+    with ablate(model, d):
+        hs, _ = hidden_inputs(model, tokenizer, format_prompts(tokenizer, HARMFUL[:2]))
+    q, _ = torch.linalg.qr(d.T)
+    for h in hs:
+        assert float((h @ q).abs().max()) < 1e-4
+
+
+def test_hooks_removed_on_error(model, tokenizer):
+    parts = find_parts(model)
+    with pytest.raises(RuntimeError), ablate(model, torch.randn(parts.hidden_size)):
+        raise RuntimeError("boom")
+    assert not parts.attn[0]._forward_hooks and not parts.layers[1]._forward_pre_hooks
+
+
+def test_addition_only_at_source_layer(model, tokenizer):
+    parts = find_parts(model)
+    v = torch.randn(parts.hidden_size)
+    prompts = format_prompts(tokenizer, HARMLESS[:3])
+    base, _ = hidden_inputs(model, tokenizer, prompts)
+    layer = 2
+    with add(model, v, layer, coeff=-1.5):
+        got, b = hidden_inputs(model, tokenizer, prompts)
+    for i in range(layer):
+        torch.testing.assert_close(got[i], base[i])
+    # HF records the layer input before the pre-hook adds to it; the sum shows up in what the layer computes
+    caught = {}
+
+    def grab(m, a, k):
+        caught.setdefault("x", (a[0] if a else k["hidden_states"]).clone())
+
+    with add(model, v, layer, coeff=-1.5):  # pre-hooks run in order: this one sees the sum
+        h = parts.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        finally:
+            h.remove()
+    torch.testing.assert_close(caught["x"], base[layer] - 1.5 * v)
+    assert not torch.allclose(got[layer + 1], base[layer + 1])
+
+
+def test_per_row_ablation_equals_single(model, tokenizer):
+    d1, d2 = torch.randn(2, find_parts(model).hidden_size)
+    b = tokenize(tokenizer, format_prompts(tokenizer, HARMFUL[:2]), "cpu")
+    ids, mask = b.input_ids.repeat(2, 1), b.attention_mask.repeat(2, 1)
+    with ablate(model, torch.stack([d1, d1, d2, d2]), per_row=True):
+        both = last_logits(model, ids, mask)
+    for i, d in enumerate((d1, d2)):
+        with ablate(model, d):
+            one = last_logits(model, b.input_ids, b.attention_mask)
+        torch.testing.assert_close(both[2 * i:2 * i + 2], one, rtol=1e-4, atol=1e-4)
+
+
+def test_orthogonalized_weights_equal_hook_ablation(model, tokenizer):
+    d = torch.randn(find_parts(model).hidden_size)
+    b = tokenize(tokenizer, format_prompts(tokenizer, HARMFUL[:3]), "cpu")
+    base = last_logits(model, b.input_ids, b.attention_mask)
+    with ablate(model, d):
+        hooked = last_logits(model, b.input_ids, b.attention_mask)
+    with orthogonalized(model, d):
+        ortho = last_logits(model, b.input_ids, b.attention_mask)
+    torch.testing.assert_close(ortho, hooked, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(hooked, base, atol=1e-3)
+    torch.testing.assert_close(last_logits(model, b.input_ids, b.attention_mask), base)  # restored
+    out_emb = model.get_output_embeddings()
+    if model.config.tie_word_embeddings:
+        assert out_emb.weight is find_parts(model).embed.weight
+
+
+def _tiny_candidates(model, tokenizer):
+    n_pos = len(post_instruction_ids(tokenizer))
+    return extract(model, tokenizer, format_prompts(tokenizer, HARMFUL), format_prompts(tokenizer, HARMLESS), n_pos)
+
+
+def test_batched_scoring_equals_one_at_a_time(model, tokenizer):
+    cands = _tiny_candidates(model, tokenizer)
+    hv, bv = format_prompts(tokenizer, HARMFUL[:3]), format_prompts(tokenizer, HARMLESS[:2])
+    rids = refusal_token_ids(tokenizer)
+    many = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=1000)
+    one = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=1)
+    for key in ("bypass", "induce", "kl"):
+        torch.testing.assert_close(getattr(many, key), getattr(one, key), rtol=1e-3, atol=1e-4)
+    assert not many.bypass.isnan().any()
+    # spot-check one candidate against a direct computation
+    p, layer = 1, 2
+    d = cands.direction(cands.positions[p], layer)
+    b = tokenize(tokenizer, hv, "cpu")
+    with d.ablate(model):
+        direct = refusal_score(last_logits(model, b.input_ids, b.attention_mask), torch.tensor(rids)).mean()
+    assert abs(float(direct) - float(many.bypass[p, layer])) < 1e-3
+    bb = tokenize(tokenizer, bv, "cpu")
+    with d.add(model):
+        direct = refusal_score(last_logits(model, bb.input_ids, bb.attention_mask), torch.tensor(rids)).mean()
+    assert abs(float(direct) - float(many.induce[p, layer])) < 1e-3
+
+
+def test_pruned_scoring_keeps_the_same_choice(tokenizer):
+    model = __import__("conftest").build_model("llama", len(tokenizer))
+    cands = _tiny_candidates(model, tokenizer)
+    hv, bv = format_prompts(tokenizer, HARMFUL[:3]), format_prompts(tokenizer, HARMLESS[:2])
+    rids = refusal_token_ids(tokenizer)
+    full = score_candidates(model, tokenizer, cands, hv, bv, rids)
+    thr = float(full.induce.median())
+    pruned = score_candidates(model, tokenizer, cands, hv, bv, rids, prune_induce_below=thr)
+    assert pruned.bypass.isnan().any()
+    kw = dict(n_layers=cands.n_layers, kl_threshold=1e9, induce_threshold=thr, max_layer_fraction=1.0)
+    assert choose(full, **kw) == choose(pruned, **kw)
+
+
+def test_choose_applies_filters():
+    nan = float("nan")
+    s = Scores([-2, -1], bypass=torch.tensor([[-5.0, -9.0, -8.0, nan], [-1.0, -7.0, -6.0, -20.0]]),
+               induce=torch.tensor([[1.0, -1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]),
+               kl=torch.tensor([[0.01, 0.01, 0.5, 0.01], [0.01, 0.05, 0.01, 0.01]]), baseline_harmful=1.0,
+               baseline_harmless=-3.0)
+    sel = choose(s, n_layers=4)
+    # (-2,1) fails induce, (-2,2) fails KL, layer 3 is in the last 20 %: best remaining is (-1, 1)
+    assert (sel.pos, sel.layer) == (-1, 1)
+    assert Scores.from_json(s.to_json()).bypass[1, 3] == -20.0
+
+
+def test_direction_and_candidates_roundtrip(tmp_path):
+    c = Candidates(torch.randn(3, 4, 8), torch.randn(3, 4, 8), [-3, -2, -1], "m", 5, 6)
+    c.save(tmp_path / "c.safetensors")
+    c2 = Candidates.load(tmp_path / "c.safetensors")
+    torch.testing.assert_close(c2.diffs, c.diffs)
+    d = c.direction(-2, 3)
+    d.scores = {"bypass": -1.0}
+    d.save(tmp_path / "d.safetensors")
+    d2 = Direction.load(tmp_path / "d.safetensors")
+    assert (d2.pos, d2.layer, d2.scores) == (-2, 3, {"bypass": -1.0})
+    torch.testing.assert_close(d2.vector, c.diffs[1, 3])
