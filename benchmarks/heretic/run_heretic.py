@@ -513,7 +513,7 @@ def main(argv=None):
             return
         mean = sum(trial_times) / len(trial_times)
         # Leave room for restoring + scoring + saving the chosen trial (~1-2 trials' worth).
-        reserve = mean * (2 if (val_mode or args.reeval) else 1) + (60 if args.save else 0)
+        reserve = mean * (2 if (val_mode or args.reeval) else 1) + (mean + 60 if args.save else 0)
         if time.perf_counter() - T0 + mean + reserve > args.time_budget:
             hprint(f"[yellow]Time budget: stopping after {len(trial_times)} trials[/]")
             study.stop()
@@ -567,10 +567,18 @@ def main(argv=None):
         base_refusals_test = evaluator.base_refusals
     t_scored = time.perf_counter()
 
-    saved = None
+    saved = merged_kl = merged_refusals = None
     if args.save:
         hprint(f"Saving merged model to {args.save}...")
         merged = model.get_merged_model()
+        # heretic scores trials with the LoRA adapter unmerged; the merged bf16
+        # weights it exports round W + dW, so they can score slightly differently.
+        # Score the exported model too, with the same evaluator.
+        peft_model, model.model = model.model, merged
+        try:
+            _, merged_kl, merged_refusals = (test_evaluator if val_mode else evaluator).get_score()
+        finally:
+            model.model = peft_model
         merged.save_pretrained(args.save, max_shard_size=settings.max_shard_size)
         model.tokenizer.save_pretrained(args.save)
         if model.processor is not None:
@@ -635,6 +643,8 @@ def main(argv=None):
             "save": t_end - t_scored,
         },
         "saved_model": saved,
+        "saved_model_kl": merged_kl,
+        "saved_model_refusals": merged_refusals,
         "versions": versions(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -105,9 +105,11 @@ def score_candidates(
     n_pos, n_layers = len(candidates.positions), candidates.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     diffs = candidates.diffs.to(dev)
-    units = diffs / diffs.norm(dim=-1, keepdim=True)
+    units = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     rids = torch.tensor(list(refusal_ids), device=dev)
-    cand = [(p, layer) for layer in layers for p in range(n_pos)]
+    norms = diffs.norm(dim=-1).cpu()
+    # a zero difference (e.g. layer 0, where every prompt has the same post-instruction tokens) has no direction
+    cand = [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
     nh, nb = len(harmful_val), len(harmless_val)
 
     both = tokenize(tokenizer, list(harmful_val) + list(harmless_val), dev)
