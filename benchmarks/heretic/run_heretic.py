@@ -84,8 +84,12 @@ def parse_args(argv=None):
         help="0 = heretic's automatic search (doubling 1..--max-batch-size, pick fastest)",
     )
     p.add_argument("--max-batch-size", type=int, default=128, help="cap of the automatic batch-size search")
-    p.add_argument("--system-prompt", default=None, help="heretic system_prompt (default 'You are a helpful assistant.')")
-    p.add_argument("--max-response-length", type=int, default=None, help="heretic max_response_length (default 100 tokens)")
+    p.add_argument(
+        "--system-prompt", default=None, help="heretic system_prompt (default 'You are a helpful assistant.')"
+    )
+    p.add_argument(
+        "--max-response-length", type=int, default=None, help="heretic max_response_length (default 100 tokens)"
+    )
     p.add_argument(
         "--max-kl",
         type=float,
@@ -110,11 +114,15 @@ def parse_args(argv=None):
         "folders (jsonl) written to a temp dir; 'direct': build heretic's Prompt objects "
         "from the JSON; 'auto': heretic, falling back to direct if the datasets package fails.",
     )
-    p.add_argument("--reeval", action="store_true", help="re-score the chosen trial on the test sets even in native mode")
+    p.add_argument(
+        "--reeval", action="store_true", help="re-score the chosen trial on the test sets even in native mode"
+    )
     p.add_argument("--save", help="merge the chosen trial's LoRA and save the full model here")
     p.add_argument("--out", help="output JSON file")
     p.add_argument("--workdir", help="where to write the converted prompt datasets (default: a temp dir)")
-    p.add_argument("--check", action="store_true", help="only import heretic and its dependencies, print versions, exit")
+    p.add_argument(
+        "--check", action="store_true", help="only import heretic and its dependencies, print versions, exit"
+    )
     args = p.parse_args(argv)
     if not args.check:
         missing = [
@@ -164,8 +172,13 @@ def _datasets_stub():
 
     for name in [n for n in sys.modules if n == "datasets" or n.startswith("datasets.")]:
         del sys.modules[name]
-    root = _stub("datasets", DatasetDict=_Unavailable, ReadInstruction=_Unavailable,
-                 load_dataset=_unavailable, load_from_disk=_unavailable)
+    root = _stub(
+        "datasets",
+        DatasetDict=_Unavailable,
+        ReadInstruction=_Unavailable,
+        load_dataset=_unavailable,
+        load_from_disk=_unavailable,
+    )
     root.config = _stub("datasets.config", DATASET_STATE_JSON_FILENAME="state.json")
     root.download = _stub("datasets.download")
     root.download.download_manager = _stub("datasets.download.download_manager", DownloadMode=_Unavailable)
@@ -183,9 +196,9 @@ def import_heretic():
     if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
+    import peft  # noqa: F401  (before any stub: peft caches is_bnb_available)
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    import peft  # noqa: F401  (before any stub: peft caches is_bnb_available)
 
     try:
         import datasets  # noqa: F401
@@ -216,9 +229,26 @@ def import_heretic():
 
 def versions():
     out = {}
-    for name in ["heretic-llm", "torch", "transformers", "accelerate", "peft", "optuna", "pydantic",
-                 "pydantic-settings", "datasets", "pyarrow", "fsspec", "numpy", "rich", "questionary",
-                 "typing-extensions", "huggingface-hub", "gguf", "bitsandbytes"]:
+    for name in [
+        "heretic-llm",
+        "torch",
+        "transformers",
+        "accelerate",
+        "peft",
+        "optuna",
+        "pydantic",
+        "pydantic-settings",
+        "datasets",
+        "pyarrow",
+        "fsspec",
+        "numpy",
+        "rich",
+        "questionary",
+        "typing-extensions",
+        "huggingface-hub",
+        "gguf",
+        "bitsandbytes",
+    ]:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -252,25 +282,25 @@ def main(argv=None):
 
     heretic = import_heretic()
 
+    import logging
+    import warnings
+    from dataclasses import asdict
+    from os.path import commonprefix
+
+    import optuna
     import torch
     import torch.nn.functional as F
     import transformers
-    import optuna
-    from dataclasses import asdict
-    from os.path import commonprefix
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.samplers import TPESampler
-    from optuna.study import StudyDirection
-    from optuna.trial import TrialState
-    import logging
-    import warnings
-
     from heretic.config import DatasetSpecification, Settings
     from heretic.evaluator import Evaluator
     from heretic.model import AbliterationParameters, Model
     from heretic.system import empty_cache
     from heretic.utils import Prompt, format_exception, get_trial_parameters, set_seed
     from heretic.utils import print as hprint
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.samplers import TPESampler
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
 
     t_imported = time.perf_counter()
 
@@ -321,7 +351,9 @@ def main(argv=None):
             except Exception as error:
                 if loader == "heretic":
                     raise
-                hprint(f"[yellow]heretic's load_prompts failed ({format_exception(error)}); building prompts directly[/]")
+                hprint(
+                    f"[yellow]heretic's load_prompts failed ({format_exception(error)}); building prompts directly[/]"
+                )
                 loader = "direct"
         # Same as heretic.utils.load_prompts after reading the column.
         loaders_used.add("direct")
@@ -519,7 +551,9 @@ def main(argv=None):
             study.stop()
 
     study = optuna.create_study(
-        sampler=TPESampler(n_startup_trials=settings.n_startup_trials, n_ei_candidates=128, multivariate=True, seed=settings.seed),
+        sampler=TPESampler(
+            n_startup_trials=settings.n_startup_trials, n_ei_candidates=128, multivariate=True, seed=settings.seed
+        ),
         directions=[StudyDirection.MINIMIZE, StudyDirection.MINIMIZE],
         study_name="heretic",
     )
@@ -608,7 +642,9 @@ def main(argv=None):
         "heretic_kl": test_kl,
         "heretic_n_harmless_test": len(sets["harmless_test"]),
         "heretic_base_refusals": base_refusals_test,
-        "objective_sets": "val" if val_mode else "test (heretic's native setup: the evaluation prompts are the optimisation objective)",
+        "objective_sets": "val"
+        if val_mode
+        else "test (heretic's native setup: the evaluation prompts are the optimisation objective)",
         "choice_rule": choice_rule,
         "chosen_trial": trial_record(chosen),
         "pareto_front": [trial_record(t) for t in pareto],

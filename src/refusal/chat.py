@@ -28,7 +28,8 @@ def format_prompts(tokenizer, instructions: list[str], system: str | None = None
     """Apply the tokenizer's own chat template, ending with the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise RefusalError(
-            f"The tokenizer of this model ({type(tokenizer).__name__}) has no chat template, so it is not a chat model.",
+            f"The tokenizer of this model ({type(tokenizer).__name__}) has no chat template, so it is not a "
+            "chat model.",
             "Use an instruction-tuned model, or set a chat template on the tokenizer before calling refusal.",
         )
     out = []

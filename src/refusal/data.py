@@ -74,9 +74,11 @@ def load_file(path: str | Path) -> list[dict]:
         elif suffix == ".txt":
             rows = [line for line in text.splitlines() if line.strip()]
         else:
-            raise RefusalError(f"Unsupported dataset file type '{suffix}' ({path}).", "Use .json, .jsonl, .csv or .txt.")
+            raise RefusalError(f"Unsupported dataset file type '{suffix}' ({path}).",
+                               "Use .json, .jsonl, .csv or .txt.")
     except json.JSONDecodeError as exc:
-        raise RefusalError(f"'{path}' is not valid JSON ({exc}).", "Fix the file or convert it to .txt lines.") from None
+        raise RefusalError(f"'{path}' is not valid JSON ({exc}).",
+                           "Fix the file or convert it to .txt lines.") from None
     return _records(rows, f"'{path}'")
 
 

@@ -74,7 +74,8 @@ def check_hub_config(source: ModelSource, trust_remote_code: bool = False) -> No
         AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # the hub client raises many types; all mean "cannot get this model"
         raise RefusalError(
-            f"Could not get the model '{source.path}' from the Hugging Face hub or its local cache ({exc.__class__.__name__}: "
+            f"Could not get the model '{source.path}' from the Hugging Face hub or its local cache "
+            f"({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0][:200]}).",
             "Check the id and your network (or HF_HUB_OFFLINE and the local cache), or use a catalog model "
             "(refusal models list) or a local path.",

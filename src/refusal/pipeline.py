@@ -196,10 +196,17 @@ class Run:
         s = self.cfg.select
         layers = [i for i in range(0, n_layers, s.layer_stride) if i < int(s.max_layer_fraction * n_layers)]
         hv, bv = self.prompts(splits["harmful"]["val"]), self.prompts(splits["harmless"]["val"])
-        scores = score_candidates(self.model, self.tokenizer, cands, hv, bv, self.refusal_ids(), layers=layers,
-                                  batch_size=self.batch_size, prune_induce_below=s.induce_threshold if s.prune else None)
-        sel = choose(scores, n_layers=n_layers, kl_threshold=s.kl_threshold, induce_threshold=s.induce_threshold,
-                     max_layer_fraction=s.max_layer_fraction)
+        scores = score_candidates(
+            self.model, self.tokenizer, cands, hv, bv, self.refusal_ids(), layers=layers, batch_size=self.batch_size,
+            prune_induce_below=s.induce_threshold if s.prune else None)
+        io.write_json(self.dir / "scores.json", scores.to_json())  # kept for diagnosis even if nothing passes
+        try:
+            sel = choose(scores, n_layers=n_layers, kl_threshold=s.kl_threshold,
+                         induce_threshold=s.induce_threshold, max_layer_fraction=s.max_layer_fraction)
+        except RefusalError as exc:
+            plot_scores(scores, None, self.dir / "scores.png", title=f"{self.cfg.model}: candidate directions")
+            raise RefusalError(f"{exc.problem} The scores are in {self.dir / 'scores.json'} and scores.png.",
+                               exc.fix) from None
         io.write_json(self.dir / "scores.json", {**scores.to_json(), "selected": sel.__dict__})
         plot_scores(scores, sel, self.dir / "scores.png", title=f"{self.cfg.model}: candidate directions")
         d = cands.direction(sel.pos, sel.layer)
@@ -207,7 +214,8 @@ class Run:
         d.save(self.dir / "direction.safetensors")
         console.print(f"Selected position {sel.pos}, layer {sel.layer} (bypass {sel.bypass:.3f}, induce "
                       f"{sel.induce:.3f}, KL {sel.kl:.4f}; {sel.n_passing} candidates passed the filters)")
-        return ["scores.json", "scores.png", "direction.safetensors"], {"selected": {"pos": sel.pos, "layer": sel.layer}}
+        selected = {"pos": sel.pos, "layer": sel.layer}
+        return ["scores.json", "scores.png", "direction.safetensors"], {"selected": selected}
 
     def condition(self, name: str, kind: str, direction: Direction):
         """The context manager for a condition of the evaluation."""

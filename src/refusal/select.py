@@ -174,9 +174,11 @@ def choose(scores: Scores, *, n_layers: int, kl_threshold: float = 0.1, induce_t
     ok &= layer_ok[None, :]
     n_ok = int(ok.sum())
     if n_ok == 0:
+        best_kl = float(torch.nan_to_num(scores.kl, nan=float("inf")).min())
+        best_induce = float(torch.nan_to_num(scores.induce, nan=float("-inf")).max())
         raise RefusalError(
-            f"No candidate direction passed the filters (KL < {kl_threshold}, induce > {induce_threshold}, layer < {max_layer_fraction:.0%} of depth); best KL was "
-            f"{float(torch.nan_to_num(scores.kl, nan=1e9).min()):.3f} and best induce {float(torch.nan_to_num(scores.induce, nan=-1e9).max()):.3f}.",
+            f"No candidate direction passed the filters (KL < {kl_threshold}, induce > {induce_threshold}, "
+            f"layer < {max_layer_fraction:.0%} of depth); best KL was {best_kl:.3f} and best induce {best_induce:.3f}.",
             "Loosen select.kl_threshold / select.induce_threshold in the config, or use more validation prompts; "
             "a model that never refuses has no refusal direction to find.",
         )

@@ -1,0 +1,1 @@
+"""Benchmarks of the refusal pipeline (run ``python -m benchmarks.pipeline --help``)."""
