@@ -161,8 +161,6 @@ def prepare_tokenizer(tokenizer) -> None:
 
 def _catalog_folder(name: str) -> Path:
     """Pull a catalog model and return a folder of dequantized weights, converting the GGUF once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = catalog.hf_cache_dir(name)
     if (out / "config.json").is_file():
         return out
@@ -170,10 +168,19 @@ def _catalog_folder(name: str) -> Path:
     from rich.console import Console
 
     Console(stderr=True).print(f"[bold]Dequantizing[/] {gguf.name} of {name} once into {out} (later loads are fast)")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
-    save_plain(model, tokenizer, out)
+    convert_gguf(gguf, out)
     return out
+
+
+def convert_gguf(gguf: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantize a GGUF chat model into a plain Hugging Face folder (safetensors), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    save_plain(model, tokenizer, Path(out))
+    return Path(out)
 
 
 def save_plain(model, tokenizer, out: Path) -> None:

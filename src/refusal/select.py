@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -29,7 +29,7 @@ from .chat import refusal_score, tokenize
 from .directions import Candidates
 from .errors import RefusalError
 from .interventions import ablate, add
-from .models import model_device
+from .models import find_parts, model_device
 
 
 @torch.no_grad()
@@ -134,12 +134,18 @@ def score_candidates(
         logp = torch.log_softmax(logits[:, nh:].float(), -1)
         kl[pi, li] = kl_div(base_logp.unsqueeze(0), logp).mean(1)
 
+    # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
+    # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
+    layer_inputs, returns_tuple = _layer_inputs(model, harmless.input_ids, harmless.attention_mask)
+
     def run_induce(chunk):
         c = len(chunk)
         pi = torch.tensor([p for p, _ in chunk], device=dev)
         li = torch.tensor([lay for _, lay in chunk], device=dev)
         vecs = diffs[pi, li]
+        start = min(lay for _, lay in chunk)
         with ExitStack() as stack:
+            stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
             for layer in sorted({lay for _, lay in chunk}):
                 rows = (li == layer).to(vecs.dtype)[:, None] * vecs  # zero for candidates of other layers
                 stack.enter_context(add(model, rows.repeat_interleave(nb, 0), layer, per_row=True))
@@ -153,6 +159,61 @@ def score_candidates(
     in_batches(run_ablation, cand, max(1, batch_size // (nh + nb)), "Scoring bypass + KL")
     return Scores(list(candidates.positions), bypass.cpu(), induce.cpu(), kl.cpu(),
                   float(base_scores[:nh].mean()), float(base_scores[nh:].mean()))
+
+
+@torch.no_grad()
+def _layer_inputs(model, input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:
+    """The residual stream at the input of every layer, and whether a layer returns a tuple (transformers 4)."""
+    parts = find_parts(model)
+    inputs: list = [None] * parts.n_layers
+    kind = {}
+
+    def pre(i):
+        def hook(_m, args, kwargs):
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
+    def post(_m, _a, out):
+        kind["tuple"] = isinstance(out, tuple)
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(parts.layers)]
+    handles.append(parts.layers[0].register_forward_hook(post))
+    try:
+        last_logits(model, input_ids, attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, kind["tuple"]
+
+
+@contextmanager
+def _start_at(model, start: int, x: torch.Tensor, reps: int, returns_tuple: bool):
+    """Skip the layers below ``start`` (they pass their input through) and feed ``x`` repeated ``reps`` times
+    into layer ``start``: the forward then costs only the layers from ``start`` on."""
+    parts = find_parts(model)
+    if start == 0:
+        yield
+        return
+    xr = x.repeat(reps, *([1] * (x.ndim - 1)))
+
+    def passthrough(*args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if returns_tuple else h
+
+    def feed(_m, args, kwargs):
+        if args:
+            return (xr,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": xr}
+
+    for i in range(start):
+        parts.layers[i].forward = passthrough
+    handle = parts.layers[start].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i in range(start):
+            del parts.layers[i].forward  # back to the class's forward
 
 
 @dataclass
