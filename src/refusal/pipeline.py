@@ -124,9 +124,15 @@ class Run:
 
     @property
     def batch_size(self) -> int:
+        """Sequences per generation batch."""
         if self.cfg.batch_size:
             return self.cfg.batch_size
         return 64 if str(self.device).startswith("cuda") else 16
+
+    @property
+    def score_batch_size(self) -> int:
+        """Sequences per scoring forward: only the last position's logits are kept, so larger batches fit."""
+        return self.batch_size * 4 if str(self.device).startswith("cuda") else self.batch_size
 
     def prompts(self, records: list[dict]) -> list[str]:
         return format_prompts(self.tokenizer, [r["instruction"] for r in records], self.cfg.system_prompt)
@@ -171,7 +177,7 @@ class Run:
             for split in ("train", "val"):
                 for kind, want_refusal in (("harmful", True), ("harmless", False)):
                     recs = splits[kind][split]
-                    s = refusal_scores(self.model, tok, self.prompts(recs), rids, self.batch_size,
+                    s = refusal_scores(self.model, tok, self.prompts(recs), rids, self.score_batch_size,
                                        f"Filtering {kind} {split}")
                     keep = [r for r, v in zip(recs, s.tolist()) if (v > 0) == want_refusal]
                     if not keep:
@@ -197,8 +203,8 @@ class Run:
         layers = [i for i in range(0, n_layers, s.layer_stride) if i < int(s.max_layer_fraction * n_layers)]
         hv, bv = self.prompts(splits["harmful"]["val"]), self.prompts(splits["harmless"]["val"])
         scores = score_candidates(
-            self.model, self.tokenizer, cands, hv, bv, self.refusal_ids(), layers=layers, batch_size=self.batch_size,
-            prune_induce_below=s.induce_threshold if s.prune else None)
+            self.model, self.tokenizer, cands, hv, bv, self.refusal_ids(), layers=layers,
+            batch_size=self.score_batch_size, prune_induce_below=s.induce_threshold if s.prune else None)
         io.write_json(self.dir / "scores.json", scores.to_json())  # kept for diagnosis even if nothing passes
         try:
             sel = choose(scores, n_layers=n_layers, kl_threshold=s.kl_threshold,
