@@ -207,3 +207,19 @@ def test_direction_and_candidates_roundtrip(tmp_path):
     d2 = Direction.load(tmp_path / "d.safetensors")
     assert (d2.pos, d2.layer, d2.scores) == (-2, 3, {"bypass": -1.0})
     torch.testing.assert_close(d2.vector, c.diffs[1, 3])
+
+
+def test_static_decoder_gives_the_same_tokens_as_generate(model, tokenizer):
+    from refusal.generate import generate
+
+    prompts = format_prompts(tokenizer, HARMFUL[:3] + HARMLESS[:2])
+    rids = refusal_token_ids(tokenizer)
+    hf_texts, hf_scores = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, refusal_ids=rids)
+    texts, scores = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, refusal_ids=rids,
+                             static_cache=True)
+    assert texts == hf_texts and any(hf_texts)
+    torch.testing.assert_close(scores, hf_scores, rtol=1e-4, atol=1e-4)
+    d = torch.randn(find_parts(model).hidden_size)
+    with orthogonalized(model, d):
+        assert generate(model, tokenizer, prompts, max_new_tokens=8, static_cache=True) == generate(
+            model, tokenizer, prompts, max_new_tokens=8)

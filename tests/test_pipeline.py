@@ -167,7 +167,7 @@ def test_config_precedence(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("data:\n  n_val: 5\n  n_test: 7\n")
     cpu = resolve(p, {"data": {"n_test": 9}}, has_gpu=False)
-    assert cpu.preset == "cpu" and cpu.data.n_train == 32  # preset
+    assert cpu.preset == "cpu" and cpu.data.n_train == 24 and cpu.select.layer_stride == 4  # preset
     assert cpu.data.n_val == 5 and cpu.data.n_test == 9  # file over preset, flag over file
     gpu = resolve(None, None, has_gpu=True)
     assert gpu.preset == "paper" and gpu.data.n_train == 128 and gpu.generate.max_new_tokens == 256

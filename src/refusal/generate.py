@@ -29,14 +29,66 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-def greedy_config(model, tokenizer, max_new_tokens: int, static_cache: bool = False) -> GenerationConfig:
+def greedy_config(model, tokenizer, max_new_tokens: int) -> GenerationConfig:
     """Plain greedy decoding: the model's stop tokens, none of its sampling or repetition-penalty defaults."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
-    if static_cache:
-        cfg.cache_implementation = "static"
-    return cfg
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+
+
+class _StaticDecoder:
+    """Greedy decoding with a static KV cache and fixed shapes, so one compiled (CUDA-graphed) step serves every
+    token. Stops early only when every row has ended, checking once every ``check_every`` steps (a check is a
+    device-to-host sync)."""
+
+    def __init__(self, model, compile: bool, check_every: int = 16, round_to: int = 128):
+        self.model = model
+        self.check_every = check_every
+        self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
+        self.caches: dict = {}
+        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=False) if compile else self._step
+
+    def _cache(self, b: int, total: int):
+        from transformers import StaticCache
+
+        cache = self.caches.get((b, total))
+        if cache is None:
+            cache = self.caches[(b, total)] = StaticCache(config=self.model.config, max_cache_len=total)
+        else:
+            cache.reset()
+        return cache
+
+    def _step(self, ids, position_ids, cache_position, mask, cache):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask, max_new_tokens: int, eos_ids: torch.Tensor, pad_id: int):
+        b, t = input_ids.shape
+        dev = input_ids.device
+        total = -(-(t + max_new_tokens) // self.round_to) * self.round_to
+        cache = self._cache(b, total)
+        mask = torch.zeros(b, total, dtype=attention_mask.dtype, device=dev)
+        mask[:, :t] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        cache_positions = torch.arange(total, device=dev)
+        first = self._step(input_ids, positions, cache_positions[:t], mask, cache)  # prefill, eager
+        pos = positions[:, -1:] + 1
+        nxt = first.argmax(-1)
+        tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            tokens[:, i] = nxt
+            done |= torch.isin(nxt, eos_ids)
+            if i == max_new_tokens - 1 or (i % self.check_every == self.check_every - 1 and bool(done.all())):
+                break
+            mask[:, t + i] = 1
+            logits = self.step(nxt[:, None], pos + i, cache_positions[t + i:t + i + 1], mask, cache)
+            nxt = logits.argmax(-1)
+        return tokens, first
 
 
 @torch.no_grad()
@@ -46,24 +98,36 @@ def generate(
 ) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy completions of already-templated prompts.
 
+    ``static_cache=True`` decodes with refusal's own loop over a static KV cache (compiled with CUDA graphs on a
+    GPU); otherwise ``model.generate`` with its default cache. Both give the same tokens.
+
     With ``refusal_ids``, also returns each prompt's refusal score at the first generated position, read from the
     same forward pass that generates the first token.
     """
     dev = model_device(model)
     lengths = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    decoder = _StaticDecoder(model, compile=dev.type == "cuda") if static_cache else None
     order = sorted(range(len(prompts)), key=lambda i: len(lengths[i]))
     out: dict[int, str] = {}
     first: dict[int, float] = {}
-    gen_cfg = greedy_config(model, tokenizer, max_new_tokens, static_cache)
+    gen_cfg = greedy_config(model, tokenizer, max_new_tokens)
     rids = None if refusal_ids is None else torch.tensor(list(refusal_ids), device=dev)
+
+    eos = gen_cfg.eos_token_id
+    eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=dev)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def run(chunk):
         b = tokenize(tokenizer, [prompts[i] for i in chunk], dev)
-        keep = _FirstLogits()
-        seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, generation_config=gen_cfg,
-                             logits_processor=LogitsProcessorList([keep]))
-        texts = tokenizer.batch_decode(seq[:, b.input_ids.shape[1]:], skip_special_tokens=True)
-        scores = refusal_score(keep.first, rids).tolist() if rids is not None else [None] * len(chunk)
+        if decoder is not None:
+            new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids, pad)
+        else:
+            keep = _FirstLogits()
+            seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, generation_config=gen_cfg,
+                                 logits_processor=LogitsProcessorList([keep]))
+            new_tokens, first_logits = seq[:, b.input_ids.shape[1]:], keep.first
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        scores = refusal_score(first_logits, rids).tolist() if rids is not None else [None] * len(chunk)
         for i, t, s in zip(chunk, texts, scores):
             out[i] = t.strip()
             first[i] = s

@@ -35,7 +35,7 @@ from .errors import RefusalError
 from .evaluate import ACTADD_SIGN, CONDITIONS, judge, summarize
 from .generate import generate
 from .interventions import orthogonalized
-from .models import ModelSource, check_hub_config, default_device, load_model, resolve_source
+from .models import ModelSource, check_hub_config, default_device, load_model, parse_dtype, resolve_source
 from .select import choose, plot_scores, refusal_scores, score_candidates
 
 STAGES = ("extract", "select", "generate", "evaluate")
@@ -266,7 +266,8 @@ class Run:
         if self.load_seconds:
             stage_seconds["load_model"] = round(self.load_seconds, 2)
         summary = {
-            "model": self.cfg.model, "device": _device_name(self.device), "dtype": str(self.cfg.dtype),
+            "model": self.cfg.model, "device": _device_name(self.device),
+            "dtype": str(parse_dtype(self.cfg.dtype, self.device)).replace("torch.", ""),
             "preset": self.cfg.preset, "selected": sel, **rates,
             "n_harmful": len(comps["harmful"]["baseline"]), "n_harmless": len(comps["harmless"]["baseline"]),
             "max_new_tokens": self.cfg.generate.max_new_tokens, "stage_seconds": stage_seconds,
