@@ -114,7 +114,7 @@ CATALOG: dict[str, CatalogEntry] = {
             size=491_400_064,
             layers=24,
             quantization="Q5_0 / Q4_K / Q6_K / Q8_0",
-            notes="refuses about half the time, often hedged; AWQ-derived; fast enough for CPU demos",
+            notes="refuses weakly and hedged (too weakly for the paper's induce > 0 filter on the built-in sets)",
         ),
         CatalogEntry(
             name="smollm2-135m-instruct",

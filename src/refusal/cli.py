@@ -118,7 +118,7 @@ def models_list() -> None:
     """List the catalog models and whether they are pulled."""
     t = Table(title=f"Catalog models (cache: {catalog.refusal_home()})")
     for col in ("name", "size", "layers", "quant", "pulled", "notes"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col == "name")
     for e in catalog.list_entries():
         t.add_row(e.name, f"{e.size / 1e6:.0f} MB", str(e.layers), e.quantization,
                   "yes" if catalog.is_pulled(e.name) else "no", e.notes)
