@@ -99,6 +99,12 @@ def test_killed_run_resumes_from_first_unfinished_stage(model_dir, datasets, cfg
     # --from-stage redoes that stage and the later ones only
     Run(cfg).run(from_stage="select")
     assert counted == {"extract": 0, "select": 1, "generate": 2, "evaluate": 2}
+    # redoing one stage on its own leaves the later ones unfinished, so the next run redoes them too
+    Run(cfg).run(("select",), force=True)
+    assert not Run(cfg).done("generate") and not Run(cfg).done("evaluate")
+    summary = Run(cfg).run()
+    assert counted == {"extract": 0, "select": 2, "generate": 3, "evaluate": 3}
+    assert summary["stage_seconds"]["evaluate"] is not None
 
 
 def test_stage_subcommands(model_dir, datasets, cfg_file, tmp_path):

@@ -68,7 +68,7 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
         force: bool = typer.Option(False, "--force", help="Redo every stage, even over another config."),
         from_stage: str = typer.Option(None, help="Redo this stage and the ones after it."),
     ):
-        from .pipeline import Run, finalize_stage_seconds
+        from .pipeline import Run
 
         try:
             cfg = resolve(config, _overrides(
@@ -78,9 +78,9 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
                 seed=seed, filter=filter, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code))
             run = Run(cfg)
             err.print(f"Run folder [bold]{run.dir}[/] (preset {cfg.preset}, model {cfg.model})")
-            run.run(stages, from_stage=from_stage, force=force)
-            if "evaluate" in stages and (run.dir / "summary.json").exists():
-                print_summary(finalize_stage_seconds(run))
+            summary = run.run(stages, from_stage=from_stage, force=force)
+            if "evaluate" in stages and summary:
+                print_summary(summary)
         except RefusalError as exc:
             _fail(exc)
 

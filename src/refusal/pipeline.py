@@ -160,12 +160,18 @@ class Run:
                 if not self.done(prev):
                     raise RefusalError(f"Stage '{stage}' needs stage '{prev}', which has not finished in {self.dir}.",
                                        f"Run 'refusal {prev}' first, or 'refusal run'.")
-            redo = True  # every later stage depends on this one
+            redo = True  # every later stage depends on this one: mark them unfinished before starting
+            for later in STAGES[i:]:
+                (self.dir / f"{later}.done.json").unlink(missing_ok=True)
             console.rule(f"[bold]{stage}")
             t = time.perf_counter()
             outputs, extra = getattr(self, f"_{stage}")()
             self._finish(stage, time.perf_counter() - t, outputs, extra)
-        return io.read_json(self.dir / "summary.json") if (self.dir / "summary.json").exists() else {}
+            if stage == "evaluate":  # the summary also records the evaluate stage's own time
+                summary = io.read_json(self.dir / "summary.json")
+                summary["stage_seconds"]["evaluate"] = self.done("evaluate")["seconds"]
+                io.write_json(self.dir / "summary.json", summary)
+        return io.read_json(self.dir / "summary.json") if self.done("evaluate") else {}
 
     def _extract(self):
         tok = self.tokenizer
@@ -281,14 +287,3 @@ def _device_name(device: str) -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)})"
     return str(device)
-
-
-def finalize_stage_seconds(run: Run) -> dict:
-    """Add the evaluate stage's own time to ``summary.json`` once it has finished."""
-    p = run.dir / "summary.json"
-    summary = io.read_json(p)
-    ev = run.done("evaluate")
-    if ev:
-        summary["stage_seconds"]["evaluate"] = ev["seconds"]
-        io.write_json(p, summary)
-    return summary

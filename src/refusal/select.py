@@ -205,15 +205,20 @@ def _start_at(model, start: int, x: torch.Tensor, reps: int, returns_tuple: bool
             return (xr,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": xr}
 
-    for i in range(start):
-        parts.layers[i].forward = passthrough
+    below = list(parts.layers)[:start]
+    saved = [layer.__dict__.get("forward") for layer in below]  # accelerate keeps its wrapper there
+    for layer in below:
+        layer.forward = passthrough
     handle = parts.layers[start].register_forward_pre_hook(feed, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
-        for i in range(start):
-            del parts.layers[i].forward  # back to the class's forward
+        for layer, fwd in zip(below, saved):
+            if fwd is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = fwd
 
 
 @dataclass
