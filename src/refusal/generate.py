@@ -99,7 +99,8 @@ def generate(
     """Greedy completions of already-templated prompts.
 
     ``static_cache=True`` decodes with refusal's own loop over a static KV cache (compiled with CUDA graphs on a
-    GPU); otherwise ``model.generate`` with its default cache. Both give the same tokens.
+    GPU); otherwise ``model.generate`` with its default cache. Both decode greedily and give the same tokens (up to
+    bf16 rounding on near-ties).
 
     With ``refusal_ids``, also returns each prompt's refusal score at the first generated position, read from the
     same forward pass that generates the first token.
