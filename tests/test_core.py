@@ -223,3 +223,21 @@ def test_static_decoder_gives_the_same_tokens_as_generate(model, tokenizer):
     with orthogonalized(model, d):
         assert generate(model, tokenizer, prompts, max_new_tokens=8, static_cache=True) == generate(
             model, tokenizer, prompts, max_new_tokens=8)
+
+
+def test_gqa_attention_equals_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from refusal.generate import gqa_attention
+
+    class Attn:
+        is_causal, training, num_key_value_groups = True, False, 3
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    mask = torch.ones(2, 1, 5, 9, dtype=torch.bool).tril(4)
+    mask[0, ..., :2] = False  # left padding of the first row
+    a = Attn()
+    torch.testing.assert_close(gqa_attention(a, q, k, v, mask)[0], sdpa_attention_forward(a, q, k, v, mask)[0])
+    q = torch.randn(2, 6, 9, 16)  # no mask: causal, queries from position 0
+    torch.testing.assert_close(gqa_attention(a, q, k, v, None)[0], sdpa_attention_forward(a, q, k, v, None)[0])

@@ -37,6 +37,45 @@ def greedy_config(model, tokenizer, max_new_tokens: int) -> GenerationConfig:
                             pad_token_id=tokenizer.pad_token_id)
 
 
+_GQA = "refusal_gqa"
+
+
+def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention that groups query heads over their shared K/V head instead of expanding K/V (``repeat_kv``).
+
+    Same result as transformers' SDPA path; for decoding (one query token over a long static cache) it avoids
+    materialising 4-8x copies of the cache every step. Inputs ``(batch, heads, q, dim)``; returns
+    ``(batch, q, heads, dim)`` as transformers' attention functions do.
+    """
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    scale = scaling if scaling is not None else d ** -0.5
+    qg = query.reshape(b, hkv, g * q, d)  # heads j*g .. j*g+g-1 share K/V head j (repeat_kv's order)
+    scores = torch.matmul(qg, key.transpose(-1, -2)).float() * scale  # (b, hkv, g*q, k)
+    scores = scores.view(b, hkv, g, q, -1)
+    k = scores.shape[-1]
+    if attention_mask is not None:
+        m = attention_mask[:, :, None, :, :k]  # (b, 1, 1, q, k)
+        # a finite minimum, as eager attention uses: rows that are all padding then stay finite (their output is unused)
+        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min) if m.dtype == torch.bool else scores + m
+    elif q > 1:  # no mask means plain causal attention (SDPA's is_causal): in the static decoder that is the
+        # prefill, whose queries sit at cache positions 0..q-1, ahead of the cache's unfilled slots
+        causal = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(0)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, hkv, g * q, -1)
+    out = torch.matmul(probs, value).view(b, h, q, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_gqa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(_GQA, gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_GQA, sdpa_mask)
+
+
 class _StaticDecoder:
     """Greedy decoding with a static KV cache and fixed shapes, so one compiled (CUDA-graphed) step serves every
     token. Stops early only when every row has ended, checking once every ``check_every`` steps (a check is a
@@ -66,6 +105,17 @@ class _StaticDecoder:
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask, max_new_tokens: int, eos_ids: torch.Tensor, pad_id: int):
+        cfg = self.model.config
+        old = cfg._attn_implementation
+        if old in ("sdpa", "eager"):  # same math, without expanding grouped K/V heads
+            _register_gqa()
+            cfg._attn_implementation = _GQA
+        try:
+            return self._decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id)
+        finally:
+            cfg._attn_implementation = old
+
+    def _decode(self, input_ids, attention_mask, max_new_tokens: int, eos_ids: torch.Tensor, pad_id: int):
         b, t = input_ids.shape
         dev = input_ids.device
         total = -(-(t + max_new_tokens) // self.round_to) * self.round_to
