@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from refusal import ablate, add, extract, find_parts, format_prompts, orthogonalized, post_instruction_ids
-from refusal.chat import refusal_score, refusal_token_ids, tokenize
+from refusal.chat import layout, refusal_score, refusal_token_ids, tokenize
 from refusal.data import builtin
 from refusal.directions import Candidates, Direction
-from refusal.select import Scores, choose, last_logits, score_candidates
+from refusal.select import Scores, choose, last_logits, layout_logits, score_candidates
 
 HARMFUL = [r["instruction"] for r in builtin("harmful")[:6]]
 HARMLESS = [r["instruction"] for r in builtin("harmless")[:5]]
@@ -169,6 +169,46 @@ def test_batched_scoring_equals_one_at_a_time(model, tokenizer):
     with d.add(model):
         direct = refusal_score(last_logits(model, bb.input_ids, bb.attention_mask), torch.tensor(rids)).mean()
     assert abs(float(direct) - float(many.induce[p, layer])) < 1e-3
+
+
+def test_layout_splits_off_the_shared_prefix_and_buckets_by_length(tokenizer):
+    prompts = format_prompts(tokenizer, HARMFUL + HARMLESS, system="Be brief.")
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    lay = layout(tokenizer, prompts, "cpu", max_buckets=3, slack=0.0)
+    assert tokenizer.decode(lay.prefix.tolist()).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert 1 <= len(lay.buckets) <= 3 and lay.n == len(prompts)
+    assert lay.real_tokens == sum(len(x) for x in ids)
+    seen = []
+    for b in lay.buckets:
+        for row, mask, i in zip(b.input_ids.tolist(), b.attention_mask.tolist(), b.rows.tolist()):
+            rest = [t for t, m in zip(row, mask) if m]
+            assert lay.prefix.tolist() + rest == ids[i]  # prefix + unpadded bucket row is the prompt
+            seen.append(i)
+    assert sorted(seen) == list(range(len(prompts)))
+    padded = sum(b.input_ids.numel() for b in lay.buckets)
+    one = layout(tokenizer, prompts, "cpu", share_prefix=False, max_buckets=1)
+    assert one.prefix is None and len(one.buckets) == 1
+    assert padded < one.buckets[0].input_ids.numel()
+
+
+def test_layout_logits_equal_one_padded_batch(model, tokenizer):
+    prompts = format_prompts(tokenizer, HARMFUL + HARMLESS, system="Be brief.")
+    b = tokenize(tokenizer, prompts, "cpu")
+    plain = last_logits(model, b.input_ids, b.attention_mask)
+    torch.testing.assert_close(layout_logits(model, layout(tokenizer, prompts, "cpu")), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_and_buckets_give_the_same_scores(model, tokenizer):
+    cands = _tiny_candidates(model, tokenizer)
+    hv = format_prompts(tokenizer, HARMFUL, system="Be brief.")
+    bv = format_prompts(tokenizer, HARMLESS, system="Be brief.")
+    rids = refusal_token_ids(tokenizer)
+    fast = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=16)
+    plain = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=16, share_prefix=False,
+                             max_buckets=1)
+    assert not fast.induce[:, 1:].isnan().any()
+    for key in ("bypass", "induce", "kl"):
+        torch.testing.assert_close(getattr(fast, key), getattr(plain, key), rtol=1e-3, atol=1e-4, equal_nan=True)
 
 
 def test_pruned_scoring_keeps_the_same_choice(tokenizer):

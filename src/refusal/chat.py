@@ -90,3 +90,85 @@ def refusal_score(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tens
     lp = torch.logsumexp(logp[..., refusal_ids], dim=-1)
     lp = lp.clamp(max=-1e-6)
     return lp - torch.log(-torch.expm1(lp))
+
+
+@dataclass
+class Bucket:
+    """Prompts of similar length, left-padded to the longest; ``rows`` are their indices in the original list."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+
+
+@dataclass
+class Layout:
+    """A prompt set as one shared prefix (the template's opening, the same tokens in every prompt) followed by
+    length buckets of what remains. Running the prefix once and the buckets without most of their padding gives the
+    same last-position outputs as one left-padded batch, for less work."""
+
+    prefix: torch.Tensor | None  # (P,) token ids, or None when nothing is shared
+    buckets: list[Bucket]
+    n: int
+    real_tokens: int  # tokens in all prompts, no padding, prefix counted in each
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else int(self.prefix.numel())
+
+
+def _partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
+    """Cut points splitting sorted ``lengths`` into at most ``max_parts`` runs: the fewest runs whose padded total
+    is within ``slack`` of the unpadded total, else the best ``max_parts`` (dynamic programming over cut points)."""
+    n, real = len(lengths), sum(lengths)
+    # cost[k][j]: least padded tokens for the first j lengths in k runs; a run i..j-1 costs (j - i) * lengths[j-1]
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(max_parts + 1)]
+    back = [[0] * (n + 1) for _ in range(max_parts + 1)]
+    cost[0][0] = 0
+    for k in range(1, max_parts + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                c = cost[k - 1][i] + (j - i) * lengths[j - 1]
+                if c < cost[k][j]:
+                    cost[k][j], back[k][j] = c, i
+        if cost[k][n] <= real * (1 + slack) or k == max_parts:
+            cuts, j = [], n
+            for kk in range(k, 0, -1):
+                cuts.append(j)
+                j = back[kk][j]
+            return sorted(cuts)
+    return [n]
+
+
+def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, max_buckets: int = 4,
+           slack: float = 0.1) -> Layout:
+    """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets."""
+    if not prompts:
+        raise RefusalError("No prompts to lay out.", "Pass at least one prompt.")
+    ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    shortest = min(len(x) for x in ids)
+    if shortest == 0:
+        raise RefusalError("A prompt tokenized to no tokens.", "Remove empty prompts from the set.")
+    p = 0
+    if share_prefix and len(ids) > 1:
+        first = ids[0]
+        while p < shortest - 1 and all(x[p] == first[p] for x in ids):  # keep at least one token after it
+            p += 1
+    rest = [x[p:] for x in ids]
+    order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
+    cuts = _partition([len(rest[i]) for i in order], max(1, min(max_buckets, len(order))), slack)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    buckets, start = [], 0
+    for end in cuts:
+        rows = order[start:end]
+        width = max(len(rest[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, width - len(rest[i]):] = torch.tensor(rest[i])
+            mask[r, width - len(rest[i]):] = 1
+        buckets.append(Bucket(input_ids.to(device), mask.to(device), torch.tensor(rows, device=device)))
+        start = end
+    prefix = torch.tensor(ids[0][:p], device=device) if p else None
+    return Layout(prefix, buckets, len(ids), sum(len(x) for x in ids))

@@ -25,7 +25,7 @@ import torch
 
 from . import io
 from .batching import in_batches
-from .chat import refusal_score, tokenize
+from .chat import Bucket, Layout, layout, refusal_score, tokenize
 from .directions import Candidates
 from .errors import RefusalError
 from .interventions import ablate, add
@@ -33,13 +33,55 @@ from .models import find_parts, model_device
 
 
 @torch.no_grad()
-def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits at the last position, ``(batch, vocab)``; computes the output head on that position only."""
+def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, past_key_values=None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits at the last position, ``(batch, vocab)``; computes the output head on that position only.
+
+    Positions count real tokens only (left padding does not shift them), as in ``generate``. With
+    ``past_key_values`` (a cache holding a prefix), ``attention_mask`` covers the prefix too and ``position_ids``
+    must be given.
+    """
     kwargs = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    if position_ids is None:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=past_key_values is not None, **kwargs)
     return out.logits[:, -1, :]
+
+
+def _prefix_cache(model, lay: Layout, reps: int):
+    """The key/value cache of the layout's shared prefix, ``reps`` rows (under whatever hooks are active)."""
+    ids = lay.prefix[None].expand(reps, -1)
+    return model(input_ids=ids, use_cache=True).past_key_values
+
+
+def _bucket_inputs(lay: Layout, bucket: Bucket, reps: int, cache) -> dict:
+    """Forward arguments for a bucket repeated ``reps`` times (row-major: all of the bucket, then again), after
+    ``cache`` (the prefix's cache with ``reps`` rows, or None without a prefix)."""
+    n = len(bucket.rows)
+    ids = bucket.input_ids.repeat(reps, 1)
+    mask = bucket.attention_mask.repeat(reps, 1)
+    if cache is None:
+        return {"input_ids": ids, "attention_mask": mask}
+    cache.batch_repeat_interleave(n)
+    p = lay.prefix_len
+    return {"input_ids": ids, "attention_mask": torch.cat([mask.new_ones(len(mask), p), mask], 1),
+            "position_ids": p + (mask.cumsum(-1) - 1).clamp_min(0), "past_key_values": cache}
+
+
+@torch.no_grad()
+def layout_logits(model, lay: Layout) -> torch.Tensor:
+    """Last-position logits of every prompt of a layout, in the original order, with no intervention."""
+    out = None
+    for bucket in lay.buckets:
+        cache = _prefix_cache(model, lay, 1) if lay.prefix is not None else None
+        logits = last_logits(model, **_bucket_inputs(lay, bucket, 1, cache))
+        if out is None:
+            out = logits.new_empty(lay.n, logits.shape[-1])
+        out[bucket.rows] = logits
+    return out
 
 
 def kl_div(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -93,13 +135,17 @@ class Scores:
 def score_candidates(
     model, tokenizer, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
     refusal_ids: Sequence[int], *, layers: Sequence[int] | None = None, batch_size: int = 64,
-    prune_induce_below: float | None = None,
+    prune_induce_below: float | None = None, share_prefix: bool = True, max_buckets: int = 4,
 ) -> Scores:
     """Bypass, induce and KL scores for every (position, layer) candidate in ``layers`` (default: all).
 
     ``batch_size`` is the number of sequences per forward pass; candidates are packed into it. With
     ``prune_induce_below``, bypass and KL are computed only for candidates whose induce score exceeds it (the
     selection filter would discard the others; their bypass and KL stay NaN).
+
+    The work is cut without changing any score: the template's opening, the same in every prompt, is run once per
+    candidate instead of once per prompt (``share_prefix``), and prompts are grouped into up to ``max_buckets``
+    length buckets so that little padding is computed.
     """
     dev = model_device(model)
     n_pos, n_layers = len(candidates.positions), candidates.n_layers
@@ -111,66 +157,104 @@ def score_candidates(
     # a zero difference (e.g. layer 0, where every prompt has the same post-instruction tokens) has no direction
     cand = [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
     nh, nb = len(harmful_val), len(harmless_val)
+    opts = {"share_prefix": share_prefix, "max_buckets": max_buckets}
+    both = layout(tokenizer, list(harmful_val) + list(harmless_val), dev, **opts)
+    harmless = layout(tokenizer, list(harmless_val), dev, **opts)
 
-    both = tokenize(tokenizer, list(harmful_val) + list(harmless_val), dev)
-    base_logits = last_logits(model, both.input_ids, both.attention_mask)
+    base_logits = layout_logits(model, both)
     base_scores = refusal_score(base_logits, rids)
     base_logp = torch.log_softmax(base_logits[nh:].float(), -1)
-    harmless = tokenize(tokenizer, list(harmless_val), dev)
+    is_harmful = torch.arange(nh + nb, device=dev) < nh
 
-    bypass = torch.full((n_pos, n_layers), float("nan"), device=dev)
-    induce = torch.full((n_pos, n_layers), float("nan"), device=dev)
-    kl = torch.full((n_pos, n_layers), float("nan"), device=dev)
+    zeros = torch.zeros((n_pos, n_layers), device=dev)
+    bypass, induce, kl = zeros.clone(), zeros.clone(), zeros.clone()
 
-    def run_ablation(chunk):
-        c, n = len(chunk), nh + nb
-        pi = torch.tensor([p for p, _ in chunk], device=dev)
-        li = torch.tensor([lay for _, lay in chunk], device=dev)
-        dirs = units[pi, li].repeat_interleave(n, 0)
-        with ablate(model, dirs, per_row=True):
-            logits = last_logits(model, both.input_ids.repeat(c, 1), both.attention_mask.repeat(c, 1))
-        logits = logits.view(c, n, -1)
-        bypass[pi, li] = refusal_score(logits[:, :nh], rids).mean(1)
-        logp = torch.log_softmax(logits[:, nh:].float(), -1)
-        kl[pi, li] = kl_div(base_logp.unsqueeze(0), logp).mean(1)
+    def index(chunk):
+        return (torch.tensor([p for p, _ in chunk], device=dev), torch.tensor([lay for _, lay in chunk], device=dev))
+
+    def run_ablation(bucket: Bucket):
+        n = len(bucket.rows)
+        harm = is_harmful[bucket.rows]
+        logp_base = base_logp[bucket.rows[~harm] - nh]
+
+        def run(chunk):
+            c = len(chunk)
+            pi, li = index(chunk)
+            dirs = units[pi, li]
+            cache = None
+            if both.prefix is not None:
+                with ablate(model, dirs, per_row=True):
+                    cache = _prefix_cache(model, both, c)
+            with ablate(model, dirs.repeat_interleave(n, 0), per_row=True):
+                logits = last_logits(model, **_bucket_inputs(both, bucket, c, cache)).view(c, n, -1)
+            bypass[pi, li] += refusal_score(logits[:, harm], rids).sum(1)
+            kl[pi, li] += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, ~harm].float(), -1)).sum(1)
+        return run
 
     # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
     # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
-    layer_inputs, returns_tuple = _layer_inputs(model, harmless.input_ids, harmless.attention_mask)
+    def run_induce(bucket: Bucket):
+        n = len(bucket.rows)
+        cache = _prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
+        layer_inputs, returns_tuple = _layer_inputs(model, _bucket_inputs(harmless, bucket, 1, cache))
 
-    def run_induce(chunk):
-        c = len(chunk)
-        pi = torch.tensor([p for p, _ in chunk], device=dev)
-        li = torch.tensor([lay for _, lay in chunk], device=dev)
-        vecs = diffs[pi, li]
-        start = min(lay for _, lay in chunk)
-        with ExitStack() as stack:
-            stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
-            for layer in sorted({lay for _, lay in chunk}):
+        def adding(pi, li, vecs, reps):
+            stack = ExitStack()
+            for layer in sorted(set(li.tolist())):
                 rows = (li == layer).to(vecs.dtype)[:, None] * vecs  # zero for candidates of other layers
-                stack.enter_context(add(model, rows.repeat_interleave(nb, 0), layer, per_row=True))
-            logits = last_logits(model, harmless.input_ids.repeat(c, 1), harmless.attention_mask.repeat(c, 1))
-        induce[pi, li] = refusal_score(logits.view(c, nb, -1), rids).mean(1)
+                stack.enter_context(add(model, rows.repeat_interleave(reps, 0), layer, per_row=True))
+            return stack
+
+        def run(chunk):
+            c = len(chunk)
+            pi, li = index(chunk)
+            vecs = diffs[pi, li]
+            start = min(lay for _, lay in chunk)
+            cache = None
+            if harmless.prefix is not None:  # the prefix runs at full depth, so the cache holds every layer
+                with adding(pi, li, vecs, 1):
+                    cache = _prefix_cache(model, harmless, c)
+            with ExitStack() as stack:
+                stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
+                stack.enter_context(adding(pi, li, vecs, n))
+                logits = last_logits(model, **_bucket_inputs(harmless, bucket, c, cache))
+            induce[pi, li] += refusal_score(logits.view(c, n, -1), rids).sum(1)
+        return run
 
     # candidates are packed into each forward pass; on out-of-memory the pack halves (down to one candidate)
-    in_batches(run_induce, cand, max(1, batch_size // nb), "Scoring induce")
+    for i, bucket in enumerate(harmless.buckets):
+        in_batches(run_induce(bucket), cand, max(1, batch_size // len(bucket.rows)),
+                   f"Scoring induce ({i + 1}/{len(harmless.buckets)})")
+    induce /= nb
     if prune_induce_below is not None:  # the filter would drop these anyway: skip their bypass and KL forwards
         cand = [(p, lay) for p, lay in cand if float(induce[p, lay]) > prune_induce_below]
-    in_batches(run_ablation, cand, max(1, batch_size // (nh + nb)), "Scoring bypass + KL")
-    return Scores(list(candidates.positions), bypass.cpu(), induce.cpu(), kl.cpu(),
+    for i, bucket in enumerate(both.buckets):
+        in_batches(run_ablation(bucket), cand, max(1, batch_size // len(bucket.rows)),
+                   f"Scoring bypass + KL ({i + 1}/{len(both.buckets)})")
+    bypass /= nh
+    kl /= nb
+
+    def scored(t, which):
+        mask = torch.zeros((n_pos, n_layers), dtype=torch.bool)
+        for p, lay in which:
+            mask[p, lay] = True
+        return torch.where(mask, t.cpu(), torch.full_like(mask, float("nan"), dtype=torch.float32))
+
+    all_cand = [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
+    return Scores(list(candidates.positions), scored(bypass, cand), scored(induce, all_cand), scored(kl, cand),
                   float(base_scores[:nh].mean()), float(base_scores[nh:].mean()))
 
 
 @torch.no_grad()
-def _layer_inputs(model, input_ids, attention_mask) -> tuple[list[torch.Tensor], bool]:
+def _layer_inputs(model, inputs: dict) -> tuple[list[torch.Tensor], bool]:
     """The residual stream at the input of every layer, and whether a layer returns a tuple (transformers 4)."""
     parts = find_parts(model)
-    inputs: list = [None] * parts.n_layers
+    saved: list = [None] * parts.n_layers
     kind = {}
 
     def pre(i):
         def hook(_m, args, kwargs):
-            inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            saved[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         return hook
 
     def post(_m, _a, out):
@@ -179,11 +263,11 @@ def _layer_inputs(model, input_ids, attention_mask) -> tuple[list[torch.Tensor],
     handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(parts.layers)]
     handles.append(parts.layers[0].register_forward_hook(post))
     try:
-        last_logits(model, input_ids, attention_mask)
+        last_logits(model, **inputs)
     finally:
         for h in handles:
             h.remove()
-    return inputs, kind["tuple"]
+    return saved, kind["tuple"]
 
 
 @contextmanager
