@@ -52,6 +52,12 @@ ARCHS: dict[str, tuple[str, dict]] = {
         vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False)),
 }
 
+# tokens of each arch's chat-template opening before the instruction, shared by every prompt: Llama-3-Instruct's
+# "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"; Qwen2.5-Instruct's default system prompt
+# ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n") plus
+# "<|im_start|>user\n", 24 tokens with its tokenizer
+TEMPLATE_OPENING = {"llama3-8b": 5, "qwen2.5-7b": 24, "tiny": 5}
+
 # HBM bandwidth in TB/s, matched in order against the lower-cased device name
 HBM_TBPS: list[tuple[str, float, str]] = [
     ("h100 pcie", 2.0, "H100 PCIe"),
@@ -121,14 +127,26 @@ class IdTokenizer:
         return self.batch_decode([ids])[0]
 
 
-def make_prompts(rng: random.Random, prefix: str, n: int, vocab: int, min_len: int, max_len: int,
+def make_prompts(rng: random.Random, name: str, n: int, vocab: int, lengths, opening: list[int],
                  suffix: list[int]) -> dict[str, list[int]]:
-    """``n`` fake templated prompts: random ids, then the fixed post-instruction suffix (as a chat template adds)."""
+    """``n`` fake templated prompts: the template's opening (the same ids in every prompt), random instruction ids,
+    then the fixed post-instruction suffix. ``lengths`` draws an instruction length."""
     out = {}
     for i in range(n):
-        body = max(1, rng.randint(min_len, max_len) - len(suffix))
-        out[f"{prefix}{i}"] = [rng.randrange(FIRST_ID, vocab) for _ in range(body)] + suffix
+        body = [rng.randrange(FIRST_ID, vocab) for _ in range(max(1, lengths()))]
+        out[f"{name}{i}"] = opening + body + suffix
     return out
+
+
+def length_sampler(args, rng: random.Random, kind: str):
+    """Instruction lengths: drawn from the built-in sets' real lengths (``builtin``), or uniform (``uniform``,
+    whole prompt between --min-len and --max-len tokens, template included)."""
+    if args.lengths == "uniform":
+        fixed = args.prefix_len + args.n_positions
+        return lambda: rng.randint(args.min_len, args.max_len) - fixed
+    table = json.loads((Path(__file__).resolve().parent / "data" / "instruction_lengths.json").read_text())
+    pool = table["harmful" if kind == "harmful" else "harmless"]
+    return lambda: rng.choice(pool)
 
 
 def padded_tokens(lengths: list[int], batch: int) -> int:
@@ -299,8 +317,12 @@ def parse_args(argv=None):
     ap.add_argument("--n-train", type=int, default=128, help="harmful and harmless prompts each, for extraction")
     ap.add_argument("--n-val", type=int, default=32, help="harmful and harmless validation prompts each, for selection")
     ap.add_argument("--n-positions", type=int, default=5, help="post-instruction positions (fixed template suffix)")
-    ap.add_argument("--min-len", type=int, default=40, help="shortest prompt, in tokens (template included)")
-    ap.add_argument("--max-len", type=int, default=56, help="longest prompt, in tokens")
+    ap.add_argument("--lengths", choices=["builtin", "uniform"], default="builtin",
+                    help="instruction lengths: the built-in sets' real ones (Qwen2.5 tokenizer), or uniform")
+    ap.add_argument("--min-len", type=int, default=40, help="with --lengths uniform: shortest prompt, in tokens")
+    ap.add_argument("--max-len", type=int, default=56, help="with --lengths uniform: longest prompt, in tokens")
+    ap.add_argument("--prefix-len", type=int, default=None,
+                    help="tokens of the template's opening, shared by every prompt (default: the arch's template)")
     ap.add_argument("--extract-batch", type=int, default=64, help="prompts per forward in extraction (as refusal run)")
     ap.add_argument("--select-batch", type=int, default=256, help="sequences per forward in score_candidates")
     ap.add_argument("--sweep-select-batch", default="128,256,512",
@@ -374,7 +396,7 @@ def main(argv=None) -> dict:
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_s": rnd(build_s, 2), "weight_bytes": ws["weight_bytes"],
         "decode_step_weight_bytes": ws["decode_step_weight_bytes"],
-        "prompt_len_range": [args.min_len, args.max_len], "args": vars(args),
+        "args": vars(args),
     }
 
     def over_budget() -> bool:
@@ -397,18 +419,25 @@ def main(argv=None) -> dict:
 
     # ---- prompts -------------------------------------------------------------------------------------------------
     rng = random.Random(args.seed)
+    if args.prefix_len is None:
+        args.prefix_len = TEMPLATE_OPENING.get(args.arch, 5) if not args.model else 5
     suffix = [rng.randrange(FIRST_ID, vocab) for _ in range(args.n_positions)]  # the template's post-instruction ids
+    opening = [rng.randrange(FIRST_ID, vocab) for _ in range(args.prefix_len)]  # the template's opening
     table: dict[str, list[int]] = {}
     sets = {"train_harmful": ("th", args.n_train), "train_harmless": ("tb", args.n_train),
             "val_harmful": ("vh", args.n_val), "val_harmless": ("vb", args.n_val),
             "gen": ("g", max(gen_batches) if gen_batches else 0)}
     prompts: dict[str, list[str]] = {}
-    for key, (prefix, n) in sets.items():
-        p = make_prompts(rng, prefix, n, vocab, args.min_len, args.max_len, suffix)
+    for key, (name, n) in sets.items():
+        kind = "harmful" if key.endswith("harmful") or key == "gen" else "harmless"
+        p = make_prompts(rng, name, n, vocab, length_sampler(args, rng, kind), opening, suffix)
         table.update(p)
         prompts[key] = list(p)
     tok = IdTokenizer(table)
     lens = {k: [len(table[p]) for p in v] for k, v in prompts.items()}
+    res.update(prompt_lengths=args.lengths, template_opening_tokens=args.prefix_len,
+               prompt_len_mean={k: rnd(sum(v) / len(v), 1) for k, v in lens.items() if v},
+               prompt_len_max={k: max(v) for k, v in lens.items() if v})
     refusal_ids = sorted(rng.sample(range(FIRST_ID, vocab), 8))
 
     stage_done("build")
@@ -438,10 +467,12 @@ def main(argv=None) -> dict:
     if n_cand == 0:
         raise SystemExit("no candidate was scored (all differences were zero?)")
     # nominal tokens, the same for ours and naive: one baseline pass over both sets, then per candidate harmful
-    # (ablation) + harmless (ablation) + harmless (addition), each set padded to its own longest prompt
-    h_tok = len(hv) * max(lens["val_harmful"])
-    b_tok = len(bv) * max(lens["val_harmless"])
+    # (ablation) + harmless (ablation) + harmless (addition); real prompt tokens (no padding), the template's
+    # opening counted in every prompt. The padded count (what one left-padded batch per set computes) beside it.
+    h_tok, b_tok = sum(lens["val_harmful"]), sum(lens["val_harmless"])
     sel_tokens = h_tok + b_tok + n_cand * (h_tok + 2 * b_tok)
+    hp, bp = len(hv) * max(lens["val_harmful"]), len(bv) * max(lens["val_harmless"])
+    res.update(select_tokens_padded=hp + bp + n_cand * (hp + 2 * bp))
     res.update(select_s=rnd(sel_s), select_candidates=n_cand, select_candidates_grid=[args.n_positions, n_layers],
                select_batch=args.select_batch, select_tokens=sel_tokens, select_tok_s=rnd(sel_tokens / sel_s, 1),
                select_tflops=rnd(tflops(n_params, sel_tokens, sel_s), 2),
