@@ -22,7 +22,9 @@ def hidden_inputs(model, tok, prompts):
     last = find_parts(model).layers[-1]
     h = last.register_forward_hook(lambda m, a, o: caught.setdefault("out", o[0] if isinstance(o, tuple) else o))
     try:
-        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        pos = (b.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                    output_hidden_states=True)
     finally:
         h.remove()
     n = find_parts(model).n_layers
@@ -108,7 +110,8 @@ def test_addition_only_at_source_layer(model, tokenizer):
     with add(model, v, layer, coeff=-1.5):  # pre-hooks run in order: this one sees the sum
         h = parts.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                  position_ids=(b.attention_mask.cumsum(-1) - 1).clamp_min(0))
         finally:
             h.remove()
     torch.testing.assert_close(caught["x"], base[layer] - 1.5 * v)

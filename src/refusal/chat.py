@@ -78,10 +78,19 @@ class Batch:
     attention_mask: torch.Tensor
 
 
-def tokenize(tokenizer, prompts: list[str], device) -> Batch:
-    """Left-padded batch of already-templated prompts (the template supplies any BOS token)."""
+def tokenize(tokenizer, prompts: list[str], device, multiple_of: int = 8) -> Batch:
+    """Left-padded batch of already-templated prompts (the template supplies any BOS token).
+
+    The width is rounded up to a multiple of ``multiple_of``: GPU attention kernels want aligned mask widths and
+    fall back to slower ones without (the extra columns are padding, masked out)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return Batch(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    extra = -ids.shape[1] % multiple_of
+    if extra:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.cat([ids.new_full((len(ids), extra), pad), ids], 1)
+        mask = torch.cat([mask.new_zeros((len(mask), extra)), mask], 1)
+    return Batch(ids.to(device), mask.to(device))
 
 
 def refusal_score(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
@@ -142,8 +151,11 @@ def _partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
 
 
 def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, max_buckets: int = 4,
-           slack: float = 0.1) -> Layout:
-    """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets."""
+           slack: float = 0.1, multiple_of: int = 8) -> Layout:
+    """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets.
+
+    Each bucket is padded so that prefix and bucket together are a multiple of ``multiple_of`` wide (see
+    :func:`tokenize`)."""
     if not prompts:
         raise RefusalError("No prompts to lay out.", "Pass at least one prompt.")
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -163,6 +175,7 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
     for end in cuts:
         rows = order[start:end]
         width = max(len(rest[i]) for i in rows)
+        width += -(p + width) % multiple_of
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):

@@ -115,7 +115,8 @@ def mean_activations(
     try:
         def run(chunk):
             b = tokenize(tokenizer, list(chunk), dev)
-            base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            pos = (b.attention_mask.cumsum(-1) - 1).clamp_min(0)  # positions count real tokens, not padding
+            base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos, use_cache=False)
 
         in_batches(run, list(prompts), batch_size, description)
     finally:
