@@ -183,9 +183,9 @@ def test_layout_splits_off_the_shared_prefix_and_buckets_by_length(tokenizer):
     assert lay.real_tokens == sum(len(x) for x in ids)
     seen = []
     for b in lay.buckets:
-        for row, mask, i in zip(b.input_ids.tolist(), b.attention_mask.tolist(), b.rows.tolist()):
-            rest = [t for t, m in zip(row, mask) if m]
-            assert lay.prefix.tolist() + rest == ids[i]  # prefix + unpadded bucket row is the prompt
+        for row, last, i in zip(b.input_ids.tolist(), b.last.tolist(), b.rows.tolist()):
+            assert lay.prefix.tolist() + row[:last + 1] == ids[i]  # prefix + unpadded bucket row is the prompt
+            assert all(t == tokenizer.pad_token_id for t in row[last + 1:])
             seen.append(i)
     assert sorted(seen) == list(range(len(prompts)))
     padded = sum(b.input_ids.numel() for b in lay.buckets)

@@ -103,10 +103,12 @@ def refusal_score(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tens
 
 @dataclass
 class Bucket:
-    """Prompts of similar length, left-padded to the longest; ``rows`` are their indices in the original list."""
+    """Prompts of similar length, right-padded to the longest; ``last`` is each row's last real position and
+    ``rows`` its index in the original list. Right padding keeps every real token at its true position and out of
+    sight of the padding (attention is causal), so no attention mask or position ids are needed."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    last: torch.Tensor
     rows: torch.Tensor
 
 
@@ -114,7 +116,7 @@ class Bucket:
 class Layout:
     """A prompt set as one shared prefix (the template's opening, the same tokens in every prompt) followed by
     length buckets of what remains. Running the prefix once and the buckets without most of their padding gives the
-    same last-position outputs as one left-padded batch, for less work."""
+    same last-position outputs as one padded batch, for less work."""
 
     prefix: torch.Tensor | None  # (P,) token ids, or None when nothing is shared
     buckets: list[Bucket]
@@ -177,11 +179,10 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
         width = max(len(rest[i]) for i in rows)
         width += -(p + width) % multiple_of
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
-            input_ids[r, width - len(rest[i]):] = torch.tensor(rest[i])
-            mask[r, width - len(rest[i]):] = 1
-        buckets.append(Bucket(input_ids.to(device), mask.to(device), torch.tensor(rows, device=device)))
+            input_ids[r, :len(rest[i])] = torch.tensor(rest[i])
+        last = torch.tensor([len(rest[i]) - 1 for i in rows])
+        buckets.append(Bucket(input_ids.to(device), last.to(device), torch.tensor(rows, device=device)))
         start = end
     prefix = torch.tensor(ids[0][:p], device=device) if p else None
     return Layout(prefix, buckets, len(ids), sum(len(x) for x in ids))

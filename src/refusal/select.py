@@ -33,21 +33,14 @@ from .models import find_parts, model_device
 
 
 @torch.no_grad()
-def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, past_key_values=None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits at the last position, ``(batch, vocab)``; computes the output head on that position only.
-
-    Positions count real tokens only (left padding does not shift them), as in ``generate``. With
-    ``past_key_values`` (a cache holding a prefix), ``attention_mask`` covers the prefix too and ``position_ids``
-    must be given.
-    """
+def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the last position of a left-padded batch, ``(batch, vocab)``; the output head runs on that
+    position only. Positions count real tokens only (padding does not shift them), as in ``generate``."""
     kwargs = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
-    if position_ids is None:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=past_key_values is not None, **kwargs)
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=False, **kwargs)
     return out.logits[:, -1, :]
 
 
@@ -57,18 +50,21 @@ def _prefix_cache(model, lay: Layout, reps: int):
     return model(input_ids=ids, use_cache=True).past_key_values
 
 
-def _bucket_inputs(lay: Layout, bucket: Bucket, reps: int, cache) -> dict:
-    """Forward arguments for a bucket repeated ``reps`` times (row-major: all of the bucket, then again), after
-    ``cache`` (the prefix's cache with ``reps`` rows, or None without a prefix)."""
+def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor:
+    """Logits at each row's last real position for a bucket repeated ``reps`` times (all of the bucket, then
+    again), after ``cache`` (the prefix's cache with ``reps`` rows, or None without a prefix): ``(reps * n, V)``.
+
+    The output head runs only at the bucket's distinct last positions."""
     n = len(bucket.rows)
     ids = bucket.input_ids.repeat(reps, 1)
-    mask = bucket.attention_mask.repeat(reps, 1)
-    if cache is None:
-        return {"input_ids": ids, "attention_mask": mask}
-    cache.batch_repeat_interleave(n)
-    p = lay.prefix_len
-    return {"input_ids": ids, "attention_mask": torch.cat([mask.new_ones(len(mask), p), mask], 1),
-            "position_ids": p + (mask.cumsum(-1) - 1).clamp_min(0), "past_key_values": cache}
+    if cache is not None:
+        cache.batch_repeat_interleave(n)
+    cols, which = torch.unique(bucket.last, return_inverse=True)
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+                **({"logits_to_keep": cols} if keep else {}))
+    logits = out.logits if keep else out.logits[:, cols]
+    return logits[torch.arange(len(ids), device=ids.device), which.repeat(reps)]
 
 
 @torch.no_grad()
@@ -77,7 +73,7 @@ def layout_logits(model, lay: Layout) -> torch.Tensor:
     out = None
     for bucket in lay.buckets:
         cache = _prefix_cache(model, lay, 1) if lay.prefix is not None else None
-        logits = last_logits(model, **_bucket_inputs(lay, bucket, 1, cache))
+        logits = _bucket_logits(model, bucket, 1, cache)
         if out is None:
             out = logits.new_empty(lay.n, logits.shape[-1])
         out[bucket.rows] = logits
@@ -186,7 +182,7 @@ def score_candidates(
                 with ablate(model, dirs, per_row=True):
                     cache = _prefix_cache(model, both, c)
             with ablate(model, dirs.repeat_interleave(n, 0), per_row=True):
-                logits = last_logits(model, **_bucket_inputs(both, bucket, c, cache)).view(c, n, -1)
+                logits = _bucket_logits(model, bucket, c, cache).view(c, n, -1)
             bypass[pi, li] += refusal_score(logits[:, harm], rids).sum(1)
             kl[pi, li] += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, ~harm].float(), -1)).sum(1)
         return run
@@ -196,7 +192,7 @@ def score_candidates(
     def run_induce(bucket: Bucket):
         n = len(bucket.rows)
         cache = _prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
-        layer_inputs, returns_tuple = _layer_inputs(model, _bucket_inputs(harmless, bucket, 1, cache))
+        layer_inputs, returns_tuple = _layer_inputs(model, lambda: _bucket_logits(model, bucket, 1, cache))
 
         def adding(pi, li, vecs, reps):
             stack = ExitStack()
@@ -217,7 +213,7 @@ def score_candidates(
             with ExitStack() as stack:
                 stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
                 stack.enter_context(adding(pi, li, vecs, n))
-                logits = last_logits(model, **_bucket_inputs(harmless, bucket, c, cache))
+                logits = _bucket_logits(model, bucket, c, cache)
             induce[pi, li] += refusal_score(logits.view(c, n, -1), rids).sum(1)
         return run
 
@@ -246,8 +242,9 @@ def score_candidates(
 
 
 @torch.no_grad()
-def _layer_inputs(model, inputs: dict) -> tuple[list[torch.Tensor], bool]:
-    """The residual stream at the input of every layer, and whether a layer returns a tuple (transformers 4)."""
+def _layer_inputs(model, forward) -> tuple[list[torch.Tensor], bool]:
+    """The residual stream at the input of every layer during ``forward()``, and whether a layer returns a tuple
+    (transformers 4)."""
     parts = find_parts(model)
     saved: list = [None] * parts.n_layers
     kind = {}
@@ -263,7 +260,7 @@ def _layer_inputs(model, inputs: dict) -> tuple[list[torch.Tensor], bool]:
     handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(parts.layers)]
     handles.append(parts.layers[0].register_forward_hook(post))
     try:
-        last_logits(model, **inputs)
+        forward()
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,94 @@
+"""Where candidate selection spends its time: each variant of ``score_candidates`` timed, and the top GPU kernels.
+
+    python -m benchmarks.profile_select --arch llama3-8b --layers 8
+
+Uses the prompts and random-weight model of :mod:`benchmarks.pipeline` (same flags for lengths and template).
+Variants: plain (one left-padded batch per set), buckets only, shared prefix only, both (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from benchmarks.pipeline import (
+    ARCHS,
+    FIRST_ID,
+    TEMPLATE_OPENING,
+    Clock,
+    IdTokenizer,
+    build_model,
+    length_sampler,
+    make_prompts,
+)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_select")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama3-8b")
+    ap.add_argument("--layers", type=int, default=8, help="layers scored (spread over the depth)")
+    ap.add_argument("--n-val", type=int, default=32)
+    ap.add_argument("--n-positions", type=int, default=5)
+    ap.add_argument("--lengths", choices=["builtin", "uniform"], default="builtin")
+    ap.add_argument("--min-len", type=int, default=40)
+    ap.add_argument("--max-len", type=int, default=56)
+    ap.add_argument("--prefix-len", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernels", type=int, default=25, help="top kernels to list (0: no profile)")
+    args = ap.parse_args(argv)
+    args.model, args.dtype = None, None
+    from refusal.batching import set_quiet
+    from refusal.directions import extract
+    from refusal.select import score_candidates
+
+    set_quiet(True)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model, _ = build_model(args, dev, dtype)
+    if args.prefix_len is None:
+        args.prefix_len = TEMPLATE_OPENING.get(args.arch, 5)
+    vocab = model.config.vocab_size
+    rng = random.Random(args.seed)
+    suffix = [rng.randrange(FIRST_ID, vocab) for _ in range(args.n_positions)]
+    opening = [rng.randrange(FIRST_ID, vocab) for _ in range(args.prefix_len)]
+    table = {}
+    sets = {}
+    for name, kind in (("vh", "harmful"), ("vb", "harmless")):
+        p = make_prompts(rng, name, args.n_val, vocab, length_sampler(args, rng, kind), opening, suffix)
+        table.update(p)
+        sets[kind] = list(p)
+    tok = IdTokenizer(table)
+    rids = sorted(rng.sample(range(FIRST_ID, vocab), 8))
+    cands = extract(model, tok, sets["harmful"], sets["harmless"], args.n_positions, batch_size=64)
+    n_layers = cands.n_layers
+    layers = sorted({round(i * (n_layers - 1) / max(1, args.layers - 1)) for i in range(args.layers)})
+    clock = Clock(dev)
+
+    def run(**kw):
+        return score_candidates(model, tok, cands, sets["harmful"], sets["harmless"], rids, layers=layers,
+                                batch_size=args.batch, **kw)
+
+    variants = {"plain": dict(share_prefix=False, max_buckets=1), "buckets": dict(share_prefix=False),
+                "prefix": dict(max_buckets=1), "both": {}}
+    ref = None
+    for name, kw in variants.items():
+        run(**kw)
+        s, scores = clock.time(lambda kw=kw: run(**kw))
+        if ref is None:
+            ref = scores
+        err = float((scores.bypass - ref.bypass).abs().nan_to_num().max())
+        print(f"{name:8s} {s:7.3f} s   max |bypass - plain| {err:.2e}")
+    if args.kernels and dev.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.kernels, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
