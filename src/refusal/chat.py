@@ -111,6 +111,12 @@ class Bucket:
     last: torch.Tensor
     rows: torch.Tensor
 
+    @property
+    def last_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct last positions, and for each row the index of its own among them."""
+        cols, which = torch.unique(self.last.cpu(), return_inverse=True)
+        return cols.to(self.last.device), which.to(self.last.device)
+
 
 @dataclass
 class Layout:

@@ -31,12 +31,18 @@ def _basis(direction: torch.Tensor) -> torch.Tensor:
 
 
 def project_out(x: torch.Tensor, basis: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """``x`` minus its component in the span of ``basis`` (rows orthonormal); per-row: one unit row per batch row."""
+    """``x`` minus its component in the span of ``basis`` (rows orthonormal); per-row: one unit row per batch row.
+
+    One direction costs two fused kernels (a dot product and a multiply-subtract), not a matmul with an inner
+    dimension of one."""
     b = basis.to(x.dtype)
     if per_row:
         b = b[:, None, :] if x.ndim == 3 else b
-        return x - (x * b).sum(-1, keepdim=True) * b
-    return x - (x @ b.T) @ b
+    elif b.shape[0] == 1:
+        b = b[0]
+    else:
+        return x - (x @ b.T) @ b
+    return torch.addcmul(x, torch.linalg.vecdot(x, b).unsqueeze(-1), b, value=-1)
 
 
 def _edit_output(output, fn):

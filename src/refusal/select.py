@@ -59,7 +59,7 @@ def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor
     ids = bucket.input_ids.repeat(reps, 1)
     if cache is not None:
         cache.batch_repeat_interleave(n)
-    cols, which = torch.unique(bucket.last, return_inverse=True)
+    cols, which = bucket.last_columns
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
                 **({"logits_to_keep": cols} if keep else {}))
@@ -170,8 +170,9 @@ def score_candidates(
 
     def run_ablation(bucket: Bucket):
         n = len(bucket.rows)
-        harm = is_harmful[bucket.rows]
-        logp_base = base_logp[bucket.rows[~harm] - nh]
+        harm = is_harmful[bucket.rows].cpu()
+        h_idx, b_idx = harm.nonzero()[:, 0].to(dev), (~harm).nonzero()[:, 0].to(dev)  # no device syncs per chunk
+        logp_base = base_logp[bucket.rows[b_idx] - nh]
 
         def run(chunk):
             c = len(chunk)
@@ -183,8 +184,8 @@ def score_candidates(
                     cache = _prefix_cache(model, both, c)
             with ablate(model, dirs.repeat_interleave(n, 0), per_row=True):
                 logits = _bucket_logits(model, bucket, c, cache).view(c, n, -1)
-            bypass[pi, li] += refusal_score(logits[:, harm], rids).sum(1)
-            kl[pi, li] += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, ~harm].float(), -1)).sum(1)
+            bypass[pi, li] += refusal_score(logits[:, h_idx], rids).sum(1)
+            kl[pi, li] += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, b_idx].float(), -1)).sum(1)
         return run
 
     # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
