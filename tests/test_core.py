@@ -177,7 +177,7 @@ def test_batched_scoring_equals_one_at_a_time(model, tokenizer):
 def test_layout_splits_off_the_shared_prefix_and_buckets_by_length(tokenizer):
     prompts = format_prompts(tokenizer, HARMFUL + HARMLESS, system="Be brief.")
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    lay = layout(tokenizer, prompts, "cpu", max_buckets=3, slack=0.0)
+    lay = layout(tokenizer, prompts, "cpu", min_prefix=1, max_buckets=3, slack=0.0)
     assert tokenizer.decode(lay.prefix.tolist()).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     assert 1 <= len(lay.buckets) <= 3 and lay.n == len(prompts)
     assert lay.real_tokens == sum(len(x) for x in ids)
@@ -192,13 +192,15 @@ def test_layout_splits_off_the_shared_prefix_and_buckets_by_length(tokenizer):
     one = layout(tokenizer, prompts, "cpu", share_prefix=False, max_buckets=1)
     assert one.prefix is None and len(one.buckets) == 1
     assert padded < one.buckets[0].input_ids.numel()
+    assert layout(tokenizer, prompts, "cpu", min_prefix=lay.prefix_len + 1).prefix is None  # too short to split
 
 
 def test_layout_logits_equal_one_padded_batch(model, tokenizer):
     prompts = format_prompts(tokenizer, HARMFUL + HARMLESS, system="Be brief.")
     b = tokenize(tokenizer, prompts, "cpu")
     plain = last_logits(model, b.input_ids, b.attention_mask)
-    torch.testing.assert_close(layout_logits(model, layout(tokenizer, prompts, "cpu")), plain, rtol=1e-4, atol=1e-4)
+    got = layout_logits(model, layout(tokenizer, prompts, "cpu", min_prefix=1))
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
 
 
 def test_shared_prefix_and_buckets_give_the_same_scores(model, tokenizer):
@@ -206,7 +208,7 @@ def test_shared_prefix_and_buckets_give_the_same_scores(model, tokenizer):
     hv = format_prompts(tokenizer, HARMFUL, system="Be brief.")
     bv = format_prompts(tokenizer, HARMLESS, system="Be brief.")
     rids = refusal_token_ids(tokenizer)
-    fast = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=16)
+    fast = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=16, min_prefix=1)
     plain = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=16, share_prefix=False,
                              max_buckets=1)
     assert not fast.induce[:, 1:].isnan().any()

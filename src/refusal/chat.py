@@ -158,9 +158,13 @@ def _partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
     return [n]
 
 
-def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, max_buckets: int = 4,
-           slack: float = 0.1, multiple_of: int = 8) -> Layout:
+def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, min_prefix: int = 16,
+           max_buckets: int = 4, slack: float = 0.1, multiple_of: int = 8) -> Layout:
     """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets.
+
+    A prefix shorter than ``min_prefix`` tokens is not split off: running it separately costs an extra pass and
+    a key/value cache, which on an H100 outweighed the saving for Llama-3's 5-token opening and paid off for
+    Qwen2.5's 24-token one (benchmarks/profile_select.py).
 
     Each bucket is padded so that prefix and bucket together are a multiple of ``multiple_of`` wide (see
     :func:`tokenize`)."""
@@ -175,6 +179,8 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
         first = ids[0]
         while p < shortest - 1 and all(x[p] == first[p] for x in ids):  # keep at least one token after it
             p += 1
+        if p < min_prefix:
+            p = 0
     rest = [x[p:] for x in ids]
     order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
     cuts = _partition([len(rest[i]) for i in order], max(1, min(max_buckets, len(order))), slack)

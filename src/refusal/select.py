@@ -131,7 +131,8 @@ class Scores:
 def score_candidates(
     model, tokenizer, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
     refusal_ids: Sequence[int], *, layers: Sequence[int] | None = None, batch_size: int = 64,
-    prune_induce_below: float | None = None, share_prefix: bool = True, max_buckets: int = 4,
+    prune_induce_below: float | None = None, share_prefix: bool = True, min_prefix: int = 16,
+    max_buckets: int = 4,
 ) -> Scores:
     """Bypass, induce and KL scores for every (position, layer) candidate in ``layers`` (default: all).
 
@@ -140,8 +141,8 @@ def score_candidates(
     selection filter would discard the others; their bypass and KL stay NaN).
 
     The work is cut without changing any score: the template's opening, the same in every prompt, is run once per
-    candidate instead of once per prompt (``share_prefix``), and prompts are grouped into up to ``max_buckets``
-    length buckets so that little padding is computed.
+    candidate instead of once per prompt (``share_prefix``, when it is at least ``min_prefix`` tokens), and prompts
+    are grouped into up to ``max_buckets`` length buckets so that little padding is computed.
     """
     dev = model_device(model)
     n_pos, n_layers = len(candidates.positions), candidates.n_layers
@@ -153,7 +154,7 @@ def score_candidates(
     # a zero difference (e.g. layer 0, where every prompt has the same post-instruction tokens) has no direction
     cand = [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
     nh, nb = len(harmful_val), len(harmless_val)
-    opts = {"share_prefix": share_prefix, "max_buckets": max_buckets}
+    opts = {"share_prefix": share_prefix, "min_prefix": min_prefix, "max_buckets": max_buckets}
     both = layout(tokenizer, list(harmful_val) + list(harmless_val), dev, **opts)
     harmless = layout(tokenizer, list(harmless_val), dev, **opts)
 
