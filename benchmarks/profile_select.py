@@ -35,7 +35,8 @@ def main(argv=None):
     ap.add_argument("--min-len", type=int, default=40)
     ap.add_argument("--max-len", type=int, default=56)
     ap.add_argument("--prefix-len", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--min-prefix", type=int, default=16, help="score_candidates' min_prefix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kernels", type=int, default=25, help="top kernels to list (0: no profile)")
     args = ap.parse_args(argv)
@@ -69,7 +70,7 @@ def main(argv=None):
 
     def run(**kw):
         return score_candidates(model, tok, cands, sets["harmful"], sets["harmless"], rids, layers=layers,
-                                batch_size=args.batch, **kw)
+                                batch_size=args.batch, min_prefix=args.min_prefix, **kw)
 
     variants = {"plain": dict(share_prefix=False, max_buckets=1), "buckets": dict(share_prefix=False),
                 "prefix": dict(max_buckets=1), "both": {}}

@@ -166,8 +166,8 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
     a key/value cache, which on an H100 outweighed the saving for Llama-3's 5-token opening and paid off for
     Qwen2.5's 24-token one (benchmarks/profile_select.py).
 
-    Each bucket is padded so that prefix and bucket together are a multiple of ``multiple_of`` wide (see
-    :func:`tokenize`)."""
+    With a prefix, each bucket is padded so that prefix and bucket together are a multiple of ``multiple_of`` wide
+    (see :func:`tokenize`); without one, attention is plainly causal and needs no mask, so no alignment."""
     if not prompts:
         raise RefusalError("No prompts to lay out.", "Pass at least one prompt.")
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -189,7 +189,8 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
     for end in cuts:
         rows = order[start:end]
         width = max(len(rest[i]) for i in rows)
-        width += -(p + width) % multiple_of
+        if p:  # after a cached prefix attention needs a mask; align its width (see tokenize)
+            width += -(p + width) % multiple_of
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         for r, i in enumerate(rows):
             input_ids[r, :len(rest[i])] = torch.tensor(rest[i])

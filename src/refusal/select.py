@@ -132,7 +132,7 @@ def score_candidates(
     model, tokenizer, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
     refusal_ids: Sequence[int], *, layers: Sequence[int] | None = None, batch_size: int = 64,
     prune_induce_below: float | None = None, share_prefix: bool = True, min_prefix: int = 16,
-    max_buckets: int = 4,
+    max_buckets: int = 8, slack: float = 0.03,
 ) -> Scores:
     """Bypass, induce and KL scores for every (position, layer) candidate in ``layers`` (default: all).
 
@@ -142,7 +142,8 @@ def score_candidates(
 
     The work is cut without changing any score: the template's opening, the same in every prompt, is run once per
     candidate instead of once per prompt (``share_prefix``, when it is at least ``min_prefix`` tokens), and prompts
-    are grouped into up to ``max_buckets`` length buckets so that little padding is computed.
+    are grouped into up to ``max_buckets`` length buckets so that padding adds at most ``slack`` of the tokens where
+    that many buckets allow it.
     """
     dev = model_device(model)
     n_pos, n_layers = len(candidates.positions), candidates.n_layers
@@ -154,7 +155,7 @@ def score_candidates(
     # a zero difference (e.g. layer 0, where every prompt has the same post-instruction tokens) has no direction
     cand = [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
     nh, nb = len(harmful_val), len(harmless_val)
-    opts = {"share_prefix": share_prefix, "min_prefix": min_prefix, "max_buckets": max_buckets}
+    opts = {"share_prefix": share_prefix, "min_prefix": min_prefix, "max_buckets": max_buckets, "slack": slack}
     both = layout(tokenizer, list(harmful_val) + list(harmless_val), dev, **opts)
     harmless = layout(tokenizer, list(harmless_val), dev, **opts)
 
@@ -220,9 +221,12 @@ def score_candidates(
         return run
 
     # candidates are packed into each forward pass; on out-of-memory the pack halves (down to one candidate)
+    # A pass costs its rows times the layers from its lowest source layer up: candidates come in layer order, so
+    # small packs (batch / 64 candidates, at least one layer's positions) start near their own layers.
     for i, bucket in enumerate(harmless.buckets):
-        in_batches(run_induce(bucket), cand, max(1, batch_size // len(bucket.rows)),
-                   f"Scoring induce ({i + 1}/{len(harmless.buckets)})")
+        n = len(bucket.rows)
+        per = max(1, min(batch_size // n, max(n_pos, batch_size // 64)))
+        in_batches(run_induce(bucket), cand, per, f"Scoring induce ({i + 1}/{len(harmless.buckets)})")
     induce /= nb
     if prune_induce_below is not None:  # the filter would drop these anyway: skip their bypass and KL forwards
         cand = [(p, lay) for p, lay in cand if float(induce[p, lay]) > prune_induce_below]
