@@ -13,6 +13,7 @@ computed, and scores are reduced on the device.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Sequence
@@ -65,6 +66,11 @@ def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor
                 **({"logits_to_keep": cols} if keep else {}))
     logits = out.logits if keep else out.logits[:, cols]
     return logits[torch.arange(len(ids), device=ids.device), which.repeat(reps)]
+
+
+def _copy(cache):
+    """A copy of a prefix cache (a forward extends the cache it is given)."""
+    return None if cache is None else copy.deepcopy(cache)
 
 
 @torch.no_grad()
@@ -170,71 +176,74 @@ def score_candidates(
     def index(chunk):
         return (torch.tensor([p for p, _ in chunk], device=dev), torch.tensor([lay for _, lay in chunk], device=dev))
 
-    def run_ablation(bucket: Bucket):
-        n = len(bucket.rows)
+    # Chunks of candidates, each run over every bucket: a shared prefix runs once per candidate, and a chunk's
+    # scores are written only once all its buckets are done (so an out-of-memory retry cannot count one twice).
+    ablation_buckets = []
+    for bucket in both.buckets:
         harm = is_harmful[bucket.rows].cpu()
         h_idx, b_idx = harm.nonzero()[:, 0].to(dev), (~harm).nonzero()[:, 0].to(dev)  # no device syncs per chunk
-        logp_base = base_logp[bucket.rows[b_idx] - nh]
+        ablation_buckets.append((bucket, h_idx, b_idx, base_logp[bucket.rows[b_idx] - nh]))
 
-        def run(chunk):
-            c = len(chunk)
-            pi, li = index(chunk)
-            dirs = units[pi, li]
-            cache = None
-            if both.prefix is not None:
-                with ablate(model, dirs, per_row=True):
-                    cache = _prefix_cache(model, both, c)
+    def run_ablation(chunk):
+        c = len(chunk)
+        pi, li = index(chunk)
+        dirs = units[pi, li]
+        prefix = None
+        if both.prefix is not None:
+            with ablate(model, dirs, per_row=True):
+                prefix = _prefix_cache(model, both, c)
+        b_sum, k_sum = torch.zeros(c, device=dev), torch.zeros(c, device=dev)
+        for bucket, h_idx, b_idx, logp_base in ablation_buckets:
+            n = len(bucket.rows)
             with ablate(model, dirs.repeat_interleave(n, 0), per_row=True):
-                logits = _bucket_logits(model, bucket, c, cache).view(c, n, -1)
-            bypass[pi, li] += refusal_score(logits[:, h_idx], rids).sum(1)
-            kl[pi, li] += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, b_idx].float(), -1)).sum(1)
-        return run
+                logits = _bucket_logits(model, bucket, c, _copy(prefix)).view(c, n, -1)
+            b_sum += refusal_score(logits[:, h_idx], rids).sum(1)
+            k_sum += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, b_idx].float(), -1)).sum(1)
+        bypass[pi, li], kl[pi, li] = b_sum / nh, k_sum / nb
 
     # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
     # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
-    def run_induce(bucket: Bucket):
-        n = len(bucket.rows)
+    induce_buckets = []
+    for bucket in harmless.buckets:
         cache = _prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
-        layer_inputs, returns_tuple = _layer_inputs(model, lambda: _bucket_logits(model, bucket, 1, cache))
+        layer_inputs, returns_tuple = _layer_inputs(model, lambda b=bucket, c=cache: _bucket_logits(model, b, 1, c))
+        induce_buckets.append((bucket, layer_inputs, returns_tuple))
 
-        def adding(pi, li, vecs, reps):
-            stack = ExitStack()
-            for layer in sorted(set(li.tolist())):
-                rows = (li == layer).to(vecs.dtype)[:, None] * vecs  # zero for candidates of other layers
-                stack.enter_context(add(model, rows.repeat_interleave(reps, 0), layer, per_row=True))
-            return stack
+    def adding(pi, li, vecs, reps):
+        stack = ExitStack()
+        for layer in sorted(set(li.tolist())):
+            rows = (li == layer).to(vecs.dtype)[:, None] * vecs  # zero for candidates of other layers
+            stack.enter_context(add(model, rows.repeat_interleave(reps, 0), layer, per_row=True))
+        return stack
 
-        def run(chunk):
-            c = len(chunk)
-            pi, li = index(chunk)
-            vecs = diffs[pi, li]
-            start = min(lay for _, lay in chunk)
-            cache = None
-            if harmless.prefix is not None:  # the prefix runs at full depth, so the cache holds every layer
-                with adding(pi, li, vecs, 1):
-                    cache = _prefix_cache(model, harmless, c)
+    def run_induce(chunk):
+        c = len(chunk)
+        pi, li = index(chunk)
+        vecs = diffs[pi, li]
+        start = min(lay for _, lay in chunk)
+        prefix = None
+        if harmless.prefix is not None:  # the prefix runs at full depth, so the cache holds every layer
+            with adding(pi, li, vecs, 1):
+                prefix = _prefix_cache(model, harmless, c)
+        total = torch.zeros(c, device=dev)
+        for bucket, layer_inputs, returns_tuple in induce_buckets:
+            n = len(bucket.rows)
             with ExitStack() as stack:
                 stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
                 stack.enter_context(adding(pi, li, vecs, n))
-                logits = _bucket_logits(model, bucket, c, cache)
-            induce[pi, li] += refusal_score(logits.view(c, n, -1), rids).sum(1)
-        return run
+                logits = _bucket_logits(model, bucket, c, _copy(prefix))
+            total += refusal_score(logits.view(c, n, -1), rids).sum(1)
+        induce[pi, li] = total / nb
 
     # candidates are packed into each forward pass; on out-of-memory the pack halves (down to one candidate)
     # A pass costs its rows times the layers from its lowest source layer up: candidates come in layer order, so
     # small packs (batch / 64 candidates, at least one layer's positions) start near their own layers.
-    for i, bucket in enumerate(harmless.buckets):
-        n = len(bucket.rows)
-        per = max(1, min(batch_size // n, max(n_pos, batch_size // 64)))
-        in_batches(run_induce(bucket), cand, per, f"Scoring induce ({i + 1}/{len(harmless.buckets)})")
-    induce /= nb
+    widest = max(len(b.rows) for b in harmless.buckets)
+    in_batches(run_induce, cand, max(1, min(batch_size // widest, max(n_pos, batch_size // 64))), "Scoring induce")
     if prune_induce_below is not None:  # the filter would drop these anyway: skip their bypass and KL forwards
         cand = [(p, lay) for p, lay in cand if float(induce[p, lay]) > prune_induce_below]
-    for i, bucket in enumerate(both.buckets):
-        in_batches(run_ablation(bucket), cand, max(1, batch_size // len(bucket.rows)),
-                   f"Scoring bypass + KL ({i + 1}/{len(both.buckets)})")
-    bypass /= nh
-    kl /= nb
+    widest = max(len(b.rows) for b in both.buckets)
+    in_batches(run_ablation, cand, max(1, batch_size // widest), "Scoring bypass + KL")
 
     def scored(t, which):
         mask = torch.zeros((n_pos, n_layers), dtype=torch.bool)
