@@ -216,6 +216,32 @@ def test_shared_prefix_and_buckets_give_the_same_scores(model, tokenizer):
         torch.testing.assert_close(getattr(fast, key), getattr(plain, key), rtol=1e-3, atol=1e-4, equal_nan=True)
 
 
+def test_scoring_survives_out_of_memory_without_counting_twice(model, tokenizer):
+    cands = _tiny_candidates(model, tokenizer)
+    hv = format_prompts(tokenizer, HARMFUL, system="Be brief.")
+    bv = format_prompts(tokenizer, HARMLESS, system="Be brief.")
+    rids = refusal_token_ids(tokenizer)
+    want = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=64, min_prefix=1)
+    seen = {"big": 0, "raised": False}
+
+    def fail_once(_m, args, kwargs):  # the third wide forward (a later bucket of a chunk) runs out of memory, once
+        x = args[0] if args else kwargs["hidden_states"]
+        if x.shape[0] > 16:
+            seen["big"] += 1
+            if seen["big"] == 3:
+                seen["raised"] = True
+                raise RuntimeError("CUDA out of memory (simulated)")
+
+    h = find_parts(model).layers[0].register_forward_pre_hook(fail_once, with_kwargs=True)
+    try:
+        got = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=64, min_prefix=1)
+    finally:
+        h.remove()
+    assert seen["raised"]
+    for key in ("bypass", "induce", "kl"):
+        torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
 def test_pruned_scoring_keeps_the_same_choice(tokenizer):
     model = __import__("conftest").build_model("llama", len(tokenizer))
     cands = _tiny_candidates(model, tokenizer)
