@@ -9,7 +9,7 @@ from refusal import ablate, add, extract, find_parts, format_prompts, orthogonal
 from refusal.chat import layout, refusal_score, refusal_token_ids, tokenize
 from refusal.data import builtin
 from refusal.directions import Candidates, Direction
-from refusal.select import Scores, choose, last_logits, layout_logits, score_candidates
+from refusal.select import Scores, choose, last_logits, layout_logits, refusal_scores, score_candidates
 
 HARMFUL = [r["instruction"] for r in builtin("harmful")[:6]]
 HARMLESS = [r["instruction"] for r in builtin("harmless")[:5]]
@@ -201,6 +201,9 @@ def test_layout_logits_equal_one_padded_batch(model, tokenizer):
     plain = last_logits(model, b.input_ids, b.attention_mask)
     got = layout_logits(model, layout(tokenizer, prompts, "cpu", min_prefix=1))
     torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+    rids = refusal_token_ids(tokenizer)
+    scores = refusal_scores(model, tokenizer, prompts, rids, batch_size=4)  # uneven chunks, each in buckets
+    torch.testing.assert_close(scores, refusal_score(plain, torch.tensor(rids)), rtol=1e-3, atol=1e-4)
 
 
 def test_shared_prefix_and_buckets_give_the_same_scores(model, tokenizer):

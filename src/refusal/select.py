@@ -26,7 +26,7 @@ import torch
 
 from . import io
 from .batching import in_batches
-from .chat import Bucket, Layout, layout, refusal_score, tokenize
+from .chat import Bucket, Layout, layout, refusal_score
 from .directions import Candidates
 from .errors import RefusalError
 from .interventions import ablate, add
@@ -94,14 +94,14 @@ def kl_div(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def refusal_scores(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 32,
                    description: str = "") -> torch.Tensor:
-    """Per-prompt refusal score (log-odds of refusal tokens at the first generated position)."""
+    """Per-prompt refusal score (log-odds of refusal tokens at the first generated position), in length buckets."""
     dev = model_device(model)
     ids = torch.tensor(list(refusal_ids), device=dev)
     out: list[torch.Tensor] = []
 
     def run(chunk):
-        b = tokenize(tokenizer, list(chunk), dev)
-        out.append(refusal_score(last_logits(model, b.input_ids, b.attention_mask), ids).cpu())
+        lay = layout(tokenizer, list(chunk), dev)
+        out.append(refusal_score(layout_logits(model, lay), ids).cpu())
 
     in_batches(run, list(prompts), batch_size, description)
     return torch.cat(out) if out else torch.zeros(0)
