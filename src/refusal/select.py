@@ -48,7 +48,8 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 def _prefix_cache(model, lay: Layout, reps: int):
     """The key/value cache of the layout's shared prefix, ``reps`` rows (under whatever hooks are active)."""
     ids = lay.prefix[None].expand(reps, -1)
-    return model(input_ids=ids, use_cache=True).past_key_values
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # no output head
+    return decoder(input_ids=ids, use_cache=True).past_key_values
 
 
 def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor:
