@@ -206,24 +206,29 @@ def test_layout_logits_equal_one_padded_batch(model, tokenizer):
     torch.testing.assert_close(scores, refusal_score(plain, torch.tensor(rids)), rtol=1e-3, atol=1e-4)
 
 
+def _scoring_inputs(model, tokenizer):
+    """Candidates, harmful and harmless prompts with a system prompt (a shared prefix), refusal token ids."""
+    system = "Be brief."
+    return (_tiny_candidates(model, tokenizer), format_prompts(tokenizer, HARMFUL, system=system),
+            format_prompts(tokenizer, HARMLESS, system=system), refusal_token_ids(tokenizer))
+
+
+def _assert_same_scores(a, b):
+    for key in ("bypass", "induce", "kl"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
 def test_shared_prefix_and_buckets_give_the_same_scores(model, tokenizer):
-    cands = _tiny_candidates(model, tokenizer)
-    hv = format_prompts(tokenizer, HARMFUL, system="Be brief.")
-    bv = format_prompts(tokenizer, HARMLESS, system="Be brief.")
-    rids = refusal_token_ids(tokenizer)
+    cands, hv, bv, rids = _scoring_inputs(model, tokenizer)
     fast = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=16, min_prefix=1)
     plain = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=16, share_prefix=False,
                              max_buckets=1)
     assert not fast.induce[:, 1:].isnan().any()
-    for key in ("bypass", "induce", "kl"):
-        torch.testing.assert_close(getattr(fast, key), getattr(plain, key), rtol=1e-3, atol=1e-4, equal_nan=True)
+    _assert_same_scores(fast, plain)
 
 
 def test_scoring_survives_out_of_memory_without_counting_twice(model, tokenizer):
-    cands = _tiny_candidates(model, tokenizer)
-    hv = format_prompts(tokenizer, HARMFUL, system="Be brief.")
-    bv = format_prompts(tokenizer, HARMLESS, system="Be brief.")
-    rids = refusal_token_ids(tokenizer)
+    cands, hv, bv, rids = _scoring_inputs(model, tokenizer)
     want = score_candidates(model, tokenizer, cands, hv, bv, rids, batch_size=64, min_prefix=1)
     seen = {"big": 0, "raised": False}
 
@@ -241,8 +246,7 @@ def test_scoring_survives_out_of_memory_without_counting_twice(model, tokenizer)
     finally:
         h.remove()
     assert seen["raised"]
-    for key in ("bypass", "induce", "kl"):
-        torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-3, atol=1e-4, equal_nan=True)
+    _assert_same_scores(got, want)
 
 
 def test_pruned_scoring_keeps_the_same_choice(tokenizer):
