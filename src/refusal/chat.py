@@ -110,12 +110,8 @@ class Bucket:
     input_ids: torch.Tensor
     last: torch.Tensor
     rows: torch.Tensor
-
-    @property
-    def last_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distinct last positions, and for each row the index of its own among them."""
-        cols, which = torch.unique(self.last.cpu(), return_inverse=True)
-        return cols.to(self.last.device), which.to(self.last.device)
+    cols: torch.Tensor  # the distinct last positions
+    which: torch.Tensor  # for each row, the index of its own last position in ``cols``
 
 
 @dataclass
@@ -195,7 +191,9 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
         for r, i in enumerate(rows):
             input_ids[r, :len(rest[i])] = torch.tensor(rest[i])
         last = torch.tensor([len(rest[i]) - 1 for i in rows])
-        buckets.append(Bucket(input_ids.to(device), last.to(device), torch.tensor(rows, device=device)))
+        cols, which = torch.unique(last, return_inverse=True)  # here, on the host: no device sync per forward
+        buckets.append(Bucket(input_ids.to(device), last.to(device), torch.tensor(rows, device=device),
+                              cols.to(device), which.to(device)))
         start = end
     prefix = torch.tensor(ids[0][:p], device=device) if p else None
     return Layout(prefix, buckets, len(ids), sum(len(x) for x in ids))

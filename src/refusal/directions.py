@@ -17,7 +17,7 @@ from . import io
 from .batching import in_batches
 from .chat import tokenize
 from .interventions import ablate, add
-from .models import find_parts, model_device
+from .models import decoder, find_parts, model_device
 
 
 @dataclass
@@ -111,7 +111,7 @@ def mean_activations(
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i, layer in enumerate(parts.layers)]
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    base = decoder(model)
     try:
         def run(chunk):
             b = tokenize(tokenizer, list(chunk), dev)

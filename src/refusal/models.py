@@ -296,3 +296,8 @@ def _out_proj(block: nn.Module, names: tuple[str, ...], hidden: int, what: str) 
 
 def model_device(model) -> torch.device:
     return find_parts(model).embed.weight.device
+
+
+def decoder(model):
+    """The model without its output head (the stack of layers that returns hidden states and the cache)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model

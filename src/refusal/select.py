@@ -30,16 +30,19 @@ from .chat import Bucket, Layout, layout, refusal_score
 from .directions import Candidates
 from .errors import RefusalError
 from .interventions import ablate, add
-from .models import find_parts, model_device
+from .models import decoder, find_parts, model_device
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward can compute the output head at chosen positions only."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
 def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits at the last position of a left-padded batch, ``(batch, vocab)``; the output head runs on that
     position only. Positions count real tokens only (padding does not shift them), as in ``generate``."""
-    kwargs = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
+    kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=False, **kwargs)
     return out.logits[:, -1, :]
@@ -48,8 +51,7 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 def _prefix_cache(model, lay: Layout, reps: int):
     """The key/value cache of the layout's shared prefix, ``reps`` rows (under whatever hooks are active)."""
     ids = lay.prefix[None].expand(reps, -1)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # no output head
-    return decoder(input_ids=ids, use_cache=True).past_key_values
+    return decoder(model)(input_ids=ids, use_cache=True).past_key_values  # no output head
 
 
 def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor:
@@ -61,8 +63,8 @@ def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor
     ids = bucket.input_ids.repeat(reps, 1)
     if cache is not None:
         cache.batch_repeat_interleave(n)
-    cols, which = bucket.last_columns
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    cols, which = bucket.cols, bucket.which
+    keep = _takes_logits_to_keep(model)
     out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
                 **({"logits_to_keep": cols} if keep else {}))
     logits = out.logits if keep else out.logits[:, cols]
