@@ -324,8 +324,8 @@ def parse_args(argv=None):
     ap.add_argument("--prefix-len", type=int, default=None,
                     help="tokens of the template's opening, shared by every prompt (default: the arch's template)")
     ap.add_argument("--extract-batch", type=int, default=64, help="prompts per forward in extraction (as refusal run)")
-    ap.add_argument("--select-batch", type=int, default=2048, help="sequences per forward in score_candidates")
-    ap.add_argument("--sweep-select-batch", default="1024,2048,4096",
+    ap.add_argument("--select-batch", type=int, default=4096, help="sequences per forward in score_candidates")
+    ap.add_argument("--sweep-select-batch", default="2048,4096,8192",
                     help="comma list of --select-batch values to time on a few layers ('' to skip)")
     ap.add_argument("--sweep-layers", type=int, default=4, help="layers scored in each sweep point")
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per generated sequence")

@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True, help="folder with splits/harmful_train.json etc.")
-    ap.add_argument("--batch", type=int, default=2048, help="sequences per forward")
+    ap.add_argument("--batch", type=int, default=4096, help="sequences per forward")
     ap.add_argument("--naive-candidates", type=int, default=16)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)

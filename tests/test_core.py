@@ -9,6 +9,7 @@ from refusal import ablate, add, extract, find_parts, format_prompts, orthogonal
 from refusal.chat import layout, refusal_score, refusal_token_ids, tokenize
 from refusal.data import builtin
 from refusal.directions import Candidates, Direction
+from refusal.models import fused_norms
 from refusal.select import Scores, choose, last_logits, layout_logits, refusal_scores, score_candidates
 
 HARMFUL = [r["instruction"] for r in builtin("harmful")[:6]]
@@ -319,3 +320,26 @@ def test_gqa_attention_equals_sdpa():
     torch.testing.assert_close(gqa_attention(a, q, k, v, mask)[0], sdpa_attention_forward(a, q, k, v, mask)[0])
     q = torch.randn(2, 6, 9, 16)  # no mask: causal, queries from position 0
     torch.testing.assert_close(gqa_attention(a, q, k, v, None)[0], sdpa_attention_forward(a, q, k, v, None)[0])
+
+
+def test_fused_norms_replace_only_plain_rms_norms(model, tokenizer, arch):
+    b = tokenize(tokenizer, format_prompts(tokenizer, HARMFUL), "cpu")
+    want = last_logits(model, b.input_ids, b.attention_mask)
+    n_layers = find_parts(model).n_layers
+    with fused_norms(model) as n:
+        got = last_logits(model, b.input_ids, b.attention_mask)
+        # Gemma scales by (1 + weight): the check must leave its norms alone
+        assert n == (0 if arch == "gemma" else 2 * n_layers + 1)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # restored
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_norms_reject_lookalikes():
+    lookalike = torch.nn.LayerNorm(16, bias=False)  # 1-D weight, no bias, an eps: but it centres
+    with torch.no_grad():
+        lookalike.weight.uniform_(0.5, 1.5)
+    with fused_norms(torch.nn.Sequential(lookalike)) as n:
+        assert n == 0
+    rms = torch.nn.Sequential(torch.nn.RMSNorm(16, eps=1e-6))
+    with fused_norms(rms) as n:
+        assert n == 1

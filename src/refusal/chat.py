@@ -154,16 +154,14 @@ def _partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
     return [n]
 
 
-def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, min_prefix: int = 16,
+def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, min_prefix: int = 4,
            max_buckets: int = 4, slack: float = 0.1, multiple_of: int = 8) -> Layout:
     """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets.
 
-    A prefix shorter than ``min_prefix`` tokens is not split off: running it separately costs an extra pass and
-    a key/value cache, which on an H100 outweighed the saving for Llama-3's 5-token opening and paid off for
-    Qwen2.5's 24-token one (benchmarks/profile_select.py).
-
-    With a prefix, each bucket is padded so that prefix and bucket together are a multiple of ``multiple_of`` wide
-    (see :func:`tokenize`); without one, attention is plainly causal and needs no mask, so no alignment."""
+    A prefix shorter than ``min_prefix`` tokens is not split off (running it separately costs an extra pass and a
+    key/value cache). Buckets are as wide as their longest row: after a cached prefix the attention mask is then of
+    any width, which on an H100 cost nothing measurable, while padding to an aligned width cost more than the prefix
+    saved (benchmarks/prefix_attention.py)."""
     if not prompts:
         raise RefusalError("No prompts to lay out.", "Pass at least one prompt.")
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -185,8 +183,6 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
     for end in cuts:
         rows = order[start:end]
         width = max(len(rest[i]) for i in rows)
-        if p:  # after a cached prefix attention needs a mask; align its width (see tokenize)
-            width += -(p + width) % multiple_of
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         for r, i in enumerate(rows):
             input_ids[r, :len(rest[i])] = torch.tensor(rest[i])

@@ -17,7 +17,7 @@ from . import io
 from .batching import in_batches
 from .chat import tokenize
 from .interventions import ablate, add
-from .models import decoder, find_parts, model_device
+from .models import decoder, find_parts, model_device, with_fused_norms
 
 
 @dataclass
@@ -125,6 +125,7 @@ def mean_activations(
     return acc / len(prompts)
 
 
+@with_fused_norms
 def extract(
     model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], n_positions: int, *,
     batch_size: int = 32, model_name: str = "",

@@ -132,7 +132,7 @@ class Run:
     @property
     def score_batch_size(self) -> int:
         """Sequences per scoring forward: only the last position's logits are kept, so larger batches fit."""
-        return self.batch_size * 32 if str(self.device).startswith("cuda") else self.batch_size
+        return self.batch_size * 64 if str(self.device).startswith("cuda") else self.batch_size
 
     def prompts(self, records: list[dict]) -> list[str]:
         return format_prompts(self.tokenizer, [r["instruction"] for r in records], self.cfg.system_prompt)

@@ -13,7 +13,6 @@ computed, and scores are reduced on the device.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from io import BytesIO
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from . import io
 from .batching import in_batches
@@ -30,7 +30,7 @@ from .chat import Bucket, Layout, layout, refusal_score
 from .directions import Candidates
 from .errors import RefusalError
 from .interventions import ablate, add
-from .models import decoder, find_parts, model_device
+from .models import decoder, find_parts, model_device, with_fused_norms
 
 
 def _takes_logits_to_keep(model) -> bool:
@@ -54,15 +54,38 @@ def _prefix_cache(model, lay: Layout, reps: int):
     return decoder(model)(input_ids=ids, use_cache=True).past_key_values  # no output head
 
 
-def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor:
+class _SharedPrefix(DynamicCache):
+    """A prefix's key/value cache, each of its rows seen by ``reps`` consecutive batch rows, and only read: a
+    forward joins it to the new keys and values without copying it per bucket or storing what it adds."""
+
+    def __init__(self, prefix, reps: int):
+        super().__init__()
+        self.layers, self.reps = prefix.layers, reps
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return _join(layer.keys, key_states, self.reps), _join(layer.values, value_states, self.reps)
+
+
+def _join(past: torch.Tensor, new: torch.Tensor, reps: int) -> torch.Tensor:
+    """``past`` (rows, heads, P, d) with each row repeated ``reps`` times, then ``new`` (rows * reps, heads, L, d),
+    along the sequence, written once."""
+    rows, heads, p, d = past.shape
+    width = p + new.shape[2]
+    out = new.new_empty(new.shape[0], heads, width, d)
+    out.view(rows, reps, heads, width, d)[:, :, :, :p] = past[:, None]
+    out[:, :, p:] = new
+    return out
+
+
+def _bucket_logits(model, bucket: Bucket, reps: int, prefix=None) -> torch.Tensor:
     """Logits at each row's last real position for a bucket repeated ``reps`` times (all of the bucket, then
-    again), after ``cache`` (the prefix's cache with ``reps`` rows, or None without a prefix): ``(reps * n, V)``.
+    again), after ``prefix`` (the prefix's cache with ``reps`` rows, or None without a prefix): ``(reps * n, V)``.
 
     The output head runs only at the bucket's distinct last positions."""
     n = len(bucket.rows)
     ids = bucket.input_ids.repeat(reps, 1)
-    if cache is not None:
-        cache.batch_repeat_interleave(n)
+    cache = None if prefix is None else _SharedPrefix(prefix, n)
     cols, which = bucket.cols, bucket.which
     keep = _takes_logits_to_keep(model)
     out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
@@ -71,18 +94,13 @@ def _bucket_logits(model, bucket: Bucket, reps: int, cache=None) -> torch.Tensor
     return logits[torch.arange(len(ids), device=ids.device), which.repeat(reps)]
 
 
-def _copy(cache):
-    """A copy of a prefix cache (a forward extends the cache it is given)."""
-    return None if cache is None else copy.deepcopy(cache)
-
-
 @torch.no_grad()
 def layout_logits(model, lay: Layout) -> torch.Tensor:
     """Last-position logits of every prompt of a layout, in the original order, with no intervention."""
     out = None
+    prefix = _prefix_cache(model, lay, 1) if lay.prefix is not None else None
     for bucket in lay.buckets:
-        cache = _prefix_cache(model, lay, 1) if lay.prefix is not None else None
-        logits = _bucket_logits(model, bucket, 1, cache)
+        logits = _bucket_logits(model, bucket, 1, prefix)
         if out is None:
             out = logits.new_empty(lay.n, logits.shape[-1])
         out[bucket.rows] = logits
@@ -95,6 +113,7 @@ def kl_div(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@with_fused_norms
 def refusal_scores(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 32,
                    description: str = "") -> torch.Tensor:
     """Per-prompt refusal score (log-odds of refusal tokens at the first generated position), in length buckets."""
@@ -137,10 +156,11 @@ class Scores:
 
 
 @torch.no_grad()
+@with_fused_norms
 def score_candidates(
     model, tokenizer, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
     refusal_ids: Sequence[int], *, layers: Sequence[int] | None = None, batch_size: int = 64,
-    prune_induce_below: float | None = None, share_prefix: bool = True, min_prefix: int = 16,
+    prune_induce_below: float | None = None, share_prefix: bool = True, min_prefix: int = 4,
     max_buckets: int = 8, slack: float = 0.03,
 ) -> Scores:
     """Bypass, induce and KL scores for every (position, layer) candidate in ``layers`` (default: all).
@@ -199,7 +219,7 @@ def score_candidates(
         for bucket, h_idx, b_idx, logp_base in ablation_buckets:
             n = len(bucket.rows)
             with ablate(model, dirs.repeat_interleave(n, 0), per_row=True):
-                logits = _bucket_logits(model, bucket, c, _copy(prefix)).view(c, n, -1)
+                logits = _bucket_logits(model, bucket, c, prefix).view(c, n, -1)
             b_sum += refusal_score(logits[:, h_idx], rids).sum(1)
             k_sum += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, b_idx].float(), -1)).sum(1)
         bypass[pi, li], kl[pi, li] = b_sum / nh, k_sum / nb
@@ -207,9 +227,10 @@ def score_candidates(
     # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
     # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
     induce_buckets = []
+    base_prefix = _prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
     for bucket in harmless.buckets:
-        cache = _prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
-        layer_inputs, returns_tuple = _layer_inputs(model, lambda b=bucket, c=cache: _bucket_logits(model, b, 1, c))
+        layer_inputs, returns_tuple = _layer_inputs(
+            model, lambda b=bucket: _bucket_logits(model, b, 1, base_prefix))
         induce_buckets.append((bucket, layer_inputs, returns_tuple))
 
     def adding(pi, li, vecs, reps):
@@ -234,7 +255,7 @@ def score_candidates(
             with ExitStack() as stack:
                 stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
                 stack.enter_context(adding(pi, li, vecs, n))
-                logits = _bucket_logits(model, bucket, c, _copy(prefix))
+                logits = _bucket_logits(model, bucket, c, prefix)
             total += refusal_score(logits.view(c, n, -1), rids).sum(1)
         induce[pi, li] = total / nb
 
