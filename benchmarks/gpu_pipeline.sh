@@ -8,7 +8,7 @@ t0=$(date +%s.%N)
 python3 -m refusal run --model /tmp/m/hf --name qwen2.5-coder-1.5b --output /tmp/runs --preset paper \
   --harmful $D --harmless $D --harmful-test $D/processed/jailbreakbench.json
 t1=$(date +%s.%N)
-echo "refusal run wall_s $(echo "$t1 - $t0" | bc)" | tee $OUT/refusal_wall.txt
+echo "refusal run wall_s $(python3 -c "print(round($t1 - $t0, 1))")" | tee $OUT/refusal_wall.txt
 R=/tmp/runs/qwen2.5-coder-1.5b
 mkdir -p $OUT/qwen && cp $R/summary.json $R/scores.json $R/scores.png $R/completions.json $R/config.yaml $OUT/qwen/
 python3 - <<'PY'

@@ -304,6 +304,29 @@ def test_static_decoder_gives_the_same_tokens_as_generate(model, tokenizer):
             model, tokenizer, prompts, max_new_tokens=8)
 
 
+def test_compiled_static_decoder_sees_interventions_entered_after_compiling(tokenizer):
+    from refusal.generate import _StaticDecoder
+
+    model = __import__("conftest").build_model("llama", len(tokenizer))
+    b = tokenize(tokenizer, format_prompts(tokenizer, HARMFUL[:2]), "cpu")
+    eos, pad = torch.tensor([tokenizer.eos_token_id]), tokenizer.pad_token_id
+    vec = 8 * torch.randn(find_parts(model).hidden_size)
+
+    def tokens(dec):
+        return dec(b.input_ids, b.attention_mask, 6, eos, pad)[0]
+
+    eager = _StaticDecoder(model, compile=False)
+    with add(model, vec, layer=1):
+        want = tokens(eager)
+    assert not torch.equal(want, tokens(eager))  # the intervention changes the tokens
+    torch._dynamo.reset()
+    compiled = _StaticDecoder(model, compile=False)
+    compiled.step = torch.compile(compiled._step, backend="eager")  # dynamo's guards without inductor's compile
+    tokens(compiled)  # compiled with no hooks
+    with add(model, vec, layer=1):
+        assert torch.equal(tokens(compiled), want)
+
+
 def test_gqa_attention_equals_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

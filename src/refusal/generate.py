@@ -81,12 +81,13 @@ class _StaticDecoder:
     token. Stops early only when every row has ended, checking once every ``check_every`` steps (a check is a
     device-to-host sync)."""
 
-    def __init__(self, model, compile: bool, check_every: int = 16, round_to: int = 128):
+    def __init__(self, model, compile: bool, check_every: int = 16, round_to: int = 128,
+                 mode: str = "reduce-overhead"):
         self.model = model
         self.check_every = check_every
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
         self.caches: dict = {}
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=False) if compile else self._step
+        self.step = torch.compile(self._step, mode=mode, fullgraph=False) if compile else self._step
 
     def _cache(self, b: int, total: int):
         from transformers import StaticCache
@@ -111,7 +112,10 @@ class _StaticDecoder:
             _register_gqa()
             cfg._attn_implementation = _GQA
         try:
-            return self._decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id)
+            # torch.compile does not by default notice hooks added after it compiled (an intervention entered
+            # between calls): have it guard on them, so a changed intervention recompiles instead of being ignored
+            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                return self._decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id)
         finally:
             cfg._attn_implementation = old
 
