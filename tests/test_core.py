@@ -366,3 +366,25 @@ def test_fused_norms_reject_lookalikes():
     rms = torch.nn.Sequential(torch.nn.RMSNorm(16, eps=1e-6))
     with fused_norms(rms) as n:
         assert n == 1
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_shared_prefix_with_sliding_window_attention(tokenizer, family):
+    """A window shorter than the shared prefix: the read-only prefix cache must give what one padded batch gives."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=6,
+                  pad_token_id=tokenizer.pad_token_id)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, attn_implementation="eager"))
+    model.eval()
+    prompts = format_prompts(tokenizer, HARMFUL + HARMLESS, system="Be brief, and answer in plain words.")
+    lay = layout(tokenizer, prompts, "cpu", min_prefix=1)
+    assert lay.prefix_len > 6  # longer than the window
+    b = tokenize(tokenizer, prompts, "cpu")
+    torch.testing.assert_close(layout_logits(model, lay), last_logits(model, b.input_ids, b.attention_mask),
+                               rtol=1e-4, atol=1e-4)

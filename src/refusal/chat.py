@@ -155,7 +155,7 @@ def _partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
 
 
 def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, min_prefix: int = 4,
-           max_buckets: int = 4, slack: float = 0.1, multiple_of: int = 8) -> Layout:
+           max_buckets: int = 4, slack: float = 0.1) -> Layout:
     """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets.
 
     A prefix shorter than ``min_prefix`` tokens is not split off (running it separately costs an extra pass and a

@@ -306,6 +306,10 @@ def decoder(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
+def _eps(module: nn.Module):
+    return getattr(module, "variance_epsilon", getattr(module, "eps", None))
+
+
 def _rms_norm_forward(module: nn.Module, eps: float):
     shape = tuple(module.weight.shape)
 
@@ -344,7 +348,7 @@ def fused_norms(model: nn.Module) -> Iterator[int]:
     swapped = []
     if hasattr(torch.nn.functional, "rms_norm"):
         for m in model.modules():
-            w, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", getattr(m, "eps", None))
+            w, eps = getattr(m, "weight", None), _eps(m)
             if (not isinstance(w, torch.Tensor) or w.ndim != 1 or getattr(m, "bias", None) is not None
                     or not isinstance(eps, float) or "forward" in m.__dict__):  # accelerate keeps its wrapper there
                 continue
@@ -352,7 +356,7 @@ def fused_norms(model: nn.Module) -> Iterator[int]:
                 swapped.append(m)
     try:
         for m in swapped:
-            m.forward = _rms_norm_forward(m, getattr(m, "variance_epsilon", getattr(m, "eps", None)))
+            m.forward = _rms_norm_forward(m, _eps(m))
         yield len(swapped)
     finally:
         for m in swapped:
