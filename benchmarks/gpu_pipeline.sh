@@ -14,8 +14,8 @@ mkdir -p $OUT/qwen && cp $R/summary.json $R/scores.json $R/scores.png $R/complet
 python3 - <<'PY'
 import time, torch
 from refusal import load_model, orthogonalize_
-from refusal.directions import Direction
-from refusal.models import save_plain
+from refusal.directions.diff_means import Direction
+from refusal.models.loading import save_plain
 t = time.time()
 m, tok = load_model("/tmp/m/hf", device="cuda")
 orthogonalize_(m, Direction.load("/tmp/runs/qwen2.5-coder-1.5b/direction.safetensors").vector)

@@ -12,7 +12,7 @@ if [ ! -f /tmp/m/hf/config.json ]; then
   fi
   echo "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046  /tmp/m/model.gguf" | sha256sum -c
   t0=$(date +%s)
-  python3 -c "from refusal.models import convert_gguf; convert_gguf('/tmp/m/model.gguf', '/tmp/m/hf')"
+  python3 -c "from refusal.models.loading import convert_gguf; convert_gguf('/tmp/m/model.gguf', '/tmp/m/hf')"
   echo "dequantize + save: $(( $(date +%s) - t0 )) s"
 fi
 set +e

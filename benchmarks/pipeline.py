@@ -201,7 +201,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
 
 
 def weight_stats(model) -> dict:
-    from refusal.models import find_parts
+    from refusal.models.parts import find_parts
 
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
@@ -267,9 +267,10 @@ def rnd(x, nd=4):
 @torch.no_grad()
 def naive_select(model, tok, clock, units, diffs, cand, hv, bv, rids, n_timed: int) -> dict:
     """The straightforward way: per candidate, three plain forwards with full logits, last position taken after."""
-    from refusal.chat import refusal_score, tokenize
-    from refusal.interventions import ablate, add
-    from refusal.select import kl_div
+    from refusal.interventions.hooks import ablate, add
+    from refusal.scoring.engine import kl_div
+    from refusal.scoring.refusal import refusal_score
+    from refusal.templates import tokenize
 
     dev = units.device
     h = tokenize(tok, hv, dev)
@@ -351,10 +352,10 @@ def main(argv=None) -> dict:
     from rich.table import Table
 
     from refusal.batching import set_quiet
-    from refusal.directions import extract
-    from refusal.generate import generate
-    from refusal.interventions import ablate, orthogonalized
-    from refusal.select import score_candidates
+    from refusal.directions.diff_means import extract
+    from refusal.generation.batched import generate
+    from refusal.interventions.hooks import ablate, orthogonalized
+    from refusal.scoring.engine import score_candidates
 
     console = Console()
     if not console.is_terminal:  # captured output: keep the table on one line per row
@@ -381,7 +382,7 @@ def main(argv=None) -> dict:
     build_s, (model, model_name) = clock.time(lambda: build_model(args, device, dtype))
     ws = weight_stats(model)
     n_params = ws["n_params"]
-    from refusal.models import find_parts, text_config
+    from refusal.models.parts import find_parts, text_config
 
     parts = find_parts(model)
     n_layers = parts.n_layers

@@ -40,9 +40,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.model, args.dtype = None, None
-    from refusal.chat import tokenize
-    from refusal.generate import _StaticDecoder
-    from refusal.interventions import orthogonalized
+    from refusal.generation.batched import _StaticDecoder
+    from refusal.interventions.hooks import orthogonalized
+    from refusal.templates import tokenize
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

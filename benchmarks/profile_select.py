@@ -32,7 +32,7 @@ def time_phases() -> None:
     """Print the time of each ``in_batches`` loop of ``score_candidates`` (its phases), synchronised."""
     import time
 
-    import refusal.select as sel
+    import refusal.scoring.engine as sel
 
     inner = sel.in_batches
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -94,8 +94,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.model, args.dtype = None, None
     from refusal.batching import set_quiet
-    from refusal.directions import extract
-    from refusal.select import score_candidates
+    from refusal.directions.diff_means import extract
+    from refusal.scoring.engine import score_candidates
 
     set_quiet(True)
     if args.phases:

@@ -19,11 +19,12 @@ import torch
 
 from benchmarks.pipeline import Clock, naive_select
 from refusal import format_prompts, load_model, post_instruction_ids, refusal_token_ids
-from refusal.chat import layout
 from refusal.data import load_source, make_splits
-from refusal.directions import extract
+from refusal.directions.diff_means import extract
 from refusal.errors import RefusalError
-from refusal.select import choose, score_candidates
+from refusal.scoring.engine import score_candidates
+from refusal.scoring.layout import layout
+from refusal.scoring.selection import choose
 
 
 def _pick(scores, n_layers):

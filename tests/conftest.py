@@ -16,7 +16,7 @@ CHATML = (
 
 
 def _corpus() -> list[str]:
-    data = resources.files("refusal").joinpath("data")
+    data = resources.files("refusal").joinpath("data", "builtin")
     out = []
     for name in ("harmful.json", "harmless.json"):
         out += [r["instruction"] for r in json.loads(data.joinpath(name).read_text("utf-8"))]

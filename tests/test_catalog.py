@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from refusal import catalog
-from refusal.catalog import CATALOG, CatalogEntry
 from refusal.errors import RefusalError
+from refusal.models import catalog
+from refusal.models.catalog import CATALOG, CatalogEntry
 
 PAYLOADS = [b"first part -- " * 100, b"second part ++ " * 37, b"third"]
 PACKAGES = (("fake-model-part1", "1.0"), ("fake-model-part2", "1.0"), ("fake-model-part3", "1.0"))

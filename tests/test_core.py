@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from refusal import ablate, add, extract, find_parts, format_prompts, orthogonalized, post_instruction_ids
-from refusal.chat import layout, refusal_score, refusal_token_ids, tokenize
 from refusal.data import builtin
-from refusal.directions import Candidates, Direction
-from refusal.models import fused_norms
-from refusal.select import Scores, choose, last_logits, layout_logits, refusal_scores, score_candidates
+from refusal.directions.diff_means import Candidates, Direction
+from refusal.models.norms import fused_norms
+from refusal.scoring.engine import last_logits, layout_logits, refusal_scores, score_candidates
+from refusal.scoring.layout import layout
+from refusal.scoring.refusal import refusal_score, refusal_token_ids
+from refusal.scoring.selection import Scores, choose
+from refusal.templates import tokenize
 
 HARMFUL = [r["instruction"] for r in builtin("harmful")[:6]]
 HARMLESS = [r["instruction"] for r in builtin("harmless")[:5]]
@@ -289,7 +292,7 @@ def test_direction_and_candidates_roundtrip(tmp_path):
 
 
 def test_static_decoder_gives_the_same_tokens_as_generate(model, tokenizer):
-    from refusal.generate import generate
+    from refusal.generation.batched import generate
 
     prompts = format_prompts(tokenizer, HARMFUL[:3] + HARMLESS[:2])
     rids = refusal_token_ids(tokenizer)
@@ -305,7 +308,7 @@ def test_static_decoder_gives_the_same_tokens_as_generate(model, tokenizer):
 
 
 def test_compiled_static_decoder_sees_interventions_entered_after_compiling(tokenizer):
-    from refusal.generate import _StaticDecoder
+    from refusal.generation.batched import _StaticDecoder
 
     model = __import__("conftest").build_model("llama", len(tokenizer))
     b = tokenize(tokenizer, format_prompts(tokenizer, HARMFUL[:2]), "cpu")
@@ -330,7 +333,7 @@ def test_compiled_static_decoder_sees_interventions_entered_after_compiling(toke
 def test_gqa_attention_equals_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from refusal.generate import gqa_attention
+    from refusal.generation.batched import gqa_attention
 
     class Attn:
         is_causal, training, num_key_value_groups = True, False, 3

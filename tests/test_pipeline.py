@@ -12,7 +12,7 @@ from refusal import io
 from refusal.cli import app
 from refusal.config import resolve
 from refusal.errors import RefusalError
-from refusal.pipeline import STAGES, Run
+from refusal.runs.pipeline import STAGES, Run
 
 runner = CliRunner()
 
@@ -63,7 +63,7 @@ def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tm
     def no_load(*a, **k):
         raise AssertionError("model loaded although every stage had finished")
 
-    monkeypatch.setattr("refusal.pipeline.load_model", no_load)
+    monkeypatch.setattr("refusal.runs.pipeline.load_model", no_load)
     r = runner.invoke(app, ["run", *_args(model_dir, datasets, cfg_file, out)])
     assert r.exit_code == 0, r.output
     assert "skipped" in r.output
@@ -129,7 +129,7 @@ def no_model_load(monkeypatch):
     """Bad input must be caught before any model is loaded."""
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
-    monkeypatch.setattr("refusal.pipeline.load_model", boom)
+    monkeypatch.setattr("refusal.runs.pipeline.load_model", boom)
 
 
 def test_unknown_model(no_model_load, tmp_path):

@@ -2,7 +2,7 @@
 
 The Python API in one screen::
 
-    from refusal import load_model, extract, score_candidates, choose, ablate, add, generate
+    from refusal import load_model, format_prompts, extract, score_candidates, choose, refusal_token_ids
 
     model, tok = load_model("qwen2.5-coder-1.5b-instruct")
     cands = extract(model, tok, harmful_prompts, harmless_prompts, n_positions=5)
@@ -11,21 +11,43 @@ The Python API in one screen::
     direction = cands.direction(sel.pos, sel.layer)
     with direction.ablate(model):
         print(generate(model, tok, prompts))
+
+Names are imported on first use, so ``import refusal`` (and the catalog commands) start without torch.
 """
 
-from .chat import format_prompts, post_instruction_ids, refusal_score, refusal_token_ids
-from .config import RunConfig, resolve
-from .directions import Candidates, Direction, extract, mean_activations
-from .errors import RefusalError
-from .generate import generate
-from .interventions import ablate, add, orthogonalize_, orthogonalized
-from .models import find_parts, load_model
-from .pipeline import Run
-from .select import Scores, choose, refusal_scores, score_candidates
+from __future__ import annotations
 
-__all__ = [
-    "Candidates", "Direction", "RefusalError", "Run", "RunConfig", "Scores", "ablate", "add", "choose", "extract",
-    "find_parts", "format_prompts", "generate", "load_model", "mean_activations", "orthogonalize_", "orthogonalized",
-    "post_instruction_ids", "refusal_score", "refusal_scores", "refusal_token_ids", "resolve", "score_candidates",
-]
+import importlib
+
+_EXPORTS = {
+    "RefusalError": "errors",
+    "RunConfig": "config", "resolve": "config",
+    "format_prompts": "templates", "post_instruction_ids": "templates",
+    "refusal_score": "scoring.refusal", "refusal_token_ids": "scoring.refusal",
+    "Candidates": "directions.diff_means", "extract": "directions.diff_means",
+    "mean_activations": "directions.diff_means",
+    "Direction": "directions.diff_means",
+    "ablate": "interventions.hooks", "add": "interventions.hooks", "orthogonalize_": "interventions.hooks",
+    "orthogonalized": "interventions.hooks",
+    "find_parts": "models.parts", "load_model": "models.loading",
+    "Run": "runs.pipeline",
+    "Scores": "scoring.selection", "choose": "scoring.selection",
+    "refusal_scores": "scoring.engine", "score_candidates": "scoring.engine",
+    "generate": "generation.batched",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'refusal' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

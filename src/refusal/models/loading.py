@@ -1,27 +1,22 @@
-"""Loading chat models and finding their parts, for any Hugging Face decoder.
+"""Loading chat models, for any Hugging Face decoder.
 
 A model spec is one of: a catalog name (``refusal models list``), a local ``.gguf`` file, a local Hugging Face
-folder, or a hub id. Nothing here knows model families by name: the decoder layers, the attention and MLP blocks
-whose outputs are added to the residual stream, and their output projections are found from the module tree.
+folder, or a hub id.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from ..errors import RefusalError
 from . import catalog
-from .errors import RefusalError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -211,162 +206,3 @@ def save_plain(model, tokenizer, out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Finding the parts of a decoder
-
-
-_ATTN_NAMES = ("self_attn", "attn", "self_attention", "attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
-_ATTN_OUT = ("o_proj", "out_proj", "dense", "c_proj", "wo")
-_MLP_OUT = ("down_proj", "c_proj", "fc2", "w2", "dense_4h_to_h", "wo")
-
-
-@dataclass
-class ModelParts:
-    """The modules of a decoder that interventions touch."""
-
-    layers: nn.ModuleList
-    attn: list[nn.Module]
-    mlp: list[nn.Module]
-    embed: nn.Embedding
-    hidden_size: int
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    def attn_out_proj(self, i: int) -> nn.Module:
-        return _out_proj(self.attn[i], _ATTN_OUT, self.hidden_size, f"attention block of layer {i}")
-
-    def mlp_out_proj(self, i: int) -> nn.Module:
-        return _out_proj(self.mlp[i], _MLP_OUT, self.hidden_size, f"MLP block of layer {i}")
-
-
-def text_config(model):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def find_parts(model) -> ModelParts:
-    """Find the decoder layers and their attention/MLP blocks from the module tree."""
-    cached = getattr(model, "_refusal_parts", None)
-    if cached is not None:
-        return cached
-    cfg = text_config(model)
-    n = getattr(cfg, "num_hidden_layers", None)
-    candidates = [
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)
-        and len({type(x) for x in m}) == 1
-    ]
-    if not candidates:
-        raise RefusalError(
-            f"Could not find the decoder layers of {type(model).__name__} (no list of {n} identical blocks).",
-            "This architecture is not supported yet; please open an issue with the model id.",
-        )
-    _, layers = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
-    attn, mlp = [], []
-    for i, layer in enumerate(layers):
-        children = dict(layer.named_children())
-        a = next((children[k] for k in _ATTN_NAMES if k in children), None)
-        f = next((children[k] for k in _MLP_NAMES if k in children), None)
-        if a is None or f is None:
-            raise RefusalError(
-                f"Could not find the attention and MLP blocks in layer {i} ({type(layer).__name__}: "
-                f"children {list(children)}).",
-                "This architecture is not supported yet; please open an issue with the model id.",
-            )
-        attn.append(a)
-        mlp.append(f)
-    embed = model.get_input_embeddings()
-    parts = ModelParts(layers, attn, mlp, embed, int(embed.weight.shape[1]))
-    model._refusal_parts = parts
-    return parts
-
-
-def _out_proj(block: nn.Module, names: tuple[str, ...], hidden: int, what: str) -> nn.Module:
-    children = dict(block.named_children())
-    for k in names:
-        m = children.get(k)
-        if isinstance(m, nn.Linear) and m.out_features == hidden:
-            return m
-    linears = [m for m in block.modules() if isinstance(m, nn.Linear) and m.out_features == hidden]
-    if len(linears) == 1:
-        return linears[0]
-    raise RefusalError(
-        f"Could not find the output projection of the {what} ({type(block).__name__}).",
-        "Weight orthogonalization needs a Linear output projection; use hook-based ablation instead.",
-    )
-
-
-def model_device(model) -> torch.device:
-    return find_parts(model).embed.weight.device
-
-
-def decoder(model):
-    """The model without its output head (the stack of layers that returns hidden states and the cache)."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-
-
-def _eps(module: nn.Module):
-    return getattr(module, "variance_epsilon", getattr(module, "eps", None))
-
-
-def _rms_norm_forward(module: nn.Module, eps: float):
-    shape = tuple(module.weight.shape)
-
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(hidden_states, shape, module.weight, eps)
-    return forward
-
-
-@torch.no_grad()
-def _same_as_rms_norm(module: nn.Module, eps: float) -> bool:
-    """Whether ``module`` computes ``rms_norm(x) * weight`` (normalised in float32, rounded to the input's dtype, then
-    scaled), checked on random inputs with a non-zero mean and spread-out scales."""
-    w = module.weight
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(3, 5, w.shape[0], generator=g) * torch.tensor([0.5, 4.0, 60.0])[:, None, None] + 1.0)
-    x = x.to(device=w.device, dtype=w.dtype)
-    try:
-        want = module(x)
-    except Exception:  # noqa: BLE001 -- a module with another signature is simply not a plain norm
-        return False
-    got = _rms_norm_forward(module, eps)(x)
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
-        return False
-    tol = 1e-5 if w.dtype == torch.float32 else 2 * torch.finfo(w.dtype).eps  # two roundings either way
-    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())))
-
-
-@contextmanager
-def fused_norms(model: nn.Module) -> Iterator[int]:
-    """Run the model's RMS norms as torch's one-kernel ``rms_norm`` instead of its several elementwise kernels, for
-    each norm where a check on random input shows the same output (to rounding); others are left alone. Yields the
-    number replaced; everything is restored on exit.
-
-    No model family is named: a candidate is any module with a 1-D ``weight``, no ``bias`` and an ``eps`` or
-    ``variance_epsilon``; the check rejects LayerNorms, Gemma's ``(1 + weight)`` and anything else."""
-    swapped = []
-    if hasattr(torch.nn.functional, "rms_norm"):
-        for m in model.modules():
-            w, eps = getattr(m, "weight", None), _eps(m)
-            if (not isinstance(w, torch.Tensor) or w.ndim != 1 or getattr(m, "bias", None) is not None
-                    or not isinstance(eps, float) or "forward" in m.__dict__):  # accelerate keeps its wrapper there
-                continue
-            if _same_as_rms_norm(m, eps):
-                swapped.append(m)
-    try:
-        for m in swapped:
-            m.forward = _rms_norm_forward(m, _eps(m))
-        yield len(swapped)
-    finally:
-        for m in swapped:
-            m.__dict__.pop("forward", None)
-
-
-def with_fused_norms(fn):
-    """Decorator: run ``fn(model, ...)`` under :func:`fused_norms`."""
-    @functools.wraps(fn)
-    def wrapper(model, *args, **kwargs):
-        with fused_norms(model):
-            return fn(model, *args, **kwargs)
-    return wrapper

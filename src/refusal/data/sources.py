@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import RefusalError
+from ..errors import RefusalError
 
 FIELDS = ("instruction", "prompt", "goal", "behavior", "text", "question")
 SPLITS = ("train", "val", "test")
@@ -48,7 +48,7 @@ def _records(rows: list, where: str) -> list[dict]:
 def builtin(kind: str) -> list[dict]:
     if kind not in ("harmful", "harmless"):
         raise RefusalError(f"Unknown built-in set '{kind}'.", "Use builtin:harmful or builtin:harmless.")
-    text = resources.files("refusal").joinpath(f"data/{kind}.json").read_text("utf-8")
+    text = resources.files("refusal").joinpath(f"data/builtin/{kind}.json").read_text("utf-8")
     return _records(json.loads(text), f"the built-in {kind} set")
 
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from . import io
-from .batching import in_batches
-from .chat import tokenize
-from .interventions import ablate, add
-from .models import decoder, find_parts, model_device, with_fused_norms
+from .. import io
+from ..batching import in_batches
+from ..interventions.hooks import ablate, add
+from ..models.norms import with_fused_norms
+from ..models.parts import decoder, find_parts, model_device
+from ..templates import tokenize
 
 
 @dataclass

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from refusal.errors import RefusalError
+from ..errors import RefusalError
 
 __all__ = [
     "CATALOG",

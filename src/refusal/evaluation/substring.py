@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .chat import builtin_phrases
+from ..templates import builtin_phrases
 
 # which conditions are generated for which prompt set, and how the direction is applied (sign of actadd)
 CONDITIONS: dict[str, tuple[str, ...]] = {

@@ -25,18 +25,20 @@ from pathlib import Path
 
 import torch
 
-from . import io
-from .batching import console
-from .chat import format_prompts, post_instruction_ids, refusal_token_ids
-from .config import RunConfig
-from .data import load_source, make_splits
-from .directions import Candidates, Direction, extract
-from .errors import RefusalError
-from .evaluate import ACTADD_SIGN, CONDITIONS, judge, summarize
-from .generate import generate
-from .interventions import orthogonalized
-from .models import ModelSource, check_hub_config, default_device, load_model, parse_dtype, resolve_source
-from .select import choose, plot_scores, refusal_scores, score_candidates
+from .. import io
+from ..batching import console
+from ..config import RunConfig
+from ..data import load_source, make_splits
+from ..directions.diff_means import Candidates, Direction, extract
+from ..errors import RefusalError
+from ..evaluation.substring import ACTADD_SIGN, CONDITIONS, judge, summarize
+from ..generation.batched import generate
+from ..interventions.hooks import orthogonalized
+from ..models.loading import ModelSource, check_hub_config, default_device, load_model, parse_dtype, resolve_source
+from ..scoring.engine import refusal_scores, score_candidates
+from ..scoring.refusal import refusal_token_ids
+from ..scoring.selection import choose, plot_scores
+from ..templates import format_prompts, post_instruction_ids
 
 STAGES = ("extract", "select", "generate", "evaluate")
 

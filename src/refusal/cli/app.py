@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import catalog
-from .config import RunConfig, resolve
-from .errors import RefusalError
+from ..config import RunConfig, resolve
+from ..errors import RefusalError
+from ..models import catalog
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Find, select and apply the refusal direction of any Hugging Face chat model.")
@@ -69,7 +69,7 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
         force: bool = typer.Option(False, "--force", help="Redo every stage, even over another config."),
         from_stage: str = typer.Option(None, help="Redo this stage and the ones after it."),
     ):
-        from .pipeline import Run
+        from ..runs.pipeline import Run
 
         try:
             cfg = resolve(config, _overrides(
@@ -129,7 +129,7 @@ def models_list() -> None:
 @models_app.command("pull")
 def models_pull(name: str) -> None:
     """Download, assemble and verify a catalog model, and cache its dequantized weights."""
-    from .models import _catalog_folder
+    from ..models.loading import _catalog_folder
 
     try:
         catalog.get(name)

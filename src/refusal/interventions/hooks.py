@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import find_parts
+from ..models.parts import find_parts
 
 
 def _basis(direction: torch.Tensor) -> torch.Tensor:

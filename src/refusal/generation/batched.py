@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .batching import in_batches
-from .chat import refusal_score, tokenize
-from .models import model_device
+from ..batching import in_batches
+from ..models.parts import model_device
+from ..scoring.refusal import refusal_score
+from ..templates import tokenize
 
 
 class _FirstLogits(LogitsProcessor):

@@ -1,104 +1,12 @@
-"""Chat templates, post-instruction positions and refusal tokens, all derived from the tokenizer.
-
-The post-instruction tokens are the ones a chat template puts between the end of the user's instruction and the
-start of the model's answer (for ChatML: ``<|im_end|>\\n<|im_start|>assistant\\n``). They are found by templating
-a sentinel instruction and reading what follows it, so no table of model families is needed.
-"""
+"""Prompt layouts for scoring: a shared prefix (the template opening) and right-padded length buckets."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 
 import torch
 
-from .errors import RefusalError
-
-_SENTINEL = "Zq7 sentinel instruction Xw9"
-
-
-@lru_cache(maxsize=1)
-def builtin_phrases() -> dict:
-    return json.loads(resources.files("refusal").joinpath("data/refusal_phrases.json").read_text("utf-8"))
-
-
-def format_prompts(tokenizer, instructions: list[str], system: str | None = None) -> list[str]:
-    """Apply the tokenizer's own chat template, ending with the generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise RefusalError(
-            f"The tokenizer of this model ({type(tokenizer).__name__}) has no chat template, so it is not a "
-            "chat model.",
-            "Use an instruction-tuned model, or set a chat template on the tokenizer before calling refusal.",
-        )
-    out = []
-    for ins in instructions:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ins}]
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-    return out
-
-
-def post_instruction_ids(tokenizer, system: str | None = None) -> list[int]:
-    """Token ids the template places after every instruction (the end-of-instruction positions)."""
-    text = format_prompts(tokenizer, [_SENTINEL], system)[0]
-    suffix = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
-    full = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-    if not ids or full[-len(ids):] != ids:
-        # the suffix tokenizes differently on its own: count the tokens that start after the sentinel instead
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        start = text.rindex(_SENTINEL) + len(_SENTINEL)
-        ids = [i for i, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]) if s >= start]
-    if not ids:
-        raise RefusalError(
-            "The chat template adds no tokens after the instruction, so there are no post-instruction positions.",
-            "Use a chat model whose template marks the start of the assistant's turn.",
-        )
-    return ids
-
-
-def refusal_token_ids(tokenizer, openings: list[str] | None = None) -> list[int]:
-    """First token ids of typical refusal openings, as the answer's first token (no leading space)."""
-    openings = openings if openings is not None else builtin_phrases()["refusal_openings"]
-    ids: list[int] = []
-    for text in openings:
-        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if toks and toks[0] not in ids:
-            ids.append(toks[0])
-    if not ids:
-        raise RefusalError("No refusal tokens could be derived from the refusal openings.",
-                           "Set refusal_tokens in the config to a list of strings such as ['I', 'As'].")
-    return ids
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-
-def tokenize(tokenizer, prompts: list[str], device, multiple_of: int = 8) -> Batch:
-    """Left-padded batch of already-templated prompts (the template supplies any BOS token).
-
-    The width is rounded up to a multiple of ``multiple_of``: GPU attention kernels want aligned mask widths and
-    fall back to slower ones without (the extra columns are padding, masked out)."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    extra = -ids.shape[1] % multiple_of
-    if extra:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.cat([ids.new_full((len(ids), extra), pad), ids], 1)
-        mask = torch.cat([mask.new_zeros((len(mask), extra)), mask], 1)
-    return Batch(ids.to(device), mask.to(device))
-
-
-def refusal_score(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
-    """Log-odds of the probability mass on refusal tokens: ``log p - log(1 - p)``, from logits of shape (..., V)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    lp = torch.logsumexp(logp[..., refusal_ids], dim=-1)
-    lp = lp.clamp(max=-1e-6)
-    return lp - torch.log(-torch.expm1(lp))
+from ..errors import RefusalError
 
 
 @dataclass
