@@ -354,7 +354,8 @@ def main(argv=None) -> dict:
     from refusal.batching import set_quiet
     from refusal.directions.diff_means import extract
     from refusal.generation.batched import generate
-    from refusal.interventions.hooks import ablate, orthogonalized
+    from refusal.interventions.hooks import ablate
+    from refusal.interventions.weights import orthogonalized
     from refusal.scoring.engine import score_candidates
 
     console = Console()

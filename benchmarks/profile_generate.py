@@ -41,7 +41,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.model, args.dtype = None, None
     from refusal.generation.batched import _StaticDecoder
-    from refusal.interventions.hooks import orthogonalized
+    from refusal.interventions.weights import orthogonalized
     from refusal.templates import tokenize
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

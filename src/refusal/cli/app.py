@@ -151,5 +151,16 @@ def show_config(config: Path = typer.Option(None, "--config", "-c")) -> None:
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# ---- commands defined in their own modules (each module exposes ``register(app)``) ------------------------------
+def _register_commands() -> None:
+    import importlib
+
+    for name in ():  # e.g. "export", "chat", "report", "crosslingual"
+        importlib.import_module(f".{name}", __package__).register(app)
+
+
+_register_commands()
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -33,7 +33,7 @@ from ..directions.diff_means import Candidates, Direction, extract
 from ..errors import RefusalError
 from ..evaluation.substring import ACTADD_SIGN, CONDITIONS, judge, summarize
 from ..generation.batched import generate
-from ..interventions.hooks import orthogonalized
+from ..interventions.weights import orthogonalized
 from ..models.loading import ModelSource, check_hub_config, default_device, load_model, parse_dtype, resolve_source
 from ..scoring.engine import refusal_scores, score_candidates
 from ..scoring.refusal import refusal_token_ids
