@@ -89,3 +89,11 @@ def model_dir(tmp_path, tokenizer):
     m.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _refusal_home(request, tmp_path_factory, monkeypatch):
+    """Caches (model fingerprints) go to a temporary folder, never the user's; integration tests keep the real
+    cache, where the catalog models were pulled."""
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setenv("REFUSAL_HOME", str(tmp_path_factory.getbasetemp() / "refusal-home"))

@@ -49,11 +49,15 @@ def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tm
     assert r.exit_code == 0, r.output
     run_dir = out / "tiny-qwen2"
     for f in ("config.yaml", "splits.json", "candidates.safetensors", "scores.json", "scores.png",
-              "direction.safetensors", "completions.json", "judgements.json", "summary.json"):
+              "direction.safetensors", "directions.safetensors", "completions.json", "judgements.json",
+              "summary.json"):
         assert (run_dir / f).exists(), f
+    assert not (run_dir / "completions.partial.json").exists()
     s = io.read_json(run_dir / "summary.json")
     assert set(s["harmful"]) == {"baseline", "ablation", "actadd"} and set(s["harmless"]) == {"baseline", "actadd"}
-    assert s["n_harmful"] == 3 and s["n_harmless"] == 3 and s["device"] == "cpu"
+    assert s["n"]["harmful"]["ablation"] == 3 and s["n"]["harmless"]["actadd"] == 3 and s["device"] == "cpu"
+    r = s["results"]["harmful"]["ablation"]["refusal"]
+    assert r["n"] == 3 and 0 <= r["low"] <= r["rate"] <= r["high"] <= 1
     assert set(s["selected"]) == {"pos", "layer"}
     assert set(s["stage_seconds"]) >= set(STAGES)
     comps = io.read_json(run_dir / "completions.json")
@@ -72,13 +76,12 @@ def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tm
 def test_killed_run_resumes_from_first_unfinished_stage(model_dir, datasets, cfg_file, tmp_path, monkeypatch):
     cfg = resolve(cfg_file, {"model": str(model_dir), "output": str(tmp_path / "runs"),
                              "data": {"harmful": str(datasets[0]), "harmless": str(datasets[1])}})
-    calls = []
+    from refusal.runs import stages
 
-    def killed(self):
-        calls.append("generate")
+    def killed(run, started):
         raise KeyboardInterrupt  # the process dies in the middle of generation
 
-    monkeypatch.setattr(Run, "_generate", killed)
+    monkeypatch.setattr(stages, "generate", killed)
     with pytest.raises(KeyboardInterrupt):
         Run(cfg).run()
     run = Run(cfg)
@@ -86,14 +89,7 @@ def test_killed_run_resumes_from_first_unfinished_stage(model_dir, datasets, cfg
     assert not (run.dir / "completions.json").exists()
     monkeypatch.undo()
 
-    counted = {s: 0 for s in STAGES}
-    for s in STAGES:
-        orig = getattr(Run, f"_{s}")
-
-        def wrapped(self, orig=orig, s=s):
-            counted[s] += 1
-            return orig(self)
-        monkeypatch.setattr(Run, f"_{s}", wrapped)
+    counted = _count_stages(monkeypatch)
     Run(cfg).run()
     assert counted == {"extract": 0, "select": 0, "generate": 1, "evaluate": 1}
     # --from-stage redoes that stage and the later ones only
@@ -105,6 +101,20 @@ def test_killed_run_resumes_from_first_unfinished_stage(model_dir, datasets, cfg
     summary = Run(cfg).run()
     assert counted == {"extract": 0, "select": 2, "generate": 3, "evaluate": 3}
     assert summary["stage_seconds"]["evaluate"] is not None
+
+
+def _count_stages(monkeypatch) -> dict[str, int]:
+    from refusal.runs import stages
+
+    counted = {s: 0 for s in STAGES}
+    for s in STAGES:
+        orig = getattr(stages, s)
+
+        def wrapped(run, started, orig=orig, s=s):
+            counted[s] += 1
+            return orig(run, started)
+        monkeypatch.setattr(stages, s, wrapped)
+    return counted
 
 
 def test_stage_subcommands(model_dir, datasets, cfg_file, tmp_path):
@@ -177,7 +187,7 @@ def test_config_precedence(tmp_path):
     assert cpu.data.n_val == 5 and cpu.data.n_test == 9  # file over preset, flag over file
     gpu = resolve(None, None, has_gpu=True)
     assert gpu.preset == "paper" and gpu.data.n_train == 128 and gpu.generate.max_new_tokens == 256
-    assert gpu.digest() != cpu.digest()
+    assert gpu.stage_config("extract") != cpu.stage_config("extract")
 
 
 def test_oom_halves_batch(monkeypatch):
@@ -194,3 +204,107 @@ def test_oom_halves_batch(monkeypatch):
 
     assert in_batches(fn, list(range(7)), 8) == 2
     assert seen == list(range(7))
+
+
+def test_changed_generation_setting_redoes_only_generate_and_evaluate(model_dir, datasets, cfg_file, tmp_path,
+                                                                     monkeypatch):
+    out = tmp_path / "runs"
+    r = runner.invoke(app, ["run", *_args(model_dir, datasets, cfg_file, out)])
+    assert r.exit_code == 0, r.output
+    run_dir = out / "tiny-qwen2"
+    counted = _count_stages(monkeypatch)
+    # the saved config is the source of truth: no original flags needed, only the change
+    r = runner.invoke(app, ["generate", str(run_dir), "--max-new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    assert counted == {"extract": 0, "select": 0, "generate": 1, "evaluate": 0}
+    r = runner.invoke(app, ["run", "--resume", str(run_dir)])
+    assert r.exit_code == 0, r.output
+    assert counted == {"extract": 0, "select": 0, "generate": 1, "evaluate": 1}
+    assert io.read_json(run_dir / "summary.json")["max_new_tokens"] == 2
+    # a plain 'run' with the original flags now differs from the folder's config: refused, nothing touched
+    msg = _error(["run", *_args(model_dir, datasets, cfg_file, out)])
+    assert "--resume" in msg and "generate" in msg
+
+
+def test_digest_covers_dtype_and_model_file(model_dir, datasets, cfg_file, tmp_path):
+    base = {"model": str(model_dir), "output": str(tmp_path / "runs"),
+            "data": {"harmful": str(datasets[0]), "harmless": str(datasets[1])}}
+    fp32 = Run(resolve(cfg_file, {**base, "dtype": "float32"}))
+    bf16 = Run(resolve(cfg_file, {**base, "dtype": "bfloat16"}))
+    assert fp32.digests["extract"] != bf16.digests["extract"]
+    assert all(fp32.digests[s] != bf16.digests[s] for s in STAGES)  # later stages read extract's output
+    same = Run(resolve(cfg_file, {**base, "dtype": "float32", "generate": {"max_new_tokens": 9}}))
+    assert same.digests["extract"] == fp32.digests["extract"] and same.digests["select"] == fp32.digests["select"]
+    assert same.digests["generate"] != fp32.digests["generate"]
+    weights = next(model_dir.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the weights changes
+    weights.write_bytes(bytes(data))
+    changed = Run(resolve(cfg_file, {**base, "dtype": "float32"}))
+    assert changed.digests["extract"] != fp32.digests["extract"]
+
+
+def test_custom_conditions_from_yaml(model_dir, datasets, tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump({
+        "data": {"n_train": 4, "n_val": 3, "n_test": 3, "filter": False},
+        "select": {"kl_threshold": 1e9, "induce_threshold": -1e9}, "device": "cpu", "preset": "paper",
+        "generate": {"max_new_tokens": 3, "conditions": [
+            {"name": "baseline", "prompts": "harmful"},
+            {"name": "half_ablation", "prompts": "harmful",
+             "interventions": [{"op": "reflect", "alpha": -0.5, "layers": "all", "sites": ["input", "attn", "mlp"]}]},
+            {"name": "actadd_x2", "prompts": "harmless", "interventions": [{"op": "add", "coeff": 2.0}]},
+            {"name": "ablate_then_add", "prompts": "harmless",
+             "interventions": [{"op": "ablate", "tokens": "generated"}, {"op": "add", "direction": "0"}]}]}}))
+    r = runner.invoke(app, ["run", *_args(model_dir, datasets, p, tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    s = io.read_json(tmp_path / "runs" / "tiny-qwen2" / "summary.json")
+    assert set(s["results"]["harmful"]) == {"baseline", "half_ablation"}
+    assert set(s["results"]["harmless"]) == {"actadd_x2", "ablate_then_add"}
+    assert "actadd_x2" in r.output and "half_ablation" in r.output  # the table shows whatever conditions exist
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"name": "x", "prompts": "weird"}, "prompt set 'weird'"),
+    ({"name": "x", "prompts": "harmful", "interventions": [{"op": "zap"}]}, "unknown operator 'zap'"),
+    ({"name": "x", "prompts": "harmful", "interventions": [{"op": "add", "tokens": "some"}]}, "token scope"),
+    ({"name": "x", "prompts": "harmful", "interventions": [{"op": "add", "sites": ["nowhere"]}]}, "site"),
+    ({"prompts": "harmful"}, "at least 'name' and 'prompts'"),
+])
+def test_bad_conditions_are_clear_errors(tmp_path, bad, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"generate": {"conditions": [bad]}}))
+    with pytest.raises(RefusalError, match=match):
+        resolve(p, has_gpu=False)
+
+
+def test_killed_generation_keeps_finished_batches(model_dir, datasets, cfg_file, tmp_path, monkeypatch):
+    import refusal.generation.batched as batched
+
+    cfg = resolve(cfg_file, {"model": str(model_dir), "output": str(tmp_path / "runs"), "batch_size": 4,
+                             "data": {"harmful": str(datasets[0]), "harmless": str(datasets[1])}})
+    real = batched.generate
+    seen: list[list[int]] = []
+
+    def dies_after_two_batches(*a, on_batch=None, **k):
+        def save(rows, texts, scores):
+            seen.append(list(rows))
+            on_batch(rows, texts, scores)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+        return real(*a, on_batch=save, **k)
+
+    monkeypatch.setattr("refusal.runs.stages.generate_completions", dies_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        Run(cfg).run()
+    run = Run(cfg)
+    partial = io.read_json(run.dir / "completions.partial.json")
+    assert len(partial["rows"]) == 8 and not run.done("generate")
+    asked = []
+    monkeypatch.setattr("refusal.runs.stages.generate_completions",
+                        lambda *a, rows=None, **k: asked.append(list(rows)) or real(*a, rows=rows, **k))
+    Run(cfg).run()
+    assert len(asked) == 1 and len(asked[0]) == 15 - 8  # 5 conditions x 3 prompts, 8 were saved
+    assert not set(asked[0]) & {int(i) for i in partial["rows"]}
+    comps = io.read_json(run.dir / "completions.json")
+    assert sum(len(v) for c in comps.values() for v in c.values()) == 15

@@ -26,7 +26,7 @@ _EXPORTS = {
     "refusal_score": "scoring.refusal", "refusal_token_ids": "scoring.refusal",
     "Candidates": "directions.diff_means", "extract": "directions.diff_means",
     "mean_activations": "directions.diff_means",
-    "Direction": "directions.diff_means",
+    "Direction": "directions.base", "DirectionSet": "directions.base",
     "ablate": "interventions.hooks", "add": "interventions.hooks", "orthogonalize_": "interventions.weights",
     "orthogonalized": "interventions.weights",
     "find_parts": "models.parts", "load_model": "models.loading",

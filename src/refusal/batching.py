@@ -44,13 +44,29 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+# per key (a kind of work, e.g. "Scoring induce"), the batch size that worked after running out of memory: later
+# calls for the same work start there instead of failing at the large size again
+_batch_memory: dict[str, int] = {}
+
+
+def reset_batch_memory() -> None:
+    """Forget the batch sizes remembered after out-of-memory errors (for tests, or after freeing memory)."""
+    _batch_memory.clear()
+
+
 def in_batches(
     fn: Callable[[Sequence[T]], None], items: Sequence[T], batch_size: int, description: str = "",
+    key: str | None = None,
 ) -> int:
     """Call ``fn`` on consecutive slices of ``items``; on out-of-memory, halve the batch, say so, and retry.
 
+    The halved size is remembered under ``key`` (default: ``description``; an empty key remembers nothing) for
+    the rest of the process: a later call with the same key starts at ``min(batch_size, remembered)``.
     Returns the batch size that worked, so the caller can keep using it.
     """
+    key = description if key is None else key
+    if key and key in _batch_memory:
+        batch_size = min(batch_size, _batch_memory[key])
     i = 0
     with progress(description, len(items)) as advance:
         while i < len(items):
@@ -63,6 +79,8 @@ def in_batches(
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 batch_size = max(1, batch_size // 2)
+                if key:
+                    _batch_memory[key] = min(batch_size, _batch_memory.get(key, batch_size))
                 console.print(f"[yellow]Out of memory in {description or 'a batch'}: halving the batch to "
                               f"{batch_size} and retrying.[/]")
                 continue

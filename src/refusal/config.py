@@ -42,11 +42,44 @@ class SelectConfig:
     prune: bool = False  # bypass/KL only for candidates passing the induce filter (same pick, fewer forwards)
 
 
+OPS = ("ablate", "add", "reflect")
+PROMPT_SETS = ("harmful", "harmless")
+
+
+@dataclass
+class InterventionSpec:
+    """One intervention of a condition: an operator on a named direction of the run, at a scope."""
+
+    op: str  # "ablate" (project out), "add" (activation addition), "reflect" (counterfactual reflection)
+    direction: str = "selected"  # a name in the run's direction set (directions.safetensors)
+    coeff: float = 1.0  # add: multiplier of the raw vector (negative: subtraction)
+    alpha: float = 1.0  # reflect: x - (1 + alpha) P x
+    layers: Any = None  # None: the operator's default (ablate: all; add, reflect: the direction's layer)
+    sites: list[str] | None = None  # None: ablate at input, attn and mlp; add/reflect at the input
+    tokens: str = "all"  # all | prompt | generated
+
+
+@dataclass
+class Condition:
+    """A named condition: a prompt set (harmful or harmless test prompts) under a list of interventions."""
+
+    name: str
+    prompts: str
+    interventions: list[InterventionSpec] = field(default_factory=list)
+
+
+def default_conditions() -> list[Condition]:
+    """The paper's five: harmful under baseline, ablation and ActAdd(-); harmless under baseline and ActAdd(+)."""
+    return [Condition("baseline", "harmful"), Condition("ablation", "harmful", [InterventionSpec("ablate")]),
+            Condition("actadd", "harmful", [InterventionSpec("add", coeff=-1.0)]),
+            Condition("baseline", "harmless"), Condition("actadd", "harmless", [InterventionSpec("add", coeff=1.0)])]
+
+
 @dataclass
 class GenerateConfig:
     max_new_tokens: int = 256
-    ablation: str = "weights"  # "weights" (orthogonalize, fast) or "hooks"; both give the same model
     static_cache: bool = False
+    conditions: list[Condition] = field(default_factory=default_conditions)
 
 
 @dataclass
@@ -66,15 +99,28 @@ class RunConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
-    # fields that do not change results, left out of the hash
-    _NOT_HASHED = ("device", "device_map", "batch_size", "output", "name", "preset")
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def digest(self) -> str:
-        d = {k: v for k, v in self.to_dict().items() if k not in self._NOT_HASHED}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """The part of the config that ``stage`` reads (what its digest covers, with its inputs' digests)."""
+        d = self.to_dict()
+        return {k: d[k] for k in STAGE_KEYS[stage]}
+
+
+# What each stage reads. A stage's digest covers these keys, the digests of the stages it reads from, and (for
+# extract) the model's identity and the resolved dtype; settings that do not change results (device, batch size,
+# output folder) are in none of them.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "extract": ("model", "trust_remote_code", "system_prompt", "refusal_tokens", "data"),
+    "select": ("select",),
+    "generate": ("generate",),
+    "evaluate": (),
+}
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Presets sit between the defaults and the user's file/flags.
@@ -104,7 +150,31 @@ def _build(d: dict) -> RunConfig:
     d = dict(d)
     sub = {"data": DataConfig, "select": SelectConfig, "generate": GenerateConfig}
     kwargs = {k: (sub[k](**v) if k in sub else v) for k, v in d.items()}
+    kwargs["generate"].conditions = [_condition(c, i) for i, c in enumerate(kwargs["generate"].conditions)]
     return RunConfig(**kwargs)
+
+
+def _condition(c: Any, i: int) -> Condition:
+    if isinstance(c, Condition):
+        return c
+    where = f"generate.conditions[{i}]"
+    if not isinstance(c, dict) or not {"name", "prompts"} <= set(c):
+        raise RefusalError(f"{where} must be a mapping with at least 'name' and 'prompts'.",
+                           "Write e.g. {name: ablation, prompts: harmful, interventions: [{op: ablate}]}.")
+    unknown = set(c) - {f.name for f in dataclasses.fields(Condition)}
+    if unknown:
+        raise RefusalError(f"Unknown key(s) {sorted(unknown)} in {where}.", "Keys are: name, prompts, interventions.")
+    ivs = []
+    for j, iv in enumerate(c.get("interventions") or []):
+        if isinstance(iv, InterventionSpec):
+            ivs.append(iv)
+            continue
+        known = {f.name for f in dataclasses.fields(InterventionSpec)}
+        if not isinstance(iv, dict) or "op" not in iv or set(iv) - known:
+            raise RefusalError(f"{where}.interventions[{j}] is not a valid intervention ({iv}).",
+                               f"Give 'op' ({', '.join(OPS)}) and optionally: {', '.join(sorted(known - {'op'}))}.")
+        ivs.append(InterventionSpec(**iv))
+    return Condition(str(c["name"]), str(c["prompts"]), ivs)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -168,9 +238,24 @@ def validate(cfg: RunConfig) -> None:
     for name in ("n_train", "n_val", "n_test"):
         if getattr(d, name) < 1:
             raise RefusalError(f"data.{name} must be at least 1 (got {getattr(d, name)}).", "Set a positive size.")
-    if cfg.generate.ablation not in ("weights", "hooks"):
-        raise RefusalError(f"generate.ablation must be 'weights' or 'hooks' (got '{cfg.generate.ablation}').",
-                           "Use 'weights' (orthogonalized weights, faster) or 'hooks'.")
+    seen = set()
+    for c in cfg.generate.conditions:
+        if c.prompts not in PROMPT_SETS:
+            raise RefusalError(f"Condition '{c.name}' uses the prompt set '{c.prompts}'.",
+                               f"Prompt sets are: {', '.join(PROMPT_SETS)}.")
+        if (c.name, c.prompts) in seen:
+            raise RefusalError(f"Two conditions are named '{c.name}' on the {c.prompts} prompts.",
+                               "Give each condition of a prompt set its own name.")
+        seen.add((c.name, c.prompts))
+        for iv in c.interventions:
+            if iv.op not in OPS:
+                raise RefusalError(f"Condition '{c.name}': unknown operator '{iv.op}'.",
+                                   f"Use one of: {', '.join(OPS)}.")
+            from .interventions.scopes import Scope  # torch-free; checks layers, sites and tokens
+
+            Scope(iv.layers if iv.layers is not None else "all", tuple(iv.sites or ("input",)), iv.tokens)
+    if not cfg.generate.conditions:
+        raise RefusalError("generate.conditions is empty.", "Name at least one condition (or drop the key).")
     if not 0 < cfg.select.max_layer_fraction <= 1:
         raise RefusalError("select.max_layer_fraction must be in (0, 1].", "For the paper's filter use 0.8.")
     if cfg.generate.max_new_tokens < 1:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 
 def _atomic(path: Path, write) -> None:
@@ -54,19 +54,11 @@ def read_yaml(path: Path) -> Any:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Save tensors as safetensors; ``metadata`` values are JSON-encoded into the header."""
-    path = Path(path)
+    """Save tensors as safetensors, atomically (as :func:`_atomic`: parent folders made, synced, then renamed);
+    ``metadata`` values are JSON-encoded into the header."""
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic(Path(path), lambda f: f.write(save(tensors, metadata=meta)))
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -56,6 +56,33 @@ def post_instruction_ids(tokenizer, system: str | None = None) -> list[int]:
         )
     return ids
 
+
+def check_prompts_end_with(tokenizer, prompts: list[str], post_ids: list[int], what: str = "prompt") -> None:
+    """Raise a :class:`RefusalError` naming the first prompt (``what`` and its index, e.g. "harmful prompt 3")
+    whose tokens do not end with ``post_ids``.
+
+    The post-instruction positions are the last ``len(post_ids)`` tokens of every prompt; that holds only if each
+    prompt ends with the template's post-instruction tokens. It fails when an instruction itself ends with template
+    tokens (which then merge differently), or when the tokenizer truncates prompts (``model_max_length``). All
+    prompts are tokenized in one batched call, as :func:`tokenize` does."""
+    post_ids = list(post_ids)
+    n = len(post_ids)
+    if not prompts or not n:
+        return
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    for i, row in enumerate(ids):
+        if list(row[-n:]) != post_ids:
+            preview = prompts[i] if len(prompts[i]) <= 120 else "..." + prompts[i][-117:]
+            raise RefusalError(
+                f"{what[:1].upper()}{what[1:]} {i} does not end with the chat template's post-instruction tokens "
+                f"{post_ids} after tokenization (it ends with {list(row[-n:])}; prompt: {preview!r}), so its "
+                "post-instruction positions would be wrong.",
+                "Apply the chat template to every instruction (format_prompts), remove chat-template tokens from the "
+                "end of that instruction, and make sure the tokenizer does not truncate prompts (raise its "
+                "model_max_length or shorten the instruction).",
+            )
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor

@@ -46,6 +46,9 @@ def _overrides(**flags) -> dict:
 
 def _stage_command(stages: tuple[str, ...], help_text: str):
     def command(
+        run_dir: Path = typer.Argument(None, help="An existing run folder: run on it with its saved config (flags "
+                                                  "given change only what they name; stages that read it are redone)."),
+        resume: Path = typer.Option(None, "--resume", help="Same as giving RUN_DIR: resume that run folder."),
         model: str = typer.Option(None, "--model", "-m", help="Catalog name, .gguf file, HF folder or hub id."),
         harmful: str = typer.Option(None, help="Harmful instructions: file, paper-style folder, hf:ID or builtin."),
         harmless: str = typer.Option(None, help="Harmless instructions: file, paper-style folder, hf:ID or builtin."),
@@ -69,17 +72,25 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
         force: bool = typer.Option(False, "--force", help="Redo every stage, even over another config."),
         from_stage: str = typer.Option(None, help="Redo this stage and the ones after it."),
     ):
+        from ..config import load_yaml
         from ..runs.pipeline import Run
 
         try:
-            cfg = resolve(config, _overrides(
+            flags = _overrides(
                 model=model, harmful=harmful, harmless=harmless, harmful_test=harmful_test,
                 harmless_test=harmless_test, output=output, name=name, preset=preset, device=device, dtype=dtype,
                 device_map=device_map, batch_size=batch_size, n_train=n_train, n_val=n_val, n_test=n_test,
-                seed=seed, filter=filter, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code))
-            run = Run(cfg)
+                seed=seed, filter=filter, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+            folder = run_dir or resume
+            if run_dir and resume and Path(run_dir) != Path(resume):
+                raise RefusalError("Both RUN_DIR and --resume are given, and they differ.", "Give one of them.")
+            if folder is not None:
+                run = Run.open(folder, {**(load_yaml(config) if config else {}), **flags})
+            else:
+                run = Run(resolve(config, flags))
+            cfg = run.cfg
             err.print(f"Run folder [bold]{run.dir}[/] (preset {cfg.preset}, model {cfg.model})")
-            summary = run.run(stages, from_stage=from_stage, force=force)
+            summary = run.run(stages, from_stage=from_stage, force=force, resume=folder is not None)
             if "evaluate" in stages and summary:
                 print_summary(summary)
         except RefusalError as exc:
@@ -99,16 +110,17 @@ for _stage, _help in (("extract", "Compute difference-in-means candidates at eve
 
 
 def print_summary(s: dict) -> None:
+    """One row per prompt set x condition: its rates with 95 % intervals (whatever conditions the run has)."""
     t = Table(title=f"{s['model']} on {s['device']}: selected position {s['selected']['pos']}, "
                     f"layer {s['selected']['layer']}")
-    t.add_column("prompts")
-    t.add_column("metric")
-    for c in ("baseline", "ablation", "actadd"):
-        t.add_column(c, justify="right")
-    h, b = s["harmful"], s["harmless"]
-    t.add_row(f"harmful (n={s['n_harmful']})", "non-refusal rate ↑", *(f"{h[c]:.2f}" for c in
-                                                                      ("baseline", "ablation", "actadd")))
-    t.add_row(f"harmless (n={s['n_harmless']})", "refusal rate", f"{b['baseline']:.2f}", "—", f"{b['actadd']:.2f}")
+    for col in ("prompts", "condition", "n", "refusal rate [95% CI]", "non-refusal rate", "mean refusal score"):
+        t.add_column(col, justify="left" if col in ("prompts", "condition") else "right")
+    for kind, conds in s["results"].items():
+        for cond, m in conds.items():
+            r = m["refusal"]
+            score = m.get("mean_refusal_score")
+            t.add_row(kind, cond, str(r["n"]), f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]",
+                      f"{m['non_refusal']['rate']:.2f}", "—" if score is None else f"{score:+.2f}")
     out.print(t)
     secs = s.get("stage_seconds", {})
     out.print("Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items() if v is not None))
@@ -155,7 +167,7 @@ def show_config(config: Path = typer.Option(None, "--config", "-c")) -> None:
 def _register_commands() -> None:
     import importlib
 
-    for name in ():  # e.g. "export", "chat", "report", "crosslingual"
+    for name in ("export",):  # e.g. "export", "chat", "report", "crosslingual"
         importlib.import_module(f".{name}", __package__).register(app)
 
 

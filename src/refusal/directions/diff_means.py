@@ -7,55 +7,17 @@ For every decoder layer ``l`` (at its input) and every post-instruction position
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .. import io
 from ..batching import in_batches
-from ..interventions.hooks import ablate, add
 from ..models.norms import with_fused_norms
 from ..models.parts import decoder, find_parts, model_device
-from ..templates import tokenize
-
-
-@dataclass
-class Direction:
-    """One direction with its provenance; ``vector`` is the raw difference in means (not normalised)."""
-
-    vector: torch.Tensor
-    layer: int
-    pos: int
-    model: str = ""
-    method: str = "diff_in_means"
-    scores: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def unit(self) -> torch.Tensor:
-        return self.vector / self.vector.norm()
-
-    def ablate(self, model, **kwargs):
-        """Context manager: ablate this direction at every layer."""
-        return ablate(model, self.vector, **kwargs)
-
-    def add(self, model, coeff: float = 1.0):
-        """Context manager: add ``coeff`` times this vector at its source layer."""
-        return add(model, self.vector, self.layer, coeff=coeff)
-
-    def metadata(self) -> dict[str, Any]:
-        return {"layer": self.layer, "pos": self.pos, "model": self.model, "method": self.method,
-                "scores": self.scores}
-
-    def save(self, path: str | Path) -> None:
-        io.write_tensors(Path(path), {"direction": self.vector.float()}, self.metadata())
-
-    @classmethod
-    def load(cls, path: str | Path) -> Direction:
-        tensors, meta = io.read_tensors(Path(path))
-        return cls(tensors["direction"], int(meta["layer"]), int(meta["pos"]), meta.get("model", ""),
-                   meta.get("method", "diff_in_means"), meta.get("scores", {}))
+from ..templates import check_prompts_end_with, post_instruction_ids, tokenize
+from .base import Direction
 
 
 @dataclass
@@ -103,11 +65,14 @@ def mean_activations(
     parts = find_parts(model)
     dev = model_device(model)
     acc = torch.zeros(n_positions, parts.n_layers, parts.hidden_size, dtype=torch.float32, device=dev)
+    # a chunk's sums go to ``chunk_acc`` during its forward and into ``acc`` only once the forward has finished,
+    # so a chunk retried after running out of memory part-way through the layers is not counted twice
+    chunk_acc = torch.zeros_like(acc)
 
     def make_hook(i):
         def hook(_m, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            acc[:, i].add_(x[:, -n_positions:, :].float().sum(0).to(dev))
+            chunk_acc[:, i].add_(x[:, -n_positions:, :].float().sum(0).to(dev))
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
@@ -115,9 +80,11 @@ def mean_activations(
     base = decoder(model)
     try:
         def run(chunk):
+            chunk_acc.zero_()
             b = tokenize(tokenizer, list(chunk), dev)
             pos = (b.attention_mask.cumsum(-1) - 1).clamp_min(0)  # positions count real tokens, not padding
             base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos, use_cache=False)
+            acc.add_(chunk_acc)
 
         in_batches(run, list(prompts), batch_size, description)
     finally:
@@ -134,6 +101,10 @@ def extract(
     """Difference-in-means candidates at every layer and the last ``n_positions`` (post-instruction) positions."""
     if not harmful or not harmless:
         raise ValueError("extract needs at least one harmful and one harmless prompt")
+    if getattr(tokenizer, "chat_template", None):  # the last positions must be the post-instruction tokens
+        post = post_instruction_ids(tokenizer)
+        check_prompts_end_with(tokenizer, list(harmful), post, "harmful prompt")
+        check_prompts_end_with(tokenizer, list(harmless), post, "harmless prompt")
     h = mean_activations(model, tokenizer, harmful, n_positions, batch_size, "Extracting (harmful)")
     b = mean_activations(model, tokenizer, harmless, n_positions, batch_size, "Extracting (harmless)")
     return Candidates(h.cpu(), b.cpu(), list(range(-n_positions, 0)), model_name, len(harmful), len(harmless))

@@ -7,13 +7,15 @@ manager.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..batching import in_batches
-from ..models.parts import model_device
+from ..interventions.hooks import Plan, apply, phase, set_phase
+from ..models.parts import cache_kwarg, model_device
 from ..scoring.refusal import refusal_score
 from ..templates import tokenize
 
@@ -27,6 +29,7 @@ class _FirstLogits(LogitsProcessor):
     def __call__(self, input_ids, scores):
         if self.first is None:
             self.first = scores.detach().clone()
+            set_phase("generated")  # called after the prefill forward: the next forwards generate
         return scores
 
 
@@ -88,6 +91,7 @@ class _StaticDecoder:
         self.check_every = check_every
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
         self.caches: dict = {}
+        self.cache_kw = cache_kwarg(model)  # looked up here, not in the compiled step
         self.step = torch.compile(self._step, mode=mode, fullgraph=False) if compile else self._step
 
     def _cache(self, b: int, total: int):
@@ -102,7 +106,7 @@ class _StaticDecoder:
 
     def _step(self, ids, position_ids, cache_position, mask, cache):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     @torch.no_grad()
@@ -130,6 +134,7 @@ class _StaticDecoder:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         cache_positions = torch.arange(total, device=dev)
         first = self._step(input_ids, positions, cache_positions[:t], mask, cache)  # prefill, eager
+        set_phase("generated")
         pos = positions[:, -1:] + 1
         nxt = first.argmax(-1)
         tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -150,22 +155,34 @@ class _StaticDecoder:
 def generate(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 32,
     static_cache: bool = False, refusal_ids: Sequence[int] | None = None, description: str = "Generating",
+    plan: Plan | None = None, rows: Sequence[int] | None = None,
+    on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None,
 ) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy completions of already-templated prompts.
 
+    ``plan`` (a per-row :class:`~refusal.interventions.Plan` over ``prompts``) gives each prompt its own
+    interventions, so prompts of many conditions decode together in the same batches; token-scoped interventions
+    see the prompt phase during prefill and the generated phase after it. ``rows`` generates only those prompts (the
+    result then follows ``rows``' order), and ``on_batch(rows, texts, scores)`` is called after every batch (to save
+    work as it finishes).
+
     ``static_cache=True`` decodes with refusal's own loop over a static KV cache (compiled with CUDA graphs on a
     GPU); otherwise ``model.generate`` with its default cache. Both decode greedily and give the same tokens (up to
-    bf16 rounding on near-ties).
+    bf16 rounding on near-ties); rows stop at the model's end-of-turn tokens.
 
     With ``refusal_ids``, also returns each prompt's refusal score at the first generated position, read from the
     same forward pass that generates the first token.
     """
+    if plan is not None and plan.n_rows is not None and plan.n_rows != len(prompts):
+        raise ValueError(f"the plan has {plan.n_rows} rows for {len(prompts)} prompts")
     dev = model_device(model)
-    lengths = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    wanted = list(range(len(prompts))) if rows is None else list(rows)
+    lengths = tokenizer([prompts[i] for i in wanted], add_special_tokens=False)["input_ids"]
+    length = {i: len(x) for i, x in zip(wanted, lengths)}
     decoder = _StaticDecoder(model, compile=dev.type == "cuda") if static_cache else None
-    order = sorted(range(len(prompts)), key=lambda i: len(lengths[i]))
+    order = sorted(wanted, key=lambda i: length[i])
     out: dict[int, str] = {}
-    first: dict[int, float] = {}
+    first: dict[int, float | None] = {}
     gen_cfg = greedy_config(model, tokenizer, max_new_tokens)
     rids = None if refusal_ids is None else torch.tensor(list(refusal_ids), device=dev)
 
@@ -175,21 +192,25 @@ def generate(
 
     def run(chunk):
         b = tokenize(tokenizer, [prompts[i] for i in chunk], dev)
-        if decoder is not None:
-            new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids, pad)
-        else:
-            keep = _FirstLogits()
-            seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, generation_config=gen_cfg,
-                                 logits_processor=LogitsProcessorList([keep]))
-            new_tokens, first_logits = seq[:, b.input_ids.shape[1]:], keep.first
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        hooks = apply(model, plan.take(list(chunk))) if plan is not None else nullcontext()
+        with hooks, phase("prompt"):
+            if decoder is not None:
+                new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids, pad)
+            else:
+                keep = _FirstLogits()
+                seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                     generation_config=gen_cfg, logits_processor=LogitsProcessorList([keep]))
+                new_tokens, first_logits = seq[:, b.input_ids.shape[1]:], keep.first
+        texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         scores = refusal_score(first_logits, rids).tolist() if rids is not None else [None] * len(chunk)
         for i, t, s in zip(chunk, texts, scores):
-            out[i] = t.strip()
+            out[i] = t
             first[i] = s
+        if on_batch is not None:
+            on_batch(list(chunk), texts, scores)
 
     in_batches(run, order, batch_size, description)
-    texts = [out[i] for i in range(len(prompts))]
+    texts = [out[i] for i in wanted]
     if refusal_ids is None:
         return texts
-    return texts, torch.tensor([first[i] for i in range(len(prompts))])
+    return texts, torch.tensor([first[i] for i in wanted])

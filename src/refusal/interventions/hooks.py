@@ -1,48 +1,197 @@
-"""Interventions on a plain Hugging Face model, as composable context managers.
+"""Interventions on a plain Hugging Face model, as context managers that always remove their hooks.
 
->>> with ablate(model, direction):            # remove the direction everywhere in the residual stream
+>>> with apply(model, [ablation(direction)]):          # any operator x scope, the same for every batch row
 ...     model.generate(...)
->>> with add(model, direction, layer=12, coeff=-1.0):   # activation subtraction at one layer
+>>> with apply(model, Plan.rows(model, per_row_interventions)):   # one list of interventions per batch row
 ...     model(...)
+>>> with ablate(model, direction):                      # shorthands used by scoring
+...     ...
+>>> with add(model, vector, layer=12, coeff=-1.0):
+...     ...
 
-Hooks are installed on entry and always removed on exit, even on error; several interventions nest.
-A direction of shape ``(d,)`` is one direction; ``(k, d)`` is a subspace (orthonormalised here). With
-``per_row=True`` the tensor is ``(batch, d)``: one direction per batch row, which lets many candidate directions be
-scored in a single forward pass.
+An intervention list lowers to a :class:`Plan`: for each (layer, site, token phase), a few :class:`~.operators.Edit`
+steps held as tensors, with a leading batch-row dimension when rows differ. Rows with nothing to do at a site get
+zero tensors there (a no-op), so many conditions or candidates share one forward pass and one hook per site, and a
+compiled decode step sees the same hooks whatever the interventions are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..errors import RefusalError
 from ..models.parts import find_parts
+from .operators import Add, Edit, ProjectOut, Reflect, apply_edit
+from .scopes import SITES, Intervention, Scope
+
+PHASES = ("prompt", "generated")
+_phase = ["prompt"]  # set by generation: "generated" once the prompt has been read
 
 
-def _basis(direction: torch.Tensor) -> torch.Tensor:
-    d = direction.float()
-    if d.ndim == 1:
-        return (d / d.norm()).unsqueeze(0)
-    q, _ = torch.linalg.qr(d.T)  # (d, k) orthonormal columns spanning the rows of `direction`
-    return q.T.contiguous()
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Mark the forwards inside the block as reading the prompt or generating (for token-scoped interventions)."""
+    old = _phase[0]
+    _phase[0] = name
+    try:
+        yield
+    finally:
+        _phase[0] = old
 
 
-def project_out(x: torch.Tensor, basis: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """``x`` minus its component in the span of ``basis`` (rows orthonormal); per-row: one unit row per batch row.
+def set_phase(name: str) -> None:
+    _phase[0] = name
 
-    One direction costs two fused kernels (a dot product and a multiply-subtract), not a matmul with an inner
-    dimension of one."""
-    b = basis.to(x.dtype)
-    if per_row:
-        b = b[:, None, :] if x.ndim == 3 else b
-    elif b.shape[0] == 1:
-        b = b[0]
-    else:
-        return x - (x @ b.T) @ b
-    return torch.addcmul(x, torch.linalg.vecdot(x, b).unsqueeze(-1), b, value=-1)
+
+# ---- constructors for the common interventions ----------------------------------------------------------------
+
+
+def ablation(direction, layers="all", tokens: str = "all") -> Intervention:
+    """Directional ablation (the paper): project out at the input and both block outputs of every layer."""
+    vecs, source = _vectors(direction)
+    return Intervention(ProjectOut(vecs), Scope(layers, SITES, tokens), source)
+
+
+def addition(direction, coeff: float = 1.0, layers="source", tokens: str = "all") -> Intervention:
+    """Activation addition of the raw vector at the input of its source layer (the paper), or other layers."""
+    vecs, source = _vectors(direction)
+    if vecs.ndim != 1 and vecs.shape[0] != 1:
+        raise RefusalError("Activation addition takes one direction, not a subspace.",
+                           "Add a single direction (e.g. INLP's first, rescaled), or use reflection.")
+    return Intervention(Add(vecs.reshape(-1), coeff), Scope(layers, ("input",), tokens), source)
+
+
+def reflection(direction, alpha: float = 1.0, layers="source", tokens: str = "all") -> Intervention:
+    """Counterfactual reflection across the hyperplane orthogonal to the direction (or subspace)."""
+    vecs, source = _vectors(direction)
+    return Intervention(Reflect(vecs, alpha), Scope(layers, ("input",), tokens), source)
+
+
+def _vectors(direction):
+    if isinstance(direction, torch.Tensor):
+        return direction, None
+    return direction.vectors, direction.layer  # a refusal.directions.Direction
+
+
+# ---- plans -------------------------------------------------------------------------------------------------------
+
+Step = tuple  # (basis | None, coeffs | None, shift | None), each with a leading row dim when per row
+
+
+@dataclass
+class Plan:
+    """Edit steps per (layer, site, phase); ``n_rows`` is None when every row gets the same edits."""
+
+    steps: dict[tuple[int, str, str], list[Step]]
+    n_rows: int | None = None
+
+    @classmethod
+    def shared(cls, model, interventions: Sequence[Intervention]) -> Plan:
+        """The same interventions on every row."""
+        n_layers = find_parts(model).n_layers
+        steps: dict = {}
+        for iv in interventions:
+            edits = iv.operator.edits()
+            for key in _keys(iv, n_layers):
+                steps.setdefault(key, []).extend((e.basis, e.coeffs, e.shift) for e in edits)
+        return cls(steps, None)
+
+    @classmethod
+    def rows(cls, model, rows: Sequence[Sequence[Intervention]]) -> Plan:
+        """One list of interventions per batch row (an empty list: no intervention on that row)."""
+        parts = find_parts(model)
+        n, d = len(rows), parts.hidden_size
+        per_key: dict[tuple, dict[int, list[Edit]]] = {}
+        lowered: dict[int, list[Edit]] = {}
+        for r, ivs in enumerate(rows):
+            for iv in ivs:
+                edits = lowered.setdefault(id(iv), iv.operator.edits())
+                for key in _keys(iv, parts.n_layers):
+                    per_key.setdefault(key, {}).setdefault(r, []).extend(edits)
+        steps: dict = {}
+        tables: dict = {}  # identical row patterns share one tensor (e.g. ablation at every site)
+        for key, by_row in per_key.items():
+            sig = tuple(sorted((r, tuple(id(e) for e in es)) for r, es in by_row.items()))
+            if sig not in tables:
+                tables[sig] = _stack(by_row, n, d)
+            steps[key] = tables[sig]
+        return cls(steps, n)
+
+    def take(self, rows: torch.Tensor | Sequence[int]) -> Plan:
+        """The plan for a subset of rows (e.g. one generation batch)."""
+        if self.n_rows is None:
+            return self
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        memo: dict[int, torch.Tensor | None] = {}
+
+        def pick(t):
+            if t is None:
+                return None
+            if id(t) not in memo:
+                memo[id(t)] = t.index_select(0, idx.to(t.device))
+            return memo[id(t)]
+        taken: dict = {}
+        steps = {}
+        for key, st in self.steps.items():
+            if id(st) not in taken:
+                taken[id(st)] = [tuple(pick(t) for t in step) for step in st]
+            steps[key] = taken[id(st)]
+        return Plan(steps, len(idx))
+
+    def to(self, device, dtype) -> Plan:
+        memo: dict[int, torch.Tensor] = {}
+
+        def conv(t):
+            if t is None:
+                return None
+            if id(t) not in memo:
+                memo[id(t)] = t.to(device=device, dtype=dtype)
+            return memo[id(t)]
+        done: dict = {}
+        steps = {}
+        for key, st in self.steps.items():
+            if id(st) not in done:
+                done[id(st)] = [tuple(conv(t) for t in step) for step in st]
+            steps[key] = done[id(st)]
+        return Plan(steps, self.n_rows)
+
+
+def _keys(iv: Intervention, n_layers: int) -> Iterable[tuple[int, str, str]]:
+    phases = PHASES if iv.scope.tokens == "all" else (iv.scope.tokens,)
+    for layer in iv.layers(n_layers):
+        for site in iv.scope.sites:
+            for ph in phases:
+                yield layer, site, ph
+
+
+def _stack(by_row: dict[int, list[Edit]], n: int, d: int) -> list[Step]:
+    """Per-row tensors for each step: rows without a step there get zeros (no change)."""
+    depth = max(len(es) for es in by_row.values())
+    out = []
+    for j in range(depth):
+        here = {r: es[j] for r, es in by_row.items() if len(es) > j}
+        k = max((e.basis.shape[0] for e in here.values() if e.basis is not None), default=0)
+        basis = coeffs = shift = None
+        if k:
+            basis, coeffs = torch.zeros(n, k, d), torch.zeros(n, k)
+        if any(e.shift is not None for e in here.values()):
+            shift = torch.zeros(n, d)
+        for r, e in here.items():
+            if e.basis is not None:
+                basis[r, :e.basis.shape[0]] = e.basis
+                coeffs[r, :e.basis.shape[0]] = e.coeffs
+            if e.shift is not None:
+                shift[r] = e.shift
+        out.append((basis, coeffs, shift))
+    return out
+
+
+# ---- installing hooks ------------------------------------------------------------------------------------------
 
 
 def _edit_output(output, fn):
@@ -71,6 +220,56 @@ def _hooks(register: Iterable) -> Iterator[None]:
             h.remove()
 
 
+def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else fallback
+
+
+@contextmanager
+def apply(model: nn.Module, plan: Plan | Sequence[Intervention]) -> Iterator[Plan]:
+    """Install a plan's hooks (a list of interventions means the same for every row); removed on exit."""
+    parts = find_parts(model)
+    if not isinstance(plan, Plan):
+        plan = Plan.shared(model, list(plan))
+    dtype = parts.embed.weight.dtype
+    fallback = parts.embed.weight.device
+    by_site: dict[tuple[int, str], dict[str, list[Step]]] = {}
+    for (layer, site, ph), st in plan.steps.items():
+        by_site.setdefault((layer, site), {})[ph] = st
+    on_device: dict = {}
+
+    regs = []
+    for (layer, site), tables in by_site.items():
+        dev = _device_of(parts.layers[layer], fallback)
+        if dev not in on_device:
+            on_device[dev] = plan.to(dev, dtype)
+        local = {ph: on_device[dev].steps[(layer, site, ph)] for ph in tables}
+
+        def fn(x: torch.Tensor, local=local) -> torch.Tensor:
+            st = local.get(_phase[0])
+            if st is None:
+                return x
+            for basis, coeffs, shift in st:
+                if basis is not None and basis.dtype != x.dtype:  # a forward in another dtype (rare)
+                    basis, coeffs = basis.to(x.dtype), coeffs.to(x.dtype)
+                if shift is not None and shift.dtype != x.dtype:
+                    shift = shift.to(x.dtype)
+                x = apply_edit(x, basis, coeffs, shift)
+            return x
+
+        if site == "input":
+            regs.append(lambda m=parts.layers[layer], f=fn: m.register_forward_pre_hook(
+                lambda _m, a, k: _edit_input(a, k, f), with_kwargs=True))
+        else:
+            block = parts.attn[layer] if site == "attn" else parts.mlp[layer]
+            regs.append(lambda m=block, f=fn: m.register_forward_hook(lambda _m, _a, out: _edit_output(out, f)))
+    with _hooks(regs):
+        yield plan
+
+
+# ---- shorthands (the hot paths of scoring build their tables directly) -----------------------------------------
+
+
 def _layer_list(n: int, layers: int | Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(n))
@@ -79,53 +278,37 @@ def _layer_list(n: int, layers: int | Iterable[int] | None) -> list[int]:
     return list(layers)
 
 
-@contextmanager
-def ablate(model: nn.Module, direction: torch.Tensor, *, layers: Iterable[int] | None = None, per_row: bool = False):
-    """Directional ablation: project the direction (or subspace) out of the residual stream.
+def ablate(model: nn.Module, direction: torch.Tensor, *, layers: Iterable[int] | None = None,
+           per_row: bool = False):
+    """Directional ablation at the input and both block outputs of the given layers (default: all).
 
-    At every chosen layer (default: all) the hook acts on the layer's input and on the outputs of its attention and
-    MLP blocks, so no component along the direction is written back into the residual stream.
-    """
+    ``direction`` is ``(d,)``, ``(k, d)`` (a subspace, orthonormalised here), or with ``per_row=True`` ``(B, d)``:
+    one direction per batch row."""
+    from ..directions.base import orthonormalize
+
     parts = find_parts(model)
-    dev = parts.embed.weight.device
+    d = direction.float()
     if per_row:
-        d = direction.float()
-        basis = (d / d.norm(dim=-1, keepdim=True)).to(dev)
+        basis = (d / d.norm(dim=-1, keepdim=True).clamp_min(1e-30))[:, None, :]
+        step = (basis, torch.ones(basis.shape[:2], device=d.device), None)
     else:
-        basis = _basis(direction).to(dev)
-    cache: dict = {}
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        b = cache.get(x.device)
-        if b is None:
-            b = cache[x.device] = basis.to(device=x.device, dtype=x.dtype)
-        return project_out(x, b, per_row)
-
-    regs = []
-    for i in _layer_list(parts.n_layers, layers):
-        regs.append(lambda m=parts.layers[i]: m.register_forward_pre_hook(
-            lambda _m, a, k: _edit_input(a, k, fn), with_kwargs=True))
-        for block in (parts.attn[i], parts.mlp[i]):
-            regs.append(lambda m=block: m.register_forward_hook(lambda _m, _a, out: _edit_output(out, fn)))
-    with _hooks(regs):
-        yield
+        basis = orthonormalize(d)
+        step = (basis, torch.ones(basis.shape[0], device=d.device), None)
+    steps = {(i, s, ph): [step] for i in _layer_list(parts.n_layers, layers) for s in SITES for ph in PHASES}
+    return apply(model, Plan(steps, len(d) if per_row else None))
 
 
-@contextmanager
 def add(model: nn.Module, vector: torch.Tensor, layer: int, *, coeff: float = 1.0, per_row: bool = False):
-    """Activation addition: add ``coeff * vector`` to the residual stream at the input of ``layer``, all positions.
+    """Activation addition: ``coeff * vector`` added at the input of ``layer``, every position (the raw vector, as
+    in Arditi et al.). With ``per_row=True`` ``vector`` is ``(B, d)``: one vector per batch row."""
+    v = coeff * vector.float()
+    steps = {(layer, "input", ph): [(None, None, v)] for ph in PHASES}
+    return apply(model, Plan(steps, len(v) if per_row else None))
 
-    The vector is used as given (the difference in means, not normalised), as in Arditi et al.
-    """
-    parts = find_parts(model)
-    v = (coeff * vector.float()).to(parts.embed.weight.device)
+
+def project_out(x: torch.Tensor, basis: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """``x`` minus its component in the span of ``basis`` (rows orthonormal; per row: ``(B, d)`` unit rows)."""
+    b = basis.to(x.dtype)
     if per_row:
-        v = v[:, None, :]
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return x + v.to(device=x.device, dtype=x.dtype)
-
-    reg = lambda m=parts.layers[layer]: m.register_forward_pre_hook(  # noqa: E731
-        lambda _m, a, k: _edit_input(a, k, fn), with_kwargs=True)
-    with _hooks([reg]):
-        yield
+        b = b[:, None, :]
+    return apply_edit(x, b, torch.ones(b.shape[:-1], dtype=x.dtype, device=x.device), None)

@@ -43,6 +43,7 @@ def resolve_source(spec: str) -> ModelSource:
     if p.suffix.lower() == ".gguf":
         if not p.is_file():
             raise RefusalError(f"The GGUF file '{spec}' does not exist.", "Check the path, or give a catalog name.")
+        _check_gguf_header(p)
         return ModelSource(spec, "gguf", str(p.resolve()), _slug(p.stem))
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -60,6 +61,34 @@ def resolve_source(spec: str) -> ModelSource:
             f"Use one of the catalog models ({known}), a local path, or a hub id such as Qwen/Qwen2.5-1.5B-Instruct.",
         )
     return ModelSource(spec, "hub", spec, _slug(spec.split("/")[-1]))
+
+
+_GGUF_HEADER = 24  # magic "GGUF", uint32 version, uint64 tensor count, uint64 metadata count
+
+
+def _bad_gguf(path, why: str) -> RefusalError:
+    return RefusalError(
+        f"The file '{path}' is not a valid, complete GGUF model file ({why}).",
+        "Download it again (an interrupted download leaves a truncated file), or use a catalog model, which "
+        "`refusal models pull NAME` fetches and verifies.",
+    )
+
+
+def _check_gguf_header(path: Path) -> None:
+    """A cheap check (no metadata parsing): the magic bytes, a known version and room for the header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_GGUF_HEADER)
+    except OSError as exc:
+        raise _bad_gguf(path, f"it cannot be read: {exc.strerror or exc}") from None
+    if head[:4] != b"GGUF":
+        raise _bad_gguf(path, "it does not start with the GGUF magic bytes")
+    if len(head) < _GGUF_HEADER:
+        raise _bad_gguf(path, f"it has only {len(head)} bytes, less than a GGUF header")
+    # version 1-3, little- or big-endian (a big-endian file reads as a huge little-endian number)
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (1, 2, 3) and int.from_bytes(head[4:8], "big") not in (1, 2, 3):
+        raise _bad_gguf(path, f"unknown GGUF version {version}")
 
 
 def check_hub_config(source: ModelSource, trust_remote_code: bool = False) -> None:
@@ -138,10 +167,17 @@ def load_model(
         check_hub_config(source, trust_remote_code)
         args, tok_args = (source.path,), (source.path,)
     tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")}
-    tokenizer = AutoTokenizer.from_pretrained(*tok_args, **tok_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        *args, dtype=torch_dtype, device_map=device_map, **kwargs
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(*tok_args, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            *args, dtype=torch_dtype, device_map=device_map, **kwargs
+        )
+    except Exception as exc:
+        if source.kind != "gguf" or isinstance(exc, (RefusalError, MemoryError, torch.cuda.OutOfMemoryError)):
+            raise
+        # transformers' GGUF reader fails on truncated or corrupt files with assorted errors (ValueError, ...)
+        raise _bad_gguf(source.path, f"transformers could not read it: {exc.__class__.__name__}: "
+                                     f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
     if device_map is None:
         model.to(device)
     model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -101,3 +102,20 @@ def decoder(model):
     """The model without its output head (the stack of layers that returns hidden states and the cache)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model``'s forward takes (and its output returns) the key/value cache: ``"cache"``
+    in newer transformers (which warn that ``past_key_values`` is deprecated), else ``"past_key_values"``.
+    Looked up once per model class."""
+    cls = type(model)
+    name = _CACHE_KWARG.get(cls)
+    if name is None:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        name = _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return name

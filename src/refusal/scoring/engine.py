@@ -25,7 +25,7 @@ from ..batching import in_batches
 from ..directions.diff_means import Candidates
 from ..interventions.hooks import ablate, add
 from ..models.norms import with_fused_norms
-from ..models.parts import decoder, find_parts, model_device
+from ..models.parts import cache_kwarg, decoder, find_parts, model_device
 from .layout import Bucket, Layout, layout
 from .refusal import refusal_score
 from .selection import Scores
@@ -49,7 +49,8 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 def _prefix_cache(model, lay: Layout, reps: int):
     """The key/value cache of the layout's shared prefix, ``reps`` rows (under whatever hooks are active)."""
     ids = lay.prefix[None].expand(reps, -1)
-    return decoder(model)(input_ids=ids, use_cache=True).past_key_values  # no output head
+    base = decoder(model)  # no output head
+    return getattr(base(input_ids=ids, use_cache=True), cache_kwarg(base))
 
 
 class _SharedPrefix(DynamicCache):
@@ -86,7 +87,7 @@ def _bucket_logits(model, bucket: Bucket, reps: int, prefix=None) -> torch.Tenso
     cache = None if prefix is None else _SharedPrefix(prefix, n)
     cols, which = bucket.cols, bucket.which
     keep = _takes_logits_to_keep(model)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+    out = model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=cache is not None,
                 **({"logits_to_keep": cols} if keep else {}))
     logits = out.logits if keep else out.logits[:, cols]
     return logits[torch.arange(len(ids), device=ids.device), which.repeat(reps)]

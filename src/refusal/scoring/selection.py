@@ -73,6 +73,17 @@ def choose(scores: Scores, *, n_layers: int, kl_threshold: float = 0.1, induce_t
                      float(scores.kl[p, layer]), n_ok)
 
 
+def ranked(scores: Scores, *, n_layers: int, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
+           max_layer_fraction: float = 0.8) -> list[tuple[int, int]]:
+    """``(pos, layer)`` of every candidate that passes the filters of :func:`choose`, lowest bypass first (rank 0
+    is the selection)."""
+    ok = (scores.kl < kl_threshold) & (scores.induce > induce_threshold) & ~scores.bypass.isnan()
+    ok &= (torch.arange(n_layers) < int(max_layer_fraction * n_layers))[None, :]
+    masked = torch.where(ok, scores.bypass, torch.full_like(scores.bypass, float("inf")))
+    order = masked.flatten().argsort()[: int(ok.sum())]
+    return [(scores.positions[int(i) // n_layers], int(i) % n_layers) for i in order]
+
+
 def plot_scores(scores: Scores, selection: Selection | None, path, title: str = "") -> None:
     """Bypass, induce and KL against layer, one line per post-instruction position."""
     import matplotlib

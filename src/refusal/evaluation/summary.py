@@ -1,0 +1,36 @@
+"""The summary of a run: for every prompt set × condition, each metric with its count, n and 95 % Wilson interval.
+
+``summary["results"][prompt_set][condition][metric]``; the headline numbers of the paper's table are also given
+flat: ``summary["harmful"][condition]`` is the non-refusal rate on harmful prompts (higher: the intervention bypasses
+refusal), ``summary["harmless"][condition]`` the refusal rate on harmless prompts (higher: it induces refusal).
+"""
+
+from __future__ import annotations
+
+from .stats import Rate
+from .substring import judge
+
+HEADLINE = {"harmful": "non_refusal", "harmless": "refusal"}
+
+
+def judge_completions(completions: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, list[dict]]]:
+    """Substring judgements (``refused``) for every record of every prompt set and condition."""
+    return {kind: {cond: judge(recs) for cond, recs in conds.items()} for kind, conds in completions.items()}
+
+
+def summarize(judged: dict[str, dict[str, list[dict]]]) -> dict:
+    results: dict = {}
+    headline: dict = {}
+    for kind, conds in judged.items():
+        for cond, recs in conds.items():
+            n = len(recs)
+            k = sum(bool(r["refused"]) for r in recs)
+            scores = [r["refusal_score"] for r in recs if r.get("refusal_score") is not None]
+            m = {"refusal": Rate.of(k, n).to_json(), "non_refusal": Rate.of(n - k, n).to_json(),
+                 "refusal_score_positive": Rate.of(sum(s > 0 for s in scores), len(scores)).to_json(),
+                 "mean_refusal_score": round(sum(scores) / len(scores), 4) if scores else None}
+            results.setdefault(kind, {})[cond] = m
+            if kind in HEADLINE:
+                headline.setdefault(kind, {})[cond] = m[HEADLINE[kind]]["rate"]
+    return {**headline, "results": results,
+            "n": {kind: {c: len(r) for c, r in conds.items()} for kind, conds in judged.items()}}
