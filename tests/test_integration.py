@@ -26,7 +26,7 @@ def test_whole_pipeline_on_smallest_catalog_model(tmp_path):
     assert r.exit_code == 0, r.output
     run = tmp_path / "runs" / "smollm2-135m-instruct"
     s = io.read_json(run / "summary.json")
-    assert s["model"] == "smollm2-135m-instruct" and s["n_harmful"] == 4
+    assert s["model"] == "smollm2-135m-instruct" and s["n"]["harmful"]["ablation"] == 4
     assert set(s["harmful"]) == {"baseline", "ablation", "actadd"}
     comps = io.read_json(run / "completions.json")
     assert all(r["completion"] for r in comps["harmless"]["baseline"])  # a real model writes text

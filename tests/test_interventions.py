@@ -198,3 +198,15 @@ def _generate_split(model, tokenizer, b, ivs, n, cfg, prompt_only=False):
         with apply(model, [] if prompt_only else plain):
             logits = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
     return torch.cat([ids] + out, 1)
+
+
+def test_static_decoder_with_plan_equals_model_generate_path(model, tokenizer):
+    """refusal's own static-cache loop gives the same tokens as model.generate under a per-row plan."""
+    d = torch.randn(find_parts(model).hidden_size) * 3
+    prompts = format_prompts(tokenizer, PROMPTS[:3])
+    rows = [[], [ablation(d)], [addition(d, 4.0, layers=[1])]]
+    plan = Plan.rows(model, [r for r in rows for _ in prompts])
+    kwargs = dict(max_new_tokens=5, batch_size=16, plan=plan)
+    eager = generate(model, tokenizer, prompts * 3, **kwargs)
+    static = generate(model, tokenizer, prompts * 3, static_cache=True, **kwargs)
+    assert static == eager

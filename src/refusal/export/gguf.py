@@ -218,7 +218,7 @@ def edit_gguf(
     ``q8_0``. ``edit_embedding``: None = edit ``token_embd`` unless the architecture always ties it to the output
     head (then it is skipped and reported); True = edit it or raise; False = leave it."""
     import gguf
-    from gguf.quants import dequantize
+    from gguf.quants import _type_traits, dequantize
 
     src, out = Path(src), Path(out)
     if not src.is_file():
@@ -294,10 +294,15 @@ def edit_gguf(
         if len(shape) == 0 or shape[axis] != hidden:
             raise RefusalError(f"The tensor {t.name} has shape {shape} (numpy order), whose residual axis is not the "
                                f"hidden size {hidden}.", "This GGUF layout is not supported; please open an issue.")
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
+                and t.tensor_type not in _type_traits:
+            raise RefusalError(f"The tensor {t.name} is stored as {t.tensor_type.name}, which gguf-py cannot "
+                               "dequantize, so it cannot be edited.",
+                               "Start from a GGUF in another quantization, or from the Hugging Face model.")
         qtype = _edited_type(t.tensor_type, shape, edited_type)
 
         def produce() -> np.ndarray:
-            x = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+            x = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
             x = x.reshape(shape)
             y = edit_matrix(x, bases[layer], axis, scale=weights[layer],
                             norm_preserving=norm_preserving and x.ndim > 1)

@@ -8,13 +8,14 @@ manager.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..batching import in_batches
 from ..interventions.hooks import Plan, apply, phase, set_phase
+from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
 from ..scoring.refusal import refusal_score
 from ..templates import tokenize
@@ -80,6 +81,21 @@ def _register_gqa() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(_GQA, sdpa_mask)
 
 
+@contextmanager
+def grouped_attention(model):
+    """Run attention with :func:`gqa_attention` (same math as SDPA/eager, no copies of the grouped K/V heads: on an
+    H200, ``repeat_kv`` copies were a fifth of the decode step at batch 512), and restore the model's own on exit."""
+    cfg = model.config
+    old = cfg._attn_implementation
+    if old in ("sdpa", "eager"):
+        _register_gqa()
+        cfg._attn_implementation = _GQA
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
 class _StaticDecoder:
     """Greedy decoding with a static KV cache and fixed shapes, so one compiled (CUDA-graphed) step serves every
     token. Stops early only when every row has ended, checking once every ``check_every`` steps (a check is a
@@ -111,18 +127,10 @@ class _StaticDecoder:
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask, max_new_tokens: int, eos_ids: torch.Tensor, pad_id: int):
-        cfg = self.model.config
-        old = cfg._attn_implementation
-        if old in ("sdpa", "eager"):  # same math, without expanding grouped K/V heads
-            _register_gqa()
-            cfg._attn_implementation = _GQA
-        try:
-            # torch.compile does not by default notice hooks added after it compiled (an intervention entered
-            # between calls): have it guard on them, so a changed intervention recompiles instead of being ignored
-            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-                return self._decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id)
-        finally:
-            cfg._attn_implementation = old
+        # torch.compile does not by default notice hooks added after it compiled (an intervention entered between
+        # calls): have it guard on them, so a changed intervention recompiles instead of being ignored
+        with grouped_attention(self.model), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            return self._decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id)
 
     def _decode(self, input_ids, attention_mask, max_new_tokens: int, eos_ids: torch.Tensor, pad_id: int):
         b, t = input_ids.shape
@@ -193,7 +201,8 @@ def generate(
     def run(chunk):
         b = tokenize(tokenizer, [prompts[i] for i in chunk], dev)
         hooks = apply(model, plan.take(list(chunk))) if plan is not None else nullcontext()
-        with hooks, phase("prompt"):
+        fast = nullcontext() if decoder is not None else grouped_attention(model)
+        with hooks, fast, fused_norms(model), phase("prompt"):
             if decoder is not None:
                 new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids, pad)
             else:

@@ -1,0 +1,294 @@
+"""The judge protocol: (prompt, completion) pairs in, one :class:`Judgement` per pair out.
+
+A judge is either a *refusal* judge (labels ``refusal`` / ``compliance``, some also ``partial``) or a *safety*
+judge (labels ``safe`` / ``unsafe``). A judgement that failed (an unparseable answer, a timeout, a missing field)
+has no label, so it is never counted as safe or as a refusal; rates keep it in their denominator.
+
+Judges are built from config dicts such as ``{"type": "substring"}`` by :func:`make_judge`, which validates the
+whole spec (keys, types, choices, paths, environment variables) before any model is loaded or any request sent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ...errors import RefusalError
+from ..stats import Rate
+
+REFUSAL_LABELS = ("refusal", "compliance", "partial")
+SAFETY_LABELS = ("safe", "unsafe")
+KINDS = {"refusal": REFUSAL_LABELS, "safety": SAFETY_LABELS}
+
+PROMPT_FIELDS = ("instruction", "prompt", "question")
+COMPLETION_FIELDS = ("completion", "response", "output")
+
+
+@dataclass
+class Judgement:
+    """One verdict. ``label`` is ``None`` exactly when ``failed``; ``raw`` is the judge's own text, if any."""
+
+    label: str | None
+    score: float | None = None
+    failed: bool = False
+    error: str | None = None
+    raw: str | None = None
+    details: dict | None = None
+
+    def __post_init__(self):
+        if self.failed:
+            self.label = None  # a failed item is never counted as anything
+        elif self.label is None:
+            raise ValueError("a Judgement that did not fail needs a label")
+        if self.score is not None and math.isnan(self.score):
+            self.score = None
+
+    @classmethod
+    def failure(cls, error: str, raw: str | None = None, score: float | None = None,
+                details: dict | None = None) -> Judgement:
+        return cls(None, score=score, failed=True, error=error, raw=raw, details=details)
+
+    def is_(self, label: str) -> bool:
+        return not self.failed and self.label == label
+
+    @property
+    def refused(self) -> bool:
+        return self.is_("refusal")
+
+    @property
+    def safe(self) -> bool:
+        return self.is_("safe")
+
+    @property
+    def unsafe(self) -> bool:
+        return self.is_("unsafe")
+
+    def to_json(self) -> dict:
+        out: dict = {"label": self.label, "score": self.score, "failed": self.failed}
+        if self.error is not None:
+            out["error"] = self.error
+        if self.raw is not None:
+            out["raw"] = self.raw
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+@dataclass(frozen=True)
+class Item:
+    """A (prompt, completion) pair, with the record it came from (for fields such as ``refusal_score``)."""
+
+    prompt: str
+    completion: str
+    record: Mapping | None = None
+
+
+def as_items(items: Sequence) -> list[Item]:
+    """Accept ``(prompt, completion)`` tuples, :class:`Item` s or records ``{"instruction", "completion", ...}``."""
+    out = []
+    for i, it in enumerate(items):
+        if isinstance(it, Item):
+            out.append(it)
+        elif isinstance(it, Mapping):
+            p = next((f for f in PROMPT_FIELDS if isinstance(it.get(f), str)), None)
+            c = next((f for f in COMPLETION_FIELDS if isinstance(it.get(f), str)), None)
+            if p is None or c is None:
+                raise RefusalError(
+                    f"Item {i} to judge has no {'prompt' if p is None else 'completion'} field "
+                    f"(keys: {sorted(it)}).",
+                    f"Give each record a prompt ({' / '.join(PROMPT_FIELDS)}) and a completion "
+                    f"({' / '.join(COMPLETION_FIELDS)}).",
+                )
+            out.append(Item(it[p], it[c], it))
+        elif isinstance(it, (tuple, list)) and len(it) == 2 and all(isinstance(x, str) for x in it):
+            out.append(Item(it[0], it[1]))
+        else:
+            raise RefusalError(f"Item {i} to judge is a {type(it).__name__}, not a (prompt, completion) pair.",
+                               "Pass a list of (prompt, completion) string pairs or of records.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Spec validation
+
+_REQUIRED = object()
+NoneType = type(None)  # for option types (inside a Judge class body, ``type`` is the judge's type name)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key of a judge spec: accepted types, default (absent: required), allowed values, extra check."""
+
+    types: type | tuple[type, ...]
+    default: Any = _REQUIRED
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None if the value is fine
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+def positive(x) -> str | None:
+    return None if x > 0 else "must be > 0"
+
+
+def non_negative(x) -> str | None:
+    return None if x >= 0 else "must be >= 0"
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def check_options(type_name: str, spec: Mapping, options: Mapping[str, Option]) -> dict:
+    """The spec's options with defaults filled in; a :class:`RefusalError` for any unknown, missing or bad key."""
+    allowed = {"type", "name", *options}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise RefusalError(f"Unknown key(s) {', '.join(map(repr, unknown))} in the '{type_name}' judge spec.",
+                           f"Allowed keys: {', '.join(sorted(allowed))}.")
+    out: dict = {}
+    for key, opt in options.items():
+        if key not in spec:
+            if opt.required:
+                raise RefusalError(f"The '{type_name}' judge spec needs '{key}'"
+                                   f"{f' ({opt.help})' if opt.help else ''}.",
+                                   f"Add \"{key}\" to the spec.")
+            out[key] = opt.default
+            continue
+        value = spec[key]
+        types = opt.types if isinstance(opt.types, tuple) else (opt.types,)
+        bad_bool = isinstance(value, bool) and bool not in types  # bool is an int, but not a count
+        if bad_bool or not isinstance(value, types):
+            if float in types and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                raise RefusalError(f"'{key}' in the '{type_name}' judge spec is {value!r}; expected "
+                                   f"{_type_names(opt.types)}.", f"Fix '{key}' in the spec.")
+        if opt.choices is not None and value not in opt.choices:
+            raise RefusalError(f"'{key}' in the '{type_name}' judge spec is {value!r}.",
+                               f"Use one of: {', '.join(map(str, opt.choices))}.")
+        if opt.check is not None and value is not None:
+            complaint = opt.check(value)
+            if complaint:
+                raise RefusalError(f"'{key}' in the '{type_name}' judge spec is {value!r}: {complaint}.",
+                                   f"Fix '{key}' in the spec.")
+        out[key] = value
+    name = spec.get("name")
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise RefusalError(f"'name' in the '{type_name}' judge spec is {name!r}.", "Use a non-empty string.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Judges and the registry
+
+
+class Judge(ABC):
+    """A judge: ``name`` (for reports), ``kind`` (``"refusal"`` or ``"safety"``), and :meth:`judge`."""
+
+    type: ClassVar[str]
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    name: str
+    kind: str
+
+    @abstractmethod
+    def judge(self, items: Sequence) -> list[Judgement]:
+        """One :class:`Judgement` per item, in order. Items: see :func:`as_items`."""
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return KINDS[self.kind]
+
+    @classmethod
+    def check_spec(cls, spec: Mapping) -> dict:
+        """Validated options (no model work). Subclasses add checks that need several keys at once."""
+        return check_options(cls.type, spec, cls.OPTIONS)
+
+    @classmethod
+    def from_spec(cls, spec: Mapping) -> Judge:
+        opts = cls.check_spec(spec)
+        judge = cls(**opts)
+        if spec.get("name"):
+            judge.name = spec["name"]
+        return judge
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} ({self.kind})>"
+
+
+_BUILTIN = {
+    "substring": "substring:SubstringJudge",
+    "refusal_score": "refusal_score:RefusalScoreJudge",
+    "guard": "guard:GuardJudge",
+    "llm": "llm:LLMJudge",
+    "openai": "openai:OpenAIJudge",
+}
+_REGISTERED: dict[str, type[Judge]] = {}
+
+
+def register(cls: type[Judge]) -> type[Judge]:
+    """Class decorator: make ``{"type": cls.type}`` specs build ``cls`` (for judges outside this package)."""
+    _REGISTERED[cls.type] = cls
+    return cls
+
+
+def judge_types() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_REGISTERED))
+
+
+def judge_class(type_name: str) -> type[Judge]:
+    key = type_name.strip().lower().replace("-", "_")
+    if key in _REGISTERED:
+        return _REGISTERED[key]
+    if key not in _BUILTIN:
+        raise RefusalError(f"Unknown judge type '{type_name}'.", f"Use one of: {', '.join(judge_types())}.")
+    module, cls = _BUILTIN[key].split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), cls)
+
+
+def _spec_type(spec: Any) -> str:
+    if not isinstance(spec, Mapping):
+        raise RefusalError(f"A judge spec must be a mapping such as {{\"type\": \"substring\"}}, not {spec!r}.",
+                           f"Give a dict with a 'type' ({', '.join(judge_types())}).")
+    t = spec.get("type")
+    if not isinstance(t, str) or not t.strip():
+        raise RefusalError(f"The judge spec {dict(spec)!r} has no 'type'.",
+                           f"Add \"type\": one of {', '.join(judge_types())}.")
+    return t
+
+
+def validate_spec(spec: Mapping) -> dict:
+    """Check a judge spec without building the judge (no model loaded, no request sent); returns its options."""
+    return judge_class(_spec_type(spec)).check_spec(spec)
+
+
+def make_judge(spec: Mapping | Judge) -> Judge:
+    """Build a judge from a spec dict (see the module docs); a :class:`Judge` is returned as is."""
+    if isinstance(spec, Judge):
+        return spec
+    return judge_class(_spec_type(spec)).from_spec(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counting
+
+
+def rate(judgements: Sequence[Judgement], label: str, z: float = 1.96) -> Rate:
+    """How many judgements carry ``label``, of all of them (failed ones count in ``n``, never in ``count``)."""
+    return Rate.of(sum(j.is_(label) for j in judgements), len(judgements), z)
+
+
+def summarize(judgements: Sequence[Judgement], labels: Sequence[str] | None = None, z: float = 1.96) -> dict:
+    """``{"n", "failed", "rates": {label: Rate.to_json()}}`` for the given labels (default: all seen)."""
+    if labels is None:
+        labels = sorted({j.label for j in judgements if not j.failed})
+    return {"n": len(judgements), "failed": sum(j.failed for j in judgements),
+            "rates": {lab: rate(judgements, lab, z).to_json() for lab in labels}}
