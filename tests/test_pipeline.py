@@ -308,3 +308,34 @@ def test_killed_generation_keeps_finished_batches(model_dir, datasets, cfg_file,
     assert not set(asked[0]) & {int(i) for i in partial["rows"]}
     comps = io.read_json(run.dir / "completions.json")
     assert sum(len(v) for c in comps.values() for v in c.values()) == 15
+
+
+def test_inlp_families_and_scopes_from_the_shipped_config(model_dir, datasets, tmp_path):
+    """docs/configs/inlp-families.yaml runs end to end: INLP subspaces, local and global rankings with their
+    Spearman correlation, and every family x scope as a condition with its first-token KL."""
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "docs" / "configs" / "inlp-families.yaml").read_text())
+    cfg.update({"data": {"n_train": 7, "n_val": 3, "n_test": 2, "filter": False}, "device": "cpu",
+                "preset": "paper", "select": {**cfg["select"], "kl_threshold": 1e9, "induce_threshold": -1e9}})
+    cfg["extract"]["inlp"] = {"n_iterations": 2, "min_accuracy": 0.0, "margin": -1.0, "heldout_fraction": 0.25}
+    cfg["generate"]["max_new_tokens"] = 2
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(app, ["run", *_args(model_dir, datasets, p, tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    run_dir = tmp_path / "runs" / "tiny-qwen2"
+    rank = io.read_json(run_dir / "rankings.json")
+    assert -1 <= rank["inlp"]["spearman_local_global"] <= 1 and -1 <= rank["diff_means"]["spearman_local_global"] <= 1
+    assert rank["inlp"]["selected"]["rank"] >= 1 and (run_dir / "inlp_accuracy.png").exists()
+    from refusal.directions.base import DirectionSet
+
+    ds = DirectionSet.load(run_dir / "directions.safetensors")
+    assert ds["inlp"].method == "inlp" and ds["inlp_first"].k == 1
+    sel = ds["selected"]
+    dm_there = ds["inlp_first"].vector.norm()
+    assert dm_there > 0 and sel.vector.norm() > 0
+    s = io.read_json(run_dir / "summary.json")
+    assert len(s["results"]["harmful"]) == 16 and len(s["results"]["harmless"]) == 10
+    assert s["results"]["harmful"]["baseline"]["kl_harmless"] < 1e-4
+    assert s["results"]["harmful"]["inlp_nullspace_all"]["kl_harmless"] > 0

@@ -33,6 +33,26 @@ class DataConfig:
     filter: bool = True  # keep harmful train/val prompts the model refuses and harmless ones it does not
 
 
+METHODS = ("diff_means", "inlp")
+
+
+@dataclass
+class InlpConfig:
+    """Iterative nullspace projection at every component (see refusal.directions.inlp)."""
+
+    n_iterations: int = 16
+    min_accuracy: float = 0.55  # a round's classifier below this held-out accuracy adds no direction
+    margin: float = 0.02  # ... nor one within this margin of chance (0.5)
+    heldout_fraction: float = 0.2
+    classifier: str = "logistic"  # or "svm"
+
+
+@dataclass
+class ExtractConfig:
+    methods: list[str] = field(default_factory=lambda: ["diff_means"])  # add "inlp" for INLP subspaces too
+    inlp: InlpConfig = field(default_factory=InlpConfig)
+
+
 @dataclass
 class SelectConfig:
     kl_threshold: float = 0.1
@@ -40,6 +60,7 @@ class SelectConfig:
     max_layer_fraction: float = 0.8  # candidates from the last 20 % of layers are not scored
     layer_stride: int = 1  # score every k-th layer (1 = all, as in the paper)
     prune: bool = False  # bypass/KL only for candidates passing the induce filter (same pick, fewer forwards)
+    ranking: str = "global"  # rank components by intervening everywhere (the paper), "local" (source only) or "both"
 
 
 OPS = ("ablate", "add", "reflect")
@@ -96,6 +117,7 @@ class RunConfig:
     output: str = "runs"
     name: str | None = None  # run folder name; None = the model's alias
     data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
@@ -112,7 +134,7 @@ class RunConfig:
 # extract) the model's identity and the resolved dtype; settings that do not change results (device, batch size,
 # output folder) are in none of them.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "extract": ("model", "trust_remote_code", "system_prompt", "refusal_tokens", "data"),
+    "extract": ("model", "trust_remote_code", "system_prompt", "refusal_tokens", "data", "extract"),
     "select": ("select",),
     "generate": ("generate",),
     "evaluate": (),
@@ -150,6 +172,8 @@ def _build(d: dict) -> RunConfig:
     d = dict(d)
     sub = {"data": DataConfig, "select": SelectConfig, "generate": GenerateConfig}
     kwargs = {k: (sub[k](**v) if k in sub else v) for k, v in d.items()}
+    ext = dict(kwargs.get("extract") or {})
+    kwargs["extract"] = ExtractConfig(list(ext.get("methods", ["diff_means"])), InlpConfig(**(ext.get("inlp") or {})))
     kwargs["generate"].conditions = [_condition(c, i) for i, c in enumerate(kwargs["generate"].conditions)]
     return RunConfig(**kwargs)
 
@@ -238,6 +262,16 @@ def validate(cfg: RunConfig) -> None:
     for name in ("n_train", "n_val", "n_test"):
         if getattr(d, name) < 1:
             raise RefusalError(f"data.{name} must be at least 1 (got {getattr(d, name)}).", "Set a positive size.")
+    bad = [m for m in cfg.extract.methods if m not in METHODS]
+    if bad or "diff_means" not in cfg.extract.methods:
+        raise RefusalError(f"extract.methods must include diff_means and may add inlp (got {cfg.extract.methods}).",
+                           f"Methods are: {', '.join(METHODS)}.")
+    if cfg.select.ranking not in ("global", "local", "both"):
+        raise RefusalError(f"select.ranking must be global, local or both (got '{cfg.select.ranking}').",
+                           "global: intervene at every layer (the paper); local: only at the source component.")
+    if cfg.extract.inlp.classifier not in ("logistic", "svm"):
+        raise RefusalError(f"extract.inlp.classifier must be logistic or svm (got '{cfg.extract.inlp.classifier}').",
+                           "Use logistic (default) or svm.")
     seen = set()
     for c in cfg.generate.conditions:
         if c.prompts not in PROMPT_SETS:

@@ -18,7 +18,8 @@ def judge_completions(completions: dict[str, dict[str, list[dict]]]) -> dict[str
     return {kind: {cond: judge(recs) for cond, recs in conds.items()} for kind, conds in completions.items()}
 
 
-def summarize(judged: dict[str, dict[str, list[dict]]]) -> dict:
+def summarize(judged: dict[str, dict[str, list[dict]]], kl: dict | None = None) -> dict:
+    """Rates per prompt set x condition; ``kl``: ``{prompt_set: {condition: {"kl_harmless": x}}}`` from generate."""
     results: dict = {}
     headline: dict = {}
     for kind, conds in judged.items():
@@ -28,7 +29,8 @@ def summarize(judged: dict[str, dict[str, list[dict]]]) -> dict:
             scores = [r["refusal_score"] for r in recs if r.get("refusal_score") is not None]
             m = {"refusal": Rate.of(k, n).to_json(), "non_refusal": Rate.of(n - k, n).to_json(),
                  "refusal_score_positive": Rate.of(sum(s > 0 for s in scores), len(scores)).to_json(),
-                 "mean_refusal_score": round(sum(scores) / len(scores), 4) if scores else None}
+                 "mean_refusal_score": round(sum(scores) / len(scores), 4) if scores else None,
+                 "kl_harmless": ((kl or {}).get(kind, {}).get(cond) or {}).get("kl_harmless")}
             results.setdefault(kind, {})[cond] = m
             if kind in HEADLINE:
                 headline.setdefault(kind, {})[cond] = m[HEADLINE[kind]]["rate"]

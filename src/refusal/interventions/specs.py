@@ -16,13 +16,17 @@ _DEFAULT_LAYERS = {"ablate": "all", "add": "source", "reflect": "source"}
 
 
 def from_spec(spec: InterventionSpec, directions: Mapping[str, Direction],
-              ranking: Sequence[int] | None = None) -> Intervention:
-    """The intervention a spec describes, on a direction of ``directions`` (``ranking``: layers best first, for a
-    ``{top: p}`` layer scope)."""
+              rankings: Mapping[str, Sequence[int]] | Sequence[int] | None = None) -> Intervention:
+    """The intervention a spec describes, on a direction of ``directions``. ``rankings``: layers best first (per
+    direction method, e.g. ``{"diff_means": [...], "inlp": [...]}``, or one list), for a ``{top: p}`` layer scope."""
     if spec.direction not in directions:
         raise RefusalError(f"The intervention names the direction '{spec.direction}', which the run does not have "
                            f"(it has: {', '.join(directions)}).", "Name one of those directions.")
     d = directions[spec.direction]
+    ranking = rankings
+    if isinstance(rankings, Mapping):
+        method = "inlp" if d.method.startswith("inlp") else "diff_means"
+        ranking = rankings.get(method)
     layers = spec.layers if spec.layers is not None else _DEFAULT_LAYERS[spec.op]
     make = {"ablate": lambda: ablation(d, layers, spec.tokens),
             "add": lambda: addition(d, spec.coeff, layers, spec.tokens),
@@ -34,5 +38,5 @@ def from_spec(spec: InterventionSpec, directions: Mapping[str, Direction],
 
 
 def condition_interventions(condition: Condition, directions: Mapping[str, Direction],
-                            ranking: Sequence[int] | None = None) -> list[Intervention]:
-    return [from_spec(s, directions, ranking) for s in condition.interventions]
+                            rankings: Mapping[str, Sequence[int]] | Sequence[int] | None = None) -> list[Intervention]:
+    return [from_spec(s, directions, rankings) for s in condition.interventions]

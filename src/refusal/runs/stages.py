@@ -3,7 +3,10 @@ before it, and returns ``(outputs, manifest extras)``."""
 
 from __future__ import annotations
 
+import math
 import time
+
+import torch
 
 from .. import io
 from ..batching import console
@@ -47,7 +50,33 @@ def extract(run, started: float):
                                run.prompts(splits["harmless"]["train"]), n_pos, batch_size=run.batch_size,
                                model_name=run.digests["extract"])
     cands.save(run.dir / "candidates.safetensors")
-    return ["splits.json", "candidates.safetensors"], {"kept_after_filter": kept}
+    outputs = ["splits.json", "candidates.safetensors"]
+    if "inlp" in run.cfg.extract.methods:
+        outputs += _extract_inlp(run, splits, n_pos)
+    return outputs, {"kept_after_filter": kept}
+
+
+def _extract_inlp(run, splits: dict, n_pos: int) -> list[str]:
+    """INLP subspaces at every component (layer below the selection's depth limit x post-instruction position)."""
+    from ..directions.inlp import extract_inlp, plot_accuracy
+
+    n_layers = find_parts(run.model).n_layers
+    s = run.cfg.select
+    layers = [i for i in range(0, n_layers, s.layer_stride) if i < int(s.max_layer_fraction * n_layers)]
+    c = run.cfg.extract.inlp
+    t = time.perf_counter()
+    res = extract_inlp(run.model, run.tokenizer, run.prompts(splits["harmful"]["train"]),
+                       run.prompts(splits["harmless"]["train"]), n_pos, layers, batch_size=run.batch_size,
+                       model_name=run.digests["extract"], n_iterations=c.n_iterations, min_accuracy=c.min_accuracy,
+                       margin=c.margin, heldout_fraction=c.heldout_fraction, classifier=c.classifier,
+                       seed=run.cfg.data.seed)
+    res.save(run.dir / "inlp.safetensors")
+    io.write_json(run.dir / "inlp.json", {**res.to_json(), "seconds": round(time.perf_counter() - t, 2)})
+    best = max(((p, la) for p in res.positions for la in res.layers), key=lambda pl: int(res.rank[res.index(*pl)]))
+    plot_accuracy(res, *best, run.dir / "inlp_accuracy.png")
+    console.print(f"INLP: {int((res.rank > 0).sum())} of {res.rank.numel()} components found a subspace (largest "
+                  f"rank {int(res.rank.max())}) in {time.perf_counter() - t:.1f} s")
+    return ["inlp.safetensors", "inlp.json", "inlp_accuracy.png"]
 
 
 def select(run, started: float):
@@ -87,20 +116,114 @@ def select(run, started: float):
     chosen.save(run.dir / "direction.safetensors")
     ranked_set = DirectionSet([("selected", chosen)] + [(str(r), direction(p, la)) for r, (p, la) in
                                                         enumerate(order[:16])])
-    ranked_set.save(run.dir / "directions.safetensors")
     console.print(f"Selected position {sel.pos}, layer {sel.layer} (bypass {sel.bypass:.3f}, induce "
                   f"{sel.induce:.3f}, KL {sel.kl:.4f}; {sel.n_passing} candidates passed the filters)")
-    return (["scores.json", "scores.png", "direction.safetensors", "directions.safetensors"],
+    rankings = {"diff_means": _rank_diff_means(run, scores, cands, layers, hv, bv)}
+    if "inlp" in run.cfg.extract.methods:
+        rankings["inlp"] = _rank_inlp(run, cands, hv, bv, ranked_set)
+    io.write_json(run.dir / "rankings.json", rankings)
+    ranked_set.save(run.dir / "directions.safetensors")
+    return (["scores.json", "scores.png", "direction.safetensors", "directions.safetensors", "rankings.json"],
             {"selected": {"pos": sel.pos, "layer": sel.layer}})
 
 
-def _layer_ranking(run) -> list[int]:
-    """Layers best first by the bypass score of their best position (for ``{top: p}`` scopes)."""
-    from ..scoring.selection import Scores
+def _by_layer(bypass: dict[tuple[int, int], float]) -> list[int]:
+    """Layers best first, each by the lowest bypass of its positions."""
+    best: dict[int, float] = {}
+    for (_, layer), v in bypass.items():
+        best[layer] = min(best.get(layer, float("inf")), v)
+    return sorted(best, key=lambda la: best[la])
 
-    scores = Scores.from_json(io.read_json(run.dir / "scores.json"))
-    best = scores.bypass.nan_to_num(float("inf")).min(0).values
-    return [int(i) for i in best.argsort()]
+
+def _ranking_summary(comps: list[tuple[int, int]], local: list[float] | None, glob: list[float] | None) -> dict:
+    from ..scoring.plans import spearman
+
+    main = glob if glob is not None else local
+    out = {"components": [{"pos": p, "layer": la} for p, la in comps],
+           "layers": _by_layer({c: v for c, v in zip(comps, main)})}
+    if local is not None:
+        out["local_bypass"] = [round(v, 5) for v in local]
+    if glob is not None:
+        out["global_bypass"] = [round(v, 5) for v in glob]
+    if local is not None and glob is not None and len(comps) > 1:
+        out["spearman_local_global"] = round(spearman(local, glob), 4)
+    return out
+
+
+def _rank_diff_means(run, scores, cands, layers, hv, bv) -> dict:
+    """The paper's (global) bypass of every candidate; with select.ranking local/both also its bypass when ablated
+    at its source layer only, and the Spearman correlation of the two rankings."""
+    from ..interventions.hooks import ablation
+    from ..scoring.plans import score_interventions
+
+    comps = [(p, la) for la in layers for p in cands.positions
+             if not math.isnan(float(scores.bypass[cands.positions.index(p), la]))]
+    glob = [float(scores.bypass[cands.positions.index(p), la]) for p, la in comps]
+    local = None
+    if run.cfg.select.ranking in ("local", "both") and comps:
+        cand = [[ablation(cands.direction(p, la), layers=[la])] for p, la in comps]
+        t = time.perf_counter()
+        res = score_interventions(run.model, run.tokenizer, hv, cand, run.refusal_ids(),
+                                  batch_size=run.score_batch_size, description="Ranking diff-in-means locally")
+        local = res.mean()[0].tolist()
+        console.print(f"Local ranking of {len(comps)} candidates: {time.perf_counter() - t:.1f} s")
+    return _ranking_summary(comps, local, glob if run.cfg.select.ranking != "local" else None)
+
+
+def _rank_inlp(run, cands, hv, bv, ranked_set: DirectionSet) -> dict:
+    """Score every INLP component's nullspace projection (locally at its layer and/or globally at every layer),
+    pick the one with the lowest bypass among KL < the threshold, and add to the direction set: ``inlp`` (its
+    subspace) and ``inlp_first`` (its first classifier direction rescaled to the diff-in-means norm there)."""
+    from ..directions.inlp import InlpResult
+    from ..interventions.hooks import ablation
+    from ..scoring.plans import score_interventions
+
+    res = InlpResult.load(run.dir / "inlp.safetensors")
+    comps = [(p, la) for p in res.positions for la in res.layers if int(res.rank[res.index(p, la)]) > 0]
+    if not comps:
+        raise RefusalError("INLP found no separating direction at any component.",
+                           "Lower extract.inlp.min_accuracy, use more training prompts, or drop inlp from "
+                           "extract.methods.")
+    mode = run.cfg.select.ranking
+    t = time.perf_counter()
+    got: dict[str, tuple[list[float], list[float]]] = {}
+    for which in (("local", "global") if mode == "both" else (mode,)):
+        cand = [[ablation(res.direction(p, la), layers=[la] if which == "local" else "all")] for p, la in comps]
+        sc = score_interventions(run.model, run.tokenizer, list(hv) + list(bv), cand, run.refusal_ids(),
+                                 batch_size=run.score_batch_size, description=f"Ranking INLP ({which})")
+        nh = len(hv)
+        got[which] = (sc.mean(slice(0, nh))[0].tolist(), sc.mean(slice(nh, None))[1].tolist())
+    seconds = time.perf_counter() - t
+    main = "global" if "global" in got else "local"
+    bypass, kl = got[main]
+    ok = [i for i, v in enumerate(kl) if v < run.cfg.select.kl_threshold]
+    if not ok:
+        raise RefusalError(f"No INLP component's nullspace projection kept the KL below {run.cfg.select.kl_threshold} "
+                           f"(lowest {min(kl):.3f}).", "Raise select.kl_threshold, or look at rankings.json.")
+    best = min(ok, key=lambda i: bypass[i])
+    p, la = comps[best]
+    sub = res.direction(p, la)
+    dm = cands.direction(p, la)
+    first = res.first_direction(p, la)
+    scores = {"bypass": bypass[best], "kl": kl[best]}
+    ranked_set["inlp"] = Direction(sub.vectors, la, p, res.model, "inlp", scores, sub.data_digest, sub.extra)
+    ranked_set["inlp_first"] = Direction(first * dm.vector.norm(), la, p, res.model, "inlp_first", scores,
+                                         extra={"rescaled_to": "diff_means norm at the same component"})
+    cos = float(torch.nn.functional.cosine_similarity(first, dm.vector, dim=0))
+    cos_sel = float(torch.nn.functional.cosine_similarity(first, ranked_set["selected"].vector, dim=0))
+    console.print(f"INLP: selected position {p}, layer {la} (rank {sub.k}, bypass {bypass[best]:.3f}, KL "
+                  f"{kl[best]:.4f}); cosine of its first direction with diff-in-means there {cos:.3f}, with the "
+                  f"selected diff-in-means direction {cos_sel:.3f}")
+    out = _ranking_summary(comps, got.get("local", (None,))[0], got.get("global", (None,))[0])
+    out.update({"selected": {"pos": p, "layer": la, "rank": sub.k, "bypass": bypass[best], "kl": kl[best]},
+                "kl": [round(v, 5) for v in kl], "cosine_first_vs_diff_means_same_component": round(cos, 4),
+                "cosine_first_vs_selected_diff_means": round(cos_sel, 4), "seconds": round(seconds, 2)})
+    return out
+
+
+def _layer_rankings(run) -> dict[str, list[int]]:
+    """Layers best first per method (for ``{top: p}`` scopes), from the select stage's rankings."""
+    return {m: r["layers"] for m, r in io.read_json(run.dir / "rankings.json").items()}
 
 
 def generate(run, started: float):
@@ -109,14 +232,13 @@ def generate(run, started: float):
     splits = io.read_json(run.dir / "splits.json")
     directions = DirectionSet.load(run.dir / "directions.safetensors")
     conds = run.cfg.generate.conditions
-    needs_ranking = any(isinstance(s.layers, dict) for c in conds for s in c.interventions)
-    ranking = _layer_ranking(run) if needs_ranking else None
+    rankings = _layer_rankings(run)
     rows: list[tuple[int, int]] = []  # (condition index, prompt index)
     prompts: list[str] = []
     per_row = []
     by_set = {k: run.prompts(splits[k]["test"]) for k in ("harmful", "harmless")}
     for ci, c in enumerate(conds):
-        ivs = condition_interventions(c, directions, ranking)
+        ivs = condition_interventions(c, directions, rankings)
         for pi, p in enumerate(by_set[c.prompts]):
             rows.append((ci, pi))
             prompts.append(p)
@@ -145,6 +267,9 @@ def generate(run, started: float):
                              batch_size=run.generate_batch_size, static_cache=g.static_cache,
                              refusal_ids=run.refusal_ids(), plan=plan, rows=todo, on_batch=save,
                              description=f"Generating {len(conds)} conditions x test prompts")
+    kl = _condition_kl(run, conds, [condition_interventions(c, directions, rankings) for c in conds],
+                       by_set["harmless"])
+    io.write_json(run.dir / "kl.json", kl)
     out: dict = {}
     for i, (ci, pi) in enumerate(rows):
         c = conds[ci]
@@ -153,20 +278,34 @@ def generate(run, started: float):
             {"instruction": r["instruction"], "category": r.get("category"), **done[str(i)]})
     io.write_json(run.dir / "completions.json", out)
     partial_path.unlink(missing_ok=True)
-    return ["completions.json"], None
+    return ["completions.json", "kl.json"], None
+
+
+def _condition_kl(run, conds, ivs, harmless_prompts: list[str]) -> dict:
+    """Each condition's first-token KL(baseline || condition) on the harmless test prompts: what its interventions
+    change on inputs that should not change (batched over conditions)."""
+    from ..scoring.plans import score_interventions
+
+    res = score_interventions(run.model, run.tokenizer, harmless_prompts, ivs, run.refusal_ids(),
+                              batch_size=run.score_batch_size, description="First-token KL per condition")
+    out: dict = {}
+    for c, v in zip(conds, res.kl.mean(1).tolist()):
+        out.setdefault(c.prompts, {})[c.name] = {"kl_harmless": round(v, 6), "n": len(harmless_prompts)}
+    return out
 
 
 def evaluate(run, started: float):
     comps = io.read_json(run.dir / "completions.json")
     judged = judge_completions(comps)
     io.write_json(run.dir / "judgements.json", judged)
+    kl = io.read_json(run.dir / "kl.json")
     scores = io.read_json(run.dir / "scores.json")
     seconds = run.stage_seconds()
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
     summary = {
         "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype, "preset": run.cfg.preset,
         "selected": {"pos": scores["selected"]["pos"], "layer": scores["selected"]["layer"]},
-        **summarize(judged), "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": seconds,
+        **summarize(judged, kl), "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": seconds,
         "digests": run.digests,
     }
     io.write_json(run.dir / "summary.json", summary)
