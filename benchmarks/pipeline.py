@@ -3,6 +3,7 @@
     python -m benchmarks.pipeline --arch llama3-8b          # random bf16 weights, built on the GPU in seconds
     python -m benchmarks.pipeline --model /path/to/hf-folder
     python -m benchmarks.pipeline --arch tiny               # CPU smoke test
+    python -m benchmarks.pipeline --arch llama3-70b --device-map auto   # 70B shape spread over the visible GPUs
 
 Speed does not depend on weight values, so the model is built from a config with random weights, and prompts are
 random token ids fed through a stand-in tokenizer (:class:`IdTokenizer`) that maps the strings ``"p0"``, ``"p1"``,
@@ -16,8 +17,15 @@ random token ids fed through a stand-in tokenizer (:class:`IdTokenizer`) that ma
    batch 64 and 16 x 128 new tokens, static and default (dynamic) cache, against ``model.generate`` with hook-based
    ablation and the default cache.
 
-Results go to ``benchmarks/results/<device>.json`` (rewritten after every stage, so a run cut short keeps what it
-measured) and to a table on stdout. See benchmarks/README.md for what each number means.
+Results go to ``benchmarks/results/<device>.json`` (``<device>-70b.json`` for ``llama3-70b``; rewritten after every
+stage, so a run cut short keeps what it measured) and to a table on stdout. See benchmarks/README.md for what each
+number means.
+
+With ``--device-map`` the model is built on the meta device, each weight is then created (random) directly on the
+device the map gives it, and accelerate's ``dispatch_model`` adds the hooks that move activations between devices:
+``auto`` balances the layers over the visible GPUs (each GPU's budget is its free memory times
+``--max-memory-fraction``), a comma list (``0,1``; ``cpu,disk`` for a CPU smoke test of the code path) splits the
+layers evenly in that order. Peak memory per GPU is recorded for every stage.
 """
 
 from __future__ import annotations
@@ -47,6 +55,10 @@ ARCHS: dict[str, tuple[str, dict]] = {
         hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         intermediate_size=18944, vocab_size=152064, rope_theta=1000000.0, max_position_embeddings=32768,
         rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)),
+    "llama3-70b": ("llama", dict(
+        hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=28672, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, tie_word_embeddings=False)),
     "tiny": ("llama", dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
         vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False)),
@@ -56,7 +68,8 @@ ARCHS: dict[str, tuple[str, dict]] = {
 # "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"; Qwen2.5-Instruct's default system prompt
 # ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n") plus
 # "<|im_start|>user\n", 24 tokens with its tokenizer
-TEMPLATE_OPENING = {"llama3-8b": 5, "qwen2.5-7b": 24, "tiny": 5}
+TEMPLATE_OPENING = {"llama3-8b": 5, "llama3-70b": 5, "qwen2.5-7b": 24, "tiny": 5}
+OUT_SUFFIX = {"llama3-70b": "-70b"}  # results file: benchmarks/results/<device><suffix>.json
 
 # HBM bandwidth in TB/s, matched in order against the lower-cased device name
 HBM_TBPS: list[tuple[str, float, str]] = [
@@ -162,7 +175,9 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     """A model with random weights (or the real one with ``--model``), eval mode, no grad, nothing stopping early."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if args.model:
+    if getattr(args, "device_map", None):
+        model, name = build_dispatched(args, dtype)
+    elif args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         model.to(device)
         name = args.model
@@ -187,6 +202,10 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
                 else:
                     p.zero_()
         name = args.arch
+    return _quiet_greedy(model), name
+
+
+def _quiet_greedy(model):
     model.eval()
     model.requires_grad_(False)
     # no stop token: every sequence runs the full max_new_tokens (generate fills unset values from here)
@@ -197,7 +216,169 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
         for k in ("do_sample", "temperature", "top_p", "top_k"):  # plain greedy, no warnings about sampling flags
             if hasattr(model.generation_config, k):
                 setattr(model.generation_config, k, None if k != "do_sample" else False)
-    return model, name
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model split across devices
+
+
+def _placement(model) -> list[tuple[str, str]]:
+    """The model's placement units in order: ``(name, role)`` with role ``first`` (the input embedding and anything
+    else before the layers), ``layer``, or ``last`` (final norm, output head, ...)."""
+    from refusal.models.parts import find_parts
+
+    parts = find_parts(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    layers_name = names[id(parts.layers)]
+    embed_name = names[id(parts.embed)]
+    out: list[tuple[str, str]] = []
+
+    def walk(module, prefix):
+        for child_name, child in module.named_children():
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            if full == layers_name:
+                out.extend((f"{full}.{i}", "layer") for i in range(len(child)))
+            elif layers_name.startswith(full + "."):
+                walk(child, full)
+            else:
+                out.append((full, "first" if full == embed_name else "last"))
+    walk(model, "")
+    return out
+
+
+def even_device_map(model, devices: list) -> dict:
+    """Decoder layers split into ``len(devices)`` consecutive runs of (nearly) equal length; the input embedding with
+    the first run, the final norm, output head and the rest with the last."""
+    units = _placement(model)
+    n = sum(1 for _, role in units if role == "layer")
+    k = len(devices)
+    dmap, i = {}, 0
+    for name, role in units:
+        if role == "layer":
+            dmap[name] = devices[min(k - 1, i * k // n)]
+            i += 1
+        else:
+            dmap[name] = devices[0] if role == "first" else devices[-1]
+    return dmap
+
+
+def _parse_devices(spec: str) -> list:
+    return [int(x) if x.strip().isdigit() else x.strip() for x in spec.split(",") if x.strip()]
+
+
+def device_map_for(model, spec: str, dtype: torch.dtype, fraction: float) -> tuple[dict, dict | None]:
+    """``(device_map, max_memory)`` for ``--device-map``: ``auto``/``balanced``: accelerate's balanced map over the
+    visible GPUs, each allowed ``fraction`` of its free memory (all on the CPU without a GPU); a comma list: the
+    layers split evenly over those devices in order."""
+    from refusal.models.loading import max_memory_map
+
+    if spec not in ("auto", "balanced"):
+        return even_device_map(model, _parse_devices(spec)), None
+    if not torch.cuda.is_available():
+        return even_device_map(model, ["cpu"]), None
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    budget = max_memory_map(fraction, cpu=False)
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    balanced = get_balanced_memory(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype,
+                                   low_zero=False)
+    dmap = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+    off = sorted({str(v) for v in dmap.values() if v in ("cpu", "disk")})
+    if off:
+        raise SystemExit(f"the model does not fit on the GPUs at --max-memory-fraction {fraction} (free memory "
+                         f"{ {k: round(v / 2**30, 1) for k, v in budget.items()} } GiB): {off} would be used")
+    return dmap, budget
+
+
+def _unit_device(dmap: dict, name: str):
+    best = max((k for k in dmap if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if best is None:
+        raise KeyError(f"{name} is not in the device map")
+    return dmap[best]
+
+
+def build_dispatched(args, dtype: torch.dtype):
+    """A model split by ``--device-map``: built on the meta device, each weight then created with random values
+    directly on its device (so a 70B model never passes through host memory), and dispatched by accelerate."""
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from refusal.models.loading import load_model
+
+    if args.model:
+        model, _ = load_model(args.model, dtype=dtype, device_map=args.device_map,
+                              max_memory_fraction=args.max_memory_fraction, offload_folder=args.offload_folder)
+        args.resolved_device_map = dict(getattr(model, "hf_device_map", {}) or {})
+        return model, args.model
+    family, kw = ARCHS[args.arch]
+    cfg = AutoConfig.for_model(family, **kw)
+    cfg.bos_token_id = cfg.eos_token_id = None
+    cfg.pad_token_id = PAD_ID
+    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real, on the CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    dmap, budget = device_map_for(model, args.device_map, dtype, args.max_memory_fraction)
+    torch.manual_seed(args.seed)
+    for pname, p in list(model.named_parameters()):
+        dev = _unit_device(dmap, pname)
+        dev = "cpu" if dev == "disk" else dev  # dispatch_model writes these to the offload folder
+        t = torch.empty(p.shape, dtype=dtype, device=dev)
+        if p.ndim >= 2:
+            t.normal_(0.0, 0.02)
+        elif "norm" in pname:
+            t.fill_(1.0)
+        else:
+            t.zero_()
+        set_module_tensor_to_device(model, pname, dev, value=t)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    offload = args.offload_folder
+    if "disk" in dmap.values() and offload is None:
+        import tempfile
+
+        offload = tempfile.mkdtemp(prefix="refusal-offload-")
+    model = dispatch_model(model, device_map=dmap, offload_dir=offload, force_hooks=True)
+    args.resolved_device_map = dmap
+    args.resolved_max_memory = budget
+    return model, args.arch
+
+
+def device_map_summary(model, dmap: dict) -> dict:
+    """Layers per device, where the embedding and the head are, and the weight bytes each device holds."""
+    from refusal.models.parts import find_parts
+
+    parts = find_parts(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    layer_dev = [str(_unit_device(dmap, names[id(layer)])) for layer in parts.layers]
+    per_dev: dict[str, list[int]] = {}
+    for i, d in enumerate(layer_dev):
+        per_dev.setdefault(d, []).append(i)
+    weight_bytes: dict[str, int] = {}
+    for pname, p in model.named_parameters():
+        d = str(_unit_device(dmap, pname))
+        weight_bytes[d] = weight_bytes.get(d, 0) + p.numel() * p.element_size()
+    head = model.get_output_embeddings()
+    return {"layers": {d: [ids[0], ids[-1]] for d, ids in per_dev.items()},
+            "n_layers": {d: len(ids) for d, ids in per_dev.items()},
+            "embed": str(_unit_device(dmap, names[id(parts.embed)])),
+            "lm_head": None if head is None else str(_unit_device(dmap, names[id(head)])),
+            "weight_bytes": weight_bytes}
+
+
+def gpu_memory(peak: bool = True) -> list[int] | None:
+    """Peak (or current) bytes allocated by torch on every visible GPU; None without one."""
+    if not torch.cuda.is_available():
+        return None
+    f = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
+    return [int(f(i)) for i in range(torch.cuda.device_count())]
+
+
+def reset_gpu_peaks() -> None:
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
 
 
 def weight_stats(model) -> dict:
@@ -220,12 +401,14 @@ def weight_stats(model) -> dict:
 
 
 class Clock:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, all_devices: bool = False):
         self.cuda = device.type == "cuda"
+        self.devices = list(range(torch.cuda.device_count())) if self.cuda and all_devices else [None]
 
     def sync(self):
         if self.cuda:
-            torch.cuda.synchronize()
+            for d in self.devices:  # a model split over GPUs: wait for every one of them
+                torch.cuda.synchronize(d)
 
     def time(self, fn):
         """``(seconds, result)`` of ``fn()``, synchronised on both sides."""
@@ -314,6 +497,14 @@ def parse_args(argv=None):
     src.add_argument("--arch", choices=sorted(ARCHS), default="llama3-8b", help="random-weight model to build")
     src.add_argument("--model", help="a local Hugging Face model folder instead of random weights")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--device-map", default=None,
+                    help="split the model across devices through accelerate: auto (balanced over the visible GPUs) "
+                         "or a comma list of devices the layers are split over evenly (0,1; cpu,disk: CPU smoke test)")
+    ap.add_argument("--max-memory-fraction", type=float, default=0.9,
+                    help="with --device-map auto: share of each GPU's free memory the weights may take")
+    ap.add_argument("--offload-folder", default=None, help="with 'disk' in --device-map: where offloaded weights go")
+    ap.add_argument("--select-stride", type=int, default=1,
+                    help="score every k-th layer only (all positions), to fit a large model's run in a time limit")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--n-train", type=int, default=128, help="harmful and harmless prompts each, for extraction")
     ap.add_argument("--n-val", type=int, default=32, help="harmful and harmless validation prompts each, for selection")
@@ -353,6 +544,7 @@ def main(argv=None) -> dict:
 
     from refusal.batching import set_quiet
     from refusal.directions.diff_means import extract
+    from refusal.errors import RefusalError
     from refusal.generation.batched import generate
     from refusal.interventions.hooks import ablate
     from refusal.interventions.weights import orthogonalized
@@ -370,9 +562,10 @@ def main(argv=None) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    clock = Clock(device)
+    clock = Clock(device, all_devices=bool(args.device_map))
     dinfo = device_info(device, args.hbm_tbps)
-    out_path = Path(args.out) if args.out else RESULTS_DIR / f"{dinfo['device']}.json"
+    suffix = "" if args.model else OUT_SUFFIX.get(args.arch, "")
+    out_path = Path(args.out) if args.out else RESULTS_DIR / f"{dinfo['device']}{suffix}.json"
     gen_batches = [int(x) for x in args.gen_batches.split(",") if x.strip()]
     sweep = [int(x) for x in args.sweep_select_batch.split(",") if x.strip()]
     bw_note = (f"{dinfo['hbm_tbps']} TB/s ({dinfo['hbm_tbps_source']})" if dinfo["hbm_tbps"]
@@ -380,10 +573,14 @@ def main(argv=None) -> dict:
     console.print(f"[bold]Device[/] {dinfo['device_name']} ({device}); HBM bandwidth {bw_note}")
 
     # ---- model ---------------------------------------------------------------------------------------------------
+    reset_gpu_peaks()
     build_s, (model, model_name) = clock.time(lambda: build_model(args, device, dtype))
     ws = weight_stats(model)
     n_params = ws["n_params"]
-    from refusal.models.parts import find_parts, text_config
+    from refusal.models.parts import find_parts, model_device, text_config
+
+    if args.device_map:
+        device = model_device(model)  # where inputs go (the embedding's device)
 
     parts = find_parts(model)
     n_layers = parts.n_layers
@@ -398,8 +595,19 @@ def main(argv=None) -> dict:
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_s": rnd(build_s, 2), "weight_bytes": ws["weight_bytes"],
         "decode_step_weight_bytes": ws["decode_step_weight_bytes"],
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("resolved_")},
     }
+    if torch.cuda.is_available():
+        res["n_gpus"] = torch.cuda.device_count()
+        res["gpu_names"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if args.device_map:
+        dmap = args.resolved_device_map
+        res["device_map"] = device_map_summary(model, dmap) if not args.model else {
+            "hf_device_map": {k: str(v) for k, v in dmap.items()}}
+        budget = getattr(args, "resolved_max_memory", None)
+        res["max_memory_bytes"] = None if budget is None else {str(k): int(v) for k, v in budget.items()}
+        res["memory_after_build_bytes"] = gpu_memory(peak=False)
+        console.print(f"[bold]Device map[/] {res['device_map']}")
 
     def over_budget() -> bool:
         return time.perf_counter() - t_start > args.budget_s
@@ -410,6 +618,14 @@ def main(argv=None) -> dict:
         now = time.perf_counter()
         res.setdefault("stage_wall_s", {})[name] = rnd(now - stage_t["t"], 1)
         stage_t["t"] = now
+        peaks = gpu_memory()
+        if peaks is not None:  # peak bytes allocated on each GPU during this stage (warm-ups included)
+            res.setdefault("peak_memory_bytes", {})[name] = peaks
+            overall = res.get("peak_memory_bytes_max") or [0] * len(peaks)
+            res["peak_memory_bytes_max"] = [max(a, b) for a, b in zip(overall, peaks)]
+            res["peak_memory_gib_max"] = [round(b / 2**30, 2) for b in res["peak_memory_bytes_max"]]
+            save()
+            reset_gpu_peaks()
         console.print(f"[dim]{name}: {now - t_start:.0f} s since start[/]")
 
     def save():
@@ -461,9 +677,10 @@ def main(argv=None) -> dict:
     # ---- 2. selection --------------------------------------------------------------------------------------------
     console.rule("[bold]2. selection")
     hv, bv = prompts["val_harmful"], prompts["val_harmless"]
+    sel_layers = list(range(0, n_layers, max(1, args.select_stride)))
     score_candidates(model, tok, cands, hv, bv, refusal_ids, layers=[n_layers // 2],
                      batch_size=args.select_batch)  # warm-up
-    sel_s, scores = clock.time(lambda: score_candidates(model, tok, cands, hv, bv, refusal_ids,
+    sel_s, scores = clock.time(lambda: score_candidates(model, tok, cands, hv, bv, refusal_ids, layers=sel_layers,
                                                         batch_size=args.select_batch))
     n_cand = int((~scores.induce.isnan()).sum())
     if n_cand == 0:
@@ -478,7 +695,7 @@ def main(argv=None) -> dict:
     res.update(select_s=rnd(sel_s), select_candidates=n_cand, select_candidates_grid=[args.n_positions, n_layers],
                select_batch=args.select_batch, select_tokens=sel_tokens, select_tok_s=rnd(sel_tokens / sel_s, 1),
                select_tflops=rnd(tflops(n_params, sel_tokens, sel_s), 2),
-               select_s_per_candidate=rnd(sel_s / n_cand, 5))
+               select_s_per_candidate=rnd(sel_s / n_cand, 5), select_layer_stride=max(1, args.select_stride))
     console.print(f"{n_cand} candidates in {sel_s:.2f} s")
     save()
 
@@ -487,7 +704,7 @@ def main(argv=None) -> dict:
     units = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     rids = torch.tensor(refusal_ids, device=dev)
     norms = diffs.norm(dim=-1).cpu()
-    cand = [(p, layer) for layer in range(n_layers) for p in range(args.n_positions)
+    cand = [(p, layer) for layer in sel_layers for p in range(args.n_positions)
             if norms[p, layer] > 1e-6 * norms.max()]
 
     stage_done("select")
@@ -520,8 +737,14 @@ def main(argv=None) -> dict:
         return generate(model, tok, ps, max_new_tokens=new, batch_size=len(ps), static_cache=static)
 
     with ExitStack() as stack:
-        orth_s, _ = clock.time(lambda: stack.enter_context(orthogonalized(model, direction)))
-        res["orthogonalize_s"] = rnd(orth_s)
+        try:
+            orth_s, _ = clock.time(lambda: stack.enter_context(orthogonalized(model, direction)))
+            res["orthogonalize_s"] = rnd(orth_s)
+            res["generate_intervention"] = "orthogonalized weights"
+        except RefusalError as exc:  # weights offloaded to disk cannot be edited: ablate with hooks instead
+            console.print(f"[yellow]{exc.problem} Generating under hook-based ablation instead.[/]")
+            stack.enter_context(ablate(model, direction))
+            res["generate_intervention"] = "hook ablation (weights offloaded to disk)"
         for b in gen_batches:
             ps = prompts["gen"][:b]
             prompt_tokens = b * max(lens["gen"][:b])
@@ -660,7 +883,8 @@ def print_table(console, res: dict, gen_detail: dict, gen_batches: list[int], Ta
             sp = d["tok_s"] / hf
         t.add_row(f"generate {cache} b{b}", _f(d["s"], "{:.3f}"), _f(d["tok_s"], "{:,.0f}"), _f(d["tflops"]),
                   _f(d["ms_per_step"]), _f(sp, "{:.2f}x"),
-                  f"orthogonalized, warm-up {d['warmup_s']} s" + ("" if d["full_length"] else ", STOPPED EARLY"))
+                  f"{res.get('generate_intervention', 'orthogonalized')}, warm-up {d['warmup_s']} s"
+                  + ("" if d["full_length"] else ", STOPPED EARLY"))
     for b in gen_batches:
         if f"generate_hf_default_tok_s_b{b}" in res:
             t.add_row(f"generate HF naive b{b}", _f(res[f"generate_hf_default_s_b{b}"], "{:.3f}"),

@@ -58,6 +58,13 @@ def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tm
     assert s["n"]["harmful"]["ablation"] == 3 and s["n"]["harmless"]["actadd"] == 3 and s["device"] == "cpu"
     r = s["results"]["harmful"]["ablation"]["refusal"]
     assert r["n"] == 3 and 0 <= r["low"] <= r["rate"] <= r["high"] <= 1
+    m = s["results"]["harmless"]["actadd"]
+    assert set(m["judges"]) == {"substring", "refusal_score"}  # every configured judge, side by side
+    assert m["judges"]["substring"]["refusal"]["rate"] == m["refusal"]["rate"]
+    ce = m["cross_entropy"]["own_completions"]
+    assert ce["tokens"] > 0 and ce["loss"] > 0
+    base = s["results"]["harmless"]["baseline"]["cross_entropy"]["own_completions"]
+    assert base["tokens"] == ce["tokens"] and base["loss"] != ce["loss"]  # same text, another model state
     assert set(s["selected"]) == {"pos", "layer"}
     assert set(s["stage_seconds"]) >= set(STAGES)
     comps = io.read_json(run_dir / "completions.json")
@@ -249,6 +256,7 @@ def test_custom_conditions_from_yaml(model_dir, datasets, tmp_path):
     p.write_text(yaml.safe_dump({
         "data": {"n_train": 4, "n_val": 3, "n_test": 3, "filter": False},
         "select": {"kl_threshold": 1e9, "induce_threshold": -1e9}, "device": "cpu", "preset": "paper",
+        "evaluate": {"cross_entropy": []},
         "generate": {"max_new_tokens": 3, "conditions": [
             {"name": "baseline", "prompts": "harmful"},
             {"name": "half_ablation", "prompts": "harmful",
@@ -270,6 +278,7 @@ def test_custom_conditions_from_yaml(model_dir, datasets, tmp_path):
     ({"name": "x", "prompts": "harmful", "interventions": [{"op": "add", "tokens": "some"}]}, "token scope"),
     ({"name": "x", "prompts": "harmful", "interventions": [{"op": "add", "sites": ["nowhere"]}]}, "site"),
     ({"prompts": "harmful"}, "at least 'name' and 'prompts'"),
+    ({"name": "x", "prompts": "harmful"}, "no {name: baseline, prompts: harmless}"),
 ])
 def test_bad_conditions_are_clear_errors(tmp_path, bad, match):
     p = tmp_path / "c.yaml"

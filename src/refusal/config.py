@@ -103,13 +103,34 @@ class GenerateConfig:
     conditions: list[Condition] = field(default_factory=default_conditions)
 
 
+def _default_judges() -> list[dict]:
+    return [{"type": "substring"}, {"type": "refusal_score"}]
+
+
+def _default_ce() -> list[dict]:
+    return [{"name": "own_completions", "source": "completions"}]
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``evaluate`` measures for every condition. ``judges``: judge specs (see refusal.evaluation.judges), all
+    reported side by side. ``cross_entropy``: sources of text for CE under each condition's interventions, each
+    ``{name, source, mode?, max_tokens?, seq_len?, columns?}``; ``source: completions`` is the run's own baseline
+    completions to the harmless test prompts (offline, nothing else needed), else a file or ``hf:ORG/NAME``."""
+
+    judges: list[dict] = field(default_factory=_default_judges)
+    cross_entropy: list[dict] = field(default_factory=_default_ce)
+    ce_batch_size: int = 8
+
+
 @dataclass
 class RunConfig:
     model: str = DEFAULT_MODEL
     preset: str = "auto"  # "auto" = "cpu" without a GPU, else "paper"
     device: str | None = None
     dtype: str = "auto"
-    device_map: str | None = None
+    device_map: str | None = None  # "auto": spread the model over every visible GPU (accelerate)
+    max_memory_fraction: float = 0.9  # with device_map: share of each GPU's free memory that weights may fill
     trust_remote_code: bool = False
     batch_size: int | None = None  # sequences per forward; None = chosen from the device
     system_prompt: str | None = None
@@ -120,6 +141,7 @@ class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,7 +159,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": ("model", "trust_remote_code", "system_prompt", "refusal_tokens", "data", "extract"),
     "select": ("select",),
     "generate": ("generate",),
-    "evaluate": (),
+    "evaluate": ("evaluate",),
 }
 
 
@@ -170,7 +192,7 @@ def _merge(base: dict, over: dict, where: str) -> dict:
 
 def _build(d: dict) -> RunConfig:
     d = dict(d)
-    sub = {"data": DataConfig, "select": SelectConfig, "generate": GenerateConfig}
+    sub = {"data": DataConfig, "select": SelectConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig}
     kwargs = {k: (sub[k](**v) if k in sub else v) for k, v in d.items()}
     ext = dict(kwargs.get("extract") or {})
     kwargs["extract"] = ExtractConfig(list(ext.get("methods", ["diff_means"])), InlpConfig(**(ext.get("inlp") or {})))
@@ -262,6 +284,16 @@ def validate(cfg: RunConfig) -> None:
     for name in ("n_train", "n_val", "n_test"):
         if getattr(d, name) < 1:
             raise RefusalError(f"data.{name} must be at least 1 (got {getattr(d, name)}).", "Set a positive size.")
+    from .evaluation.judges import validate_spec  # torch-free: checks every judge spec before any model work
+
+    for spec in cfg.evaluate.judges:
+        validate_spec(spec)
+    for i, ce in enumerate(cfg.evaluate.cross_entropy):
+        extra = set(ce) - {"name", "source", "mode", "max_tokens", "seq_len", "columns", "allow_fewer"}
+        if not isinstance(ce, dict) or not {"name", "source"} <= set(ce) or extra:
+            raise RefusalError(f"evaluate.cross_entropy[{i}] must be a mapping with name and source (and optionally "
+                               f"mode, max_tokens, seq_len, columns, allow_fewer); got {ce}.",
+                               "e.g. {name: wikitext, source: path/to/wiki.test.raw, max_tokens: 20000}.")
     bad = [m for m in cfg.extract.methods if m not in METHODS]
     if bad or "diff_means" not in cfg.extract.methods:
         raise RefusalError(f"extract.methods must include diff_means and may add inlp (got {cfg.extract.methods}).",
@@ -290,6 +322,11 @@ def validate(cfg: RunConfig) -> None:
             Scope(iv.layers if iv.layers is not None else "all", tuple(iv.sites or ("input",)), iv.tokens)
     if not cfg.generate.conditions:
         raise RefusalError("generate.conditions is empty.", "Name at least one condition (or drop the key).")
+    has_base = any(c.name == "baseline" and c.prompts == "harmless" for c in cfg.generate.conditions)
+    if any(ce.get("source") == "completions" for ce in cfg.evaluate.cross_entropy) and not has_base:
+        raise RefusalError("evaluate.cross_entropy uses source 'completions' (the baseline completions to the harmless "
+                           "prompts), but generate.conditions has no {name: baseline, prompts: harmless}.",
+                           "Add that condition, or set evaluate.cross_entropy to other sources (or []).")
     if not 0 < cfg.select.max_layer_fraction <= 1:
         raise RefusalError("select.max_layer_fraction must be in (0, 1].", "For the paper's filter use 0.8.")
     if cfg.generate.max_new_tokens < 1:

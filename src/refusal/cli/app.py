@@ -113,16 +113,16 @@ def print_summary(s: dict) -> None:
     """One row per prompt set x condition: its rates with 95 % intervals (whatever conditions the run has)."""
     t = Table(title=f"{s['model']} on {s['device']}: selected position {s['selected']['pos']}, "
                     f"layer {s['selected']['layer']}")
-    for col in ("prompts", "condition", "n", "refusal rate [95% CI]", "non-refusal rate", "mean refusal score",
-                "KL (harmless)"):
-        t.add_column(col, justify="left" if col in ("prompts", "condition") else "right")
+    for col in ("prompts", "condition", "n", "refusal rate [95% CI]", "refusal score", "KL harmless"):
+        t.add_column(col, justify="left" if col in ("prompts", "condition") else "right",
+                     overflow="fold", min_width=len(col) if col == "condition" else None)
     for kind, conds in s["results"].items():
         for cond, m in conds.items():
             r = m["refusal"]
             score = m.get("mean_refusal_score")
             kl = m.get("kl_harmless")
             t.add_row(kind, cond, str(r["n"]), f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]",
-                      f"{m['non_refusal']['rate']:.2f}", "—" if score is None else f"{score:+.2f}",
+                      "—" if score is None else f"{score:+.2f}",
                       "—" if kl is None else f"{kl:.4f}")
     out.print(t)
     secs = s.get("stage_seconds", {})

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import RefusalError
-from ..models.parts import find_parts
+from ..models.parts import find_parts, model_device, module_device
 from .operators import Add, Edit, ProjectOut, Reflect, apply_edit
 from .scopes import SITES, Intervention, Scope
 
@@ -221,8 +221,7 @@ def _hooks(register: Iterable) -> Iterator[None]:
 
 
 def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else fallback
+    return module_device(module, fallback)  # accelerate's execution device when a device map placed it
 
 
 @contextmanager
@@ -232,23 +231,28 @@ def apply(model: nn.Module, plan: Plan | Sequence[Intervention]) -> Iterator[Pla
     if not isinstance(plan, Plan):
         plan = Plan.shared(model, list(plan))
     dtype = parts.embed.weight.dtype
-    fallback = parts.embed.weight.device
+    fallback = model_device(model)
     by_site: dict[tuple[int, str], dict[str, list[Step]]] = {}
     for (layer, site, ph), st in plan.steps.items():
         by_site.setdefault((layer, site), {})[ph] = st
     on_device: dict = {}
 
+    def plan_on(dev: torch.device) -> Plan:
+        if dev not in on_device:
+            on_device[dev] = plan.to(dev, dtype)
+        return on_device[dev]
+
     regs = []
     for (layer, site), tables in by_site.items():
         dev = _device_of(parts.layers[layer], fallback)
-        if dev not in on_device:
-            on_device[dev] = plan.to(dev, dtype)
-        local = {ph: on_device[dev].steps[(layer, site, ph)] for ph in tables}
+        local = {ph: plan_on(dev).steps[(layer, site, ph)] for ph in tables}
 
-        def fn(x: torch.Tensor, local=local) -> torch.Tensor:
+        def fn(x: torch.Tensor, local=local, dev=dev, key=(layer, site)) -> torch.Tensor:
             st = local.get(_phase[0])
             if st is None:
                 return x
+            if x.device != dev:  # a model split by a device map: a layer's input arrives from the previous device
+                st = plan_on(x.device).steps[(*key, _phase[0])]
             for basis, coeffs, shift in st:
                 if basis is not None and basis.dtype != x.dtype:  # a forward in another dtype (rare)
                     basis, coeffs = basis.to(x.dtype), coeffs.to(x.dtype)

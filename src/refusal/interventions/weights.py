@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import RefusalError
-from ..models.parts import find_parts
+from ..models.parts import find_parts, module_device, resident_tensor
 from ..models.writers import Writer, residual_writers
 
 __all__ = ["edit_matrix", "orthogonalize_", "orthogonalized", "prepare_bases"]
@@ -148,7 +148,8 @@ def _untie_output(model: nn.Module, embed: nn.Module) -> bool:
     out_emb = model.get_output_embeddings()
     if out_emb is None or out_emb.weight is not embed.weight:
         return False
-    out_emb.weight = nn.Parameter(embed.weight.data.clone(), requires_grad=False)
+    dev = module_device(out_emb, embed.weight.device)  # where the head computes (a device map may split them)
+    out_emb.weight = nn.Parameter(embed.weight.data.clone().to(dev), requires_grad=False)
     for cfg in {id(c): c for c in (model.config, _text_config(model))}.values():
         if hasattr(cfg, "tie_word_embeddings"):
             cfg.tie_word_embeddings = False
@@ -160,20 +161,26 @@ def _text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def _resident(writers: list[Writer]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each writer's weight and bias as the tensors that hold their values, on their own devices (the in-memory copy
+    of a weight that accelerate offloaded); a :class:`RefusalError` for weights offloaded to disk."""
+    return [(resident_tensor(wr.module, wr.attr, wr.name),
+             None if wr.bias_attr is None else resident_tensor(wr.module, wr.bias_attr)) for wr in writers]
+
+
 def _apply(writers: list[Writer], bases: list[torch.Tensor], weights: list[float], norm_preserving: bool) -> None:
-    for wr in writers:
+    tensors = _resident(writers)  # checks every writer before any is edited
+    for wr, (p, b) in zip(writers, tensors):
         i = 0 if wr.layer is None else wr.layer
         s = weights[i]
         if s == 0.0:
             continue
-        p = wr.weight
         if wr.fused:  # expert by expert, so the float32 copy is one expert's size
             for e in range(p.shape[0]):
                 p.data[e].copy_(edit_matrix(p.data[e], bases[i], wr.axis - 1, scale=s,
                                             norm_preserving=norm_preserving).to(p.dtype))
         else:
             p.data.copy_(edit_matrix(p.data, bases[i], wr.axis, scale=s, norm_preserving=norm_preserving).to(p.dtype))
-        b = wr.bias
         if b is not None:
             b.data.copy_(_edit_bias(b.data, bases[i], s).to(b.dtype))
 
@@ -191,9 +198,28 @@ def orthogonalize_(model: nn.Module, direction, *, norm_preserving: bool = False
     bases = prepare_bases(direction, parts.hidden_size, parts.n_layers, orthogonal_to_harmless)
     weights = _check_weights(layer_weights, parts.n_layers)
     writers = residual_writers(model)
+    _resident(writers)  # a weight offloaded to disk is refused before anything changes
     if weights[0] != 0.0:
+        _check_untiable(model, parts.embed)
         _untie_output(model, parts.embed)
     _apply(writers, bases, weights, norm_preserving)
+
+
+def _check_untiable(model: nn.Module, embed: nn.Module) -> None:
+    """An offloaded input embedding whose storage the output head shares cannot be untied (accelerate refills both
+    from one offloaded tensor): refuse rather than edit the logits too."""
+    out_emb = model.get_output_embeddings()
+    if out_emb is None or embed.weight.device.type != "meta":
+        return
+    try:
+        shared = resident_tensor(out_emb, "weight").data_ptr() == resident_tensor(embed, "weight").data_ptr()
+    except RefusalError:
+        shared = out_emb.weight is embed.weight
+    if shared:
+        raise RefusalError("The input embedding is tied to the output head and offloaded by accelerate, so "
+                           "orthogonalization cannot untie them.",
+                           "Load the model without offloading its embedding (more GPU memory or a device map that "
+                           "keeps it on a GPU), or use hook-based ablation.")
 
 
 @contextmanager
@@ -203,8 +229,7 @@ def orthogonalized(model: nn.Module, direction, **options):
     Only the residual writers are copied (not the whole model)."""
     parts = find_parts(model)
     writers = residual_writers(model)
-    saved = [(wr.weight, wr.weight.data.clone(), None if wr.bias is None else wr.bias.data.clone(), wr.bias)
-             for wr in writers]
+    saved = [(w, w.data.clone(), None if b is None else b.data.clone(), b) for w, b in _resident(writers)]
     out_emb = model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight is parts.embed.weight
     cfgs = {id(c): c for c in (model.config, _text_config(model))}.values()

@@ -137,18 +137,64 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+MAX_MEMORY_FRACTION = 0.9
+_SPREADING_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def max_memory_map(fraction: float = MAX_MEMORY_FRACTION, *, cpu: bool = True) -> dict[int | str, int]:
+    """How many bytes accelerate may place on each device: every visible GPU's free memory
+    (``torch.cuda.mem_get_info``) times ``fraction``, leaving the rest for activations and the key/value cache, and
+    (``cpu=True``) the available RAM times ``fraction`` for whatever does not fit on the GPUs."""
+    if not 0.0 < float(fraction) <= 1.0:
+        raise RefusalError(f"max_memory_fraction must be in (0, 1], not {fraction}.",
+                           "Give the share of each device's free memory the weights may take, e.g. 0.9.")
+    out: dict[int | str, int] = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, _total = torch.cuda.mem_get_info(i)
+            out[i] = int(free * fraction)
+    if cpu:
+        import psutil  # a dependency of accelerate
+
+        out["cpu"] = int(psutil.virtual_memory().available * fraction)
+    return out
+
+
+def _max_memory(device_map, max_memory: dict | float | None, fraction: float) -> dict | None:
+    """The ``max_memory`` to give ``from_pretrained``: an explicit dict as given, else for a spreading device map
+    (``"auto"``, ``"balanced"``, ...) the free memory of each device times ``fraction`` (or ``max_memory`` when that
+    is a number); None for an explicit map."""
+    if isinstance(max_memory, float):
+        max_memory, fraction = None, max_memory
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise RefusalError(f"max_memory must be a dict of device to bytes (or a size such as '70GiB'), not "
+                               f"{max_memory!r}.", "For example {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}.")
+        return max_memory
+    if isinstance(device_map, str) and device_map in _SPREADING_MAPS:
+        return max_memory_map(fraction)
+    return None
+
+
 def load_model(
     spec: str | ModelSource,
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | float | None = None,
+    max_memory_fraction: float = MAX_MEMORY_FRACTION,
+    offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
 ):
     """Load ``(model, tokenizer)`` from any spec, in eval mode, with a left-padding tokenizer.
 
     ``device_map`` (for example ``"auto"``) spreads a model over several GPUs through accelerate; otherwise the
-    whole model goes to ``device`` (default: CUDA if present, else CPU).
+    whole model goes to ``device`` (default: CUDA if present, else CPU). With ``"auto"`` (or ``"balanced"``, ...) each
+    GPU may hold weights up to ``max_memory_fraction`` of its free memory (the rest is left to activations and the
+    key/value cache; what does not fit goes to CPU RAM, then to ``offload_folder`` on disk); ``max_memory`` (a dict
+    such as ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``) sets the budgets explicitly, or (a float) is the
+    fraction. A dict ``device_map`` is passed to transformers as given.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,6 +213,12 @@ def load_model(
         check_hub_config(source, trust_remote_code)
         args, tok_args = (source.path,), (source.path,)
     tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")}
+    if device_map is not None:
+        budget = _max_memory(device_map, max_memory, max_memory_fraction)
+        if budget is not None:
+            kwargs["max_memory"] = budget
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(*tok_args, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(

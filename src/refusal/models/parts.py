@@ -94,8 +94,95 @@ def _out_proj(block: nn.Module, names: tuple[str, ...], hidden: int, what: str) 
     )
 
 
+def _as_device(dev) -> torch.device:
+    if isinstance(dev, torch.device):
+        return dev
+    if isinstance(dev, int):  # accelerate's accelerator index
+        try:
+            return torch.device(dev)
+        except RuntimeError:
+            return torch.device("cuda", dev)
+    return torch.device(dev)
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device accelerate runs ``module`` on (its ``AlignDevicesHook``), or None when it has no such hook (a model
+    not dispatched with a device map or offloaded)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # a SequentialHook or one hook
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return _as_device(dev)
+    return None
+
+
+def module_device(module: nn.Module, fallback: torch.device | str = "cpu") -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when a device map placed it (its parameters may then
+    sit on ``meta``, offloaded to the CPU or disk), else the device of its first parameter that holds data, else
+    ``fallback``."""
+    dev = execution_device(module)
+    if dev is not None:
+        return dev
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return _as_device(fallback)
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device each decoder layer computes on (one per layer; several distinct ones for a model split by a device
+    map). A layer's forward pre-hooks still see its input on the previous layer's device: accelerate moves inputs
+    inside the forward, after them."""
+    parts = find_parts(model)
+    fallback = model_device(model)
+    return [module_device(layer, fallback) for layer in parts.layers]
+
+
 def model_device(model) -> torch.device:
-    return find_parts(model).embed.weight.device
+    """The device inputs go to: where the input embedding computes (accelerate's execution device for a model split
+    or offloaded by a device map, whose embedding weight may be on ``meta``)."""
+    embed = find_parts(model).embed
+    dev = execution_device(embed)
+    if dev is not None:
+        return dev
+    if embed.weight.device.type != "meta":
+        return embed.weight.device
+    return module_device(model)
+
+
+def is_dispatched(model) -> bool:
+    """Whether accelerate placed the model with a device map or offloading (hooks move tensors between devices)."""
+    return bool(getattr(model, "hf_device_map", None)) or any(
+        hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def resident_tensor(module: nn.Module, name: str, what: str | None = None) -> torch.Tensor:
+    """The tensor that holds the values of ``module``'s parameter or buffer ``name``, to read or edit in place.
+
+    That is the parameter itself, unless accelerate offloaded it (the parameter is then on ``meta`` and is filled from
+    the hook's weights map at every forward): the in-memory copy in that map (CPU offload) is returned. Weights
+    offloaded to disk are reread from their files at every forward, so no tensor holds them: a
+    :class:`RefusalError` says so (naming the weight ``what``, e.g. its qualified name)."""
+    t = getattr(module, name)
+    if t is None or t.device.type != "meta":
+        return t
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        wm = getattr(h, "weights_map", None)
+        if wm is None:
+            continue
+        data, key = getattr(wm, "dataset", wm), getattr(wm, "prefix", "") + name
+        table = getattr(data, "state_dict", data)  # accelerate's OffloadedWeightsLoader keeps in-memory ones there
+        value = table.get(key) if hasattr(table, "get") else None
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            return value
+    raise RefusalError(
+        f"The weight {what or repr(name) + ' of ' + type(module).__name__} is not in memory: accelerate offloaded it "
+        "to disk (it is read from its file at every forward) or it was never loaded (meta device), so it cannot be "
+        "edited in place.",
+        "Load the model so that every weight fits in GPU or CPU memory (--device-map auto with more memory, or a "
+        "smaller dtype), or use hook-based ablation instead of weight orthogonalization.",
+    )
 
 
 def decoder(model):

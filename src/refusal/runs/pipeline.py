@@ -147,7 +147,7 @@ class Run:
             console.print(f"[bold]Loading[/] {self.inputs.source.describe()} on {self.device}")
             self._model, self._tok = load_model(
                 self.inputs.source, device=self.device, dtype=self.cfg.dtype, device_map=self.cfg.device_map,
-                trust_remote_code=self.cfg.trust_remote_code)
+                trust_remote_code=self.cfg.trust_remote_code, max_memory_fraction=self.cfg.max_memory_fraction)
             self.load_seconds = time.perf_counter() - t
         return self._model
 

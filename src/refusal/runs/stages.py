@@ -295,18 +295,90 @@ def _condition_kl(run, conds, ivs, harmless_prompts: list[str]) -> dict:
 
 
 def evaluate(run, started: float):
+    """Judge every completion with every configured judge (side by side), and measure cross-entropy under every
+    condition's interventions; write judgements.json, judges.json, ce.json and summary.json (once, at the end)."""
     comps = io.read_json(run.dir / "completions.json")
     judged = judge_completions(comps)
     io.write_json(run.dir / "judgements.json", judged)
     kl = io.read_json(run.dir / "kl.json")
+    outputs = ["judgements.json"]
+    ev = run.cfg.evaluate
+    judges = _run_judges(comps, ev.judges)
+    if judges:
+        io.write_json(run.dir / "judges.json", judges)
+        outputs.append("judges.json")
+    ce = _cross_entropy(run, comps, ev) if ev.cross_entropy else {}
+    if ce:
+        io.write_json(run.dir / "ce.json", ce)
+        outputs.append("ce.json")
     scores = io.read_json(run.dir / "scores.json")
     seconds = run.stage_seconds()
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
+    summary = summarize(judged, kl)
+    for kind, conds in summary["results"].items():
+        for cond, m in conds.items():
+            m["judges"] = {name: v[kind][cond]["rates"] | {"failed": v[kind][cond]["failed"]}
+                           for name, v in judges.items()}
+            m["cross_entropy"] = {name: v.get(f"{kind}/{cond}") for name, v in ce.items()}
     summary = {
         "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype, "preset": run.cfg.preset,
         "selected": {"pos": scores["selected"]["pos"], "layer": scores["selected"]["layer"]},
-        **summarize(judged, kl), "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": seconds,
+        **summary, "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": seconds,
         "digests": run.digests,
     }
     io.write_json(run.dir / "summary.json", summary)
-    return ["judgements.json", "summary.json"], None
+    return outputs + ["summary.json"], None
+
+
+def _run_judges(comps: dict, specs: list[dict]) -> dict:
+    """``{judge name: {prompt set: {condition: {"n", "failed", "rates", "items"}}}}`` for every configured judge."""
+    from ..evaluation.judges import make_judge
+    from ..evaluation.judges import summarize as judge_summary
+
+    out: dict = {}
+    for spec in specs:
+        judge = make_judge(spec)
+        items = [(kind, cond, r) for kind, conds in comps.items() for cond, recs in conds.items() for r in recs]
+        verdicts = judge.judge([r for _, _, r in items])  # one call: a model judge batches over every condition
+        res: dict = {}
+        for (kind, cond, _), v in zip(items, verdicts):
+            res.setdefault(kind, {}).setdefault(cond, []).append(v)
+        out[judge.name] = {kind: {cond: {**judge_summary(vs, judge.labels), "items": [v.to_json() for v in vs]}
+                                  for cond, vs in conds.items()} for kind, conds in res.items()}
+        console.print(f"Judged {len(items)} completions with {judge.name}")
+    return out
+
+
+def _cross_entropy(run, comps: dict, ev) -> dict:
+    """``{source name: {"prompt_set/condition": {loss, perplexity, tokens, sequences}}}``: CE under every
+    condition's interventions (the model's own baseline completions to harmless prompts by default)."""
+    from ..evaluation.cross_entropy import evaluate as ce_evaluate
+    from ..evaluation.cross_entropy import prepare
+    from ..interventions.hooks import apply
+
+    directions = DirectionSet.load(run.dir / "directions.safetensors")
+    rankings = _layer_rankings(run)
+    conds = run.cfg.generate.conditions
+    out: dict = {}
+    for spec in ev.cross_entropy:
+        source = spec["source"]
+        if source == "completions":
+            base = comps.get("harmless", {}).get("baseline")
+            if not base:
+                raise RefusalError("Cross-entropy on 'completions' needs a 'baseline' condition on harmless prompts.",
+                                   "Add {name: baseline, prompts: harmless} to generate.conditions.")
+            source, mode = [{"instruction": r["instruction"], "completion": r["completion"]} for r in base], \
+                "completion"
+        else:
+            mode = spec.get("mode")
+        seqs = prepare(run.tokenizer, source, mode=mode, seq_len=spec.get("seq_len", 512),
+                       max_tokens=spec.get("max_tokens"), allow_fewer=spec.get("allow_fewer", source is not None),
+                       columns=spec.get("columns"), system=run.cfg.system_prompt)
+        res = {}
+        for c in conds:
+            with apply(run.model, condition_interventions(c, directions, rankings)):
+                r = ce_evaluate(run.model, seqs, batch_size=ev.ce_batch_size,
+                                description=f"Cross-entropy {spec['name']} / {c.prompts} {c.name}")
+            res[f"{c.prompts}/{c.name}"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
+        out[spec["name"]] = res
+    return out

@@ -1,0 +1,136 @@
+"""``refusal sets``: search (or score) sets of a run's ranked directions, ablated together.
+
+Reads a run folder after ``select``: the ranked candidates (``scores.json`` "ranked", vectors from
+``candidates.safetensors``) and the validation splits; writes ``sets.json`` and ``sets.png`` and adds the best set
+to ``directions.safetensors`` as ``"set"`` (a ``(k, d)`` basis; ``/ablate set`` in ``refusal chat`` uses it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import RefusalError
+
+
+def ranked_candidates(run_dir: Path):
+    """``(ranked [(pos, layer)], candidate Directions in rank order)`` of a run folder after ``select``."""
+    from .. import io
+    from ..directions.base import Direction, DirectionSet
+    from ..directions.diff_means import Candidates
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RefusalError(f"'{run_dir}' is not a run folder (no config.yaml).",
+                           "Give the folder a 'refusal run' made (runs/<model>/ by default).")
+    scores_path = run_dir / "scores.json"
+    scores = io.read_json(scores_path) if scores_path.is_file() else {}
+    have = all((run_dir / f).is_file() for f in ("candidates.safetensors", "directions.safetensors",
+                                                  "select.done.json"))
+    if not have or "ranked" not in scores:
+        raise RefusalError(f"The run in '{run_dir}' has no finished select stage (no ranked directions).",
+                           f"Run `refusal select {run_dir}` (or `refusal run {run_dir}`) first.")
+    ranked = [(int(r["pos"]), int(r["layer"])) for r in scores["ranked"]]
+    if not ranked:
+        raise RefusalError(f"No candidate of the run in '{run_dir}' passed the selection filters.",
+                           "Loosen select.kl_threshold / select.induce_threshold and redo select.")
+    cands = Candidates.load(run_dir / "candidates.safetensors")
+    selected = DirectionSet.load(run_dir / "directions.safetensors")["selected"]
+    positions = scores.get("positions") or cands.positions
+    out = []
+    for pos, layer in ranked:
+        if pos not in cands.positions or not 0 <= layer < cands.n_layers:
+            raise RefusalError(f"scores.json ranks position {pos}, layer {layer}, which candidates.safetensors "
+                               "lacks: the files come from different runs.", f"Redo select: refusal select {run_dir}")
+        sc = {}
+        if pos in positions:
+            i = positions.index(pos)
+            for key in ("bypass", "induce", "kl"):
+                v = scores[key][i][layer] if key in scores else None
+                if v is not None:
+                    sc[key] = float(v)
+        out.append(Direction(cands.direction(pos, layer).vectors, layer, pos, selected.model, "diff_means", sc,
+                             selected.data_digest))
+    return ranked, out
+
+
+def register(app: typer.Typer) -> None:
+    from .app import _fail, err, out
+
+    @app.command("sets")
+    def sets(
+        run_dir: Path = typer.Argument(..., help="A run folder after select."),
+        k: int = typer.Option(3, "--k", help="Largest set size to search."),
+        beam: int = typer.Option(1, "--beam", help="Sets kept at each size (1: greedy)."),
+        pool: int = typer.Option(16, "--pool", help="Search among the top POOL ranked directions."),
+        directions: list[str] = typer.Option(None, "--directions", "-d",
+                                             help="Only score this set of ranks (0-2, 0,3,5); repeat for more sets."),
+        kl_weight: float = typer.Option(0.0, help="Objective: bypass + KL_WEIGHT x KL (the paper: 0)."),
+        save: bool = typer.Option(True, "--save/--no-save", help="Add the best set to directions.safetensors."),
+        device: str = typer.Option(None, help="cuda, cpu, ... (default: the run's, else best available)."),
+        batch_size: int = typer.Option(None, help="Sequences per forward (default: from the device)."),
+    ) -> None:
+        """Find the set of a run's ranked directions whose joint ablation bypasses refusal best (beam search), or
+        score given sets; writes sets.json, sets.png and the best set as "set" in directions.safetensors."""
+        from .. import io
+        from ..directions.base import parse_ranks
+        from ..runs.pipeline import Run
+        from ..scoring.sets import add_to_directions, plot_pareto, score_sets, search_sets
+
+        try:
+            run_dir = Path(run_dir)
+            ranked, cands = ranked_candidates(run_dir)
+            given = [parse_ranks(spec, len(cands)) for spec in directions or []]
+            overrides = {k_: v for k_, v in (("device", device), ("batch_size", batch_size)) if v is not None}
+            run = Run.open(run_dir, overrides)
+            splits = io.read_json(run_dir / "splits.json")
+            hv, bv = run.prompts(splits["harmful"]["val"]), run.prompts(splits["harmless"]["val"])
+            s = run.cfg.select
+            opts = {"kl_threshold": s.kl_threshold, "induce_threshold": s.induce_threshold, "kl_weight": kl_weight,
+                    "batch_size": run.score_batch_size}
+            if given:
+                res = score_sets(run.model, run.tokenizer, cands, given, hv, bv, run.refusal_ids(), **opts)
+            else:
+                if pool > len(cands):
+                    err.print(f"The run ranks {len(cands)} directions: searching all of them (--pool {pool}).")
+                res = search_sets(run.model, run.tokenizer, cands, hv, bv, run.refusal_ids(), k_max=k, beam=beam,
+                                  pool=pool, **opts)
+            io.write_json(run_dir / "sets.json", res.to_json())
+            plot_pareto(res, run_dir / "sets.png", title=f"{run.cfg.model}: direction sets")
+            print_sets(res, out, only_kept=not given)
+            best = res.best
+            if best is None:
+                err.print(f"[yellow]No set passed the filters (KL < {s.kl_threshold}, induce > "
+                          f"{s.induce_threshold}); nothing saved.[/]")
+            elif save:
+                add_to_directions(run_dir / "directions.safetensors", res.direction(best))
+                out.print(f"Saved ranks {{{', '.join(map(str, best.members))}}} as [bold]set[/] in "
+                          f"{run_dir / 'directions.safetensors'} (refusal chat {run_dir} then /ablate set)")
+            out.print(f"Wrote {run_dir / 'sets.json'} and {run_dir / 'sets.png'}")
+        except RefusalError as exc:
+            _fail(exc)
+
+
+def print_sets(res, console, only_kept: bool = True) -> None:
+    """One row per set: the kept sets of each size (or every given set), best first within a size."""
+    from rich.table import Table
+
+    front = {s.members for s in res.pareto()}
+    best = res.best
+    t = Table(title=f"Direction sets (baseline refusal score: harmful {res.baseline_harmful:+.3f}, harmless "
+                    f"{res.baseline_harmless:+.3f}; filters KL < {res.kl_threshold:g}, induce > "
+                    f"{res.induce_threshold:g})")
+    for col in ("size", "ranks", "(pos, layer)", "bypass", "induce", "KL", ""):
+        t.add_column(col, justify="right" if col in ("size", "bypass", "induce", "KL") else "left")
+    rows = res.ordered()
+    if only_kept and res.kept:
+        keep = {m for ms in res.kept.values() for m in ms}
+        rows = [s for s in rows if s.members in keep]
+    for s in sorted(rows, key=lambda s: (s.size, res.key(s))):
+        c = [res.candidates[i] for i in s.members]
+        notes = (["best"] if best is not None and s.members == best.members else []) + \
+            (["front"] if s.members in front else []) + ([] if s.passes else ["fails filters"])
+        t.add_row(str(s.size), ",".join(map(str, s.members)), " ".join(f"({d.pos}, {d.layer})" for d in c),
+                  f"{s.bypass:+.3f}", f"{s.induce:+.3f}", f"{s.kl:.4f}", ", ".join(notes))
+    console.print(t)

@@ -1,0 +1,865 @@
+"""The cross-lingual run: prompts per language, one refusal-direction run per language, then transfer, similarity
+and plots (see :mod:`refusal.crosslingual` for the stages and the folder layout).
+
+Each language's run is the main pipeline's (:class:`refusal.runs.pipeline.Run` with its extract, select and generate
+stages) on that language's prompts, with that language's refusal-opening tokens as the refusal score's tokens and
+four conditions: baseline and ablation on the harmful test prompts, baseline and activation addition on the harmless
+ones; its evaluate stage judges the completions with the language's own refusal phrases. The model is loaded once,
+on first need, and shared by every language and the transfer; a run whose stages have all finished loads nothing.
+The run's ``data.harmful`` / ``harmless`` and ``generate.conditions`` settings are not used: the prompts come from the
+cross-lingual sources, and the conditions are the four above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .. import io
+from ..batching import console
+from ..config import Condition, InterventionSpec, RunConfig, digest
+from ..errors import RefusalError
+from ..runs.pipeline import Inputs, Run
+
+DEFAULT_LANGUAGES = ("en", "fr", "es", "de", "ru", "zh", "th", "sw", "am")
+KINDS = ("harmful", "harmless")
+SPLITS = ("train", "val", "test")
+_CODE = re.compile(r"[a-z]{2,3}(?:-[a-z0-9]{2,8})?")
+PER_LANGUAGE_STAGES = ("extract", "select", "generate")
+
+
+def language_conditions() -> list[Condition]:
+    """What each language's run generates: harmful test prompts at baseline and with the direction ablated,
+    harmless ones at baseline and with the direction added (coefficient 1)."""
+    return [Condition("baseline", "harmful"), Condition("ablation", "harmful", [InterventionSpec("ablate")]),
+            Condition("baseline", "harmless"), Condition("actadd", "harmless", [InterventionSpec("add", coeff=1.0)])]
+
+
+# ---- parsing user input ----------------------------------------------------------------------------------------
+
+def parse_languages(spec: str | Sequence[str] | None) -> list[str] | None:
+    """``"en,fr, de"`` or ``["en", "fr"]`` → ``["en", "fr", "de"]`` (lower case, duplicates dropped); ``None`` stays
+    ``None`` (the sources or the default decide)."""
+    if spec is None:
+        return None
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        code = str(item).strip().lower().replace("_", "-")
+        if not code:
+            continue
+        if not _CODE.fullmatch(code):
+            raise RefusalError(f"'{item}' is not a language code.",
+                               "Give ISO 639-1 codes separated by commas, e.g. --languages en,fr,de,sw.")
+        if code not in out:
+            out.append(code)
+    if not out:
+        raise RefusalError("No languages were given.", "Give at least two codes, e.g. --languages en,fr.")
+    return out
+
+
+def parse_files(spec: str | Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
+    """Per-language prompt files: ``"fr=fr.json,de=de.csv,fr:harmless=fr_ok.json"`` (a plain ``lang=path`` is the
+    harmful prompts) or a mapping ``{"fr": path}`` / ``{"fr": {"harmful": path, "harmless": path}}`` /
+    ``{"fr:harmless": path}`` → ``{lang: {kind: path}}``."""
+    if not spec:
+        return {}
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(spec, str):
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, path = part.partition("=")
+            if not sep or not key.strip() or not path.strip():
+                raise RefusalError(f"Cannot read '{part}' in --files.",
+                                   "Write lang=path (harmful prompts) or lang:harmless=path, separated by commas, "
+                                   "e.g. --files fr=fr.json,fr:harmless=fr_harmless.json.")
+            pairs.append((key.strip(), path.strip()))
+    else:
+        for key, value in spec.items():
+            if isinstance(value, Mapping):
+                pairs += [(f"{key}:{kind}", path) for kind, path in value.items()]
+            else:
+                pairs.append((str(key), value))
+    out: dict[str, dict[str, str]] = {}
+    for key, path in pairs:
+        lang, _, kind = key.partition(":")
+        kind = kind.strip().lower() or "harmful"
+        if kind not in KINDS:
+            raise RefusalError(f"Unknown prompt kind '{kind}' in the files for '{lang}'.",
+                               f"Use {' or '.join(KINDS)}, e.g. {lang}:harmless=path.")
+        code = parse_languages([lang])[0]
+        if kind in out.get(code, {}):
+            raise RefusalError(f"Two {kind} files are given for '{code}'.", "Give one file per language and kind.")
+        out.setdefault(code, {})[kind] = str(path)
+    return out
+
+
+def language_phrases(lang: str) -> dict:
+    """The refusal phrases (for judging), refusal openings (for the refusal tokens) and their confidence for
+    ``lang``: the shipped list for its base code, else English's with confidence ``low`` and a note."""
+    from ..translate import PHRASE_LANGUAGES, refusal_phrases
+
+    base = lang.split("-")[0]
+    if base in PHRASE_LANGUAGES:
+        d = refusal_phrases(base)
+        return {"phrases": d["phrases"], "refusal_openings": d["refusal_openings"],
+                "confidence": d.get("confidence", "unknown"), "list": base, "note": d.get("notes", "")}
+    d = refusal_phrases("en")
+    return {"phrases": d["phrases"], "refusal_openings": d["refusal_openings"], "confidence": "low", "list": "en",
+            "note": f"No refusal phrase list ships for '{lang}': the English phrases and openings are used, which "
+                    f"miss refusals written in {lang}."}
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _file_sha(path: Path) -> str | None:
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def _direction_sha(path: Path) -> str | None:
+    """sha256 of what an intervention uses of a direction file: its vectors, layer and position (not the scores in
+    its metadata, whose last digits may change when selection is redone)."""
+    from ..directions.base import Direction
+
+    if not Path(path).is_file():
+        return None
+    d = Direction.load(path)
+    h = hashlib.sha256(d.vectors.numpy().tobytes())
+    h.update(json.dumps([list(d.vectors.shape), d.layer, d.pos]).encode())
+    return h.hexdigest()
+
+
+def _own_completions_sha(folder: Path) -> str | None:
+    """sha256 of the completions the transfer takes from a language's own run (its diagonal)."""
+    p = Path(folder) / "completions.json"
+    if not p.is_file():
+        return None
+    c = io.read_json(p)
+    return _sha([[r["instruction"], r["completion"]] for kind, cond in (("harmful", "ablation"), ("harmless", "actadd"))
+                 for r in c.get(kind, {}).get(cond, [])])
+
+
+@dataclass
+class _Pool:
+    """The rows one (language, kind) draws from: ``{"all": rows}`` or ``{split: rows}``; ``translate``: they are
+    English rows to translate into the language."""
+
+    rows: dict[str, list[dict]]
+    origin: str
+    translate: bool = False
+
+
+def _choose(pool: _Pool, sizes: Mapping[str, int], seed: int, what: str) -> dict[str, list[dict]]:
+    """Seeded train/val/test from a pool, as :func:`refusal.data.make_splits` draws them (an unsplit pool is shuffled
+    once and cut, a split one sampled per split). Pools of equal sizes get the same indices, so sets translated item
+    by item stay aligned."""
+    if "all" in pool.rows:
+        rows = pool.rows["all"]
+        total = sum(sizes.values())
+        if total > len(rows):
+            raise RefusalError(
+                f"The {what} prompts ({pool.origin}) number {len(rows)}, fewer than the {total} the splits ask for "
+                f"({', '.join(f'{s} {n}' for s, n in sizes.items())}).",
+                "Lower data.n_train / n_val / n_test in the config, or give more prompts.")
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        out, i = {}, 0
+        for s, n in sizes.items():
+            out[s] = [rows[j] for j in order[i:i + n]]
+            i += n
+        return out
+    out = {}
+    for s, n in sizes.items():
+        rows = pool.rows[s]
+        if n > len(rows):
+            raise RefusalError(f"The {what} {s} prompts ({pool.origin}) number {len(rows)}, fewer than the {n} "
+                               f"the config asks for.", f"Lower data.n_{s} in the config, or give more prompts.")
+        out[s] = [rows[j] for j in random.Random(seed).sample(range(len(rows)), n)]
+    return out
+
+
+def _original(rec: dict, lang: str) -> str | None:
+    if rec.get("source_instruction") is not None:
+        return " ".join(str(rec["source_instruction"]).split())
+    return " ".join(rec["instruction"].split()) if lang == "en" else None
+
+
+class _LanguageRun(Run):
+    """A main-pipeline run on one language's prompts, sharing the cross-lingual run's model."""
+
+    def __init__(self, base: Run, cfg: RunConfig, inputs: Inputs, folder: Path):
+        super().__init__(cfg, inputs, folder)
+        self.base = base
+
+    @property
+    def model(self):
+        return self.base.model
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+
+@dataclass
+class CrosslingualResult:
+    out_dir: Path
+    languages: list[str]
+    summaries: dict[str, dict]  # per language: its summary.json
+    transfer: dict  # transfer.json
+    similarity: dict  # similarity.json
+    plots: list[Path]
+    warnings: list[str] = field(default_factory=list)
+    prompts: dict = field(default_factory=dict)  # prompts.json without the prompts: sources, alignment, translation
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+class Crosslingual:
+    """A cross-lingual run: every check on its inputs happens in the constructor, before any model is loaded;
+    :meth:`run` runs (or resumes) the stages, which are also methods: :meth:`prompts`, :meth:`language`,
+    :meth:`transfer`, :meth:`similarity`, :meth:`plots`."""
+
+    def __init__(self, cfg: RunConfig, languages: str | Sequence[str] | None = None, *,
+                 polyrefuse: str | Path | None = None, paper: str | Path | None = None,
+                 files: str | Mapping[str, Any] | None = None, translator: Any = None, max_flagged: float = 0.1,
+                 allow_flagged: bool = False, out_dir: str | Path | None = None, force: bool = False,
+                 echo_warnings: bool = True):
+        from ..models.loading import check_hub_config, resolve_source
+
+        if not 0 <= max_flagged <= 1:
+            raise RefusalError(f"--max-flagged must be a share between 0 and 1 (got {max_flagged}).",
+                               "For at most 10 % flagged translations give 0.1.")
+        self.cfg = cfg
+        self.source = resolve_source(cfg.model)
+        self.polyrefuse = None if polyrefuse is None else str(polyrefuse)
+        self.paper = None if paper is None else str(paper)
+        self.files = parse_files(files)
+        self.max_flagged, self.allow_flagged, self.force = float(max_flagged), bool(allow_flagged), force
+        self.languages = self._languages(parse_languages(languages))
+        self.phrases = {lang: language_phrases(lang) for lang in self.languages}
+        d = cfg.data
+        self.sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
+        self.pools = self._pools()
+        self.chosen = {key: _choose(pool, self.sizes, d.seed, f"{key[1]} {key[0]}") for key, pool in self.pools.items()}
+        self.translator = self._check_translator(translator) if self._translating else None
+        self.dir = Path(out_dir) if out_dir is not None else \
+            Path(cfg.output) / (cfg.name or f"{self.source.alias}-crosslingual")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RefusalError(f"The output '{self.dir}' is a file, not a folder.", "Give another --output / --name.")
+        check_hub_config(self.source, cfg.trust_remote_code)  # last: the only check that may touch the network
+        self.base = Run(cfg, Inputs(self.source, {}), folder=self.dir)
+        self.warnings: list[str] = []  # also printed as they arise, unless echo_warnings is false
+        self.echo_warnings = echo_warnings
+        self._sets: dict | None = None
+
+    # ---- input checks -----------------------------------------------------------------------------------------
+
+    def _languages(self, given: list[str] | None) -> list[str]:
+        if given is None:
+            found = set(self.files)
+            if self.polyrefuse is not None:
+                found |= self._polyrefuse_languages()
+            if found:
+                from .plots import resource_order
+
+                given = resource_order(sorted(found))[0]
+            else:
+                given = list(DEFAULT_LANGUAGES)
+        extra = sorted(set(self.files) - set(given))
+        if extra:
+            raise RefusalError(f"--files gives prompts for {', '.join(extra)}, which --languages leaves out.",
+                               "Add those languages to --languages, or drop their files.")
+        if len(given) < 2:
+            raise RefusalError(f"A cross-lingual run needs at least two languages (got {', '.join(given)}).",
+                               "Give two or more, e.g. --languages en,fr.")
+        return given
+
+    def _polyrefuse_languages(self) -> set[str]:
+        root = Path(self.polyrefuse).expanduser()
+        if not root.is_dir():
+            raise RefusalError(f"The multilingual prompt folder '{self.polyrefuse}' does not exist.",
+                               "Point --polyrefuse to a folder laid out like PolyRefuse (harmful_train_fr.json, ...).")
+        found = set()
+        for k in KINDS:
+            for s in SPLITS:
+                found |= {p.stem[len(f"{k}_{s}_"):].lower() for p in root.glob(f"{k}_{s}_*.json")}
+        found = {lang for lang in found if _CODE.fullmatch(lang)}
+        if self.paper is not None:
+            found.add("en")
+        if not found:
+            raise RefusalError(f"The folder '{self.polyrefuse}' has no <kind>_<split>_<lang>.json files.",
+                               "Lay it out like PolyRefuse (harmful_train_fr.json, harmless_test_de.json, ...).")
+        return found
+
+    def _english_pool(self, kind: str) -> _Pool:
+        """What translations start from: the paper-style folder when one is given, else the built-in set."""
+        from ..data.sources import builtin, load_source
+
+        if self.paper is not None and self.polyrefuse is None:
+            src = load_source(self.paper, kind)
+            if src.is_split and set(src.splits) != set(SPLITS):
+                missing = ", ".join(f"{kind}_{s}.json" for s in SPLITS if s not in src.splits)
+                raise RefusalError(f"The English folder '{self.paper}' lacks {missing}.",
+                                   "Add the file(s), or leave --paper out to start from the built-in sets.")
+            return _Pool(src.splits, f"{self.paper} ({kind})")
+        return _Pool({"all": builtin(kind)}, f"builtin:{kind}")
+
+    def _pools(self) -> dict[tuple[str, str], _Pool]:
+        from ..data.multilingual import load_polyrefuse, load_records
+
+        pools: dict[tuple[str, str], _Pool] = {}
+        for lang, kinds in self.files.items():
+            for kind, path in kinds.items():
+                pools[(lang, kind)] = _Pool({"all": load_records(path)}, str(path))
+        rest = [(lang, kind) for lang in self.languages for kind in KINDS if (lang, kind) not in pools]
+        if self.polyrefuse is not None:
+            by_kinds: dict[tuple[str, ...], list[str]] = {}
+            for lang in self.languages:
+                kinds = tuple(k for k in KINDS if (lang, k) in rest)
+                if kinds:
+                    by_kinds.setdefault(kinds, []).append(lang)
+            for kinds, langs in by_kinds.items():
+                ms = load_polyrefuse(self.polyrefuse, langs, kinds=kinds, english=self.paper)
+                for lang in langs:
+                    for kind in kinds:
+                        where = ms.origin[f"{lang}/{kind}/test"]
+                        pools[(lang, kind)] = _Pool({s: ms.get(lang, kind, s) for s in SPLITS},
+                                                    str(Path(where).parent / f"{kind}_*_{lang}.json"))
+        else:
+            for lang, kind in rest:
+                english = self._english_pool(kind)
+                pools[(lang, kind)] = dataclasses.replace(english, translate=lang.split("-")[0] != "en")
+        return pools
+
+    @property
+    def _translating(self) -> bool:
+        return any(p.translate for p in self.pools.values())
+
+    def _check_translator(self, translator: Any) -> Any:
+        """``None`` / ``"local"`` (the run's model), ``"google"`` / ``"google:v3"``, another model spec, or a
+        backend object (anything with ``name`` and ``translate``)."""
+        if translator is None or translator in ("local", self.cfg.model):
+            return "local"
+        if isinstance(translator, str):
+            if translator.startswith("google"):
+                version = translator.partition(":")[2] or "v2"
+                if version not in ("v2", "v3"):
+                    raise RefusalError(f"Unknown Google translator '{translator}'.",
+                                       "Use google, google:v2 or google:v3.")
+                return translator
+            from ..models.loading import resolve_source
+
+            resolve_source(translator)  # a bad model spec fails now, not after the first language
+            return translator
+        if not (hasattr(translator, "name") and callable(getattr(translator, "translate", None))):
+            raise RefusalError(f"The translator {translator!r} is not a translation backend.",
+                               "Pass 'local', 'google', a model spec, or an object with name and translate().")
+        return translator
+
+    def _translator_identity(self) -> str | None:
+        from ..models.identity import model_identity
+        from ..models.loading import resolve_source
+        from ..translate.backends import PROMPT
+
+        t = self.translator
+        if t is None:
+            return None
+        if not isinstance(t, str):
+            return str(t.name)
+        if t.startswith("google"):
+            return t
+        source = self.source if t == "local" else resolve_source(t)
+        return f"local:{model_identity(source, self.cfg.trust_remote_code)}:prompt-{_sha(PROMPT)[:8]}"
+
+    def _backend(self):
+        """The translation backend itself (loads a model for a local one)."""
+        from ..translate import GoogleTranslator, LocalModelTranslator
+
+        t = self.translator
+        if not isinstance(t, str):
+            return t
+        if t.startswith("google"):
+            return GoogleTranslator(t.partition(":")[2] or "v2")
+        if t == "local":
+            return LocalModelTranslator(self.base.model, self.base.tokenizer, batch_size=self.base.generate_batch_size)
+        from ..models.loading import load_model
+
+        console.print(f"[bold]Loading[/] the translation model {t}")
+        model, tok = load_model(t, device=self.base.device, dtype=self.cfg.dtype,
+                                trust_remote_code=self.cfg.trust_remote_code)
+        return LocalModelTranslator(model, tok, batch_size=self.base.generate_batch_size)
+
+    # ---- manifests ----------------------------------------------------------------------------------------------
+
+    def _done(self, path: Path, dig: str) -> bool:
+        if self.force or not path.is_file():
+            return False
+        return io.read_json(path).get("digest") == dig
+
+    @staticmethod
+    def _finish(path: Path, stage: str, dig: str, seconds: float, outputs: list[str], extra: dict | None = None):
+        io.write_json(path, {"stage": stage, "digest": dig, "seconds": round(seconds, 2),
+                             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "outputs": outputs, **(extra or {})})
+
+    def _warn(self, text: str) -> None:
+        if text in self.warnings:
+            return
+        self.warnings.append(text)
+        if self.echo_warnings:
+            console.print(f"[yellow]Warning:[/] {text}")
+
+    # ---- stage 1: prompts ------------------------------------------------------------------------------------------
+
+    @property
+    def prompts_digest(self) -> str:
+        content = {f"{lang}/{kind}": _sha(self.chosen[(lang, kind)]) for lang, kind in self.pools}
+        translated = sorted(f"{lang}/{kind}" for (lang, kind), p in self.pools.items() if p.translate)
+        quality = {"max_flagged": self.max_flagged, "allow_flagged": self.allow_flagged} if translated else None
+        return digest({"stage": "prompts", "languages": self.languages, "sizes": self.sizes, "seed": self.cfg.data.seed,
+                       "content": content, "translated": translated, "translator": self._translator_identity(),
+                       "quality": quality})
+
+    def prompts(self) -> dict:
+        """Every language's train/val/test prompts per kind (translating and checking what needs it); writes
+        ``prompts.json`` (and ``translations.json``, ``translation_checks.json``). Returns ``prompts.json``."""
+        path, done = self.dir / "prompts.json", self.dir / "prompts.done.json"
+        dig = self.prompts_digest
+        if self._done(done, dig):
+            console.print("[dim]prompts: finished earlier, skipped[/]")
+            data = io.read_json(path)
+            for w in data.get("warnings", []):
+                self._warn(w)
+            self._sets = data["prompts"]
+            return data
+        started = time.perf_counter()
+        seen = len(self.warnings)
+        sets: dict[str, dict[str, dict[str, list[dict]]]] = {lang: {} for lang in self.languages}
+        sources: dict[str, dict[str, str]] = {lang: {} for lang in self.languages}
+        todo: dict[str, list[str]] = {}
+        for (lang, kind), pool in self.pools.items():
+            chosen = self.chosen[(lang, kind)]
+            if pool.translate:
+                todo.setdefault(lang, []).append(kind)
+                continue
+            sets[lang][kind] = {s: [{"instruction": r["instruction"], "category": r.get("category"),
+                                     **({"source_instruction": r["source_instruction"]}
+                                        if r.get("source_instruction") is not None else {})} for r in rows]
+                                for s, rows in chosen.items()}
+            sources[lang][kind] = pool.origin
+        translation = self._translate(todo, sets, sources) if todo else None
+        alignment = self._alignment(sets)
+        data = {"languages": self.languages, "sizes": self.sizes, "seed": self.cfg.data.seed, "sources": sources,
+                "alignment": alignment, "translation": translation, "warnings": self.warnings[seen:],
+                "judgement": {lang: {k: v for k, v in ph.items() if k in ("confidence", "list", "note")}
+                              for lang, ph in self.phrases.items()},
+                "prompts": sets}
+        io.write_json(path, data)
+        self._finish(done, "prompts", dig, time.perf_counter() - started, ["prompts.json"],
+                     {"prompts_sha256": _sha(sets)})
+        self._sets = sets
+        return data
+
+    def _translate(self, todo: dict[str, list[str]], sets: dict, sources: dict) -> dict:
+        from ..translate import TranslationCache, check_translations, require_quality
+
+        cache = TranslationCache(self.dir / "translations.json")
+        backend = None
+        name = None
+        reports, per_language, failures = {}, {}, []
+        for lang, kinds in todo.items():
+            texts: list[str] = []
+            spans = []
+            for kind in kinds:
+                for s in SPLITS:
+                    rows = self.chosen[(lang, kind)][s]
+                    spans.append((kind, s, rows, len(texts)))
+                    texts += [r["instruction"] for r in rows]
+            if backend is None:
+                backend = self._backend()
+                name = backend.name
+            console.print(f"Translating {len(texts)} prompts into {lang} with {name} (cache {cache.path})")
+            got = cache.translate(backend, texts, lang)
+            for kind, s, rows, start in spans:
+                sets[lang].setdefault(kind, {})[s] = [
+                    {"instruction": t, "category": r.get("category"), "source_instruction": r["instruction"]}
+                    for r, t in zip(rows, got[start:start + len(rows)])]
+                sources[lang][kind] = f"{self.pools[(lang, kind)].origin} translated by {name}"
+            report = check_translations(texts, got, lang)
+            reports[lang] = report
+            per_language[lang] = {"cache_digest": cache.digest(target=lang, backend=name, texts=texts),
+                                  "n": len(texts), "flagged": len(report.flagged),
+                                  "flagged_share": round(report.flagged_share, 4), "counts": report.counts(),
+                                  "language_id": report.language_id}
+            console.print(report.summary())
+            try:
+                require_quality(report, self.max_flagged, self.allow_flagged)
+            except RefusalError as exc:
+                failures.append(exc)
+            if report.flagged_share > self.max_flagged and self.allow_flagged:
+                self._warn(f"{lang}: {report.flagged_share:.1%} of the translations are flagged (above "
+                           f"{self.max_flagged:.1%}); going on because flagged translations are allowed.")
+        checks = self.dir / "translation_checks.json"
+        io.write_json(checks, {lang: r.to_dict() for lang, r in reports.items()})
+        if failures:
+            problem = " ".join(e.problem for e in failures)
+            raise RefusalError(
+                f"{problem} The per-item flags are in {checks}.",
+                f"{failures[0].fix} (--max-flagged SHARE raises the allowed share; --allow-flagged goes on anyway; "
+                f"fixed entries in {cache.path} are used as they are.)")
+        return {"backend": name, "cache": "translations.json", "cache_digest": cache.digest(backend=name),
+                "languages": per_language, "checks": "translation_checks.json"}
+
+    def _alignment(self, sets: dict) -> dict[str, str]:
+        """Per kind/split: ``verified`` (every language's English original known and equal row by row), ``by index``
+        (the same draw from pools of the same size; originals not all known) or ``not aligned: why``."""
+        out = {}
+        for kind in KINDS:
+            for s in SPLITS:
+                sizes = {lang: {k: len(v) for k, v in self.pools[(lang, kind)].rows.items()} for lang in self.languages}
+                origs = {lang: [_original(r, lang) for r in sets[lang][kind][s]] for lang in self.languages}
+                known = {lang: o for lang, o in origs.items() if all(x is not None for x in o)}
+                ref = next(iter(known.values()), None)
+                differs = [lang for lang, o in known.items() if o != ref]
+                if differs:
+                    status = (f"not aligned: the English originals differ ({', '.join(differs)} vs "
+                              f"{next(iter(known))})")
+                elif len(set(json.dumps(v, sort_keys=True) for v in sizes.values())) > 1:
+                    status = "not aligned: the languages' prompt sets differ in size"
+                elif len(known) == len(self.languages):
+                    status = "verified"
+                else:
+                    status = "by index"
+                out[f"{kind}/{s}"] = status
+                if status.startswith("not aligned"):
+                    self._warn(f"{kind} {s} prompts: {status}. Rates are compared across languages, not items, "
+                               "so the transfer matrices still hold; item-level comparisons do not.")
+        return out
+
+    @property
+    def prompt_sets(self) -> dict:
+        if self._sets is None:
+            self.prompts()
+        return self._sets
+
+    # ---- stage 2: one run per language -----------------------------------------------------------------------------
+
+    def language_config(self, lang: str) -> RunConfig:
+        """The config of ``lang``'s run: the cross-lingual config with the language's refusal tokens, its prompts
+        named by their sha256, and the four conditions of :func:`language_conditions`."""
+        sets = self.prompt_sets[lang]
+        openings = self.cfg.refusal_tokens if lang == "en" and self.cfg.refusal_tokens else \
+            self.phrases[lang]["refusal_openings"]
+        data = dataclasses.replace(
+            self.cfg.data, harmful=f"crosslingual:{lang}:harmful:sha256:{_sha(sets['harmful'])[:16]}",
+            harmless=f"crosslingual:{lang}:harmless:sha256:{_sha(sets['harmless'])[:16]}", harmful_test=None,
+            harmless_test=None)
+        gen = dataclasses.replace(self.cfg.generate, conditions=language_conditions())
+        return dataclasses.replace(self.cfg, refusal_tokens=list(openings), data=data, generate=gen, name=lang,
+                                   output=str(self.dir))
+
+    def language_run(self, lang: str) -> _LanguageRun:
+        sets = self.prompt_sets[lang]
+        splits = {kind: {s: list(sets[kind][s]) for s in SPLITS} for kind in KINDS}
+        return _LanguageRun(self.base, self.language_config(lang), Inputs(self.source, splits), self.dir / lang)
+
+    def _evaluate_digest(self, run: _LanguageRun, lang: str) -> str:
+        ph = self.phrases[lang]
+        return digest({"stage": "evaluate", "after": run.digests["evaluate"], "phrases": ph["phrases"],
+                       "confidence": ph["confidence"]})
+
+    def language(self, lang: str) -> dict:
+        """Run (or resume) ``lang``'s extract, select, generate and evaluate; returns its ``summary.json``."""
+        run = self.language_run(lang)
+        ev_done, ev_dig = run.dir / "evaluate.done.json", self._evaluate_digest(run, lang)
+        if not self.force and all(run.done(s) for s in PER_LANGUAGE_STAGES) and self._done(ev_done, ev_dig):
+            console.print(f"[dim]{lang}: finished earlier, skipped[/]")
+            summary = io.read_json(run.dir / "summary.json")
+            for w in summary.get("warnings", []):
+                self._warn(w)
+            return summary
+        console.rule(f"[bold]{lang}")
+        try:
+            run.run(PER_LANGUAGE_STAGES, force=self.force, resume=True)
+        except RefusalError as exc:
+            raise RefusalError(f"Language '{lang}': {exc.problem}", exc.fix) from None
+        started = time.perf_counter()
+        summary = self._evaluate(run, lang)
+        self._finish(ev_done, "evaluate", ev_dig, time.perf_counter() - started, ["judgements.json", "summary.json"])
+        return summary
+
+    def _confidence_warnings(self, lang: str, results: dict) -> list[str]:
+        ph = self.phrases[lang]
+        if ph["confidence"] != "low":
+            return []
+        why = (f"no list ships for '{lang}', English phrases are used" if ph["list"] != lang.split("-")[0]
+               else f"refusal_phrases_{ph['list']}.json, see its notes")
+        out = [f"{lang}: refusals are judged with a low-confidence phrase list ({why}): a refusal it misses counts "
+               "as an answer, so its refusal rates are lower bounds and its non-refusal rates upper bounds."]
+        zero = [f"{kind} {cond}" for kind, conds in results.items() for cond, m in conds.items()
+                if m["refusal"]["count"] == 0 and m["refusal"]["n"]]
+        if zero:
+            out.append(f"{lang}: no completion matched a refusal phrase in {', '.join(zero)}; with a low-confidence "
+                       "list that is not evidence of no refusal: read the completions (judgements.json).")
+        return out
+
+    def _evaluate(self, run: _LanguageRun, lang: str) -> dict:
+        from ..evaluation.substring import judge
+        from ..evaluation.summary import summarize
+
+        ph = self.phrases[lang]
+        comps = io.read_json(run.dir / "completions.json")
+        judged = {kind: {cond: judge(recs, ph["phrases"]) for cond, recs in conds.items()}
+                  for kind, conds in comps.items()}
+        io.write_json(run.dir / "judgements.json", judged)
+        kl_path = run.dir / "kl.json"  # each condition's first-token KL on the harmless prompts (generate)
+        s = summarize(judged, io.read_json(kl_path) if kl_path.is_file() else None)
+        scores = io.read_json(run.dir / "scores.json")
+        sel = scores["selected"]
+        warnings = self._confidence_warnings(lang, s["results"])
+        for w in warnings:
+            self._warn(w)
+        summary = {
+            "language": lang, "model": self.cfg.model, "device": run.device_name(), "dtype": run.dtype,
+            "selected": {"pos": sel["pos"], "layer": sel["layer"]},
+            "selection_scores": {k: sel.get(k) for k in ("bypass", "induce", "kl")}, **s,
+            "judgement_confidence": ph["confidence"], "phrase_list": ph["list"], "judgement_note": ph["note"],
+            "refusal_tokens": run.cfg.refusal_tokens, "warnings": warnings,
+            "max_new_tokens": self.cfg.generate.max_new_tokens, "stage_seconds": run.stage_seconds(),
+            "digests": run.digests}
+        io.write_json(run.dir / "summary.json", summary)
+        return summary
+
+    # ---- stage 3: transfer ---------------------------------------------------------------------------------------
+
+    def _transfer_digest(self) -> str:
+        def tests(lang):
+            p = self.dir / lang / "splits.json"
+            return _sha({k: v["test"] for k, v in io.read_json(p).items() if k in KINDS}) if p.is_file() else None
+
+        inputs = {lang: {"direction": _direction_sha(self.dir / lang / "direction.safetensors"),
+                         "own_completions": _own_completions_sha(self.dir / lang), "test_prompts": tests(lang),
+                         "phrases": _sha(self.phrases[lang]["phrases"]),
+                         "refusal_tokens": self.language_config(lang).refusal_tokens}
+                  for lang in self.languages}
+        g = self.cfg.generate
+        return digest({"stage": "transfer", "languages": self.languages, "inputs": inputs,
+                       "max_new_tokens": g.max_new_tokens, "system_prompt": self.cfg.system_prompt})
+
+    def transfer(self) -> dict:
+        """Every language's direction on every language's test prompts; writes ``transfer.json`` and
+        ``transfer_completions.json``. Returns ``transfer.json``."""
+        from ..directions.base import Direction
+        from ..scoring.refusal import refusal_token_ids
+        from .transfer import generate_transfer, score_transfer, transfer_matrices
+
+        path, done_path = self.dir / "transfer.json", self.dir / "transfer.done.json"
+        dig = self._transfer_digest()
+        if self._done(done_path, dig):
+            console.print("[dim]transfer: finished earlier, skipped[/]")
+            return io.read_json(path)
+        console.rule("[bold]transfer")
+        started = time.perf_counter()
+        langs = self.languages
+        dirs = {lang: Direction.load(self.dir / lang / "direction.safetensors") for lang in langs}
+        splits = {lang: io.read_json(self.dir / lang / "splits.json") for lang in langs}
+        harmful = {lang: self.base.prompts(splits[lang]["harmful"]["test"]) for lang in langs}
+        harmless = {lang: self.base.prompts(splits[lang]["harmless"]["test"]) for lang in langs}
+
+        partial_path = self.dir / "transfer.partial.json"
+        partial = io.read_json(partial_path) if partial_path.exists() else {}
+        saved = {int(k): v for k, v in partial.get("rows", {}).items()} if partial.get("digest") == dig else {}
+        if saved:
+            console.print(f"Resuming the transfer generation: {len(saved)} completions were saved earlier")
+
+        def save(rows, texts):
+            saved.update(zip(rows, texts))
+            io.write_json(partial_path, {"digest": dig, "rows": {str(k): v for k, v in saved.items()}})
+
+        g = self.cfg.generate
+        comps = generate_transfer(self.base.model, self.base.tokenizer, langs, dirs, harmful, harmless,
+                                  max_new_tokens=g.max_new_tokens, batch_size=self.base.generate_batch_size,
+                                  static_cache=g.static_cache, skip={(lang, lang) for lang in langs}, done=saved,
+                                  on_batch=save)
+        n_generated = len(comps)
+        for lang in langs:  # the diagonal: each language's own run
+            own = io.read_json(self.dir / lang / "completions.json")
+            for kind, cond in (("harmful", "ablation"), ("harmless", "actadd")):
+                for i, r in enumerate(own[kind][cond]):
+                    comps[(kind, lang, lang, i)] = r["completion"]
+        confidence = {lang: self.phrases[lang]["confidence"] for lang in langs}
+        mats, judged = transfer_matrices(langs, comps, {lang: self.phrases[lang]["phrases"] for lang in langs},
+                                         confidence)
+        rids = {lang: refusal_token_ids(self.base.tokenizer, self.language_config(lang).refusal_tokens)
+                for lang in langs}
+        scores = score_transfer(self.base.model, self.base.tokenizer, langs, dirs, harmful, harmless, rids,
+                                batch_size=self.base.score_batch_size)
+        baseline = {}
+        for lang in langs:
+            res = io.read_json(self.dir / lang / "summary.json")["results"]
+            baseline[lang] = {"harmful_non_refusal": {**res["harmful"]["baseline"]["non_refusal"],
+                                                      "judgement_confidence": confidence[lang]},
+                              "harmless_refusal": {**res["harmless"]["baseline"]["refusal"],
+                                                   "judgement_confidence": confidence[lang]},
+                              **scores["baseline_scores"][lang]}
+        low = [lang for lang in langs if confidence[lang] == "low"]
+        warnings = [f"Columns {', '.join(low)}: refusals judged with low-confidence phrase lists; their refusal rates "
+                    "are lower bounds and non-refusal rates upper bounds."] if low else []
+        for w in warnings:
+            self._warn(w)
+        out = {
+            "languages": langs, "rows": "source language (whose direction is applied)",
+            "columns": "target language (whose test prompts are used)",
+            "n_test": {lang: {"harmful": len(harmful[lang]), "harmless": len(harmless[lang])} for lang in langs},
+            "directions": {lang: {"layer": d.layer, "pos": d.pos} for lang, d in dirs.items()},
+            **mats,
+            "ablation_kl": scores["ablation_kl"], "ablation_refusal_score": scores["ablation_refusal_score"],
+            "addition_refusal_score": scores["addition_refusal_score"], "baseline": baseline,
+            "judgement_confidence": confidence, "warnings": warnings,
+            "generation": {"rows_generated": n_generated, "generate_calls": 1 if n_generated else 0,
+                           "max_new_tokens": g.max_new_tokens,
+                           "diagonal": "each language's own run (<lang>/completions.json: ablation, actadd)"},
+            "metrics": {
+                "ablation_non_refusal": "share of the target's harmful test prompts answered without refusal, the "
+                                        "source's direction ablated at every layer (substring judge, target's "
+                                        "phrases; Wilson 95 % interval)",
+                "addition_refusal": "share of the target's harmless test prompts refused, the source's direction "
+                                    "added at its layer with coefficient 1",
+                "ablation_kl": "mean KL(baseline || ablated) of the first generated token's distribution on the "
+                               "target's harmless test prompts",
+                "ablation_refusal_score": "mean first-token refusal score (target's refusal tokens) on the target's "
+                                          "harmful prompts, direction ablated",
+                "addition_refusal_score": "mean first-token refusal score on the target's harmless prompts, "
+                                          "direction added"}}
+        io.write_json(self.dir / "transfer_completions.json", judged)
+        io.write_json(path, out)
+        partial_path.unlink(missing_ok=True)
+        self._finish(done_path, "transfer", dig, time.perf_counter() - started,
+                     ["transfer.json", "transfer_completions.json"])
+        return out
+
+    # ---- stage 4: similarity -------------------------------------------------------------------------------------
+
+    @property
+    def reference(self) -> str:
+        """The language the layer curves compare with: English, else the first by resource level."""
+        from .plots import resource_order
+
+        return "en" if "en" in self.languages else resource_order(self.languages)[0][0]
+
+    def similarity(self) -> dict:
+        """Cosine matrix of the selected directions and the layer curves; writes ``similarity.json``."""
+        from ..directions.base import Direction
+        from ..directions.diff_means import Candidates
+        from .similarity import candidate_similarity, direction_similarity, layer_curves
+
+        path, done_path = self.dir / "similarity.json", self.dir / "similarity.done.json"
+        inputs = {lang: {"direction": _direction_sha(self.dir / lang / "direction.safetensors"),
+                         "candidates": _file_sha(self.dir / lang / "candidates.safetensors")}
+                  for lang in self.languages}
+        dig = digest({"stage": "similarity", "languages": self.languages, "reference": self.reference,
+                      "inputs": inputs})
+        if self._done(done_path, dig):
+            console.print("[dim]similarity: finished earlier, skipped[/]")
+            return io.read_json(path)
+        started = time.perf_counter()
+        dirs = {lang: Direction.load(self.dir / lang / "direction.safetensors") for lang in self.languages}
+        cands = {lang: Candidates.load(self.dir / lang / "candidates.safetensors") for lang in self.languages}
+        ref = dirs[self.reference]
+        out = direction_similarity(dirs)
+        out["layer_curves"] = layer_curves(cands, self.reference, ref.pos)
+        out["at_reference_candidate"] = {"reference": self.reference, "pos": ref.pos, "layer": ref.layer,
+                                         "cosine": candidate_similarity(cands, ref.pos, ref.layer)}
+        io.write_json(path, out)
+        self._finish(done_path, "similarity", dig, time.perf_counter() - started, ["similarity.json"])
+        return out
+
+    # ---- stage 5: plots --------------------------------------------------------------------------------------------
+
+    PLOTS = ("transfer_ablation.png", "transfer_addition.png", "transfer_kl.png", "similarity.png",
+             "layer_similarity.png")
+
+    def plots(self) -> list[Path]:
+        from .plots import plot_all
+
+        done_path = self.dir / "plots.done.json"
+        dig = digest({"stage": "plots", "transfer": _file_sha(self.dir / "transfer.json"),
+                      "similarity": _file_sha(self.dir / "similarity.json")})
+        paths = [self.dir / p for p in self.PLOTS]
+        if self._done(done_path, dig) and all(p.is_file() for p in paths):
+            console.print("[dim]plots: finished earlier, skipped[/]")
+            return paths
+        started = time.perf_counter()
+        paths = plot_all(self.dir, io.read_json(self.dir / "transfer.json"), io.read_json(self.dir / "similarity.json"))
+        self._finish(done_path, "plots", dig, time.perf_counter() - started, [p.name for p in paths])
+        return paths
+
+    # ---- everything ------------------------------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        t = self.translator
+        return {"languages": self.languages, "polyrefuse": self.polyrefuse, "paper": self.paper, "files": self.files,
+                "translator": None if t is None else (t if isinstance(t, str) else str(t.name)),
+                "max_flagged": self.max_flagged, "allow_flagged": self.allow_flagged}
+
+    def run(self) -> CrosslingualResult:
+        """Run or resume every stage; returns the result (also written as ``summary.json``)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        io.write_yaml(self.dir / "config.yaml", {"crosslingual": self.settings(), **self.cfg.to_dict()})
+        prompts = self.prompts()
+        summaries = {lang: self.language(lang) for lang in self.languages}
+        transfer = self.transfer()
+        similarity = self.similarity()
+        plots = self.plots()
+        meta = {k: v for k, v in prompts.items() if k != "prompts"}
+        headline = {}
+        for lang, s in summaries.items():
+            r = s["results"]
+            headline[lang] = {
+                "selected": s["selected"], "judgement_confidence": s["judgement_confidence"],
+                "harmful_baseline_refusal": r["harmful"]["baseline"]["refusal"],
+                "harmful_ablation_non_refusal": r["harmful"]["ablation"]["non_refusal"],
+                "harmless_baseline_refusal": r["harmless"]["baseline"]["refusal"],
+                "harmless_actadd_refusal": r["harmless"]["actadd"]["refusal"]}
+        io.write_json(self.dir / "summary.json", {
+            "model": self.cfg.model, "languages": self.languages, "device": self.base.device_name(),
+            "dtype": self.base.dtype, "languages_summary": headline, "warnings": self.warnings,
+            "prompts": {k: meta.get(k) for k in ("sources", "alignment", "translation", "sizes", "seed")},
+            "files": {"transfer": "transfer.json", "similarity": "similarity.json",
+                      "plots": [p.name for p in plots]}})
+        return CrosslingualResult(self.dir, self.languages, summaries, transfer, similarity, plots,
+                                  list(self.warnings), meta)
+
+
+def crosslingual(cfg: RunConfig, languages: str | Sequence[str] | None = None, *,
+                 polyrefuse: str | Path | None = None, paper: str | Path | None = None,
+                 files: str | Mapping[str, Any] | None = None, translator: Any = None, max_flagged: float = 0.1,
+                 allow_flagged: bool = False, out_dir: str | Path | None = None,
+                 force: bool = False) -> CrosslingualResult:
+    """Run (or resume) a cross-lingual study: see :mod:`refusal.crosslingual`.
+
+    ``languages``: codes (default: the languages of ``files`` / ``polyrefuse``, else en fr es de ru zh th sw am).
+    Prompts per (language, kind) come from ``files`` (``{"fr": path}`` or ``"fr=path,fr:harmless=path"``), else the
+    PolyRefuse-style folder ``polyrefuse`` (English train/val from the paper-style folder ``paper``), else the
+    built-in sets (or ``paper``'s, when given alone) translated by ``translator`` (``None``/``"local"``: the run's
+    model; ``"google"``; another model spec; or a backend object) through ``out_dir/translations.json``; a language
+    with more than ``max_flagged`` of its translations flagged stops the run unless ``allow_flagged``. ``out_dir``
+    defaults to ``cfg.output / (cfg.name or <model alias>-crosslingual)``; ``force`` redoes every stage."""
+    return Crosslingual(cfg, languages, polyrefuse=polyrefuse, paper=paper, files=files, translator=translator,
+                        max_flagged=max_flagged, allow_flagged=allow_flagged, out_dir=out_dir, force=force).run()

@@ -1,0 +1,204 @@
+"""An interactive chat with a model whose refusal directions can be switched on and off between turns.
+
+>>> chat = ChatSession(model, tok, DirectionSet.load("runs/x/directions.safetensors"), max_new_tokens=128)
+>>> for piece in chat.send("How do I pick a lock?"):     # streamed, greedy
+...     print(piece, end="", flush=True)
+>>> chat.ablate("0-2")           # project out the span of ranked directions 0, 1, 2 at every layer
+>>> chat.add("0", coeff=-1.0)    # activation addition of direction 0 at its source layer (here: subtraction)
+>>> without, with_ = chat.compare()   # the last user turn answered with and without, in one batched generate
+>>> chat.off(); chat.reset()
+
+The conversation is a list of messages formatted with the tokenizer's chat template at every turn. Answers are
+greedy. Streaming runs its own loop over a key/value cache and installs the intervention hooks around each forward
+only, so no hook outlives a step, even if the caller stops reading. :meth:`compare` decodes both rows in one batch
+through :func:`~refusal.generation.batched.generate` with a per-row :class:`~refusal.interventions.Plan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..directions.base import Direction, parse_ranks
+from ..errors import RefusalError
+from ..interventions.hooks import Plan, ablation, addition, apply, phase
+from ..interventions.scopes import Intervention
+from ..models.parts import cache_kwarg, find_parts, model_device
+from .batched import generate, greedy_config
+
+
+@dataclass(frozen=True)
+class Active:
+    """One switched-on intervention and how to say it."""
+
+    kind: str  # "ablate" | "add"
+    names: tuple[str, ...]
+    intervention: Intervention
+    coeff: float = 1.0
+
+    def describe(self) -> str:
+        names = ",".join(self.names)
+        return f"ablate {names} (all layers)" if self.kind == "ablate" else f"add {names} × {self.coeff:g}"
+
+
+class ChatSession:
+    """A conversation with one model, and the interventions currently on (at most one ablation, one addition)."""
+
+    def __init__(self, model, tokenizer, directions: Mapping[str, Direction], system: str | None = None,
+                 max_new_tokens: int = 256):
+        if not getattr(tokenizer, "chat_template", None):
+            raise RefusalError("The tokenizer has no chat template, so this is not a chat model.",
+                               "Use an instruction-tuned model.")
+        self.model, self.tokenizer = model, tokenizer
+        self.directions = directions
+        self._names = list(directions)  # DirectionSet's `in` raises on a missing name: test against the names
+        self.system = system
+        self.max_new_tokens = int(max_new_tokens)
+        self.messages: list[dict[str, str]] = []
+        self._active: dict[str, Active] = {}
+        parts = find_parts(model)
+        for name, d in directions.items():
+            try:
+                d.check_model(parts.hidden_size, parts.n_layers)
+            except RefusalError as exc:
+                raise RefusalError(f"Direction '{name}': {exc.problem}", exc.fix) from None
+        cfg = greedy_config(model, tokenizer, self.max_new_tokens)
+        eos = cfg.eos_token_id
+        self._eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        if tokenizer.eos_token_id is not None:
+            self._eos.add(tokenizer.eos_token_id)
+
+    # ---- interventions -------------------------------------------------------------------------------------------
+
+    def resolve(self, spec: str) -> list[tuple[str, Direction]]:
+        """Directions named by ``spec``: ranks (``0-2``, ``0,3,5``) or names (``selected``, ``set``), comma-joined."""
+        spec = str(spec).strip()
+        if not spec:
+            raise RefusalError("No directions named.", "Name ranks like 0-2 or 0,3, or a name such as selected.")
+        if spec in self._names:
+            return [(spec, self.directions[spec])]
+        n_ranked = 0
+        while str(n_ranked) in self._names:
+            n_ranked += 1
+        out: list[tuple[str, Direction]] = []
+        for part in spec.split(","):
+            part = part.strip()
+            if part in self._names:
+                names = [part]
+            elif part and not part.replace("-", "").isdigit():
+                raise RefusalError(f"No direction named '{part}' (have: {', '.join(self._names) or 'none'}).",
+                                   "Name ranks like 0-2, or one of those names.")
+            else:
+                names = [str(r) for r in parse_ranks(part, n_ranked)]
+            out += [(n, self.directions[n]) for n in names if n not in {x for x, _ in out}]
+        return out
+
+    def ablate(self, spec: str) -> str:
+        """Project out the (orthonormalised) span of the named directions at every layer, replacing any earlier
+        ablation; returns the status line."""
+        picked = self.resolve(spec)
+        d = picked[0][1] if len(picked) == 1 else picked[0][1].stack(*(d for _, d in picked[1:]))
+        self._active["ablate"] = Active("ablate", tuple(n for n, _ in picked), ablation(d, "all"))
+        return self.status()
+
+    def add(self, spec: str, coeff: float = 1.0) -> str:
+        """Add ``coeff`` times one direction's raw vector at the input of its source layer (negative: subtract),
+        replacing any earlier addition; returns the status line."""
+        picked = self.resolve(spec)
+        if len(picked) != 1:
+            raise RefusalError(f"Activation addition takes one direction; '{spec}' names {len(picked)}.",
+                               "Add a single direction, e.g. /add 0 --coeff 1.5.")
+        name, d = picked[0]
+        if d.layer is None or d.k != 1 or d.per_layer:
+            raise RefusalError(f"Direction '{name}' is a subspace or has no source layer: it cannot be added.",
+                               "Add one ranked direction (0, 1, ...), or ablate this one.")
+        self._active["add"] = Active("add", (name,), addition(d, float(coeff)), float(coeff))
+        return self.status()
+
+    def off(self) -> str:
+        self._active.clear()
+        return self.status()
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return [a.intervention for a in self._active.values()]
+
+    def status(self) -> str:
+        """The interventions that are on, in words."""
+        if not self._active:
+            return "intervention: none (baseline model)"
+        return "intervention: " + " + ".join(a.describe() for a in self._active.values())
+
+    # ---- conversation --------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation (the interventions stay)."""
+        self.messages.clear()
+
+    def prompt(self, messages: list[dict[str, str]] | None = None) -> str:
+        """The templated conversation, ending with the assistant's turn."""
+        msgs = self.messages if messages is None else messages
+        full = ([{"role": "system", "content": self.system}] if self.system else []) + list(msgs)
+        return self.tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=True)
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add a user message and stream the answer (pieces of text) under the current interventions; the answer
+        joins the conversation when the stream ends (or what was streamed of it, if the caller stops early)."""
+        self.messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        try:
+            for piece in self.stream(self.prompt(), self.interventions):
+                pieces.append(piece)
+                yield piece
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+    @torch.no_grad()
+    def stream(self, prompt: str, interventions: list[Intervention] | None = None) -> Iterator[str]:
+        """Greedy decoding of one templated prompt, yielding the new text after every token."""
+        model, tok = self.model, self.tokenizer
+        plan = Plan.shared(model, interventions or [])
+        dev = model_device(model)
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=dev)
+        key = cache_kwarg(model)
+        cache = None
+        new: list[int] = []
+        shown = ""
+        step_input, ph = ids, "prompt"
+        for _ in range(self.max_new_tokens):
+            kwargs = {"use_cache": True, "logits_to_keep": 1}
+            if cache is not None:
+                kwargs[key] = cache
+            with apply(model, plan), phase(ph):
+                out = model(input_ids=step_input, **kwargs)
+            cache = getattr(out, key)
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt in self._eos:
+                break
+            new.append(nxt)
+            text = tok.decode(new, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole UTF-8 character
+                yield text[len(shown):]
+                shown = text
+            step_input, ph = torch.tensor([[nxt]], device=dev), "generated"
+
+    def last_user_messages(self) -> list[dict[str, str]]:
+        """The conversation up to and including its last user message."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i]["role"] == "user":
+                return self.messages[: i + 1]
+        raise RefusalError("There is no user message to compare on yet.", "Type a message first, then /compare.")
+
+    def compare(self) -> tuple[str, str]:
+        """The last user message answered without and with the current interventions: ``(baseline, intervened)``,
+        both rows decoded in one batched generate with a per-row plan."""
+        if not self._active:
+            raise RefusalError("No intervention is on, so there is nothing to compare.",
+                               "Switch one on first (/ablate 0, /add 0 --coeff -1), then /compare.")
+        prompt = self.prompt(self.last_user_messages())
+        plan = Plan.rows(self.model, [[], self.interventions])
+        texts = generate(self.model, self.tokenizer, [prompt, prompt], max_new_tokens=self.max_new_tokens,
+                         batch_size=2, plan=plan, description="Comparing")
+        return texts[0], texts[1]
