@@ -219,10 +219,12 @@ def load_model(
             kwargs["max_memory"] = budget
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
+    # one accelerator: load the weights straight onto it, not into CPU memory first and then copied over
+    direct = device_map is None and torch.device(device).type not in ("cpu", "meta")
     try:
         tokenizer = AutoTokenizer.from_pretrained(*tok_args, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            *args, dtype=torch_dtype, device_map=device_map, **kwargs
+            *args, dtype=torch_dtype, device_map={"": device} if direct else device_map, **kwargs
         )
     except Exception as exc:
         if source.kind != "gguf" or isinstance(exc, (RefusalError, MemoryError, torch.cuda.OutOfMemoryError)):
@@ -230,7 +232,7 @@ def load_model(
         # transformers' GGUF reader fails on truncated or corrupt files with assorted errors (ValueError, ...)
         raise _bad_gguf(source.path, f"transformers could not read it: {exc.__class__.__name__}: "
                                      f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
-    if device_map is None:
+    if device_map is None and not direct:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
