@@ -121,6 +121,11 @@ class EvaluateConfig:
     judges: list[dict] = field(default_factory=_default_judges)
     cross_entropy: list[dict] = field(default_factory=_default_ce)
     ce_batch_size: int = 8
+    # lm-eval coherence benchmarks under every condition: {tasks: [refusal_mmlu, ...], limit: 100, data_dir: DIR}
+    benchmarks: dict = field(default_factory=dict)
+    magnitude: bool = False  # projection on the selected direction vs refusal (test prompts, and the contrast set)
+    # over-refusal on a contrast set under every condition: {contrast: builtin | FILE.csv | hf:ID, max_new_tokens: 64}
+    over_refusal: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -186,7 +191,8 @@ def _merge(base: dict, over: dict, where: str) -> dict:
         if k not in base:
             raise RefusalError(f"Unknown config key '{k}' in {where}.",
                                f"Known keys there: {', '.join(sorted(base))}.")
-        out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) and isinstance(v, dict) else v
+        nested = isinstance(base[k], dict) and isinstance(v, dict) and base[k]  # an empty default takes any keys
+        out[k] = _merge(base[k], v, f"{where}.{k}") if nested else v
     return out
 
 
@@ -263,7 +269,7 @@ def resolve(config_file: str | Path | None = None, overrides: dict | None = None
 def _diff(base: dict, new: dict) -> dict:
     out = {}
     for k, v in new.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and base[k]:
             sub = _diff(base[k], v)
             if sub:
                 out[k] = sub
@@ -294,6 +300,13 @@ def validate(cfg: RunConfig) -> None:
             raise RefusalError(f"evaluate.cross_entropy[{i}] must be a mapping with name and source (and optionally "
                                f"mode, max_tokens, seq_len, columns, allow_fewer); got {ce}.",
                                "e.g. {name: wikitext, source: path/to/wiki.test.raw, max_tokens: 20000}.")
+    b, o = cfg.evaluate.benchmarks, cfg.evaluate.over_refusal
+    if b and (not isinstance(b, dict) or not b.get("tasks") or set(b) - {"tasks", "limit", "data_dir", "num_fewshot"}):
+        raise RefusalError(f"evaluate.benchmarks must be {{tasks: [...], limit?, data_dir?, num_fewshot?}}; got {b}.",
+                           "e.g. {tasks: [refusal_mmlu, refusal_arc_challenge], limit: 100, data_dir: DIR}.")
+    if o and (not isinstance(o, dict) or set(o) - {"contrast", "max_new_tokens", "judge"}):
+        raise RefusalError(f"evaluate.over_refusal must be {{contrast?, max_new_tokens?, judge?}}; got {o}.",
+                           "e.g. {contrast: builtin, max_new_tokens: 64}.")
     bad = [m for m in cfg.extract.methods if m not in METHODS]
     if bad or "diff_means" not in cfg.extract.methods:
         raise RefusalError(f"extract.methods must include diff_means and may add inlp (got {cfg.extract.methods}).",

@@ -311,6 +311,16 @@ def evaluate(run, started: float):
     if ce:
         io.write_json(run.dir / "ce.json", ce)
         outputs.append("ce.json")
+    bench = _benchmarks(run, ev.benchmarks) if ev.benchmarks else {}
+    if bench:
+        io.write_json(run.dir / "benchmarks.json", bench)
+        outputs.append("benchmarks.json")
+    over = _over_refusal(run, ev.over_refusal) if ev.over_refusal else {}
+    if over:
+        io.write_json(run.dir / "over_refusal.json", over)
+        outputs.append("over_refusal.json")
+    if ev.magnitude:
+        outputs += _magnitude(run, comps, judged, over)
     scores = io.read_json(run.dir / "scores.json")
     seconds = run.stage_seconds()
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
@@ -320,6 +330,10 @@ def evaluate(run, started: float):
             m["judges"] = {name: v[kind][cond]["rates"] | {"failed": v[kind][cond]["failed"]}
                            for name, v in judges.items()}
             m["cross_entropy"] = {name: v.get(f"{kind}/{cond}") for name, v in ce.items()}
+            if bench:
+                m["benchmarks"] = bench.get(f"{kind}/{cond}")
+            if over:
+                m["over_refusal"] = {k: over[f"{kind}/{cond}"][k] for k in ("over_refusal", "compliance")}
     summary = {
         "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype, "preset": run.cfg.preset,
         "selected": {"pos": scores["selected"]["pos"], "layer": scores["selected"]["layer"]},
@@ -347,6 +361,67 @@ def _run_judges(comps: dict, specs: list[dict]) -> dict:
                                   for cond, vs in conds.items()} for kind, conds in res.items()}
         console.print(f"Judged {len(items)} completions with {judge.name}")
     return out
+
+
+def _condition_ivs(run) -> dict[str, list]:
+    """``{"prompt_set/condition": interventions}`` for every configured condition."""
+    directions = DirectionSet.load(run.dir / "directions.safetensors")
+    rankings = _layer_rankings(run)
+    return {f"{c.prompts}/{c.name}": condition_interventions(c, directions, rankings)
+            for c in run.cfg.generate.conditions}
+
+
+def _benchmarks(run, spec: dict) -> dict:
+    """lm-eval accuracies under every condition: ``{"prompt_set/condition": {task: {acc, n, ...}}}``."""
+    from ..evaluation.benchmarks import run_benchmarks
+
+    out = {}
+    for name, ivs in _condition_ivs(run).items():
+        console.print(f"Benchmarks under {name}")
+        out[name] = run_benchmarks(run.model, run.tokenizer, list(spec["tasks"]), limit=spec.get("limit"),
+                                   interventions=ivs, data_dir=spec.get("data_dir"),
+                                   num_fewshot=spec.get("num_fewshot"))
+    return out
+
+
+def _over_refusal(run, spec: dict) -> dict:
+    """Refusals on safe-looking prompts and compliance on unsafe ones, every condition in one generation."""
+    from ..data.contrast import builtin_contrast, load_contrast
+    from ..evaluation.over_refusal import over_refusal, to_json
+
+    src = spec.get("contrast", "builtin")
+    records = builtin_contrast() if src == "builtin" else load_contrast(src)
+    res = over_refusal(run.model, run.tokenizer, records, _condition_ivs(run), spec.get("judge", {"type": "substring"}),
+                       max_new_tokens=spec.get("max_new_tokens", 64), batch_size=run.generate_batch_size,
+                       system=run.cfg.system_prompt)
+    return to_json(res)
+
+
+def _magnitude(run, comps: dict, judged: dict, over: dict) -> list[str]:
+    """Projection of each test prompt (and contrast prompt) on the selected direction against its refusal."""
+    from ..evaluation.magnitude import magnitude, plot_magnitude
+
+    d = DirectionSet.load(run.dir / "directions.safetensors")["selected"]
+    recs = [(kind, r) for kind in ("harmful", "harmless") for r in judged.get(kind, {}).get("baseline", [])]
+    if not recs:
+        raise RefusalError("evaluate.magnitude needs the baseline conditions of the harmful and harmless prompts.",
+                           "Keep {name: baseline, prompts: harmful/harmless} in generate.conditions.")
+    out = {"test": magnitude(run.model, run.tokenizer, run.prompts([r for _, r in recs]), d,
+                             labels=[bool(r["refused"]) for _, r in recs],
+                             refusal_scores=[r["refusal_score"] for _, r in recs], kinds=[k for k, _ in recs])}
+    plot_magnitude(out["test"], run.dir / "magnitude.png", title="Projection on the selected direction (test)")
+    files = ["magnitude.json", "magnitude.png"]
+    base = (over.get("harmful/baseline") or over.get("harmless/baseline") or {}).get("records")
+    if base:
+        out["contrast"] = magnitude(run.model, run.tokenizer, run.prompts([{"instruction": r["prompt"]} for r in base]),
+                                    d, labels=[r["judgement"].get("label") == "refusal" for r in base],
+                                    refusal_scores=[r["refusal_score"] for r in base],
+                                    kinds=[str(r["label"]) for r in base])
+        plot_magnitude(out["contrast"], run.dir / "magnitude_contrast.png",
+                       title="Projection on the selected direction (contrast set)")
+        files.append("magnitude_contrast.png")
+    io.write_json(run.dir / "magnitude.json", out)
+    return files
 
 
 def _cross_entropy(run, comps: dict, ev) -> dict:
