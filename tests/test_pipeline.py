@@ -378,3 +378,31 @@ def test_evaluation_suite_runs_for_every_condition(model_dir, datasets, cfg_file
     mag = io.read_json(run_dir / "magnitude.json")
     assert len(mag["test"]["projection"]) == 6 and len(mag["contrast"]["projection"]) == 3
     assert (run_dir / "magnitude.png").exists() and (run_dir / "magnitude_contrast.png").exists()
+
+
+def test_judge_objective_picks_among_the_filtered_candidates(model_dir, datasets, cfg_file, tmp_path, monkeypatch):
+    """select.objective: a judge decides the final pick among the best candidates; both picks are reported."""
+    from refusal.evaluation.judges import Judgement
+    from refusal.evaluation.judges.substring import SubstringJudge
+
+    calls = []
+
+    def judged(self, items):  # the candidate judged with the fewest refusals is the third one generated
+        calls.append(len(items))
+        n = len(items) // min(3, len(items))
+        return [Judgement("compliance" if n * 2 <= i < n * 3 else "refusal") for i in range(len(items))]
+
+    monkeypatch.setattr(SubstringJudge, "judge", judged)
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["select"].update({"objective": {"type": "substring"}, "judge_candidates": 3, "judge_max_new_tokens": 2})
+    cfg["evaluate"] = {"judges": [], "cross_entropy": []}
+    p = tmp_path / "cfg3.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(app, ["run", *_args(model_dir, datasets, p, tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    sc = io.read_json(tmp_path / "runs" / "tiny-qwen2" / "scores.json")
+    cands = sc["judge_objective"]["candidates"]
+    assert len(cands) == 3 and calls[0] == 3 * 3  # 3 candidates x 3 harmful val prompts, one judge call
+    assert (sc["selected"]["pos"], sc["selected"]["layer"]) == (cands[2]["pos"], cands[2]["layer"])
+    assert sc["selected_by_refusal_score"]["pos"] == cands[0]["pos"]
+    assert sc["ranked"][0] == {"pos": cands[2]["pos"], "layer": cands[2]["layer"]}

@@ -61,6 +61,12 @@ class SelectConfig:
     layer_stride: int = 1  # score every k-th layer (1 = all, as in the paper)
     prune: bool = False  # bypass/KL only for candidates passing the induce filter (same pick, fewer forwards)
     ranking: str = "global"  # rank components by intervening everywhere (the paper), "local" (source only) or "both"
+    # the final pick among the candidates that pass the filters: "refusal_score" (the paper), or a judge spec (e.g.
+    # {type: substring} or {type: llm, model: ...}): short completions of the harmful val prompts under each of the
+    # best `judge_candidates` ablations, judged; the lowest judged refusal rate wins
+    objective: Any = "refusal_score"
+    judge_candidates: int = 8
+    judge_max_new_tokens: int = 32
 
 
 OPS = ("ablate", "add", "reflect")
@@ -300,6 +306,11 @@ def validate(cfg: RunConfig) -> None:
             raise RefusalError(f"evaluate.cross_entropy[{i}] must be a mapping with name and source (and optionally "
                                f"mode, max_tokens, seq_len, columns, allow_fewer); got {ce}.",
                                "e.g. {name: wikitext, source: path/to/wiki.test.raw, max_tokens: 20000}.")
+    if cfg.select.objective != "refusal_score":
+        if not isinstance(cfg.select.objective, dict):
+            raise RefusalError(f"select.objective must be refusal_score or a judge spec (got {cfg.select.objective}).",
+                               "e.g. objective: {type: substring}.")
+        validate_spec(cfg.select.objective)
     b, o = cfg.evaluate.benchmarks, cfg.evaluate.over_refusal
     if b and (not isinstance(b, dict) or not b.get("tasks") or set(b) - {"tasks", "limit", "data_dir", "num_fewshot"}):
         raise RefusalError(f"evaluate.benchmarks must be {{tasks: [...], limit?, data_dir?, num_fewshot?}}; got {b}.",

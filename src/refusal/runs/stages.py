@@ -20,7 +20,7 @@ from ..interventions.hooks import Plan
 from ..interventions.specs import condition_interventions
 from ..models.parts import find_parts
 from ..scoring.engine import refusal_scores, score_candidates
-from ..scoring.selection import choose, plot_scores, ranked
+from ..scoring.selection import Selection, choose, plot_scores, ranked
 from ..templates import post_instruction_ids
 
 
@@ -100,7 +100,16 @@ def select(run, started: float):
         raise RefusalError(f"{exc.problem} The scores are in {run.dir / 'scores.json'} and scores.png.",
                            exc.fix) from None
     order = ranked(scores, **filters)
-    io.write_json(run.dir / "scores.json", {**scores.to_json(), "selected": sel.__dict__,
+    extra = {}
+    if s.objective != "refusal_score":
+        judged = _judge_objective(run, cands, order[:s.judge_candidates], splits["harmful"]["val"])
+        p, la = judged["pick"]["pos"], judged["pick"]["layer"]
+        i = scores.positions.index(p)
+        extra = {"selected_by_refusal_score": sel.__dict__, "judge_objective": judged}
+        sel = Selection(p, la, float(scores.bypass[i, la]), float(scores.induce[i, la]), float(scores.kl[i, la]),
+                        sel.n_passing)
+        order = [(p, la)] + [c for c in order if c != (p, la)]
+    io.write_json(run.dir / "scores.json", {**scores.to_json(), "selected": sel.__dict__, **extra,
                                             "ranked": [{"pos": p, "layer": la} for p, la in order]})
     plot_scores(scores, sel, run.dir / "scores.png", title=title)
     identity, data = run.digests["extract"], io.read_json(run.dir / "extract.done.json")["digest"]
@@ -125,6 +134,40 @@ def select(run, started: float):
     ranked_set.save(run.dir / "directions.safetensors")
     return (["scores.json", "scores.png", "direction.safetensors", "directions.safetensors", "rankings.json"],
             {"selected": {"pos": sel.pos, "layer": sel.layer}})
+
+
+def _judge_objective(run, cands, top: list[tuple[int, int]], harmful_val: list[dict]) -> dict:
+    """Judge short completions of the harmful validation prompts under each candidate's ablation (all candidates in
+    one batched generation) and pick the lowest judged refusal rate (ties: the better refusal score, i.e. rank)."""
+    from ..evaluation.judges import make_judge
+    from ..evaluation.stats import Rate
+    from ..interventions.hooks import Plan, ablation
+
+    judge = make_judge(run.cfg.select.objective)
+    if judge.kind != "refusal":
+        raise RefusalError(f"select.objective's judge '{judge.name}' gives {judge.kind} verdicts.",
+                           "Use a refusal judge (substring, refusal_score, llm or openai with the refusal rubric).")
+    prompts = run.prompts(harmful_val)
+    rows = [[ablation(cands.direction(p, la))] for p, la in top for _ in prompts]
+    texts, first = generate_completions(run.model, run.tokenizer, prompts * len(top),
+                                        max_new_tokens=run.cfg.select.judge_max_new_tokens,
+                                        batch_size=run.generate_batch_size, plan=Plan.rows(run.model, rows),
+                                        refusal_ids=run.refusal_ids(), description="Judging the best candidates")
+    items = [{"instruction": r["instruction"], "completion": t, "refusal_score": float(f)}
+             for r, t, f in zip(harmful_val * len(top), texts, first.tolist())]
+    verdicts = judge.judge(items)
+    out = []
+    n = len(prompts)
+    for j, (p, la) in enumerate(top):
+        vs = verdicts[j * n:(j + 1) * n]
+        out.append({"pos": p, "layer": la, "rank": j,
+                    "refusal": Rate.of(sum(v.refused for v in vs), n).to_json(), "failed": sum(v.failed for v in vs)})
+    best = min(out, key=lambda c: (c["refusal"]["rate"], c["rank"]))
+    console.print(f"Judge objective ({judge.name}): picked position {best['pos']}, layer {best['layer']} (judged "
+                  f"refusal {best['refusal']['rate']:.2f} on {n} validation prompts; rank {best['rank']} by the "
+                  "refusal score)")
+    return {"judge": judge.name, "max_new_tokens": run.cfg.select.judge_max_new_tokens, "candidates": out,
+            "pick": {"pos": best["pos"], "layer": best["layer"]}}
 
 
 def _by_layer(bypass: dict[tuple[int, int], float]) -> list[int]:
