@@ -21,6 +21,7 @@ import torch
 
 from ..errors import RefusalError
 from ..interventions.weights import _check_weights, orthogonalize_, orthogonalized, prepare_bases
+from ..models.loading import clear_quantizer
 from ..models.parts import find_parts
 from ..models.writers import residual_writers
 
@@ -32,18 +33,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise RefusalError(f"'{out}' already exists.", "Pass overwrite=True (--overwrite) or choose another path.")
     if out.exists() and not out.is_dir():
         raise RefusalError(f"'{out}' exists and is not a folder.", "Choose another path.")
-
-
-def _clear_quantizer(model) -> None:
-    """A model loaded from GGUF is marked as quantized although its weights are plain tensors; save_pretrained
-    would then refuse or write a quantization config that loading cannot honour."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if attr in model.__dict__:
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def _direction_info(direction) -> dict[str, Any]:
@@ -197,7 +186,7 @@ def export_hf(
                "layer_weights": layer_weights}
     base = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
     readme = model_card(base, _how(model, direction_or_subspace, writers, options), card)
-    _clear_quantizer(model)
+    clear_quantizer(model)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)

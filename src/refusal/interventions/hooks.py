@@ -127,38 +127,26 @@ class Plan:
         if self.n_rows is None:
             return self
         idx = torch.as_tensor(rows, dtype=torch.long)
-        memo: dict[int, torch.Tensor | None] = {}
-
-        def pick(t):
-            if t is None:
-                return None
-            if id(t) not in memo:
-                memo[id(t)] = t.index_select(0, idx.to(t.device))
-            return memo[id(t)]
-        taken: dict = {}
-        steps = {}
-        for key, st in self.steps.items():
-            if id(st) not in taken:
-                taken[id(st)] = [tuple(pick(t) for t in step) for step in st]
-            steps[key] = taken[id(st)]
-        return Plan(steps, len(idx))
+        return self._map(lambda t: t.index_select(0, idx.to(t.device)), len(idx))
 
     def to(self, device, dtype) -> Plan:
+        return self._map(lambda t: t.to(device=device, dtype=dtype), self.n_rows)
+
+    def _map(self, fn, n_rows: int | None) -> Plan:
+        """``fn`` applied to every tensor once (tables shared between sites stay shared)."""
         memo: dict[int, torch.Tensor] = {}
 
-        def conv(t):
-            if t is None:
-                return None
-            if id(t) not in memo:
-                memo[id(t)] = t.to(device=device, dtype=dtype)
-            return memo[id(t)]
+        def one(t):
+            if t is not None and id(t) not in memo:
+                memo[id(t)] = fn(t)
+            return None if t is None else memo[id(t)]
         done: dict = {}
         steps = {}
         for key, st in self.steps.items():
             if id(st) not in done:
-                done[id(st)] = [tuple(conv(t) for t in step) for step in st]
+                done[id(st)] = [tuple(one(t) for t in step) for step in st]
             steps[key] = done[id(st)]
-        return Plan(steps, self.n_rows)
+        return Plan(steps, n_rows)
 
 
 def _keys(iv: Intervention, n_layers: int) -> Iterable[tuple[int, str, str]]:

@@ -271,10 +271,9 @@ def convert_gguf(gguf: str | Path, out: str | Path, dtype: torch.dtype = torch.b
     return Path(out)
 
 
-def save_plain(model, tokenizer, out: Path) -> None:
-    """``save_pretrained`` into ``out`` atomically; clears the GGUF quantizer marker (weights are plain tensors)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def clear_quantizer(model) -> None:
+    """A model loaded from GGUF is marked as quantized although its weights are plain tensors; save_pretrained
+    would then refuse or write a quantization config that loading cannot honour."""
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     for attr in ("is_quantized", "quantization_method"):
@@ -282,6 +281,13 @@ def save_plain(model, tokenizer, out: Path) -> None:
             delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def save_plain(model, tokenizer, out: Path) -> None:
+    """``save_pretrained`` into ``out`` atomically; clears the GGUF quantizer marker (weights are plain tensors)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clear_quantizer(model)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         model.save_pretrained(tmp)
