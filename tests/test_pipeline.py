@@ -406,3 +406,15 @@ def test_judge_objective_picks_among_the_filtered_candidates(model_dir, datasets
     assert (sc["selected"]["pos"], sc["selected"]["layer"]) == (cands[2]["pos"], cands[2]["layer"])
     assert sc["selected_by_refusal_score"]["pos"] == cands[0]["pos"]
     assert sc["ranked"][0] == {"pos": cands[2]["pos"], "layer": cands[2]["layer"]}
+
+
+def test_saved_config_has_absolute_paths(model_dir, datasets, cfg_file, tmp_path, monkeypatch):
+    """A run made with relative paths can be resumed from any folder: the saved config names absolute paths."""
+    monkeypatch.chdir(model_dir.parent)
+    r = runner.invoke(app, ["extract", "--model", model_dir.name, "--harmful", str(datasets[0]), "--harmless",
+                            str(datasets[1]), "--config", str(cfg_file), "--output", "runs"])
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((model_dir.parent / "runs" / "tiny-qwen2" / "config.yaml").read_text())
+    assert saved["model"] == str(model_dir.resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    assert Run.open(model_dir.parent / "runs" / "tiny-qwen2").done("extract")

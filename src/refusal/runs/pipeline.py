@@ -66,7 +66,7 @@ class Run:
     """A run folder for one model and config, and the stages that fill it."""
 
     def __init__(self, cfg: RunConfig, inputs: Inputs | None = None, folder: str | Path | None = None):
-        self.cfg = cfg
+        self.cfg = cfg = _absolute_paths(cfg)
         self.inputs = inputs or check_inputs(cfg)
         self.dir = Path(folder) if folder is not None else Path(cfg.output) / (cfg.name or self.inputs.source.alias)
         self._model = None
@@ -223,6 +223,21 @@ class Run:
         if self.load_seconds:
             out["load_model"] = round(self.load_seconds, 2)
         return out
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local model and dataset paths made absolute, so the saved config works from any folder (``refusal select
+    RUN_DIR`` run elsewhere) and names what was used."""
+    def fix(spec):
+        if not spec or spec.startswith(("builtin", "hf:")):
+            return spec
+        p = Path(spec).expanduser()
+        return str(p.resolve()) if p.exists() else spec
+    cfg.model = fix(cfg.model)
+    d = cfg.data
+    d.harmful, d.harmless, d.harmful_test, d.harmless_test = (fix(x) for x in (d.harmful, d.harmless, d.harmful_test,
+                                                                                d.harmless_test))
+    return cfg
 
 
 def _nested_merge(a: dict, b: dict) -> dict:
