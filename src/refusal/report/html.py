@@ -18,6 +18,7 @@ from .sections import (
     Image,
     RateCell,
     Report,
+    Row,
     Section,
     Sub,
     Table,
@@ -69,15 +70,19 @@ section > h2 { margin:0 0 10px; font-size:1.3rem; }
 h3 { font-size:1.05rem; margin:20px 0 8px; }
 h4, h5 { font-size:.95rem; margin:16px 0 6px; }
 p { margin:6px 0 12px; max-width:75em; }
-p.note { color:var(--muted); font-size:.9rem; }
+p.note, p.legend { color:var(--muted); font-size:.9rem; }
 p.warn { color:#8a4b00; background:#fff4e0; border-left:4px solid #f0a020; padding:6px 10px; }
 .scroll { overflow-x:auto; }
+.row { display:flex; flex-wrap:wrap; gap:8px 32px; align-items:flex-start; }
+.row > div { min-width:0; }
+.row > div > h3:first-child { margin-top:8px; }
 table { border-collapse:collapse; margin:8px 0 14px; font-size:.92rem; }
 th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
 th { background:#eef2f8; font-weight:600; position:sticky; top:0; }
 td.num { text-align:right; font-variant-numeric:tabular-nums; }
 tr.group-start td { border-top:2px solid #c9d1de; }
 table.kv td:first-child { color:var(--muted); white-space:nowrap; padding-right:24px; }
+.row table.kv td:first-child { white-space:normal; }
 table.kv td.num { text-align:left; }
 table.kv thead { display:none; }
 caption { caption-side:bottom; text-align:left; color:var(--muted); font-size:.84rem; padding-top:6px; }
@@ -92,7 +97,7 @@ figure { margin:10px 0 16px; }
 figcaption { color:var(--muted); font-size:.84rem; }
 table.completions { font-size:.86rem; width:100%; table-layout:fixed; }
 table.completions td { width:auto; }
-table.completions .idx { width:48px; color:var(--muted); text-align:right; }
+table.completions .idx { width:58px; white-space:nowrap; color:var(--muted); text-align:right; }
 table.completions td.instr { font-weight:500; }
 table.completions tr.changed td.idx { color:var(--accent); font-weight:700; }
 .badge { display:inline-block; border-radius:999px; padding:0 8px; font-size:.72rem; font-weight:700;
@@ -287,6 +292,9 @@ def block_html(b: Any) -> str:
         return f"<h{lvl}>{esc(b.title)}</h{lvl}>"
     if isinstance(b, Completions):
         return completions_html(b)
+    if isinstance(b, Row):
+        return '<div class="row">' + "".join(
+            "<div>" + "".join(block_html(x) for x in part) + "</div>" for part in b.parts) + "</div>"
     raise TypeError(f"unknown report block {type(b).__name__}")
 
 

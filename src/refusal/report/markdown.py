@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .html import fmt
-from .sections import Card, Code, Completions, Heat, Image, RateCell, Report, Section, Sub, Table, Text
+from .sections import Card, Code, Completions, Heat, Image, RateCell, Report, Row, Section, Sub, Table, Text
 
 EXAMPLES = 3  # completions shown per prompt set
 TRUNCATE = 160
@@ -96,6 +96,8 @@ def block_md(b: Any) -> str:
         return "#" * min(max(b.level, 3), 5) + " " + esc(b.title)
     if isinstance(b, Completions):
         return completions_md(b)
+    if isinstance(b, Row):
+        return "\n\n".join(block_md(x) for part in b.parts for x in part)
     raise TypeError(f"unknown report block {type(b).__name__}")
 
 
@@ -109,7 +111,8 @@ def card_md(c: Card) -> str:
 
 
 def section_md(s: Section) -> str:
-    return f"## {esc(s.title)}\n\n" + "\n\n".join(block_md(b) for b in s.blocks)
+    blocks = [b for b in s.blocks if not (isinstance(b, Text) and b.kind == "legend")]
+    return f"## {esc(s.title)}\n\n" + "\n\n".join(block_md(b) for b in blocks)
 
 
 def render(report: Report) -> str:

@@ -29,7 +29,7 @@ def score_heatmaps(scores: dict, *, kl_threshold: float | None = None, induce_th
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.colors import SymLogNorm, TwoSlopeNorm
+    from matplotlib.colors import Normalize, SymLogNorm
     from matplotlib.patches import Rectangle
 
     grids = {key: np.array(_grid(scores, key), dtype=float) for key, _, _ in PANELS}
@@ -65,6 +65,7 @@ def score_heatmaps(scores: dict, *, kl_threshold: float | None = None, induce_th
     width = min(13.0, max(7.0, 2.6 + 0.42 * len(layers)))
     fig, axes = plt.subplots(3, 1, figsize=(width, 3 * (1.25 + 0.34 * len(positions))), constrained_layout=True)
     annotate = len(layers) <= 24 and len(positions) <= 8
+    font = 8.5 if len(layers) <= 12 else 6.5
     for ax, (key, label, cmap_name) in zip(axes, PANELS):
         data = grids[key][:, layers]
         cmap = plt.get_cmap(cmap_name).with_extremes(bad="#e6e6e6")
@@ -73,10 +74,9 @@ def score_heatmaps(scores: dict, *, kl_threshold: float | None = None, induce_th
             top = float(finite.max()) if finite.size else 1.0
             norm = SymLogNorm(linthresh=0.01, vmin=0.0, vmax=max(top, 0.02))
         else:
-            lo = float(finite.min()) if finite.size else -1.0
-            hi = float(finite.max()) if finite.size else 1.0
-            lo, hi = min(lo, -1e-3), max(hi, 1e-3)
-            norm = TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
+            # a refusal score of 0 is p(refusal) = 0.5: the colour scale is centred there and symmetric
+            m = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-3)
+            norm = Normalize(vmin=-m, vmax=m)
         im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
         ax.set_xticks(range(len(layers)))
@@ -92,7 +92,7 @@ def score_heatmaps(scores: dict, *, kl_threshold: float | None = None, induce_th
                     rgba = cmap(norm(v))
                     light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
                     ax.text(j, i, f"{v:.2g}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}", ha="center",
-                            va="center", fontsize=6.5, color="black" if light else "white")
+                            va="center", fontsize=font, color="black" if light else "white")
         if key == "bypass":
             ys, xs = np.nonzero(passing)
             ax.scatter(xs + 0.32, ys - 0.28, s=12, c="white", edgecolors="black", linewidths=0.7, marker="o",

@@ -78,7 +78,7 @@ class Image:
 @dataclass
 class Text:
     text: str
-    kind: str = ""  # "", "note", "warn"
+    kind: str = ""  # "", "note", "warn", "legend" (about colours: HTML only)
 
 
 @dataclass
@@ -93,6 +93,13 @@ class Completions:
     conditions: list[str]
     rows: list[tuple[str, str | None, list[Verdict | None]]]  # (instruction, category, one verdict per condition)
     descriptions: dict[str, str] = field(default_factory=dict)  # condition → its interventions, in words
+
+
+@dataclass
+class Row:
+    """Blocks side by side where there is room (one after the other in Markdown)."""
+
+    parts: list[list]
 
 
 @dataclass
@@ -180,6 +187,11 @@ def _leaf(x: Any) -> bool:
 
 def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _round(x: Any, digits: int) -> float | None:
+    v = _num(x)
+    return None if v is None else round(v, digits)
 
 
 def _dig(d: Any, *keys: str) -> Any:
@@ -287,7 +299,7 @@ def build(run_dir: str | Path) -> Report:
         ("dtype", summary.get("dtype")),
         ("new tokens", summary.get("max_new_tokens") or _dig(config, "generate", "max_new_tokens")),
         ("selected", _selected_text(summary, scores)),
-        ("wall time", _total_seconds(summary)),
+        ("stage time", _total_seconds(summary)),
     ) if v not in (None, "")]
     return Report(f"Refusal direction report: {model}", facts, _cards(results), sections,
                   datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
@@ -307,7 +319,9 @@ def _total_seconds(summary: dict) -> str | None:
         return None
     # load_model happens inside the first stage that needs the model: it is part of that stage's seconds
     total = sum(v for k, v in secs.items() if k != "load_model" and _num(v) is not None)
-    return f"{total:.1f} s" if total else None
+    if not total:
+        return None
+    return f"{total:.1f} s" if total < 60 else f"{int(total // 60)} min {total % 60:.0f} s"
 
 
 def _cards(results: dict) -> list[Card]:
@@ -330,7 +344,9 @@ def _results_section(results: dict) -> Section:
     s.blocks.append(Text(
         "Every metric per prompt set and condition, with its 95 % Wilson interval. Refusal is judged by substring "
         "match on the completion; the refusal score is the log-odds of refusal tokens at the first generated "
-        "position. Red: the model refuses; green: it complies."))
+        "position."))
+    s.blocks.append(Text("Red: the model refuses; green: it complies. The bar under each rate is its interval.",
+                         "legend"))
     rows, groups = [], []
     for kind, conds in conditions_of(results):
         groups.append(len(rows))
@@ -338,7 +354,7 @@ def _results_section(results: dict) -> Section:
             m = results[kind][c] if isinstance(results[kind][c], dict) else {}
             n = next((v.get("n") for v in m.values() if is_rate(v) and "n" in v), None)
             rows.append([kind, c, n] + [_rate_cell(key, m.get(key)) for key, _ in METRICS]
-                        + [_num(m.get("mean_refusal_score"))])
+                        + [_round(m.get("mean_refusal_score"), 2)])
     if not rows:
         s.blocks.append(Text("summary.json holds no results.", "warn"))
         return s
@@ -355,33 +371,35 @@ def _direction_section(a: Artifacts, summary: dict, scores: dict | None, config:
     if sel:
         rows += [["position", sel.get("pos")],
                  ["layer", f"{sel.get('layer')}" + (f" of {n_layers}" if n_layers else "")]]
-        for k, label in (("bypass", "bypass (refusal score, harmful, ablated)"),
-                         ("induce", "induce (refusal score, harmless, added)"),
-                         ("kl", "KL (harmless, ablated)"), ("n_passing", "candidates that passed the filters")):
+        for k, label in (("bypass", "bypass (harmful, ablated)"),
+                         ("induce", "induce (harmless, added)"),
+                         ("kl", "KL (harmless, ablated)"), ("n_passing", "candidates passing")):
             if k in sel:
                 rows.append([label, sel[k]])
     base = (scores or {}).get("baseline_refusal_score") or {}
     for kind in ("harmful", "harmless"):
         if _num(base.get(kind)) is not None:
-            rows.append([f"baseline refusal score ({kind} val)", base[kind]])
+            rows.append([f"baseline score, {kind} val", base[kind]])
     sc = config.get("select") if isinstance(config.get("select"), dict) else {}
     if sc:
-        rows.append(["filters", f"KL < {sc.get('kl_threshold')}, induce > {sc.get('induce_threshold')}, layer < "
-                     f"{sc.get('max_layer_fraction')} of depth"])
+        frac = _num(sc.get("max_layer_fraction"))
+        rows += [["filters", f"KL < {sc.get('kl_threshold')}, induce > {sc.get('induce_threshold')}"],
+                 ["layers scored", f"below {frac:.0%} of depth" if frac is not None else None]]
+    frows: list[list[Any]] = []
     path = a.dir / "direction.safetensors"
     if path.is_file():
         try:
             from ..directions.base import Direction
 
             d = Direction.load(path)
-            rows += [["method", d.method], ["hidden size", d.d], ["basis rows (k)", d.k]]
+            frows += [["method", d.method], ["hidden size", d.d], ["basis rows (k)", d.k]]
             if d.k == 1 and not d.per_layer:
-                rows.append(["norm ‖r‖", float(d.vector.norm())])
-            rows += [["model identity", Code(d.model or "—")], ["data digest", Code(d.data_digest or "—")]]
+                frows.append(["norm ‖r‖", float(d.vector.norm())])
+            frows += [["model identity", Code(d.model or "—")], ["data digest", Code(d.data_digest or "—")]]
         except Exception as exc:  # noqa: BLE001 (a broken optional file is reported, not fatal)
             a.problems.append(f"direction.safetensors: {exc}")
-    if rows:
-        s.blocks.append(Table(["", ""], rows, kind="kv"))
+    left = [Sub("Candidate"), Table(["", ""], rows, kind="kv")] if rows else []
+    right = [Sub("Direction file"), Table(["", ""], frows, kind="kv")] if frows else []
     ranked = (scores or {}).get("ranked")
     if isinstance(ranked, list) and ranked and scores:
         positions = scores.get("positions") or []
@@ -395,9 +413,11 @@ def _direction_section(a: Artifacts, summary: dict, scores: dict | None, config:
                 except (ValueError, IndexError, KeyError, TypeError):
                     vals.append(None)
             rrows.append([r, p, la, *vals])
-        s.blocks += [Sub("Best candidates"), Table(["rank", "position", "layer", "bypass", "induce", "KL"], rrows,
-                                                   caption="Candidates that pass the filters, best first "
-                                                           "(rank 0 is the selected one).")]
+        right = [Sub("Best candidates"), Table(["rank", "pos", "layer", "bypass", "induce", "KL"], rrows,
+                                               caption="Candidates that pass the filters, best first.")] + right
+    parts = [p for p in (left, right) if p]
+    if parts:
+        s.blocks.append(Row(parts))
     return s
 
 
@@ -721,5 +741,5 @@ def _cell(v: Any, key: str = "") -> Any:
     return v
 
 
-__all__ = ["Artifacts", "Card", "Code", "Completions", "Heat", "Image", "RateCell", "Report", "Section", "Sub",
+__all__ = ["Artifacts", "Card", "Code", "Completions", "Heat", "Image", "RateCell", "Report", "Row", "Section", "Sub",
            "Table", "Text", "Verdict", "build", "generic_blocks", "is_rate"]

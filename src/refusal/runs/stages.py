@@ -112,7 +112,12 @@ def select(run, started: float):
     io.write_json(run.dir / "scores.json", {**scores.to_json(), "selected": sel.__dict__, **extra,
                                             "ranked": [{"pos": p, "layer": la} for p, la in order]})
     plot_scores(scores, sel, run.dir / "scores.png", title=title)
-    identity, data = run.digests["extract"], io.read_json(run.dir / "extract.done.json")["digest"]
+    from ..config import digest
+    from ..models.identity import model_identity
+
+    identity = model_identity(run.inputs.source, run.cfg.trust_remote_code)  # cached: hashed once per weights file
+    data = digest({k: {sp: [r["instruction"] for r in v[sp]] for sp in ("train", "val")}
+                   for k, v in splits.items() if k in ("harmful", "harmless")})
 
     def direction(pos: int, layer: int) -> Direction:
         d = cands.direction(pos, layer)
