@@ -106,6 +106,7 @@ def default_conditions() -> list[Condition]:
 class GenerateConfig:
     max_new_tokens: int = 256
     static_cache: bool = False
+    kl: bool = True  # each condition's first-token KL on the harmless test prompts (one forward per row)
     conditions: list[Condition] = field(default_factory=default_conditions)
 
 
@@ -186,7 +187,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "data": {"n_train": 24, "n_val": 6, "n_test": 12, "filter": False},
         "select": {"prune": True, "layer_stride": 4},
-        "generate": {"max_new_tokens": 24},
+        "generate": {"max_new_tokens": 24, "kl": False},
+        "evaluate": {"cross_entropy": []},  # on two cores, CE under five conditions costs as much as generation
     },
 }
 

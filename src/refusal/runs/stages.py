@@ -315,8 +315,10 @@ def generate(run, started: float):
                              batch_size=run.generate_batch_size, static_cache=g.static_cache,
                              refusal_ids=run.refusal_ids(), plan=plan, rows=todo, on_batch=save,
                              description=f"Generating {len(conds)} conditions x test prompts")
-    kl = _condition_kl(run, conds, [condition_interventions(c, directions, rankings) for c in conds],
-                       by_set["harmless"])
+    kl = {}
+    if run.cfg.generate.kl:
+        kl = _condition_kl(run, conds, [condition_interventions(c, directions, rankings) for c in conds],
+                           by_set["harmless"])
     io.write_json(run.dir / "kl.json", kl)
     out: dict = {}
     for i, (ci, pi) in enumerate(rows):
