@@ -143,6 +143,8 @@ def test_switching_and_errors(loaded):
     chat.ablate("0")
     with pytest.raises(RefusalError, match="no user message"):
         chat.compare()
+    with pytest.raises(RefusalError, match="no directions loaded"):
+        ChatSession(model, tok, DirectionSet()).ablate("0")
     foreign = DirectionSet([("0", Direction(torch.randn(32), 1, -1))])
     with pytest.raises(RefusalError, match="another model"):
         ChatSession(model, tok, foreign)
@@ -190,29 +192,31 @@ def test_chat_through_a_pseudo_terminal(run_dir):
            "REFUSAL_HOME": str(run_dir.parent.parent / "home"), "PYTHONUNBUFFERED": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "refusal", "chat", str(run_dir), "--max-new-tokens", str(MAX_NEW)],
                           env=env, encoding="utf-8", timeout=180, dimensions=(50, 160))
+    child.delaybeforesend = 0.3  # type like a person: after the prompt is shown
+    prompt = r"you>(\x1b\[0m)? "  # (a bold prompt ends with a reset code where the terminal has styles)
     try:
         child.expect(r"intervention: none \(baseline model\)")
-        child.expect("you> ")
+        child.expect(prompt)
         child.sendline("Write a poem about the sea")
         child.expect("assistant> ")
         child.expect(r"\(intervention: none \(baseline model\)\)")
         answer = child.before.strip()
         assert answer  # the streamed answer
-        child.expect("you> ")
+        child.expect(prompt)
         child.sendline("/ablate 0")
         child.expect(r"intervention: ablate 0 \(all layers\)")
-        child.expect("you> ")
+        child.expect(prompt)
         child.sendline("/compare")
         child.expect(r"without \(baseline\)")
         child.expect("with: ablate 0")
         child.expect(r"\(the answers differ\)|\(the two answers are the same\)")
         table = child.before
         assert "the answers differ" in child.after  # ablating rank 0 changes the tiny model's answer
-        assert answer.split()[0] in table  # the baseline column shows the streamed answer
-        child.expect("you> ")
+        assert answer[:3] in table  # the baseline column starts with the streamed answer
+        child.expect(prompt)
         child.sendline("/off")
         child.expect(r"intervention: none \(baseline model\)")
-        child.expect("you> ")
+        child.expect(prompt)
         child.sendline("/quit")
         child.expect(pexpect.EOF)
     finally:

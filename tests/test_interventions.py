@@ -76,10 +76,11 @@ def test_subspace_basis_and_direction_values(tmp_path):
     torch.testing.assert_close(back.vector, d.vector)
     assert (back.layer, back.pos, back.model, back.scores, back.data_digest) == (2, -1, "sha256:x", {"bypass": -1.0},
                                                                                   "abc")
-    ds = DirectionSet([("selected", d), ("inlp", e)])
+    ds = DirectionSet([("selected", d), ("inlp", e), ("same", d)])  # one tensor under two names
+    assert "inlp" in ds and "nope" not in ds
     ds.save(tmp_path / "set.safetensors")
     back = DirectionSet.load(tmp_path / "set.safetensors")
-    assert list(back) == ["selected", "inlp"] and back["inlp"].k == 2
+    assert list(back) == ["selected", "inlp", "same"] and back["inlp"].k == 2
     with pytest.raises(RefusalError, match="No direction named"):
         back["nope"]
     with pytest.raises(RefusalError, match="hidden size"):

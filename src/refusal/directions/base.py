@@ -12,7 +12,6 @@ with a JSON header; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -190,6 +189,9 @@ class DirectionSet(Mapping[str, Direction]):
                                "Pick one of those names.")
         return self._items[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
@@ -206,7 +208,7 @@ class DirectionSet(Mapping[str, Direction]):
         return rows @ rows.T
 
     def save(self, path: str | Path) -> None:
-        tensors = {f"{i}": d.vectors for i, d in enumerate(self._items.values())}
+        tensors = {f"{i}": d.vectors.clone() for i, d in enumerate(self._items.values())}  # no shared storage
         meta = {"names": list(self._items), "directions": [d.metadata() for d in self._items.values()]}
         io.write_tensors(Path(path), tensors, meta)
 
@@ -239,6 +241,3 @@ def parse_ranks(spec: str, n: int) -> list[int]:
                            "Pick ranks that exist.")
     return out
 
-
-def finite(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

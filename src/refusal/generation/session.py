@@ -77,6 +77,9 @@ class ChatSession:
         spec = str(spec).strip()
         if not spec:
             raise RefusalError("No directions named.", "Name ranks like 0-2 or 0,3, or a name such as selected.")
+        if not self._names:
+            raise RefusalError("This chat has no directions loaded.",
+                               "Start it on a run folder, or give a direction file (--direction FILE.safetensors).")
         if spec in self._names:
             return [(spec, self.directions[spec])]
         n_ranked = 0

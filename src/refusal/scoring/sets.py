@@ -298,7 +298,11 @@ def plot_pareto(result: SetSearch, path: str | Path, title: str = "", ranks: Seq
     if not math.isnan(result.baseline_harmful):
         ax.axhline(result.baseline_harmful, color="gray", ls="--", lw=1, label="baseline (harmful)")
     ax.axvline(result.kl_threshold, color="gray", ls=":", lw=1, label=f"KL threshold {result.kl_threshold:g}")
-    ax.set_xscale("symlog", linthresh=0.01)
+    kls = [s.kl for s in result.sets if not math.isnan(s.kl)]
+    if kls and min(kls) > 0 and max(kls) / min(kls) > 30:  # KL spans decades: a log axis
+        ax.set_xscale("log")
+    elif kls and max(kls) > 30 * max(min(kls), 1e-3):
+        ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("KL(baseline ‖ ablated), harmless val")
     ax.set_ylabel("refusal score, set ablated (harmful val)")
     ax.set_title(title or "Direction sets: bypass against KL", fontsize=10)
