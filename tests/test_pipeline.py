@@ -284,7 +284,7 @@ def test_bad_conditions_are_clear_errors(tmp_path, bad, match):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"generate": {"conditions": [bad]}}))
     with pytest.raises(RefusalError, match=match):
-        resolve(p, has_gpu=False)
+        resolve(p, has_gpu=True)  # the paper preset: cross-entropy on the baseline completions is on
 
 
 def test_killed_generation_keeps_finished_batches(model_dir, datasets, cfg_file, tmp_path, monkeypatch):
