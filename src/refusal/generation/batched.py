@@ -96,6 +96,12 @@ def grouped_attention(model):
         cfg._attn_implementation = old
 
 
+@contextmanager
+def _eager_speedups(model):
+    with grouped_attention(model), fused_norms(model):
+        yield
+
+
 class _StaticDecoder:
     """Greedy decoding with a static KV cache and fixed shapes, so one compiled (CUDA-graphed) step serves every
     token. Stops early only when every row has ended, checking once every ``check_every`` steps (a check is a
@@ -201,8 +207,10 @@ def generate(
     def run(chunk):
         b = tokenize(tokenizer, [prompts[i] for i in chunk], dev)
         hooks = apply(model, plan.take(list(chunk))) if plan is not None else nullcontext()
-        fast = nullcontext() if decoder is not None else grouped_attention(model)
-        with hooks, fast, fused_norms(model), phase("prompt"):
+        # eager decoding: fused norms and grouped attention; the compiled static decoder sets its own attention and
+        # leaves the norms to the compiler, as when it was measured (7.04 ms/step on an H200)
+        eager = nullcontext() if decoder is not None else _eager_speedups(model)
+        with hooks, eager, phase("prompt"):
             if decoder is not None:
                 new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids, pad)
             else:
