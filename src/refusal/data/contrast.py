@@ -89,20 +89,12 @@ def load_xstest(source: str | Path) -> list[dict]:
 
 
 def _load_hub(spec: str) -> list[dict]:
-    name, _, split = spec[3:].partition(":")
-    try:
-        import datasets  # optional dependency
-    except ImportError:
-        raise RefusalError(f"Loading '{spec}' needs the 'datasets' package.",
-                           "pip install datasets, or download XSTest's CSV and pass its path.") from None
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as exc:
-        raise RefusalError(f"Could not load the hub dataset '{name}' ({exc.__class__.__name__}: {exc}).",
-                           "Check the name and your network, or pass XSTest's CSV file.") from None
+    from .sources import hub_dataset
+
+    ds = hub_dataset(spec, "XSTest's CSV file")
     rows = list(ds)
     columns = list(getattr(ds, "column_names", None) or (rows[0] if rows else []))
-    return _records(rows, columns, f"hub dataset '{name}'")
+    return _records(rows, columns, f"hub dataset '{spec[3:].partition(':')[0]}'")
 
 
 def load_contrast(spec: str | Path = "builtin") -> list[dict]:

@@ -82,18 +82,24 @@ def load_file(path: str | Path) -> list[dict]:
     return _records(rows, f"'{path}'")
 
 
-def load_hub(spec: str) -> list[dict]:
+def hub_dataset(spec: str, instead: str = "a local file"):
+    """The hub dataset ``hf:ORG/NAME[:split]`` (needs the optional ``datasets`` package); clear errors otherwise."""
     name, _, split = spec[3:].partition(":")
     try:
         import datasets  # optional dependency
     except ImportError:
         raise RefusalError(f"Loading '{spec}' needs the 'datasets' package.",
-                           "pip install datasets, or download the set to a file and pass its path.") from None
+                           f"pip install datasets, or pass {instead}.") from None
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        return datasets.load_dataset(name, split=split or "train")
     except Exception as exc:
-        raise RefusalError(f"Could not load the hub dataset '{name}' ({exc.__class__.__name__}).",
-                           "Check the name and your network, or pass a local file.") from None
+        raise RefusalError(f"Could not load the hub dataset '{name}' ({exc.__class__.__name__}: {exc}).",
+                           f"Check the name and your network, or pass {instead}.") from None
+
+
+def load_hub(spec: str) -> list[dict]:
+    name = spec[3:].partition(":")[0]
+    ds = hub_dataset(spec, "a local file with the instructions")
     return _records(list(ds), f"hub dataset '{name}'")
 
 
