@@ -3,7 +3,11 @@
 # Qwen2.5-Coder-1.5B-Instruct, check its sha256, and dequantize it once into /tmp/m/hf (bf16).
 # Source it:  . benchmarks/gpu_setup.sh   (sets PYTHONPATH for this shell)
 set -e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+stamp=/tmp/site/.wheels-$(ls .whl | md5sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then  # once per machine: a warm machine keeps /tmp/site between calls
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  touch "$stamp"
+fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD
 export PYTHONUNBUFFERED=1
 if [ ! -f /tmp/m/hf/config.json ]; then

@@ -212,3 +212,12 @@ def test_a_bad_condition_is_refused_before_evaluation(tiny, tokenizer, data_dir)
         run_benchmarks(tiny, tokenizer, ["refusal_arc_challenge"], data_dir=data_dir, interventions=per_row)
     with pytest.raises(RefusalError, match="list of Interventions, a Plan or a context manager"):
         run_benchmarks(tiny, tokenizer, ["refusal_arc_challenge"], data_dir=data_dir, interventions="ablation")
+
+
+def test_benchmarks_config_takes_a_batch_size_and_names_unknown_keys():
+    from refusal.config import resolve
+
+    cfg = resolve(None, {"evaluate": {"benchmarks": {"tasks": ["refusal_arc_challenge"], "batch_size": 32}}})
+    assert cfg.evaluate.benchmarks["batch_size"] == 32
+    with pytest.raises(RefusalError, match="batch_size"):
+        resolve(None, {"evaluate": {"benchmarks": {"tasks": ["refusal_arc_challenge"], "batch": 32}}})

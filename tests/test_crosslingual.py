@@ -247,3 +247,17 @@ def test_resource_order_and_similarity_helpers():
     sim = direction_similarity({"en": Direction(torch.tensor([1.0, 0, 0]), 1, -1),
                                 "fr": Direction(torch.tensor([1.0, 1.0, 0]), 2, -1)})
     assert sim["cosine"][0][1] == pytest.approx(2 ** -0.5, abs=1e-5) and sim["directions"]["fr"]["layer"] == 2
+
+
+def test_languages_missing_from_the_folder_are_translated_from_its_english(model_dir, poly, tmp_path):
+    """PolyRefuse lacks Swahili and Amharic: asked for with the folder, such a language is translated item by item
+    from the folder's own English rows (so it stays aligned with the others); the folder's languages are read."""
+    root, eng = poly
+    cfg = resolve(None, {"model": str(model_dir), "device": "cpu", "preset": "paper",
+                         "data": {"n_train": 4, "n_val": 2, "n_test": 2}})
+    x = Crosslingual(cfg, "en,fr,am", polyrefuse=root, paper=eng, out_dir=tmp_path / "x")
+    for kind in ("harmful", "harmless"):
+        am, en, fr = x.pools[("am", kind)], x.pools[("en", kind)], x.pools[("fr", kind)]
+        assert am.translate and not en.translate and not fr.translate
+        assert am.rows == en.rows and am.origin == en.origin
+    assert x._translating

@@ -128,7 +128,8 @@ class EvaluateConfig:
     judges: list[dict] = field(default_factory=_default_judges)
     cross_entropy: list[dict] = field(default_factory=_default_ce)
     ce_batch_size: int = 8
-    # lm-eval coherence benchmarks under every condition: {tasks: [refusal_mmlu, ...], limit: 100, data_dir: DIR}
+    # lm-eval coherence benchmarks under every condition: {tasks: [refusal_mmlu, ...], limit: 100, data_dir: DIR,
+    # batch_size: 8}
     benchmarks: dict = field(default_factory=dict)
     magnitude: bool = False  # projection on the selected direction vs refusal (test prompts, and the contrast set)
     # over-refusal on a contrast set under every condition: {contrast: builtin | FILE.csv | hf:ID, max_new_tokens: 64}
@@ -314,8 +315,10 @@ def validate(cfg: RunConfig) -> None:
                                "e.g. objective: {type: substring}.")
         validate_spec(cfg.select.objective)
     b, o = cfg.evaluate.benchmarks, cfg.evaluate.over_refusal
-    if b and (not isinstance(b, dict) or not b.get("tasks") or set(b) - {"tasks", "limit", "data_dir", "num_fewshot"}):
-        raise RefusalError(f"evaluate.benchmarks must be {{tasks: [...], limit?, data_dir?, num_fewshot?}}; got {b}.",
+    bench_keys = {"tasks", "limit", "data_dir", "num_fewshot", "batch_size"}
+    if b and (not isinstance(b, dict) or not b.get("tasks") or set(b) - bench_keys):
+        raise RefusalError(f"evaluate.benchmarks must be {{tasks: [...], limit?, data_dir?, num_fewshot?, "
+                           f"batch_size?}}; got {b}.",
                            "e.g. {tasks: [refusal_mmlu, refusal_arc_challenge], limit: 100, data_dir: DIR}.")
     if o and (not isinstance(o, dict) or set(o) - {"contrast", "max_new_tokens", "judge"}):
         raise RefusalError(f"evaluate.over_refusal must be {{contrast?, max_new_tokens?, judge?}}; got {o}.",

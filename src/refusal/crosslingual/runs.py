@@ -329,18 +329,27 @@ class Crosslingual:
                 pools[(lang, kind)] = _Pool({"all": load_records(path)}, str(path))
         rest = [(lang, kind) for lang in self.languages for kind in KINDS if (lang, kind) not in pools]
         if self.polyrefuse is not None:
+            # languages the folder has are read from it; the others are translated from its English rows
+            have = self._polyrefuse_languages()
             by_kinds: dict[tuple[str, ...], list[str]] = {}
             for lang in self.languages:
                 kinds = tuple(k for k in KINDS if (lang, k) in rest)
                 if kinds:
-                    by_kinds.setdefault(kinds, []).append(lang)
+                    by_kinds.setdefault(kinds, []).append(lang if lang in have else f"+{lang}")
             for kinds, langs in by_kinds.items():
-                ms = load_polyrefuse(self.polyrefuse, langs, kinds=kinds, english=self.paper)
-                for lang in langs:
+                read = [lang for lang in langs if not lang.startswith("+")]
+                new = [lang[1:] for lang in langs if lang.startswith("+")]
+                ms = load_polyrefuse(self.polyrefuse, sorted(set(read) | ({"en"} if new else set())), kinds=kinds,
+                                     english=self.paper)
+                for lang in read + ["en"] * bool(new):
                     for kind in kinds:
                         where = ms.origin[f"{lang}/{kind}/test"]
-                        pools[(lang, kind)] = _Pool({s: ms.get(lang, kind, s) for s in SPLITS},
-                                                    str(Path(where).parent / f"{kind}_*_{lang}.json"))
+                        pool = _Pool({s: ms.get(lang, kind, s) for s in SPLITS},
+                                     str(Path(where).parent / f"{kind}_*_{lang}.json"))
+                        if lang in read:
+                            pools[(lang, kind)] = pool
+                        for other in new:  # translated item by item from the folder's English: aligned rows
+                            pools[(other, kind)] = dataclasses.replace(pool, translate=True)
         else:
             for lang, kind in rest:
                 english = self._english_pool(kind)

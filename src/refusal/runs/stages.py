@@ -300,7 +300,7 @@ def _benchmarks(run, spec: dict) -> dict:
         console.print(f"Benchmarks under {name}")
         out[name] = run_benchmarks(run.model, run.tokenizer, list(spec["tasks"]), limit=spec.get("limit"),
                                    interventions=ivs, data_dir=spec.get("data_dir"),
-                                   num_fewshot=spec.get("num_fewshot"))
+                                   num_fewshot=spec.get("num_fewshot"), batch_size=spec.get("batch_size", 8))
     return out
 
 

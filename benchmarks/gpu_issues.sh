@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The measurements the open issues ask for, on the lent GPU, in three calls of at most 10 minutes each:
+#   bash benchmarks/gpu_issues.sh a   # paper run timed (issue 9), evaluation suite (12), judge objective (12),
+#                                     # INLP families x scopes (10)
+#   bash benchmarks/gpu_issues.sh b   # export vs hooks, edit options, edit search vs heretic, direction sets (11)
+#   bash benchmarks/gpu_issues.sh c   # cross-lingual (13), lm-eval benchmarks per condition (12)
+# On the GPU: the GGUF parts in /tmp/m and the wheels in .whl (see gpu_setup.sh); .data holds copies of the team's
+# datasets (refusal_direction, polyrefuse, text, benchmarks). A CPU check of the plumbing, in minutes:
+#   DRY=1 MODEL=/tmp/tiny-qwen OUT=/tmp/out bash benchmarks/gpu_issues.sh a
+# Every step's log and results land in $OUT; a step that fails or runs out of its time does not stop the next.
+set -u
+PART=${1:?usage: gpu_issues.sh a|b|c}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -z "${DRY:-}" ]; then
+  . benchmarks/gpu_setup.sh
+  MODEL=/tmp/m/hf
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+else
+  export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+  MODEL=${MODEL:?set MODEL to a small HF folder}
+fi
+D=$PWD/.data/refusal_direction
+RUNS=${RUNS:-/tmp/runs}
+C=/tmp/cfg
+SMALL=${DRY:+--n 4}  # a CPU check scores 4 prompts of each kind
+python3 -m benchmarks.gpu_configs $C --data .data --judge "$MODEL" ${DRY:+--dry} >/dev/null
+FLAGS="--model $MODEL --preset paper --harmful $D --harmless $D --harmful-test $D/processed/jailbreakbench.json
+  --output $RUNS"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record rc and seconds
+  local name=$1 lim=$2 t0 rc
+  shift 2
+  t0=$(date +%s.%N)
+  timeout "$lim" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s" | tee -a "$OUT/steps.txt"
+  tail -n 4 "$OUT/$name.log"
+}
+
+keep() {  # keep RUN_DIR DEST: copy a run's small results (JSON, PNG, config) into $OUT/DEST
+  mkdir -p "$OUT/$2"
+  find "$1" -maxdepth 1 -type f \( -name "*.json" -o -name "*.png" -o -name "*.yaml" -o -name "*.md" \) \
+    -size -20M -exec cp {} "$OUT/$2/" \;
+}
+
+case $PART in
+a)
+  if [ -z "${DRY:-}" ]; then
+    step paper 240 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run.json" --runs $RUNS
+  else
+    rm -rf $RUNS/paper
+    step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
+  fi
+  keep $RUNS/paper paper
+  step eval_suite 240 python3 -m refusal evaluate $RUNS/paper --config $C/eval-suite.yaml
+  keep $RUNS/paper eval
+  step report 60 python3 -m refusal report $RUNS/paper --out "$OUT/eval/report"
+  rm -rf $RUNS/judgepick && cp -r $RUNS/paper $RUNS/judgepick
+  step judge_pick 150 python3 -m refusal run $RUNS/judgepick --config $C/judge-pick.yaml
+  keep $RUNS/judgepick judgepick
+  rm -rf $RUNS/inlp
+  step inlp 300 python3 -m refusal run $FLAGS --name inlp --config $C/inlp-families.yaml
+  keep $RUNS/inlp inlp
+  ;;
+b)
+  rm -rf /tmp/abl
+  step abliterate 90 python3 -m refusal abliterate $RUNS/paper --out /tmp/abl
+  cp /tmp/abl/README.md "$OUT/abliterated-model-card.md" 2>/dev/null
+  step export_check 120 python3 -m benchmarks.export_check $RUNS/paper /tmp/abl --out "$OUT/export_check.json" $SMALL
+  step edit_options 90 python3 -m benchmarks.edit_options $RUNS/paper --out "$OUT/edit_options.json"
+  step edit_search 240 python3 -m benchmarks.edit_search $RUNS/paper --out "$OUT/edit_search.json" $SMALL ${DRY:+--top 1}
+  step sets 150 python3 -m refusal sets $RUNS/paper --k 3 --beam 4 --kl-weight 0
+  keep $RUNS/paper sets
+  ;;
+c)
+  L7=en,fr,es,de,ru,zh,th
+  # PolyRefuse has no harmless_test_zh: Chinese harmless prompts are drawn from its train + val files instead
+  python3 -c "import json, sys; p = '.data/polyrefuse/harmless_{}_zh.json'; rows = [r for s in ('train', 'val')
+for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.json', 'w'), ensure_ascii=False)"
+  XFLAGS="--model $MODEL --polyrefuse $PWD/.data/polyrefuse --paper $D --output $RUNS --name crosslingual
+    --config $C/crosslingual.yaml --files zh:harmless=/tmp/harmless_zh.json"
+  step crosslingual7 300 python3 -m refusal crosslingual $XFLAGS --languages $L7
+  keep $RUNS/crosslingual crosslingual7
+  step crosslingual9 280 python3 -m refusal crosslingual $XFLAGS --languages $L7,sw,am --allow-flagged
+  keep $RUNS/crosslingual crosslingual9
+  for lang in sw am; do
+    mkdir -p "$OUT/crosslingual9/$lang" && find $RUNS/crosslingual -path "*$lang*" -name "*.json" -size -5M \
+      -exec cp {} "$OUT/crosslingual9/$lang/" \; 2>/dev/null
+  done
+  ;;
+d)
+  step benchmarks 420 python3 -m refusal evaluate $RUNS/paper --config $C/eval-benchmarks.yaml
+  keep $RUNS/paper benchmarks
+  ;;
+*)
+  echo "unknown part $PART (a, b, c or d)"; exit 2 ;;
+esac
+cat "$OUT/steps.txt"
