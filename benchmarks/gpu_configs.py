@@ -32,12 +32,14 @@ def configs(data: Path, judge: str, dry: bool) -> dict[str, dict]:
     bench = {"evaluate": {**suite["evaluate"], "benchmarks": {
         "tasks": ["refusal_mmlu", "refusal_arc_challenge", "refusal_truthfulqa_mc1", "refusal_truthfulqa_mc2"],
         "limit": 0.005 if dry else 0.1, "data_dir": str(data / "benchmarks"), "batch_size": 4 if dry else 32}}}
+    bench_only = {"evaluate": {"benchmarks": bench["evaluate"]["benchmarks"]}}
     families = yaml.safe_load(Path("docs/configs/inlp-families.yaml").read_text())
     families["evaluate"] = {"cross_entropy": [ce[1], ce[2]], "ce_batch_size": 32}
     judge_pick = {"select": {"objective": {"type": "substring"}, "judge_candidates": 8, "judge_max_new_tokens": 64},
                   "evaluate": {"judges": judges[:2], "cross_entropy": [ce[2]], "magnitude": False, "over_refusal": {}}}
     cross = {"preset": "paper", "data": {"n_test": 100}, "generate": {"max_new_tokens": 64}}
-    out = {"base": {}, "eval-suite": suite, "eval-benchmarks": bench, "inlp-families": families,
+    out = {"base": {}, "eval-suite": suite, "eval-benchmarks": bench, "benchmarks-only": bench_only,
+           "inlp-families": families,
            "judge-pick": judge_pick, "crosslingual": cross}
     if dry:
         loose = {"kl_threshold": 1e9, "induce_threshold": -1e9}

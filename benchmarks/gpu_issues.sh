@@ -89,11 +89,24 @@ for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.j
       -exec cp {} "$OUT/crosslingual9/$lang/" \; 2>/dev/null
   done
   ;;
-d)
-  step benchmarks 420 python3 -m refusal evaluate $RUNS/paper --config $C/eval-benchmarks.yaml
+d)  # on a fresh machine: the paper run again (timed), lm-eval under its conditions, cross-lingual without th/sw/am
+  if [ -z "${DRY:-}" ]; then
+    step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-2.json" \
+      --runs $RUNS
+  fi
+  step benchmarks 200 python3 -m refusal evaluate $RUNS/paper --config $C/benchmarks-only.yaml
   keep $RUNS/paper benchmarks
+  python3 -c "import json, sys; p = '.data/polyrefuse/harmless_{}_zh.json'; rows = [r for s in ('train', 'val')
+for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.json', 'w'), ensure_ascii=False)"
+  step crosslingual6 ${XL_SECONDS:-240} python3 -m refusal crosslingual --model $MODEL --polyrefuse $PWD/.data/polyrefuse \
+    --paper $D --output $RUNS --name crosslingual6 --config $C/crosslingual.yaml \
+    --files zh:harmless=/tmp/harmless_zh.json --languages en,fr,es,de,ru,zh
+  tar czf "$OUT/crosslingual6.tgz" -C $RUNS --exclude='*.safetensors' crosslingual6
   ;;
 *)
   echo "unknown part $PART (a, b, c or d)"; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
+if [ -z "${DRY:-}" ]; then  # the device returns a limited number of files: one archive
+  (cd "$OUT" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
+fi

@@ -221,3 +221,21 @@ def test_benchmarks_config_takes_a_batch_size_and_names_unknown_keys():
     assert cfg.evaluate.benchmarks["batch_size"] == 32
     with pytest.raises(RefusalError, match="batch_size"):
         resolve(None, {"evaluate": {"benchmarks": {"tasks": ["refusal_arc_challenge"], "batch": 32}}})
+
+
+def test_task_datasets_are_fingerprinted_without_pickling_the_table(monkeypatch):
+    """datasets' default fingerprint pickles the arrow table with dill, which failed on the lent GPU (Python 3.12,
+    pyarrow 26: "Can't pickle <class 'MonthDayNano'>"); the offline tasks hash their rows instead."""
+    import datasets.fingerprint
+
+    from refusal.evaluation.tasks.loaders import _dataset
+
+    def no_pickling(*_a, **_k):
+        raise AssertionError("the table was pickled for its fingerprint")
+
+    monkeypatch.setattr(datasets.fingerprint, "generate_fingerprint", no_pickling)
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", no_pickling)
+    a = _dataset([{"question": "q", "choices": ["a", "b"], "answer": 0}], {})
+    b = _dataset([{"question": "q", "choices": ["a", "b"], "answer": 0}], {})
+    assert a.num_rows == 1 and a[0]["choices"] == ["a", "b"] and a._fingerprint == b._fingerprint
+    assert _dataset([], {"question": [], "answer": []}).column_names == ["question", "answer"]

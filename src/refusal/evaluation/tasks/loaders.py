@@ -190,9 +190,20 @@ def read_truthfulqa(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _dataset(rows: list[dict], columns: dict[str, list]):
-    import datasets
+    """A ``datasets.Dataset`` of ``rows`` (``columns`` gives the empty layout), fingerprinted by a hash of its rows.
 
-    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(columns)
+    ``Dataset.from_list`` would fingerprint the table by pickling it with dill, which fails on some Python /
+    pyarrow / dill combinations (seen on Python 3.12 with pyarrow 26: "Can't pickle <class 'MonthDayNano'>");
+    the rows' own JSON hash is deterministic and needs no pickling."""
+    import hashlib
+    import json
+
+    import datasets
+    from datasets.table import InMemoryTable
+
+    table = InMemoryTable.from_pylist(rows) if rows else InMemoryTable.from_pydict(columns)
+    key = hashlib.sha256(json.dumps(rows or columns, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return datasets.Dataset(table, fingerprint=key)
 
 
 def load_mmlu(subject: str | None = None, data_dir: str | None = None, **_: Any):
