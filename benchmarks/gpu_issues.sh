@@ -94,7 +94,7 @@ d)  # on a fresh machine: the paper run again (timed), lm-eval under its conditi
     step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-2.json" \
       --runs $RUNS
   fi
-  step benchmarks 200 python3 -m refusal evaluate $RUNS/paper --config $C/benchmarks-only.yaml
+  step benchmarks ${BENCH_SECONDS:-200} python3 -m refusal evaluate $RUNS/paper --config $C/benchmarks-only.yaml
   keep $RUNS/paper benchmarks
   python3 -c "import json, sys; p = '.data/polyrefuse/harmless_{}_zh.json'; rows = [r for s in ('train', 'val')
 for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.json', 'w'), ensure_ascii=False)"
