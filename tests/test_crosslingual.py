@@ -261,3 +261,54 @@ def test_languages_missing_from_the_folder_are_translated_from_its_english(model
         assert am.translate and not en.translate and not fr.translate
         assert am.rows == en.rows and am.origin == en.origin
     assert x._translating
+
+
+def test_a_language_without_a_direction_stays_a_target(model_dir, poly, cfg_file, tmp_path, monkeypatch):
+    """A language the model does not refuse in yields no direction (selection finds no candidate): the run goes on,
+    records why, applies the other languages' directions to its prompts (its column), leaves its row empty, and
+    takes its baseline rates from baseline rows of the same one-batch generation; a second run skips it."""
+    import refusal.runs.stages as stages
+    from refusal.errors import NoDirectionError
+
+    root, eng = poly
+    real_choose = stages.choose
+
+    def choose(scores, **kw):
+        if stages_dir[0].name == "sw":
+            raise NoDirectionError("No candidate direction passed the filters (test).", "Loosen them.")
+        return real_choose(scores, **kw)
+
+    stages_dir = [None]
+    real_select = stages.select
+
+    def select(run, *a, **kw):
+        stages_dir[0] = run.dir
+        return real_select(run, *a, **kw)
+
+    monkeypatch.setattr(stages, "choose", choose)
+    monkeypatch.setattr(stages, "select", select)
+    gen_calls: list = []
+    _counter(monkeypatch, "refusal.crosslingual.transfer.generate", gen_calls)
+    out = tmp_path / "runs"
+    args = ["crosslingual", "--model", str(model_dir), "--languages", "en,fr,sw", "--polyrefuse", str(root),
+            "--paper", str(eng), "--config", str(cfg_file), "--output", str(out), "--name", "xl"]
+    r = runner.invoke(app, args)
+    import traceback
+    assert r.exit_code == 0, "".join(traceback.format_exception(*r.exc_info)) if r.exc_info else r.output
+    d = out / "xl"
+    t = io.read_json(d / "transfer.json")
+    assert t["sources"] == ["en", "fr"] and t["no_direction"] == ["sw"]
+    sw = t["languages"].index("sw")
+    for key in ("ablation_non_refusal", "addition_refusal", "ablation_kl"):
+        assert t[key][sw] == [None, None, None], key
+        assert all(t[key][i][sw] is not None for i in range(3) if i != sw), key  # en's and fr's on sw's prompts
+    assert t["baseline"]["sw"]["harmful_non_refusal"]["n"] == 2 and "harmful_refusal_score" in t["baseline"]["sw"]
+    (_m, _t, prompts_arg), kwargs = gen_calls[0]
+    assert len(gen_calls) == 1 and len(kwargs["rows"]) == 4 * (2 + 2) + (2 + 2)  # 4 off-diagonal pairs + sw baseline
+    s = io.read_json(d / "summary.json")
+    assert s["languages_summary"]["sw"]["selected"] is None and "no_direction" in s["languages_summary"]["sw"]
+    assert any("sw: no refusal direction" in w for w in s["warnings"])
+    assert io.read_json(d / "similarity.json")["languages"] == ["en", "fr"]
+    assert all((d / p).is_file() for p in Crosslingual.PLOTS)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "sw: finished earlier" in " ".join(r.output.split())

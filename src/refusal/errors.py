@@ -14,3 +14,9 @@ class RefusalError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem} {fix}")
+
+
+class NoDirectionError(RefusalError):
+    """The model gives no refusal direction to find on this data: it never refuses the harmful prompts (the
+    baseline filter keeps none) or no candidate passes the selection filters. A cross-lingual run keeps such a
+    language as a target only instead of stopping."""

@@ -29,6 +29,11 @@ def print_result(result, out) -> None:
     for lang in order:
         s = result.summaries[lang]
         r = s["results"]
+        if s["selected"] is None:  # a target only: no direction of its own
+            base = result.transfer["baseline"][lang]["harmful_non_refusal"]
+            refused = {"rate": 1 - base["rate"], "low": 1 - base["high"], "high": 1 - base["low"]}
+            t.add_row(lang, "no direction", s["judgement_confidence"], _cell(refused), "—", "—")
+            continue
         t.add_row(lang, f"pos {s['selected']['pos']}, layer {s['selected']['layer']}", s["judgement_confidence"],
                   _cell(r["harmful"]["baseline"]["refusal"]), _cell(r["harmful"]["ablation"]["non_refusal"]),
                   _cell(r["harmless"]["actadd"]["refusal"]))
@@ -41,9 +46,12 @@ def print_result(result, out) -> None:
     low = {lang for lang, c in tr.get("judgement_confidence", {}).items() if c == "low"}
     for lang in order:
         m.add_column(f"{lang}*" if lang in low else lang, justify="right")
+    def rate(s, t):
+        c = tr["ablation_non_refusal"][idx[s]][idx[t]]
+        return "—" if c is None or c["rate"] is None else f"{c['rate']:.2f}"
+
     for s in order:
-        m.add_row(s, *(f"{tr['ablation_non_refusal'][idx[s]][idx[t]]['rate']:.2f}"
-                       if tr["ablation_non_refusal"][idx[s]][idx[t]]["rate"] is not None else "—" for t in order))
+        m.add_row(s, *(rate(s, t) for t in order))
     out.print(m)
     if low:
         out.print("* judged with a low-confidence phrase list: non-refusal rates there are upper bounds.")

@@ -141,13 +141,14 @@ def plot_all(out_dir: str | Path, transfer: Mapping, similarity: Mapping) -> lis
         cells = _reorder(langs, order, transfer[key])
         base_row = [base.get(t, {}).get(base_key) for t in order]
         marks = [bound if t in low else "" for t in order]
-        values = [[c.get("rate") if c else None for c in base_row]] + [[c.get("rate") for c in r] for r in cells]
+        values = [[c.get("rate") if c else None for c in row] for row in [base_row, *cells]]
         notes = [[_rate_text(c, m) for c, m in zip(row, marks)] for row in [base_row, *cells]]
         paths.append(heatmap(values, ["none", *order], cols, out / name, title=title, annotations=notes, vmin=0,
                              vmax=1, cmap=cmap, cbar_label="rate", xlabel="target language (prompts)",
                              ylabel="source language (direction)", row_breaks=[1] + [b + 1 for b in breaks],
                              col_breaks=breaks, footnote=foot))
-    kl = _reorder(langs, order, [[c.get("mean") for c in r] for r in transfer["ablation_kl"]])
+    kl = _reorder(langs, order, [[c.get("mean") if c else None for c in r]
+                                     for r in transfer["ablation_kl"]])
     top = max([v for r in kl for v in r if v is not None], default=1.0) or 1.0
     paths.append(heatmap(kl, order, order, out / "transfer_kl.png",
                          title="Mean first-token KL(baseline || ablated) on target's harmless prompts",

@@ -27,7 +27,7 @@ from typing import Any
 from .. import io
 from ..batching import console
 from ..config import Condition, InterventionSpec, RunConfig, digest
-from ..errors import RefusalError
+from ..errors import NoDirectionError, RefusalError
 from ..runs.pipeline import Inputs, Run
 
 DEFAULT_LANGUAGES = ("en", "fr", "es", "de", "ru", "zh", "th", "sw", "am")
@@ -597,7 +597,8 @@ class Crosslingual:
         """Run (or resume) ``lang``'s extract, select, generate and evaluate; returns its ``summary.json``."""
         run = self.language_run(lang)
         ev_done, ev_dig = run.dir / "evaluate.done.json", self._evaluate_digest(run, lang)
-        if not self.force and all(run.done(s) for s in PER_LANGUAGE_STAGES) and self._done(ev_done, ev_dig):
+        if not self.force and self._done(ev_done, ev_dig) and (
+                all(run.done(s) for s in PER_LANGUAGE_STAGES) or io.read_json(ev_done).get("no_direction")):
             console.print(f"[dim]{lang}: finished earlier, skipped[/]")
             summary = io.read_json(run.dir / "summary.json")
             for w in summary.get("warnings", []):
@@ -606,12 +607,43 @@ class Crosslingual:
         console.rule(f"[bold]{lang}")
         try:
             run.run(PER_LANGUAGE_STAGES, force=self.force, resume=True)
+        except NoDirectionError as exc:  # the model does not refuse in this language: a target only
+            return self._no_direction(run, lang, exc, ev_done, ev_dig)
         except RefusalError as exc:
             raise RefusalError(f"Language '{lang}': {exc.problem}", exc.fix) from None
         started = time.perf_counter()
         summary = self._evaluate(run, lang)
         self._finish(ev_done, "evaluate", ev_dig, time.perf_counter() - started, ["judgements.json", "summary.json"])
         return summary
+
+    def _no_direction(self, run: _LanguageRun, lang: str, exc: NoDirectionError, done: Path, dig: str) -> dict:
+        """A language whose run found no direction: recorded (why, in its summary and the run's warnings) and kept
+        as a target of the transfer, whose baseline rows then give its refusal rates."""
+        ph = self.phrases[lang]
+        warning = (f"{lang}: no refusal direction ({exc.problem}); it is kept as a target only: other languages' "
+                   "directions are applied to its prompts, and its baseline rates come from the transfer run.")
+        self._warn(warning)
+        summary = {"language": lang, "model": self.cfg.model, "device": run.device_name(), "dtype": run.dtype,
+                   "selected": None, "no_direction": exc.problem, "results": None,
+                   "judgement_confidence": ph["confidence"], "phrase_list": ph["list"],
+                   "judgement_note": ph["note"], "warnings": [warning], "stage_seconds": run.stage_seconds(),
+                   "digests": run.digests}
+        run.dir.mkdir(parents=True, exist_ok=True)
+        io.write_json(run.dir / "summary.json", summary)
+        self._finish(done, "evaluate", dig, 0.0, ["summary.json"], {"no_direction": exc.problem})
+        return summary
+
+    def sources(self, summaries: Mapping[str, dict] | None = None) -> list[str]:
+        """The languages that have a direction (the transfer's sources; every language is a target)."""
+        out = []
+        for lang in self.languages:
+            s = (summaries or {}).get(lang)
+            if s is None:
+                p = self.dir / lang / "summary.json"
+                s = io.read_json(p) if p.is_file() else {}
+            if s.get("selected") is not None:
+                out.append(lang)
+        return out
 
     def _confidence_warnings(self, lang: str, results: dict) -> list[str]:
         ph = self.phrases[lang]
@@ -659,10 +691,11 @@ class Crosslingual:
 
     def _transfer_digest(self) -> str:
         def tests(lang):
-            p = self.dir / lang / "splits.json"
-            return _sha({k: v["test"] for k, v in io.read_json(p).items() if k in KINDS}) if p.is_file() else None
+            return _sha({k: self.prompt_sets[lang][k]["test"] for k in KINDS})
 
-        inputs = {lang: {"direction": _direction_sha(self.dir / lang / "direction.safetensors"),
+        sources = self.sources()
+        inputs = {lang: {"direction": _direction_sha(self.dir / lang / "direction.safetensors") if lang in sources
+                         else None,
                          "own_completions": _own_completions_sha(self.dir / lang), "test_prompts": tests(lang),
                          "phrases": _sha(self.phrases[lang]["phrases"]),
                          "refusal_tokens": self.language_config(lang).refusal_tokens}
@@ -686,10 +719,14 @@ class Crosslingual:
         console.rule("[bold]transfer")
         started = time.perf_counter()
         langs = self.languages
-        dirs = {lang: Direction.load(self.dir / lang / "direction.safetensors") for lang in langs}
-        splits = {lang: io.read_json(self.dir / lang / "splits.json") for lang in langs}
-        harmful = {lang: self.base.prompts(splits[lang]["harmful"]["test"]) for lang in langs}
-        harmless = {lang: self.base.prompts(splits[lang]["harmless"]["test"]) for lang in langs}
+        sources = self.sources()
+        if not sources:
+            raise NoDirectionError("No language has a refusal direction, so there is nothing to transfer.",
+                                   "Check each language's summary.json (no_direction) and the selection filters.")
+        dirs = {lang: Direction.load(self.dir / lang / "direction.safetensors") for lang in sources}
+        tests = {lang: {k: self.prompt_sets[lang][k]["test"] for k in KINDS} for lang in langs}  # = splits.json's
+        harmful = {lang: self.base.prompts(tests[lang]["harmful"]) for lang in langs}
+        harmless = {lang: self.base.prompts(tests[lang]["harmless"]) for lang in langs}
 
         partial_path = self.dir / "transfer.partial.json"
         partial = io.read_json(partial_path) if partial_path.exists() else {}
@@ -707,7 +744,7 @@ class Crosslingual:
                                   static_cache=g.static_cache, skip={(lang, lang) for lang in langs}, done=saved,
                                   on_batch=save)
         n_generated = len(comps)
-        for lang in langs:  # the diagonal: each language's own run
+        for lang in sources:  # the diagonal: each language's own run
             own = io.read_json(self.dir / lang / "completions.json")
             for kind, cond in (("harmful", "ablation"), ("harmless", "actadd")):
                 for i, r in enumerate(own[kind][cond]):
@@ -720,7 +757,11 @@ class Crosslingual:
         scores = score_transfer(self.base.model, self.base.tokenizer, langs, dirs, harmful, harmless, rids,
                                 batch_size=self.base.score_batch_size)
         baseline = {}
+        own_baseline = mats.pop("baseline_rows")  # languages without a direction: baseline rows of this generation
         for lang in langs:
+            if lang in own_baseline:
+                baseline[lang] = {**own_baseline[lang], **scores["baseline_scores"][lang]}
+                continue
             res = io.read_json(self.dir / lang / "summary.json")["results"]
             baseline[lang] = {"harmful_non_refusal": {**res["harmful"]["baseline"]["non_refusal"],
                                                       "judgement_confidence": confidence[lang]},
@@ -733,7 +774,9 @@ class Crosslingual:
         for w in warnings:
             self._warn(w)
         out = {
-            "languages": langs, "rows": "source language (whose direction is applied)",
+            "languages": langs, "sources": sources,
+            "no_direction": [lang for lang in langs if lang not in sources],
+            "rows": "source language (whose direction is applied; null rows: no direction)",
             "columns": "target language (whose test prompts are used)",
             "n_test": {lang: {"harmful": len(harmful[lang]), "harmless": len(harmless[lang])} for lang in langs},
             "directions": {lang: {"layer": d.layer, "pos": d.pos} for lang, d in dirs.items()},
@@ -770,7 +813,8 @@ class Crosslingual:
         """The language the layer curves compare with: English, else the first by resource level."""
         from .plots import resource_order
 
-        return "en" if "en" in self.languages else resource_order(self.languages)[0][0]
+        sources = self.sources()
+        return "en" if "en" in sources else resource_order(sources)[0][0]
 
     def similarity(self) -> dict:
         """Cosine matrix of the selected directions and the layer curves; writes ``similarity.json``."""
@@ -779,17 +823,16 @@ class Crosslingual:
         from .similarity import candidate_similarity, direction_similarity, layer_curves
 
         path, done_path = self.dir / "similarity.json", self.dir / "similarity.done.json"
+        langs = self.sources()  # cosines between the languages that have a direction
         inputs = {lang: {"direction": _direction_sha(self.dir / lang / "direction.safetensors"),
-                         "candidates": _file_sha(self.dir / lang / "candidates.safetensors")}
-                  for lang in self.languages}
-        dig = digest({"stage": "similarity", "languages": self.languages, "reference": self.reference,
-                      "inputs": inputs})
+                         "candidates": _file_sha(self.dir / lang / "candidates.safetensors")} for lang in langs}
+        dig = digest({"stage": "similarity", "languages": langs, "reference": self.reference, "inputs": inputs})
         if self._done(done_path, dig):
             console.print("[dim]similarity: finished earlier, skipped[/]")
             return io.read_json(path)
         started = time.perf_counter()
-        dirs = {lang: Direction.load(self.dir / lang / "direction.safetensors") for lang in self.languages}
-        cands = {lang: Candidates.load(self.dir / lang / "candidates.safetensors") for lang in self.languages}
+        dirs = {lang: Direction.load(self.dir / lang / "direction.safetensors") for lang in langs}
+        cands = {lang: Candidates.load(self.dir / lang / "candidates.safetensors") for lang in langs}
         ref = dirs[self.reference]
         out = direction_similarity(dirs)
         out["layer_curves"] = layer_curves(cands, self.reference, ref.pos)
@@ -839,6 +882,13 @@ class Crosslingual:
         meta = {k: v for k, v in prompts.items() if k != "prompts"}
         headline = {}
         for lang, s in summaries.items():
+            if s.get("selected") is None:  # no direction: its baseline comes from the transfer's own rows
+                b = transfer["baseline"][lang]
+                headline[lang] = {"selected": None, "no_direction": s.get("no_direction"),
+                                  "judgement_confidence": s["judgement_confidence"],
+                                  "harmful_baseline_refusal": _flip(b["harmful_non_refusal"]),
+                                  "harmless_baseline_refusal": b["harmless_refusal"]}
+                continue
             r = s["results"]
             headline[lang] = {
                 "selected": s["selected"], "judgement_confidence": s["judgement_confidence"],
@@ -854,6 +904,12 @@ class Crosslingual:
                       "plots": [p.name for p in plots]}})
         return CrosslingualResult(self.dir, self.languages, summaries, transfer, similarity, plots,
                                   list(self.warnings), meta)
+
+
+def _flip(rate: Mapping) -> dict:
+    """A non-refusal rate as the refusal rate of the same items (count, rate and interval mirrored)."""
+    return {**rate, "count": rate["n"] - rate["count"], "rate": round(1 - rate["rate"], 4),
+            "low": round(1 - rate["high"], 4), "high": round(1 - rate["low"], 4)}
 
 
 def crosslingual(cfg: RunConfig, languages: str | Sequence[str] | None = None, *,

@@ -25,27 +25,30 @@ from ..generation.batched import generate
 from ..interventions import Plan, ablation, addition
 
 Row = tuple[str, str, str, int]  # (kind, source, target, prompt index)
+BASELINE = "-"  # the source of a row without intervention (a target language that has no direction of its own)
 
 
 def transfer_rows(languages: Sequence[str], directions: Mapping, harmful: Mapping[str, Sequence[str]],
                   harmless: Mapping[str, Sequence[str]], skip: Collection[tuple[str, str]] = ()):
-    """Every (source, target) pair's rows: ``(rows, prompts, per_row_interventions)``. Harmful rows of target B
-    carry the ablation of A's direction, harmless rows its addition; pairs in ``skip`` are left out. One intervention
-    object per source and operator, so the plan lowers each once."""
-    ab = {s: [ablation(directions[s])] for s in languages}
-    ad = {s: [addition(directions[s], 1.0)] for s in languages}
+    """Every (source, target) pair's rows: ``(rows, prompts, per_row_interventions)``. Sources are the languages
+    with a direction in ``directions``; every language is a target. Harmful rows of target B carry the ablation of
+    A's direction, harmless rows its addition; pairs in ``skip`` are left out. A language without a direction also
+    gets baseline rows (source ``BASELINE``, no intervention): it has no run of its own to take them from. One
+    intervention object per source and operator, so the plan lowers each once."""
+    sources = [s for s in languages if s in directions]
+    ab = {s: [ablation(directions[s])] for s in sources}
+    ad = {s: [addition(directions[s], 1.0)] for s in sources}
     rows: list[Row] = []
     prompts: list[str] = []
     per_row: list[list] = []
-    for s in languages:
-        for t in languages:
-            if (s, t) in skip:
-                continue
-            for kind, texts, ivs in (("harmful", harmful[t], ab[s]), ("harmless", harmless[t], ad[s])):
-                for i, p in enumerate(texts):
-                    rows.append((kind, s, t, i))
-                    prompts.append(p)
-                    per_row.append(ivs)
+    pairs = [(s, t, ab[s], ad[s]) for s in sources for t in languages if (s, t) not in skip]
+    pairs += [(BASELINE, t, [], []) for t in languages if t not in directions]
+    for s, t, ab_s, ad_s in pairs:
+        for kind, texts, ivs in (("harmful", harmful[t], ab_s), ("harmless", harmless[t], ad_s)):
+            for i, p in enumerate(texts):
+                rows.append((kind, s, t, i))
+                prompts.append(p)
+                per_row.append(ivs)
     return rows, prompts, per_row
 
 
@@ -68,7 +71,8 @@ def generate_transfer(model, tokenizer, languages: Sequence[str], directions: Ma
 
         generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  static_cache=static_cache, plan=Plan.rows(model, per_row), rows=todo, on_batch=save,
-                 description=f"Transfer: {len(languages)} directions x {len(languages)} languages")
+                 description=f"Transfer: {len([x for x in languages if x in directions])} directions x "
+                             f"{len(languages)} languages")
     return {row: out[i] for i, row in enumerate(rows)}
 
 
@@ -84,7 +88,10 @@ def score_transfer(model, tokenizer, languages: Sequence[str], directions: Mappi
     from ..scoring.plans import score_interventions
 
     n = len(languages)
-    candidates = [[ablation(directions[s])] for s in languages] + [[addition(directions[s], 1.0)] for s in languages]
+    sources = [i for i, s in enumerate(languages) if s in directions]  # matrix rows of the others stay None
+    candidates = ([[ablation(directions[languages[i]])] for i in sources]
+                  + [[addition(directions[languages[i]], 1.0)] for i in sources])
+    m = len(sources)
     kl = [[None] * n for _ in range(n)]
     bypass = [[None] * n for _ in range(n)]
     induce = [[None] * n for _ in range(n)]
@@ -94,10 +101,10 @@ def score_transfer(model, tokenizer, languages: Sequence[str], directions: Mappi
         res = score_interventions(model, tokenizer, ful + less, candidates, list(refusal_ids[t]),
                                   batch_size=batch_size, description=f"Transfer scores on {t}")
         h, b = slice(0, len(ful)), slice(len(ful), len(ful) + len(less))
-        for i in range(n):
-            kl[i][j] = {"mean": round(float(res.kl[i, b].mean()), 6), "n": len(less)}
-            bypass[i][j] = {"mean": round(float(res.refusal[i, h].mean()), 4), "n": len(ful)}
-            induce[i][j] = {"mean": round(float(res.refusal[n + i, b].mean()), 4), "n": len(less)}
+        for c, i in enumerate(sources):
+            kl[i][j] = {"mean": round(float(res.kl[c, b].mean()), 6), "n": len(less)}
+            bypass[i][j] = {"mean": round(float(res.refusal[c, h].mean()), 4), "n": len(ful)}
+            induce[i][j] = {"mean": round(float(res.refusal[m + c, b].mean()), 4), "n": len(less)}
         baseline[t] = {"harmful_refusal_score": round(float(res.baseline[h].mean()), 4),
                        "harmless_refusal_score": round(float(res.baseline[b].mean()), 4)}
     return {"ablation_kl": kl, "ablation_refusal_score": bypass, "addition_refusal_score": induce,
@@ -122,10 +129,17 @@ def transfer_matrices(languages: Sequence[str], completions: Mapping[Row, str], 
         judged.setdefault(f"{s}>{t}", {}).setdefault(kind, []).append(
             {"index": i, "completion": text, "refused": refused})
 
+    sources = {s for (_, s, _) in counts}
+
     def cell(kind, s, t):
+        if s not in sources:  # a language without a direction is a target only
+            return None
         k, n = counts.get((kind, s, t), (0, 0))
         return {**Rate.of(k, n).to_json(), "judgement_confidence": confidence.get(t, "unknown")}
 
     mats = {"ablation_non_refusal": [[cell("harmful", s, t) for t in languages] for s in languages],
-            "addition_refusal": [[cell("harmless", s, t) for t in languages] for s in languages]}
+            "addition_refusal": [[cell("harmless", s, t) for t in languages] for s in languages],
+            "baseline_rows": {t: {"harmful_non_refusal": cell("harmful", BASELINE, t),
+                                  "harmless_refusal": cell("harmless", BASELINE, t)}
+                              for t in languages if BASELINE in sources and (("harmful", BASELINE, t) in counts)}}
     return mats, judged

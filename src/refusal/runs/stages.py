@@ -10,7 +10,7 @@ from ..batching import console
 from ..directions.base import Direction, DirectionSet
 from ..directions.diff_means import Candidates
 from ..directions.diff_means import extract as extract_candidates
-from ..errors import RefusalError
+from ..errors import NoDirectionError, RefusalError
 from ..evaluation.summary import judge_completions, summarize
 from ..generation.batched import generate as generate_completions
 from ..interventions.hooks import Plan
@@ -36,7 +36,7 @@ def extract(run, started: float):
                                    f"Filtering {kind} {split}")
                 keep = [r for r, v in zip(recs, s.tolist()) if (v > 0) == want_refusal]
                 if not keep:
-                    raise RefusalError(
+                    raise (NoDirectionError if want_refusal else RefusalError)(
                         f"Filtering by the baseline refusal score left no {kind} {split} prompts: the model "
                         f"{'never' if want_refusal else 'always'} refuses them at the first token.",
                         "Set data.filter: false (--no-filter), or use a model that refuses harmful requests.",
@@ -95,7 +95,7 @@ def select(run, started: float):
         sel = choose(scores, **filters)
     except RefusalError as exc:
         plot_scores(scores, None, run.dir / "scores.png", title=title)
-        raise RefusalError(f"{exc.problem} The scores are in {run.dir / 'scores.json'} and scores.png.",
+        raise type(exc)(f"{exc.problem} The scores are in {run.dir / 'scores.json'} and scores.png.",
                            exc.fix) from None
     order = ranked(scores, **filters)
     extra = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from ..errors import RefusalError
+from ..errors import NoDirectionError
 
 
 @dataclass
@@ -60,7 +60,7 @@ def choose(scores: Scores, *, n_layers: int, kl_threshold: float = 0.1, induce_t
     if n_ok == 0:
         best_kl = float(torch.nan_to_num(scores.kl, nan=float("inf")).min())
         best_induce = float(torch.nan_to_num(scores.induce, nan=float("-inf")).max())
-        raise RefusalError(
+        raise NoDirectionError(
             f"No candidate direction passed the filters (KL < {kl_threshold}, induce > {induce_threshold}, "
             f"layer < {max_layer_fraction:.0%} of depth); best KL was {best_kl:.3f} and best induce {best_induce:.3f}.",
             "Loosen select.kl_threshold / select.induce_threshold in the config, or use more validation prompts; "
