@@ -391,3 +391,41 @@ def test_shared_prefix_with_sliding_window_attention(tokenizer, family):
     b = tokenize(tokenizer, prompts, "cpu")
     torch.testing.assert_close(layout_logits(model, lay), last_logits(model, b.input_ids, b.attention_mask),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_mean_activations_share_the_prefix_and_equal_one_prompt_at_a_time(arch, tokenizer, monkeypatch):
+    """Extraction runs the template's shared opening once (cached) and the rest in length buckets; the means equal
+    a plain forward of each prompt alone, reading the inputs of every layer at the last positions."""
+    from conftest import build_model
+
+    import refusal.scoring.layout as lay_mod
+    from refusal.directions.diff_means import mean_activations
+
+    model = build_model(arch, len(tokenizer))
+    prompts = format_prompts(tokenizer, [r["instruction"] for r in builtin("harmful")[:7]],
+                             system="You are a careful assistant.")
+    n_pos = len(post_instruction_ids(tokenizer))
+    calls = []
+    real = lay_mod.prefix_cache
+    monkeypatch.setattr(lay_mod, "prefix_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = mean_activations(model, tokenizer, prompts, n_pos, batch_size=4)
+    assert len(calls) == 2  # one shared prefix per chunk of 4 prompts
+    parts = find_parts(model)
+    want = torch.zeros_like(got)
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        seen: list[torch.Tensor] = []
+
+        def grab(_m, a, k, seen=seen):
+            seen.append((a[0] if a else k["hidden_states"])[0])
+
+        hs = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in parts.layers]
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        finally:
+            for h in hs:
+                h.remove()
+        want += torch.stack([x[-n_pos:] for x in seen], 1)
+    torch.testing.assert_close(got, want / len(prompts), rtol=1e-4, atol=1e-5)

@@ -15,8 +15,8 @@ import torch
 from .. import io
 from ..batching import in_batches
 from ..models.norms import with_fused_norms
-from ..models.parts import decoder, find_parts, model_device
-from ..templates import check_prompts_end_with, post_instruction_ids, tokenize
+from ..models.parts import find_parts, model_device
+from ..templates import check_prompts_end_with, post_instruction_ids
 from .base import Direction
 
 
@@ -61,29 +61,46 @@ class Candidates:
 def mean_activations(
     model, tokenizer, prompts: Sequence[str], n_positions: int, batch_size: int = 32, description: str = "",
 ) -> torch.Tensor:
-    """Mean residual-stream input of every layer at the last ``n_positions`` positions: ``(n_pos, n_layers, d)``."""
+    """Mean residual-stream input of every layer at the last ``n_positions`` positions: ``(n_pos, n_layers, d)``.
+
+    Each chunk of prompts runs as a :func:`~refusal.scoring.layout.layout`: the template's opening that every prompt
+    shares runs once and is cached, and the rest in right-padded length buckets, so neither the shared opening nor
+    most of the padding is recomputed per prompt (same activations as one left-padded batch, to float rounding)."""
+    from ..scoring.layout import layout, run_decoder
+
     parts = find_parts(model)
     dev = model_device(model)
     acc = torch.zeros(n_positions, parts.n_layers, parts.hidden_size, dtype=torch.float32, device=dev)
     # a chunk's sums go to ``chunk_acc`` during its forward and into ``acc`` only once the forward has finished,
     # so a chunk retried after running out of memory part-way through the layers is not counted twice
     chunk_acc = torch.zeros_like(acc)
+    back = torch.arange(n_positions - 1, -1, -1)
+    where: list[torch.Tensor | None] = [None]  # (rows, n_positions) positions of the bucket being run; None: prefix
 
     def make_hook(i):
         def hook(_m, args, kwargs):
+            idx = where[0]
+            if idx is None:  # the shared prefix: not a post-instruction position
+                return
             x = args[0] if args else kwargs["hidden_states"]
-            chunk_acc[:, i].add_(x[:, -n_positions:, :].float().sum(0).to(dev))
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]
+            chunk_acc[:, i].add_(x[rows, idx.to(x.device)].float().sum(0).to(dev))
         return hook
+
+    def before(bucket):
+        where[0] = None if bucket is None else bucket.last[:, None] - back.to(bucket.last.device)
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i, layer in enumerate(parts.layers)]
-    base = decoder(model)
     try:
         def run(chunk):
             chunk_acc.zero_()
-            b = tokenize(tokenizer, list(chunk), dev)
-            pos = (b.attention_mask.cumsum(-1) - 1).clamp_min(0)  # positions count real tokens, not padding
-            base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos, use_cache=False)
+            lay = layout(tokenizer, list(chunk), dev)
+            if min(int(b.last.min()) for b in lay.buckets) + 1 < n_positions:  # positions inside the prefix
+                lay = layout(tokenizer, list(chunk), dev, share_prefix=False)
+            if min(int(b.last.min()) for b in lay.buckets) + 1 < n_positions:
+                raise ValueError(f"a prompt is shorter than the {n_positions} positions to extract")
+            run_decoder(model, lay, before)
             acc.add_(chunk_acc)
 
         in_batches(run, list(prompts), batch_size, description)

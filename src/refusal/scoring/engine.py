@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
-from transformers import DynamicCache
 
 from ..batching import in_batches
 from ..directions.diff_means import Candidates
 from ..interventions.hooks import ablate, add
 from ..models.norms import with_fused_norms
-from ..models.parts import cache_kwarg, decoder, find_parts, model_device
-from .layout import Bucket, Layout, layout
+from ..models.parts import cache_kwarg, find_parts, model_device
+from .layout import Bucket, Layout, SharedPrefix, layout, prefix_cache
 from .refusal import refusal_score
 from .selection import Scores
 
@@ -46,37 +45,6 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return out.logits[:, -1, :]
 
 
-def _prefix_cache(model, lay: Layout, reps: int):
-    """The key/value cache of the layout's shared prefix, ``reps`` rows (under whatever hooks are active)."""
-    ids = lay.prefix[None].expand(reps, -1)
-    base = decoder(model)  # no output head
-    return getattr(base(input_ids=ids, use_cache=True), cache_kwarg(base))
-
-
-class _SharedPrefix(DynamicCache):
-    """A prefix's key/value cache, each of its rows seen by ``reps`` consecutive batch rows, and only read: a
-    forward joins it to the new keys and values without copying it per bucket or storing what it adds."""
-
-    def __init__(self, prefix, reps: int):
-        super().__init__()
-        self.layers, self.reps = prefix.layers, reps
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        return _join(layer.keys, key_states, self.reps), _join(layer.values, value_states, self.reps)
-
-
-def _join(past: torch.Tensor, new: torch.Tensor, reps: int) -> torch.Tensor:
-    """``past`` (rows, heads, P, d) with each row repeated ``reps`` times, then ``new`` (rows * reps, heads, L, d),
-    along the sequence, written once."""
-    rows, heads, p, d = past.shape
-    width = p + new.shape[2]
-    out = new.new_empty(new.shape[0], heads, width, d)
-    out.view(rows, reps, heads, width, d)[:, :, :, :p] = past[:, None]
-    out[:, :, p:] = new
-    return out
-
-
 def _bucket_logits(model, bucket: Bucket, reps: int, prefix=None) -> torch.Tensor:
     """Logits at each row's last real position for a bucket repeated ``reps`` times (all of the bucket, then
     again), after ``prefix`` (the prefix's cache with ``reps`` rows, or None without a prefix): ``(reps * n, V)``.
@@ -84,7 +52,7 @@ def _bucket_logits(model, bucket: Bucket, reps: int, prefix=None) -> torch.Tenso
     The output head runs only at the bucket's distinct last positions."""
     n = len(bucket.rows)
     ids = bucket.input_ids.repeat(reps, 1)
-    cache = None if prefix is None else _SharedPrefix(prefix, n)
+    cache = None if prefix is None else SharedPrefix(prefix, n)
     cols, which = bucket.cols, bucket.which
     keep = _takes_logits_to_keep(model)
     out = model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=cache is not None,
@@ -97,7 +65,7 @@ def _bucket_logits(model, bucket: Bucket, reps: int, prefix=None) -> torch.Tenso
 def layout_logits(model, lay: Layout) -> torch.Tensor:
     """Last-position logits of every prompt of a layout, in the original order, with no intervention."""
     out = None
-    prefix = _prefix_cache(model, lay, 1) if lay.prefix is not None else None
+    prefix = prefix_cache(model, lay, 1) if lay.prefix is not None else None
     for bucket in lay.buckets:
         logits = _bucket_logits(model, bucket, 1, prefix)
         if out is None:
@@ -187,7 +155,7 @@ def score_candidates(
         prefix = None
         if both.prefix is not None:
             with ablate(model, dirs, per_row=True):
-                prefix = _prefix_cache(model, both, c)
+                prefix = prefix_cache(model, both, c)
         b_sum, k_sum = torch.zeros(c, device=dev), torch.zeros(c, device=dev)
         for bucket, h_idx, b_idx, logp_base in ablation_buckets:
             n = len(bucket.rows)
@@ -200,7 +168,7 @@ def score_candidates(
     # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
     # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
     induce_buckets = []
-    base_prefix = _prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
+    base_prefix = prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
     for bucket in harmless.buckets:
         layer_inputs, returns_tuple = _layer_inputs(
             model, lambda b=bucket: _bucket_logits(model, b, 1, base_prefix))
@@ -221,7 +189,7 @@ def score_candidates(
         prefix = None
         if harmless.prefix is not None:  # the prefix runs at full depth, so the cache holds every layer
             with adding(pi, li, vecs, 1):
-                prefix = _prefix_cache(model, harmless, c)
+                prefix = prefix_cache(model, harmless, c)
         total = torch.zeros(c, device=dev)
         for bucket, layer_inputs, returns_tuple in induce_buckets:
             n = len(bucket.rows)

@@ -1,12 +1,16 @@
-"""Prompt layouts for scoring: a shared prefix (the template opening) and right-padded length buckets."""
+"""Prompt layouts for scoring and extraction: a shared prefix (the template opening) and right-padded length
+buckets; the prefix's key/value cache, shared read-only by every bucket; and a decoder pass over a layout."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from ..errors import RefusalError
+from ..models.parts import cache_kwarg, decoder
 
 
 @dataclass
@@ -101,3 +105,50 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
         start = end
     prefix = torch.tensor(ids[0][:p], device=device) if p else None
     return Layout(prefix, buckets, len(ids), sum(len(x) for x in ids))
+
+
+def prefix_cache(model, lay: Layout, reps: int):
+    """The key/value cache of the layout's shared prefix, ``reps`` rows (under whatever hooks are active)."""
+    ids = lay.prefix[None].expand(reps, -1)
+    base = decoder(model)  # no output head
+    return getattr(base(input_ids=ids, use_cache=True), cache_kwarg(base))
+
+
+class SharedPrefix(DynamicCache):
+    """A prefix's key/value cache, each of its rows seen by ``reps`` consecutive batch rows, and only read: a
+    forward joins it to the new keys and values without copying it per bucket or storing what it adds."""
+
+    def __init__(self, prefix, reps: int):
+        super().__init__()
+        self.layers, self.reps = prefix.layers, reps
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return _join(layer.keys, key_states, self.reps), _join(layer.values, value_states, self.reps)
+
+
+def _join(past: torch.Tensor, new: torch.Tensor, reps: int) -> torch.Tensor:
+    """``past`` (rows, heads, P, d) with each row repeated ``reps`` times, then ``new`` (rows * reps, heads, L, d),
+    along the sequence, written once."""
+    rows, heads, p, d = past.shape
+    width = p + new.shape[2]
+    out = new.new_empty(new.shape[0], heads, width, d)
+    out.view(rows, reps, heads, width, d)[:, :, :, :p] = past[:, None]
+    out[:, :, p:] = new
+    return out
+
+
+@torch.no_grad()
+def run_decoder(model, lay: Layout, before: Callable[[Bucket | None], None]) -> None:
+    """Run the decoder (no output head) over a layout: the shared prefix once, then every bucket after the cached
+    prefix. ``before`` is called with ``None`` before the prefix pass and with each bucket before its pass, so that
+    hooks know which rows and positions they are seeing."""
+    base = decoder(model)
+    prefix = None
+    if lay.prefix is not None:
+        before(None)
+        prefix = prefix_cache(model, lay, 1)
+    for b in lay.buckets:
+        before(b)
+        cache = None if prefix is None else SharedPrefix(prefix, len(b.rows))
+        base(input_ids=b.input_ids, **{cache_kwarg(base): cache}, use_cache=cache is not None)

@@ -20,8 +20,8 @@ from ..interventions.hooks import Plan, apply
 from ..interventions.scopes import Intervention
 from ..models.norms import with_fused_norms
 from ..models.parts import model_device
-from .engine import _bucket_logits, _prefix_cache, kl_div, layout_logits
-from .layout import layout
+from .engine import _bucket_logits, kl_div, layout_logits
+from .layout import layout, prefix_cache
 from .refusal import refusal_score
 
 
@@ -63,7 +63,7 @@ def score_interventions(model, tokenizer, prompts: Sequence[str], candidates: Se
         prefix = None
         if lay.prefix is not None:
             with apply(model, plan):
-                prefix = _prefix_cache(model, lay, c)
+                prefix = prefix_cache(model, lay, c)
         ref = torch.zeros(c, n, device=dev)
         div = torch.zeros(c, n, device=dev)
         for bucket in lay.buckets:
