@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from refusal import io
 from refusal.cli import app
 from refusal.config import resolve
+from refusal.crosslingual.inputs import language_phrases, parse_files, parse_languages
 from refusal.crosslingual.plots import resource_order
-from refusal.crosslingual.runs import Crosslingual, language_phrases, parse_files, parse_languages
+from refusal.crosslingual.runs import Crosslingual
 from refusal.crosslingual.similarity import direction_similarity, layer_curves
 from refusal.data import builtin
 from refusal.directions.base import Direction

@@ -4,8 +4,9 @@
 extraction and selection once per language with the same settings, then applies every language's direction to every
 other language's prompts:
 
-1. **Prompts** (:mod:`.runs`): per (language, kind), from per-language files (``--files``), else a PolyRefuse-style
-   folder (``--polyrefuse``, English train/val from the paper's folder, ``--paper``), else the built-in sets: English
+1. **Prompts** (:mod:`.inputs`, :mod:`.runs`): per (language, kind), from per-language files (``--files``), else a
+   PolyRefuse-style folder (``--polyrefuse``, English train/val from the paper's folder, ``--paper``; languages the
+   folder lacks are translated from its English rows), else the built-in sets: English
    as shipped, other languages translated by a backend (the run's own model unless ``--translator`` names another
    model or ``google``) through the cache ``OUT/translations.json``. Every translation made here is checked
    (:func:`refusal.translate.check_translations`); a language with more than ``--max-flagged`` of its translations
@@ -16,12 +17,15 @@ other language's prompts:
    scored with that language's refusal-opening tokens; completions of the test prompts at baseline, with the
    language's direction ablated (harmful) and added (harmless), judged with the language's own refusal phrases. Where
    a language's phrase list has low confidence (or none ships for it: English phrases are then used), its summary
-   says so (``judgement_confidence``, ``warnings``): a refusal rate of 0 there is a lower bound, not a finding.
+   says so (``judgement_confidence``, ``warnings``): a refusal rate of 0 there is a lower bound, not a finding. A
+   language in which no direction is found (the model does not refuse there) is recorded as such and stays a target
+   of the transfer only.
 3. **Transfer** (:mod:`.transfer`): direction of language A (row) on prompts of language B (column): non-refusal rate
    under ablation on B's harmful test prompts, refusal rate under activation addition (coefficient 1) on B's harmless
    test prompts, each with its Wilson interval; mean first-token KL(baseline || ablated) on B's harmless prompts and
    mean first-token refusal scores. All off-diagonal pairs decode together in one batched generation with a per-row
-   intervention plan; the diagonal (A on A) is the language's own run's completions.
+   intervention plan; the diagonal (A on A) is the language's own run's completions. A language without a direction
+   has an empty row, and its baseline rates come from baseline rows of the same generation.
 4. **Similarity** (:mod:`.similarity`): cosine between the selected directions of every pair, and per layer the cosine
    between the reference language's candidate (English, else the first language) at its selected position and every
    other language's candidate at that position.
@@ -61,8 +65,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "crosslingual": "runs", "Crosslingual": "runs", "CrosslingualResult": "runs", "DEFAULT_LANGUAGES": "runs",
-    "parse_files": "runs", "parse_languages": "runs", "language_phrases": "runs",
+    "crosslingual": "runs", "Crosslingual": "runs", "CrosslingualResult": "runs", "DEFAULT_LANGUAGES": "inputs",
+    "parse_files": "inputs", "parse_languages": "inputs", "language_phrases": "inputs",
     "transfer_rows": "transfer", "generate_transfer": "transfer", "score_transfer": "transfer",
     "transfer_matrices": "transfer",
     "direction_similarity": "similarity", "layer_curves": "similarity",

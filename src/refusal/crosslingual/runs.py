@@ -13,10 +13,7 @@ cross-lingual sources, and the conditions are the four above.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import random
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +26,23 @@ from ..batching import console
 from ..config import Condition, InterventionSpec, RunConfig, digest
 from ..errors import NoDirectionError, RefusalError
 from ..runs.pipeline import Inputs, Run
+from .inputs import (
+    DEFAULT_LANGUAGES,
+    KINDS,
+    LANGUAGE_CODE,
+    SPLITS,
+    Pool,
+    choose_splits,
+    content_sha,
+    direction_sha,
+    file_sha,
+    language_phrases,
+    original_text,
+    own_completions_sha,
+    parse_files,
+    parse_languages,
+)
 
-DEFAULT_LANGUAGES = ("en", "fr", "es", "de", "ru", "zh", "th", "sw", "am")
-KINDS = ("harmful", "harmless")
-SPLITS = ("train", "val", "test")
-_CODE = re.compile(r"[a-z]{2,3}(?:-[a-z0-9]{2,8})?")
 PER_LANGUAGE_STAGES = ("extract", "select", "generate")
 
 
@@ -42,162 +51,6 @@ def language_conditions() -> list[Condition]:
     harmless ones at baseline and with the direction added (coefficient 1)."""
     return [Condition("baseline", "harmful"), Condition("ablation", "harmful", [InterventionSpec("ablate")]),
             Condition("baseline", "harmless"), Condition("actadd", "harmless", [InterventionSpec("add", coeff=1.0)])]
-
-
-# ---- parsing user input ----------------------------------------------------------------------------------------
-
-def parse_languages(spec: str | Sequence[str] | None) -> list[str] | None:
-    """``"en,fr, de"`` or ``["en", "fr"]`` → ``["en", "fr", "de"]`` (lower case, duplicates dropped); ``None`` stays
-    ``None`` (the sources or the default decide)."""
-    if spec is None:
-        return None
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for item in items:
-        code = str(item).strip().lower().replace("_", "-")
-        if not code:
-            continue
-        if not _CODE.fullmatch(code):
-            raise RefusalError(f"'{item}' is not a language code.",
-                               "Give ISO 639-1 codes separated by commas, e.g. --languages en,fr,de,sw.")
-        if code not in out:
-            out.append(code)
-    if not out:
-        raise RefusalError("No languages were given.", "Give at least two codes, e.g. --languages en,fr.")
-    return out
-
-
-def parse_files(spec: str | Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
-    """Per-language prompt files: ``"fr=fr.json,de=de.csv,fr:harmless=fr_ok.json"`` (a plain ``lang=path`` is the
-    harmful prompts) or a mapping ``{"fr": path}`` / ``{"fr": {"harmful": path, "harmless": path}}`` /
-    ``{"fr:harmless": path}`` → ``{lang: {kind: path}}``."""
-    if not spec:
-        return {}
-    pairs: list[tuple[str, Any]] = []
-    if isinstance(spec, str):
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            key, sep, path = part.partition("=")
-            if not sep or not key.strip() or not path.strip():
-                raise RefusalError(f"Cannot read '{part}' in --files.",
-                                   "Write lang=path (harmful prompts) or lang:harmless=path, separated by commas, "
-                                   "e.g. --files fr=fr.json,fr:harmless=fr_harmless.json.")
-            pairs.append((key.strip(), path.strip()))
-    else:
-        for key, value in spec.items():
-            if isinstance(value, Mapping):
-                pairs += [(f"{key}:{kind}", path) for kind, path in value.items()]
-            else:
-                pairs.append((str(key), value))
-    out: dict[str, dict[str, str]] = {}
-    for key, path in pairs:
-        lang, _, kind = key.partition(":")
-        kind = kind.strip().lower() or "harmful"
-        if kind not in KINDS:
-            raise RefusalError(f"Unknown prompt kind '{kind}' in the files for '{lang}'.",
-                               f"Use {' or '.join(KINDS)}, e.g. {lang}:harmless=path.")
-        code = parse_languages([lang])[0]
-        if kind in out.get(code, {}):
-            raise RefusalError(f"Two {kind} files are given for '{code}'.", "Give one file per language and kind.")
-        out.setdefault(code, {})[kind] = str(path)
-    return out
-
-
-def language_phrases(lang: str) -> dict:
-    """The refusal phrases (for judging), refusal openings (for the refusal tokens) and their confidence for
-    ``lang``: the shipped list for its base code, else English's with confidence ``low`` and a note."""
-    from ..translate import PHRASE_LANGUAGES, refusal_phrases
-
-    base = lang.split("-")[0]
-    if base in PHRASE_LANGUAGES:
-        d = refusal_phrases(base)
-        return {"phrases": d["phrases"], "refusal_openings": d["refusal_openings"],
-                "confidence": d.get("confidence", "unknown"), "list": base, "note": d.get("notes", "")}
-    d = refusal_phrases("en")
-    return {"phrases": d["phrases"], "refusal_openings": d["refusal_openings"], "confidence": "low", "list": "en",
-            "note": f"No refusal phrase list ships for '{lang}': the English phrases and openings are used, which "
-                    f"miss refusals written in {lang}."}
-
-
-# ---- helpers -------------------------------------------------------------------------------------------------
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _file_sha(path: Path) -> str | None:
-    p = Path(path)
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-
-
-def _direction_sha(path: Path) -> str | None:
-    """sha256 of what an intervention uses of a direction file: its vectors, layer and position (not the scores in
-    its metadata, whose last digits may change when selection is redone)."""
-    from ..directions.base import Direction
-
-    if not Path(path).is_file():
-        return None
-    d = Direction.load(path)
-    h = hashlib.sha256(d.vectors.numpy().tobytes())
-    h.update(json.dumps([list(d.vectors.shape), d.layer, d.pos]).encode())
-    return h.hexdigest()
-
-
-def _own_completions_sha(folder: Path) -> str | None:
-    """sha256 of the completions the transfer takes from a language's own run (its diagonal)."""
-    p = Path(folder) / "completions.json"
-    if not p.is_file():
-        return None
-    c = io.read_json(p)
-    return _sha([[r["instruction"], r["completion"]] for kind, cond in (("harmful", "ablation"), ("harmless", "actadd"))
-                 for r in c.get(kind, {}).get(cond, [])])
-
-
-@dataclass
-class _Pool:
-    """The rows one (language, kind) draws from: ``{"all": rows}`` or ``{split: rows}``; ``translate``: they are
-    English rows to translate into the language."""
-
-    rows: dict[str, list[dict]]
-    origin: str
-    translate: bool = False
-
-
-def _choose(pool: _Pool, sizes: Mapping[str, int], seed: int, what: str) -> dict[str, list[dict]]:
-    """Seeded train/val/test from a pool, as :func:`refusal.data.make_splits` draws them (an unsplit pool is shuffled
-    once and cut, a split one sampled per split). Pools of equal sizes get the same indices, so sets translated item
-    by item stay aligned."""
-    if "all" in pool.rows:
-        rows = pool.rows["all"]
-        total = sum(sizes.values())
-        if total > len(rows):
-            raise RefusalError(
-                f"The {what} prompts ({pool.origin}) number {len(rows)}, fewer than the {total} the splits ask for "
-                f"({', '.join(f'{s} {n}' for s, n in sizes.items())}).",
-                "Lower data.n_train / n_val / n_test in the config, or give more prompts.")
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        out, i = {}, 0
-        for s, n in sizes.items():
-            out[s] = [rows[j] for j in order[i:i + n]]
-            i += n
-        return out
-    out = {}
-    for s, n in sizes.items():
-        rows = pool.rows[s]
-        if n > len(rows):
-            raise RefusalError(f"The {what} {s} prompts ({pool.origin}) number {len(rows)}, fewer than the {n} "
-                               f"the config asks for.", f"Lower data.n_{s} in the config, or give more prompts.")
-        out[s] = [rows[j] for j in random.Random(seed).sample(range(len(rows)), n)]
-    return out
-
-
-def _original(rec: dict, lang: str) -> str | None:
-    if rec.get("source_instruction") is not None:
-        return " ".join(str(rec["source_instruction"]).split())
-    return " ".join(rec["instruction"].split()) if lang == "en" else None
 
 
 class _LanguageRun(Run):
@@ -256,7 +109,8 @@ class Crosslingual:
         d = cfg.data
         self.sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
         self.pools = self._pools()
-        self.chosen = {key: _choose(pool, self.sizes, d.seed, f"{key[1]} {key[0]}") for key, pool in self.pools.items()}
+        self.chosen = {key: choose_splits(pool, self.sizes, d.seed, f"{key[1]} {key[0]}")
+                       for key, pool in self.pools.items()}
         self.translator = self._check_translator(translator) if self._translating else None
         self.dir = Path(out_dir) if out_dir is not None else \
             Path(cfg.output) / (cfg.name or f"{self.source.alias}-crosslingual")
@@ -299,7 +153,7 @@ class Crosslingual:
         for k in KINDS:
             for s in SPLITS:
                 found |= {p.stem[len(f"{k}_{s}_"):].lower() for p in root.glob(f"{k}_{s}_*.json")}
-        found = {lang for lang in found if _CODE.fullmatch(lang)}
+        found = {lang for lang in found if LANGUAGE_CODE.fullmatch(lang)}
         if self.paper is not None:
             found.add("en")
         if not found:
@@ -307,7 +161,7 @@ class Crosslingual:
                                "Lay it out like PolyRefuse (harmful_train_fr.json, harmless_test_de.json, ...).")
         return found
 
-    def _english_pool(self, kind: str) -> _Pool:
+    def _english_pool(self, kind: str) -> Pool:
         """What translations start from: the paper-style folder when one is given, else the built-in set."""
         from ..data.sources import builtin, load_source
 
@@ -317,16 +171,16 @@ class Crosslingual:
                 missing = ", ".join(f"{kind}_{s}.json" for s in SPLITS if s not in src.splits)
                 raise RefusalError(f"The English folder '{self.paper}' lacks {missing}.",
                                    "Add the file(s), or leave --paper out to start from the built-in sets.")
-            return _Pool(src.splits, f"{self.paper} ({kind})")
-        return _Pool({"all": builtin(kind)}, f"builtin:{kind}")
+            return Pool(src.splits, f"{self.paper} ({kind})")
+        return Pool({"all": builtin(kind)}, f"builtin:{kind}")
 
-    def _pools(self) -> dict[tuple[str, str], _Pool]:
+    def _pools(self) -> dict[tuple[str, str], Pool]:
         from ..data.multilingual import load_polyrefuse, load_records
 
-        pools: dict[tuple[str, str], _Pool] = {}
+        pools: dict[tuple[str, str], Pool] = {}
         for lang, kinds in self.files.items():
             for kind, path in kinds.items():
-                pools[(lang, kind)] = _Pool({"all": load_records(path)}, str(path))
+                pools[(lang, kind)] = Pool({"all": load_records(path)}, str(path))
         rest = [(lang, kind) for lang in self.languages for kind in KINDS if (lang, kind) not in pools]
         if self.polyrefuse is not None:
             # languages the folder has are read from it; the others are translated from its English rows
@@ -344,7 +198,7 @@ class Crosslingual:
                 for lang in read + ["en"] * bool(new):
                     for kind in kinds:
                         where = ms.origin[f"{lang}/{kind}/test"]
-                        pool = _Pool({s: ms.get(lang, kind, s) for s in SPLITS},
+                        pool = Pool({s: ms.get(lang, kind, s) for s in SPLITS},
                                      str(Path(where).parent / f"{kind}_*_{lang}.json"))
                         if lang in read:
                             pools[(lang, kind)] = pool
@@ -394,7 +248,7 @@ class Crosslingual:
         if t.startswith("google"):
             return t
         source = self.source if t == "local" else resolve_source(t)
-        return f"local:{model_identity(source, self.cfg.trust_remote_code)}:prompt-{_sha(PROMPT)[:8]}"
+        return f"local:{model_identity(source, self.cfg.trust_remote_code)}:prompt-{content_sha(PROMPT)[:8]}"
 
     def _backend(self):
         """The translation backend itself (loads a model for a local one)."""
@@ -438,7 +292,7 @@ class Crosslingual:
 
     @property
     def prompts_digest(self) -> str:
-        content = {f"{lang}/{kind}": _sha(self.chosen[(lang, kind)]) for lang, kind in self.pools}
+        content = {f"{lang}/{kind}": content_sha(self.chosen[(lang, kind)]) for lang, kind in self.pools}
         translated = sorted(f"{lang}/{kind}" for (lang, kind), p in self.pools.items() if p.translate)
         quality = {"max_flagged": self.max_flagged, "allow_flagged": self.allow_flagged} if translated else None
         return digest({"stage": "prompts", "languages": self.languages, "sizes": self.sizes, "seed": self.cfg.data.seed,
@@ -481,7 +335,7 @@ class Crosslingual:
                 "prompts": sets}
         io.write_json(path, data)
         self._finish(done, "prompts", dig, time.perf_counter() - started, ["prompts.json"],
-                     {"prompts_sha256": _sha(sets)})
+                     {"prompts_sha256": content_sha(sets)})
         self._sets = sets
         return data
 
@@ -542,7 +396,7 @@ class Crosslingual:
         for kind in KINDS:
             for s in SPLITS:
                 sizes = {lang: {k: len(v) for k, v in self.pools[(lang, kind)].rows.items()} for lang in self.languages}
-                origs = {lang: [_original(r, lang) for r in sets[lang][kind][s]] for lang in self.languages}
+                origs = {lang: [original_text(r, lang) for r in sets[lang][kind][s]] for lang in self.languages}
                 known = {lang: o for lang, o in origs.items() if all(x is not None for x in o)}
                 ref = next(iter(known.values()), None)
                 differs = [lang for lang, o in known.items() if o != ref]
@@ -576,8 +430,8 @@ class Crosslingual:
         openings = self.cfg.refusal_tokens if lang == "en" and self.cfg.refusal_tokens else \
             self.phrases[lang]["refusal_openings"]
         data = dataclasses.replace(
-            self.cfg.data, harmful=f"crosslingual:{lang}:harmful:sha256:{_sha(sets['harmful'])[:16]}",
-            harmless=f"crosslingual:{lang}:harmless:sha256:{_sha(sets['harmless'])[:16]}", harmful_test=None,
+            self.cfg.data, harmful=f"crosslingual:{lang}:harmful:sha256:{content_sha(sets['harmful'])[:16]}",
+            harmless=f"crosslingual:{lang}:harmless:sha256:{content_sha(sets['harmless'])[:16]}", harmful_test=None,
             harmless_test=None)
         gen = dataclasses.replace(self.cfg.generate, conditions=language_conditions())
         return dataclasses.replace(self.cfg, refusal_tokens=list(openings), data=data, generate=gen, name=lang,
@@ -691,13 +545,13 @@ class Crosslingual:
 
     def _transfer_digest(self) -> str:
         def tests(lang):
-            return _sha({k: self.prompt_sets[lang][k]["test"] for k in KINDS})
+            return content_sha({k: self.prompt_sets[lang][k]["test"] for k in KINDS})
 
         sources = self.sources()
-        inputs = {lang: {"direction": _direction_sha(self.dir / lang / "direction.safetensors") if lang in sources
+        inputs = {lang: {"direction": direction_sha(self.dir / lang / "direction.safetensors") if lang in sources
                          else None,
-                         "own_completions": _own_completions_sha(self.dir / lang), "test_prompts": tests(lang),
-                         "phrases": _sha(self.phrases[lang]["phrases"]),
+                         "own_completions": own_completions_sha(self.dir / lang), "test_prompts": tests(lang),
+                         "phrases": content_sha(self.phrases[lang]["phrases"]),
                          "refusal_tokens": self.language_config(lang).refusal_tokens}
                   for lang in self.languages}
         g = self.cfg.generate
@@ -824,8 +678,8 @@ class Crosslingual:
 
         path, done_path = self.dir / "similarity.json", self.dir / "similarity.done.json"
         langs = self.sources()  # cosines between the languages that have a direction
-        inputs = {lang: {"direction": _direction_sha(self.dir / lang / "direction.safetensors"),
-                         "candidates": _file_sha(self.dir / lang / "candidates.safetensors")} for lang in langs}
+        inputs = {lang: {"direction": direction_sha(self.dir / lang / "direction.safetensors"),
+                         "candidates": file_sha(self.dir / lang / "candidates.safetensors")} for lang in langs}
         dig = digest({"stage": "similarity", "languages": langs, "reference": self.reference, "inputs": inputs})
         if self._done(done_path, dig):
             console.print("[dim]similarity: finished earlier, skipped[/]")
@@ -851,8 +705,8 @@ class Crosslingual:
         from .plots import plot_all
 
         done_path = self.dir / "plots.done.json"
-        dig = digest({"stage": "plots", "transfer": _file_sha(self.dir / "transfer.json"),
-                      "similarity": _file_sha(self.dir / "similarity.json")})
+        dig = digest({"stage": "plots", "transfer": file_sha(self.dir / "transfer.json"),
+                      "similarity": file_sha(self.dir / "similarity.json")})
         paths = [self.dir / p for p in self.PLOTS]
         if self._done(done_path, dig) and all(p.is_file() for p in paths):
             console.print("[dim]plots: finished earlier, skipped[/]")
