@@ -418,3 +418,32 @@ def test_saved_config_has_absolute_paths(model_dir, datasets, cfg_file, tmp_path
     assert saved["model"] == str(model_dir.resolve())
     monkeypatch.chdir(tmp_path.parent)
     assert Run.open(model_dir.parent / "runs" / "tiny-qwen2").done("extract")
+
+
+def test_fresh_run_loads_the_model_while_the_weights_are_hashed(model_dir, datasets, cfg_file, tmp_path,
+                                                                 monkeypatch):
+    """A fresh folder runs every stage, so loading does not wait for the weights' sha256 (extract's digest): the
+    hash runs in a background thread meanwhile; the digests are the same as computed alone, and a finished folder
+    loads nothing."""
+    import threading
+
+    import refusal.models.identity as identity
+    from refusal.runs.pipeline import Run
+
+    cfg = resolve(cfg_file, {"model": str(model_dir), "output": str(tmp_path / "runs"),
+                             "data": {"harmful": str(datasets[0]), "harmless": str(datasets[1])}})
+    real = identity.model_identity
+    threads = []
+
+    def spy(*a, **k):
+        threads.append(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(identity, "model_identity", spy)
+    run = Run(cfg)
+    run.run(("extract",))
+    assert threads[0].startswith("fingerprint") and run.done("extract")
+    assert run.digests == Run(cfg).digests
+    again = Run(cfg)
+    again.run(("extract",))
+    assert again._model is None  # finished: skipped without loading

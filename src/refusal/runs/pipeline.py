@@ -197,6 +197,9 @@ class Run:
         for s in list(stages) + ([from_stage] if from_stage else []):
             if s not in STAGES:
                 raise RefusalError(f"Unknown stage '{s}'.", f"Stages are: {', '.join(STAGES)}.")
+        fresh = not any((self.dir / f"{s}.done.json").exists() for s in STAGES)
+        if self._digests is None and self._model is None and fresh and "extract" in stages:
+            self._load_while_fingerprinting()
         self.prepare(force=force, resume=resume or bool(from_stage))
         redo_from = 0 if force else (STAGES.index(from_stage) if from_stage else len(STAGES))
         for i, stage in enumerate(STAGES):
@@ -217,6 +220,19 @@ class Run:
             outputs, extra = getattr(impl, stage)(self, started=t)
             self._finish(stage, time.perf_counter() - t, outputs, extra)
         return io.read_json(self.dir / "summary.json") if self.done("evaluate") else {}
+
+    def _load_while_fingerprinting(self) -> None:
+        """A fresh folder runs every stage, so the model is needed whatever the digests say: load it while the
+        weights' sha256 (part of extract's digest; seconds for gigabytes, remembered afterwards) is computed in a
+        background thread. Both mostly wait on the disk or run outside the GIL."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..models.identity import model_identity
+
+        with ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as pool:
+            identity = pool.submit(model_identity, self.inputs.source, self.cfg.trust_remote_code)
+            self.model  # noqa: B018 (loads the model and tokenizer)
+            identity.result()  # remembered: the digests read it back at once
 
     def stage_seconds(self) -> dict[str, float | None]:
         out = {s: (self.done(s) or {}).get("seconds") for s in STAGES}
