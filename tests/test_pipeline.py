@@ -337,6 +337,7 @@ def test_inlp_families_and_scopes_from_the_shipped_config(model_dir, datasets, t
     rank = io.read_json(run_dir / "rankings.json")
     assert -1 <= rank["inlp"]["spearman_local_global"] <= 1 and -1 <= rank["diff_means"]["spearman_local_global"] <= 1
     assert rank["inlp"]["selected"]["rank"] >= 1 and (run_dir / "inlp_accuracy.png").exists()
+    assert (run_dir / "inlp_selected_accuracy.png").exists()  # the chosen component's rounds, from select
     from refusal.directions.base import DirectionSet
 
     ds = DirectionSet.load(run_dir / "directions.safetensors")

@@ -524,6 +524,7 @@ def plot_accuracy(result: InlpResult, pos: int, layer: int, path: str | Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     c = result.index(pos, layer)
     rounds = list(range(1, result.n_iterations + 1))
@@ -534,6 +535,7 @@ def plot_accuracy(result: InlpResult, pos: int, layer: int, path: str | Path) ->
     min_acc = result.config.get("min_accuracy")
     if min_acc is not None:
         ax.axhline(min_acc, color="red", ls=":", lw=1, label="min accuracy")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round (directions removed before it = round - 1)")
     ax.set_ylabel("balanced accuracy")
     ax.set_ylim(0.3, 1.02)

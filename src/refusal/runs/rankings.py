@@ -135,6 +135,9 @@ def rank_inlp(run, cands, hv, bv, ranked_set: DirectionSet) -> dict:
     console.print(f"INLP: selected position {p}, layer {la} (rank {sub.k}, bypass {bypass[best]:.3f}, KL "
                   f"{kl[best]:.4f}); cosine of its first direction with diff-in-means there {cos:.3f}, with the "
                   f"selected diff-in-means direction {cos_sel:.3f}")
+    from ..directions.inlp import plot_accuracy
+
+    plot_accuracy(res, p, la, run.dir / "inlp_selected_accuracy.png")  # the chosen component's rounds
     out = _ranking_summary(comps, got.get("local", (None,))[0], got.get("global", (None,))[0])
     out.update({"selected": {"pos": p, "layer": la, "rank": sub.k, "bypass": bypass[best], "kl": kl[best]},
                 "kl": [round(v, 5) for v in kl], "cosine_first_vs_diff_means_same_component": round(cos, 4),

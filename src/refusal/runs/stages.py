@@ -135,8 +135,10 @@ def select(run, started: float):
         ranks["inlp"] = picks.rank_inlp(run, cands, hv, bv, ranked_set)
     io.write_json(run.dir / "rankings.json", ranks)
     ranked_set.save(run.dir / "directions.safetensors")
-    return (["scores.json", "scores.png", "direction.safetensors", "directions.safetensors", "rankings.json"],
-            {"selected": {"pos": sel.pos, "layer": sel.layer}})
+    outputs = ["scores.json", "scores.png", "direction.safetensors", "directions.safetensors", "rankings.json"]
+    if "inlp" in ranks:
+        outputs.append("inlp_selected_accuracy.png")
+    return outputs, {"selected": {"pos": sel.pos, "layer": sel.layer}}
 
 
 def _layer_rankings(run) -> dict[str, list[int]]:
