@@ -4,9 +4,10 @@ prompts until the end.
     python -m benchmarks.edit_search RUN_DIR [--top 6] [--keep 6] [--kl-cap 0.077] [--out FILE.json]
 
 1. **Proxy sweep on validation prompts.** Every option of a grid is baked into the weights
-   (:func:`refusal.interventions.weights.orthogonalized`, restored after) and scored at the first generated token,
-   rendered as heretic renders prompts (system prompt "You are a helpful assistant."): refusals = prompts whose
-   refusal score (log-odds of the refusal tokens) is > 0 among the run's harmful validation prompts, and heretic's
+   (:func:`refusal.interventions.weights.orthogonalized`, restored after) and scored on prompts rendered as heretic
+   renders them (system prompt "You are a helpful assistant."): refusals = the run's harmful validation prompts whose
+   greedy ``--proxy-tokens``-token answer contains one of heretic's refusal markers (``--proxy-tokens 0``: whose
+   first-token refusal score is > 0, as on 2026-12-01, when that saturated at 0 for every option), and heretic's
    first-token KL (batchmean) on the first 100 harmless validation prompts. Grid: the run's top ``--top``
    ranked directions × edit options (plain, orthogonal to the harmless mean, norm-preserving, both) × a kernel over
    depth (flat; Gaussian around the direction's layer of width n/4 and n/8) × strength (0.8, 1, 1.2).
@@ -56,6 +57,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--keep", type=int, default=6)
     ap.add_argument("--kl-cap", type=float, default=0.077, help="heretic 1.4.0's best trial's KL on this model")
+    ap.add_argument("--proxy-tokens", type=int, default=24,
+                    help="new tokens of the sweep's answers judged by heretic's markers (0: first-token refusal "
+                         "score > 0, which on Qwen2.5-Coder-1.5B called every option 0 refusals)")
     ap.add_argument("--harmful-test", default=".data/refusal_direction/processed/jailbreakbench.json")
     ap.add_argument("--harmless-test", default=".data/refusal_direction/splits/harmless_test.json")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -80,9 +84,11 @@ def main() -> None:
         return hm.first_token_logprobs(model, tok, prompts, **kw)
 
     def proxy(base_b):
-        h = first(harmful_val)
         kl = hm.kl_batchmean(first(harmless_val), base_b)
-        return int((refusal_score(h, rids) > 0).sum()), kl
+        if a.proxy_tokens:  # short greedy answers, heretic's markers: the first token alone saturates at 0 refusals
+            resp = hm.responses(model, tok, harmful_val, max_new_tokens=a.proxy_tokens, **kw)
+            return sum(map(hm.is_refusal, resp)), kl
+        return int((refusal_score(first(harmful_val), rids) > 0).sum()), kl
 
     def heretic(prompts_h, prompts_b, base_b):
         kl = hm.kl_batchmean(first(prompts_b), base_b)
