@@ -33,10 +33,10 @@ def main() -> None:
     from refusal.interventions import apply
     from refusal.interventions.hooks import ablation
     from refusal.interventions.weights import orthogonalized
+    from refusal.layout import layout
     from refusal.models.parts import find_parts, model_device
     from refusal.runs.pipeline import Run
     from refusal.scoring.engine import kl_div, layout_logits
-    from refusal.scoring.layout import layout
     from refusal.scoring.refusal import refusal_score
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,11 +26,11 @@ def main() -> None:
     from refusal.directions.base import DirectionSet
     from refusal.interventions import apply
     from refusal.interventions.hooks import ablation
+    from refusal.layout import layout
     from refusal.models import catalog
     from refusal.models.loading import load_model
     from refusal.runs.pipeline import Run
     from refusal.scoring.engine import layout_logits
-    from refusal.scoring.layout import layout
     from refusal.scoring.refusal import refusal_score
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,8 +22,8 @@ from refusal import format_prompts, load_model, post_instruction_ids, refusal_to
 from refusal.data import load_source, make_splits
 from refusal.directions.diff_means import extract
 from refusal.errors import RefusalError
+from refusal.layout import layout
 from refusal.scoring.engine import score_candidates
-from refusal.scoring.layout import layout
 from refusal.scoring.selection import choose
 
 

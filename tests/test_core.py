@@ -8,9 +8,9 @@ import torch
 from refusal import ablate, add, extract, find_parts, format_prompts, orthogonalized, post_instruction_ids
 from refusal.data import builtin
 from refusal.directions.diff_means import Candidates, Direction
+from refusal.layout import layout
 from refusal.models.norms import fused_norms
 from refusal.scoring.engine import last_logits, layout_logits, refusal_scores, score_candidates
-from refusal.scoring.layout import layout
 from refusal.scoring.refusal import refusal_score, refusal_token_ids
 from refusal.scoring.selection import Scores, choose
 from refusal.templates import tokenize
@@ -399,7 +399,7 @@ def test_mean_activations_share_the_prefix_and_equal_one_prompt_at_a_time(arch, 
     a plain forward of each prompt alone, reading the inputs of every layer at the last positions."""
     from conftest import build_model
 
-    import refusal.scoring.layout as lay_mod
+    import refusal.layout as lay_mod
     from refusal.directions.diff_means import mean_activations
 
     model = build_model(arch, len(tokenizer))

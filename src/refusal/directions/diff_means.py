@@ -14,6 +14,7 @@ import torch
 
 from .. import io
 from ..batching import in_batches
+from ..layout import layout, run_decoder
 from ..models.norms import with_fused_norms
 from ..models.parts import find_parts, model_device
 from ..templates import check_prompts_end_with, post_instruction_ids
@@ -63,11 +64,9 @@ def mean_activations(
 ) -> torch.Tensor:
     """Mean residual-stream input of every layer at the last ``n_positions`` positions: ``(n_pos, n_layers, d)``.
 
-    Each chunk of prompts runs as a :func:`~refusal.scoring.layout.layout`: the template's opening that every prompt
+    Each chunk of prompts runs as a :func:`~refusal.layout.layout`: the template's opening that every prompt
     shares runs once and is cached, and the rest in right-padded length buckets, so neither the shared opening nor
     most of the padding is recomputed per prompt (same activations as one left-padded batch, to float rounding)."""
-    from ..scoring.layout import layout, run_decoder
-
     parts = find_parts(model)
     dev = model_device(model)
     acc = torch.zeros(n_positions, parts.n_layers, parts.hidden_size, dtype=torch.float32, device=dev)

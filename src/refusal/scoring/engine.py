@@ -23,9 +23,9 @@ import torch
 from ..batching import in_batches
 from ..directions.diff_means import Candidates
 from ..interventions.hooks import ablate, add
+from ..layout import Bucket, Layout, SharedPrefix, layout, prefix_cache
 from ..models.norms import with_fused_norms
 from ..models.parts import cache_kwarg, find_parts, model_device
-from .layout import Bucket, Layout, SharedPrefix, layout, prefix_cache
 from .refusal import refusal_score
 from .selection import Scores
 

@@ -18,10 +18,10 @@ import torch
 from ..batching import in_batches
 from ..interventions.hooks import Plan, apply
 from ..interventions.scopes import Intervention
+from ..layout import layout, prefix_cache
 from ..models.norms import with_fused_norms
 from ..models.parts import model_device
 from .engine import _bucket_logits, kl_div, layout_logits
-from .layout import layout, prefix_cache
 from .refusal import refusal_score
 
 

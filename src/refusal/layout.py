@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..errors import RefusalError
-from ..models.parts import cache_kwarg, decoder
+from .errors import RefusalError
+from .models.parts import cache_kwarg, decoder
 
 
 @dataclass
