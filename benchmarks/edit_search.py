@@ -129,21 +129,19 @@ def main() -> None:
                  and o["strength"] == 1.0)
     if plain not in kept:
         kept.append(plain)
-    t = time.perf_counter()
-    for o in kept:
-        with orthogonalized(model, o["_d"], **o["_opts"]):
-            o["val_refusals"], o["val_kl"] = heretic(harmful_val, harmless_val, base_val)
-        print(f"val  rank {o['rank']} {o['edit']:30s} {o['kernel']:10s} x{o['strength']}: "
-              f"{o['val_refusals']}/{len(harmful_val)} refusals, KL {o['val_kl']:.4f}")
-    val_s = time.perf_counter() - t
+    def score_kept(split, prompts_h, prompts_b, base_b) -> float:
+        """heretic's metric for every kept option on one split's prompts; returns the seconds it took."""
+        t = time.perf_counter()
+        for o in kept:
+            with orthogonalized(model, o["_d"], **o["_opts"]):
+                o[f"{split}_refusals"], o[f"{split}_kl"] = heretic(prompts_h, prompts_b, base_b)
+            print(f"{split:4s} rank {o['rank']} {o['edit']:30s} {o['kernel']:10s} x{o['strength']}: "
+                  f"{o[f'{split}_refusals']}/{len(prompts_h)} refusals, KL {o[f'{split}_kl']:.4f}")
+        return time.perf_counter() - t
+
+    val_s = score_kept("val", harmful_val, harmless_val, base_val)
     pick = min((o for o in kept if o is not plain or len(kept) == 1), key=lambda o: key(o, "val_refusals", "val_kl"))
-    t = time.perf_counter()
-    for o in kept:
-        with orthogonalized(model, o["_d"], **o["_opts"]):
-            o["test_refusals"], o["test_kl"] = heretic(harmful_test, harmless_test, base_test)
-        print(f"test rank {o['rank']} {o['edit']:30s} {o['kernel']:10s} x{o['strength']}: "
-              f"{o['test_refusals']}/{len(harmful_test)} refusals, KL {o['test_kl']:.4f}")
-    test_s = time.perf_counter() - t
+    test_s = score_kept("test", harmful_test, harmless_test, base_test)
     base_refusals = sum(map(hm.is_refusal, hm.responses(model, tok, harmful_test, **kw)))
     test_best = min(kept, key=lambda o: key(o, "test_refusals", "test_kl"))
 
