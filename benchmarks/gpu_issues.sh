@@ -3,13 +3,16 @@
 #   bash benchmarks/gpu_issues.sh a   # paper run timed (issue 9), evaluation suite (12), judge objective (12),
 #                                     # INLP families x scopes (10)
 #   bash benchmarks/gpu_issues.sh b   # export vs hooks, edit options, edit search vs heretic, direction sets (11)
-#   bash benchmarks/gpu_issues.sh c   # cross-lingual (13), lm-eval benchmarks per condition (12)
+#   bash benchmarks/gpu_issues.sh c   # cross-lingual (13): 7 languages, transfer and similarity matrices, heatmaps
+#                                     # (WITH_SW_AM=1: then 9, with the model's own sw/am translations)
+#   bash benchmarks/gpu_issues.sh d   # fresh machine: paper run timed, lm-eval per condition (12), 6 languages
+#   bash benchmarks/gpu_issues.sh e   # fresh machine: paper run timed (9), edit search vs heretic (11)
 # On the GPU: the GGUF parts in /tmp/m and the wheels in .whl (see gpu_setup.sh); .data holds copies of the team's
 # datasets (refusal_direction, polyrefuse, text, benchmarks). A CPU check of the plumbing, in minutes:
 #   DRY=1 MODEL=/tmp/tiny-qwen OUT=/tmp/out bash benchmarks/gpu_issues.sh a
 # Every step's log and results land in $OUT; a step that fails or runs out of its time does not stop the next.
 set -u
-PART=${1:?usage: gpu_issues.sh a|b|c}
+PART=${1:?usage: gpu_issues.sh a|b|c|d|e}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -z "${DRY:-}" ]; then
@@ -80,14 +83,25 @@ c)
 for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.json', 'w'), ensure_ascii=False)"
   XFLAGS="--model $MODEL --polyrefuse $PWD/.data/polyrefuse --paper $D --output $RUNS --name crosslingual
     --config $C/crosslingual.yaml --files zh:harmless=/tmp/harmless_zh.json"
-  step crosslingual7 300 python3 -m refusal crosslingual $XFLAGS --languages $L7
+  step crosslingual7 ${XL_SECONDS:-420} python3 -m refusal crosslingual $XFLAGS --languages $L7
   keep $RUNS/crosslingual crosslingual7
-  step crosslingual9 280 python3 -m refusal crosslingual $XFLAGS --languages $L7,sw,am --allow-flagged
-  keep $RUNS/crosslingual crosslingual9
-  for lang in sw am; do
-    mkdir -p "$OUT/crosslingual9/$lang" && find $RUNS/crosslingual -path "*$lang*" -name "*.json" -size -5M \
-      -exec cp {} "$OUT/crosslingual9/$lang/" \; 2>/dev/null
-  done
+  tar czf "$OUT/crosslingual7.tgz" -C $RUNS --exclude='*.safetensors' --exclude='*.partial.json' crosslingual
+  if [ -n "${WITH_SW_AM:-}" ]; then  # Swahili and Amharic, translated by the model itself (flagged translations)
+    step crosslingual9 280 python3 -m refusal crosslingual $XFLAGS --languages $L7,sw,am --allow-flagged
+    keep $RUNS/crosslingual crosslingual9
+  fi
+  ;;
+e)  # on a fresh machine: the paper run timed (issue 9), then the edit search against heretic (issue 11)
+  if [ -z "${DRY:-}" ]; then
+    step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-3.json" \
+      --runs $RUNS
+  else
+    rm -rf $RUNS/paper
+    step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
+  fi
+  keep $RUNS/paper paper
+  step edit_search ${EDIT_SECONDS:-300} python3 -m benchmarks.edit_search $RUNS/paper --out "$OUT/edit_search.json" \
+    $SMALL ${DRY:+--top 1}
   ;;
 d)  # on a fresh machine: the paper run again (timed), lm-eval under its conditions, cross-lingual without th/sw/am
   if [ -z "${DRY:-}" ]; then
@@ -104,7 +118,7 @@ for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.j
   tar czf "$OUT/crosslingual6.tgz" -C $RUNS --exclude='*.safetensors' crosslingual6
   ;;
 *)
-  echo "unknown part $PART (a, b, c or d)"; exit 2 ;;
+  echo "unknown part $PART (a, b, c, d or e)"; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
 if [ -z "${DRY:-}" ]; then  # the device returns a limited number of files: one archive
