@@ -3,8 +3,8 @@
     python -m benchmarks.decode_profile --arch llama3-8b --batch 64 --new-tokens 128 [--mode reduce-overhead]
 
 Builds the model as :mod:`benchmarks.pipeline` does, decodes ``--batch`` rows of ``--prompt-len`` random tokens
-(the compile and CUDA-graph capture are the warm-up call), times a second call, then records ``--profile-steps``
-decode steps with :mod:`torch.profiler` and prints the kernels that took the GPU's time, the GPU time per step
+(the compile and CUDA-graph capture are the warm-up call), times a second call, then records the same call
+ with :mod:`torch.profiler` and prints the kernels that took the GPU's time, the GPU time per step
 against the wall time per step (a gap means the GPU waits for the host: launches, syncs, graph breaks), and the
 HBM bound (weight bytes read per step / bandwidth). ``--out`` writes the numbers as JSON.
 """
@@ -26,7 +26,6 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=40)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the decode step")
-    ap.add_argument("--profile-steps", type=int, default=16)
     ap.add_argument("--hbm-tbps", type=float, default=4.8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
@@ -74,7 +73,7 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    n = a.profile_steps + 1
+    n = a.new_tokens  # the same cache length as the timed call: no new shape, so no recompile or re-capture
     sync()
     with profile(activities=acts) as prof:
         t = time.perf_counter()

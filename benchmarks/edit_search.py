@@ -2,6 +2,7 @@
 prompts until the end.
 
     python -m benchmarks.edit_search RUN_DIR [--top 6] [--keep 6] [--kl-cap 0.077] [--out FILE.json]
+        [--val-pool DATA/refusal_direction --n-val 128] [--strengths 0.8,1.0,1.2]
 
 1. **Proxy sweep on validation prompts.** Every option of a grid is baked into the weights
    (:func:`refusal.interventions.weights.orthogonalized`, restored after) and scored on prompts rendered as heretic
@@ -42,6 +43,21 @@ def _kernel(n_layers: int, peak: int, width: float | None, strength: float) -> l
     return [strength * math.exp(-0.5 * ((i - peak) / width) ** 2) for i in range(n_layers)]
 
 
+def _grow(prompts: list[str], splits: dict, kind: str, pool: Path, files: tuple[str, ...], n: int,
+          test: list[str]) -> list[str]:
+    """``prompts`` followed by the pool's prompts of ``kind`` that neither the run's splits nor ``test`` hold, up to
+    ``n``."""
+    used = {r["instruction"] for split in splits[kind].values() for r in split} | set(test)
+    out = list(prompts)
+    for name in files:
+        for r in json.loads((pool / "splits" / f"{name}.json").read_text()):
+            if len(out) >= n:
+                return out
+            if r["instruction"] not in used and r["instruction"] not in out:
+                out.append(r["instruction"])
+    return out
+
+
 def main() -> None:
     from benchmarks.heretic import heretic_metric as hm
     from refusal import io
@@ -64,6 +80,13 @@ def main() -> None:
     ap.add_argument("--harmless-test", default=".data/refusal_direction/splits/harmless_test.json")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--n", type=int, default=100, help="test prompts of each kind (heretic: 100)")
+    ap.add_argument("--val-pool", default=None,
+                    help="a refusal_direction folder (splits/*.json): validation grows to --n-val prompts of each "
+                         "kind with its harmful_val + harmful_train and harmless_val prompts that the run did not "
+                         "use (the run's own filtered validation, 17 harmful prompts on Qwen2.5-Coder-1.5B, called "
+                         "every kept option 0 refusals)")
+    ap.add_argument("--n-val", type=int, default=128)
+    ap.add_argument("--strengths", default="0.8,1.0,1.2")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     t_start = time.perf_counter()
@@ -74,6 +97,11 @@ def main() -> None:
     harmless_val = [r["instruction"] for r in splits["harmless"]["val"]][: a.n]
     harmful_test = [r["instruction"] for r in json.loads(Path(a.harmful_test).read_text())][: a.n]
     harmless_test = [r["instruction"] for r in json.loads(Path(a.harmless_test).read_text())][: a.n]
+    if a.val_pool:
+        harmful_val = _grow(harmful_val, splits, "harmful", Path(a.val_pool), ("harmful_val", "harmful_train"),
+                            a.n_val, harmful_test)
+        harmless_val = _grow(harmless_val, splits, "harmless", Path(a.val_pool), ("harmless_val",), a.n_val,
+                             harmless_test)
     dset = DirectionSet.load(run.dir / "directions.safetensors")
     cands = Candidates.load(run.dir / "candidates.safetensors")
     n_layers = find_parts(model).n_layers
@@ -102,10 +130,11 @@ def main() -> None:
              {"norm_preserving": True}, "norm_preserving+orth_harmless": {"norm_preserving": True,
                                                                          "orthogonal_to_harmless": True}}
     widths = {"flat": None, "gauss_n/4": n_layers / 4, "gauss_n/8": n_layers / 8}
+    strengths = [float(x) for x in a.strengths.split(",")]
     options = []
     t = time.perf_counter()
     for r, (ename, eopts), (wname, width), strength in itertools.product(ranks, edits.items(), widths.items(),
-                                                                         (0.8, 1.0, 1.2)):
+                                                                         strengths):
         d = dset[r]
         opts = dict(eopts)
         if opts.get("orthogonal_to_harmless"):

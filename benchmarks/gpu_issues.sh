@@ -100,8 +100,10 @@ e)  # on a fresh machine: the paper run timed (issue 9), then the edit search ag
     step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
   fi
   keep $RUNS/paper paper
-  step edit_search ${EDIT_SECONDS:-300} python3 -m benchmarks.edit_search $RUNS/paper --out "$OUT/edit_search.json" \
-    $SMALL ${DRY:+--top 1}
+  # validation grown to 128 prompts of each kind from the unused train/val prompts (the run's 17 filtered harmful
+  # validation prompts called every kept option 0 refusals), finer strengths, the 3 best directions
+  step edit_search ${EDIT_SECONDS:-400} python3 -m benchmarks.edit_search $RUNS/paper --out "$OUT/edit_search.json" \
+    --val-pool $D --n-val 128 --top 3 --keep 8 --strengths 0.8,0.9,1.0,1.1,1.2 $SMALL ${DRY:+--top 1 --n-val 10}
   ;;
 d)  # on a fresh machine: the paper run again (timed), lm-eval under its conditions, cross-lingual without th/sw/am
   if [ -z "${DRY:-}" ]; then
