@@ -313,3 +313,13 @@ def test_a_language_without_a_direction_stays_a_target(model_dir, poly, cfg_file
     assert all((d / p).is_file() for p in Crosslingual.PLOTS)
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "sw: finished earlier" in " ".join(r.output.split())
+
+    # the report of the cross-lingual folder: each language's rates, the matrices as grids, the heatmaps embedded
+    from refusal.report import write_report
+
+    html, md = write_report(d, tmp_path / "report")
+    text = md.read_text()
+    assert "## Cross-lingual" in text and "Each language's own run" in text and "no direction" in text
+    assert "Non-refusal on the target's harmful prompts" in text and "Cosine similarity" in text
+    assert "No direction in sw" in text and "summary.json holds no results" not in text
+    assert html.read_text().count('src="data:image/png;base64,') == len(Crosslingual.PLOTS)

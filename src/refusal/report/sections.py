@@ -269,9 +269,12 @@ def build(run_dir: str | Path) -> Report:
     scores = scores if isinstance(scores, dict) else None
     results = summary.get("results") if isinstance(summary.get("results"), dict) else _flat_results(summary)
 
+    from .crosslingual import crosslingual_section, is_crosslingual_run
+
+    per_language = is_crosslingual_run(summary)  # a `refusal crosslingual` folder: its languages hold the results
     sections = [
-        _results_section(results),
-        _direction_section(a, summary, scores, config),
+        None if per_language else _results_section(results),
+        None if per_language else _direction_section(a, summary, scores, config),
         _scores_section(a, scores, config),
         _judges_section(a),
         _generic_section(a, "ce", "Cross-entropy", "ce.json", None,
@@ -280,7 +283,7 @@ def build(run_dir: str | Path) -> Report:
                          "Benchmark scores under each condition."),
         _generic_section(a, "magnitude", "Magnitude", "magnitude.json", "magnitude.png",
                          "Rates as the intervention's coefficient is varied."),
-        _crosslingual_section(a),
+        crosslingual_section(a, summary),
         _completions_section(a, config),
         _config_section(a, summary, config),
     ]
@@ -505,24 +508,6 @@ def _generic_section(a: Artifacts, sid: str, title: str, json_name: str, png_nam
     if png:
         s.blocks.append(Image(png, f"{title} ({png_name})", png_name or ""))
     return s
-
-
-def _crosslingual_section(a: Artifacts) -> Section | None:
-    folder = a.dir / "crosslingual"
-    if not folder.is_dir():
-        return None
-    s = Section("crosslingual", "Cross-lingual")
-    for p in sorted(folder.glob("*.json")):
-        data = a.json(f"crosslingual/{p.name}")
-        if data is None:
-            continue
-        title = data.get("title") if isinstance(data, dict) and isinstance(data.get("title"), str) else p.stem
-        s.blocks += [Sub(title)] + generic_blocks(data)
-    for p in sorted(folder.glob("*.png")):
-        png = a.png(f"crosslingual/{p.name}")
-        if png:
-            s.blocks += [Sub(p.stem), Image(png, f"cross-lingual: {p.stem}", p.name)]
-    return s if s.blocks else None
 
 
 def _completions_section(a: Artifacts, config: dict) -> Section | None:
