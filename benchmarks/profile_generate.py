@@ -4,7 +4,9 @@
 
 Uses the random-weight model and prompts of :mod:`benchmarks.pipeline`; the direction is orthogonalized into the
 weights, as the pipeline's generation does. ``--modes`` times other torch.compile modes (compile time included
-in the warm-up, which is printed).
+in the warm-up, which is printed). ``--out FILE.json`` writes each mode's ms per decode step (prefill timed apart
+with one new token), the HBM bound (weight bytes read per step / ``--hbm-tbps``) and the first mode's top kernels
+with their GPU ms per step.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--min-len", type=int, default=40)
     ap.add_argument("--max-len", type=int, default=56)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hbm-tbps", type=float, default=4.8, help="bandwidth of the bound (H200: 4.8, H100 SXM: 3.35)")
+    ap.add_argument("--out", default=None, help="write the numbers as JSON")
     args = ap.parse_args(argv)
     args.model, args.dtype = None, None
     from refusal.generation.batched import _StaticDecoder
@@ -57,21 +61,45 @@ def main(argv=None):
     eos, pad = torch.tensor([], device=dev, dtype=torch.long), 0
     clock = Clock(dev)
     direction = torch.randn(model.config.hidden_size)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    bound_ms = weight_bytes / (args.hbm_tbps * 1e12) * 1e3
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "arch": args.arch,
+           "torch": torch.__version__, "batch": args.batch, "new_tokens": args.new_tokens,
+           "prompt_width": b.input_ids.shape[1], "round_to": args.round_to, "hbm_tbps": args.hbm_tbps,
+           "bound_ms_per_step": round(bound_ms, 3), "modes": {}}
     with orthogonalized(model, direction):
         for i, mode in enumerate(args.modes.split(",")):
             dec = _StaticDecoder(model, compile=dev.type == "cuda", round_to=args.round_to, mode=mode)
             run = lambda dec=dec: dec(b.input_ids, b.attention_mask, args.new_tokens, eos, pad)  # noqa: E731
             warm, _ = clock.time(run)
             s = min(clock.time(run)[0] for _ in range(3))
-            print(f"{mode:28s} {1e3 * s / args.new_tokens:6.2f} ms/step  {args.batch * args.new_tokens / s:8.0f} tok/s"
-                  f"  (warm-up {warm:.1f} s, batch {args.batch}, prompt width {b.input_ids.shape[1]})")
+            # prefill alone, at the same cache length (so no new shape to compile): one new token
+            prefill = min(clock.time(lambda dec=dec: dec(b.input_ids, b.attention_mask, 1, eos, pad))[0]
+                          for _ in range(3))
+            step_ms = 1e3 * (s - prefill) / (args.new_tokens - 1)
+            res["modes"][mode] = {"warmup_s": round(warm, 2), "s": round(s, 4), "prefill_s": round(prefill, 4),
+                                  "ms_per_step": round(step_ms, 3), "bound_fraction": round(bound_ms / step_ms, 3)}
+            print(f"{mode:28s} {step_ms:6.2f} ms/step ({bound_ms / step_ms:.0%} of the {bound_ms:.2f} ms bound)  "
+                  f"{args.batch * args.new_tokens / s:8.0f} tok/s  (warm-up {warm:.1f} s, prefill {prefill:.3f} s, "
+                  f"batch {args.batch}, prompt width {b.input_ids.shape[1]})")
             if i == 0 and args.kernels and dev.type == "cuda":
                 from torch.profiler import ProfilerActivity, profile
-
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     clock.time(run)
                 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.kernels,
                                                 max_name_column_width=60))
+                events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                                key=lambda e: -e.self_device_time_total)[: args.kernels]
+                res["kernels"] = [{"name": e.key[:120], "count": e.count,
+                                   "ms_per_step": round(e.self_device_time_total / 1e3 / (args.new_tokens - 1), 4)}
+                                  for e in events]
+    if args.out:
+        import json
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"Wrote {args.out}")
 
 
 if __name__ == "__main__":
