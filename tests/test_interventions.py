@@ -211,3 +211,48 @@ def test_static_decoder_with_plan_equals_model_generate_path(model, tokenizer):
     eager = generate(model, tokenizer, prompts * 3, **kwargs)
     static = generate(model, tokenizer, prompts * 3, static_cache=True, **kwargs)
     assert static == eager
+
+
+def test_row_groups_join_rows_with_the_same_prompt_phase_edits(model):
+    d = torch.randn(find_parts(model).hidden_size)
+    ab, ad = ablation(d), addition(d, 2.0, layers=[1])
+    groups, reps = Plan.rows(model, [[], [ab], [ab], [], [ad]]).row_groups("prompt")
+    g = groups.tolist()
+    assert g[0] == g[3] and g[1] == g[2] and len({g[0], g[1], g[4]}) == 3 and len(reps) == 3
+    assert [g[r] for r in reps] == list(range(3))  # one representative row per group, in group order
+    later = ablation(d, tokens="generated")  # edits only generated positions: the prompt sees no difference
+    groups, reps = Plan.rows(model, [[], [later], [later]]).row_groups("prompt")
+    assert groups.tolist() == [0, 0, 0] and reps == [0]
+    with pytest.raises(ValueError):
+        Plan.shared(model, [ab]).row_groups()
+
+
+@pytest.mark.parametrize("tokens", ["all", "prompt", "generated"])
+def test_generation_with_a_shared_prefix_gives_the_same_tokens(model, tokenizer, tokens, monkeypatch):
+    """The template opening that every prompt shares runs once per group of rows with the same interventions (here 3
+    groups for 9 rows, 1 when the interventions only touch generated tokens); tokens and first-token scores are those
+    of running every row whole."""
+    import refusal.generation.batched as gb
+    from refusal.layout import common_prefix
+
+    torch.manual_seed(3)
+    d = torch.randn(find_parts(model).hidden_size) * 3
+    prompts = format_prompts(tokenizer, PROMPTS[:3], "You are a careful assistant. Answer briefly and plainly.")
+    assert common_prefix(tokenizer(prompts, add_special_tokens=False)["input_ids"]) >= 8
+    conds = [[], [ablation(d, tokens=tokens)], [addition(d, 4.0, layers=[1], tokens=tokens)]]
+    plan = Plan.rows(model, [c for c in conds for _ in prompts])
+    prefix_rows: list[int] = []
+    real = gb._prefix_cache
+
+    def spy(model_, prefix, plan_, n, device):
+        prefix_rows.append(len(plan_.row_groups("prompt")[1]))
+        return real(model_, prefix, plan_, n, device)
+
+    monkeypatch.setattr(gb, "_prefix_cache", spy)
+    kw = dict(max_new_tokens=6, batch_size=16, plan=plan, refusal_ids=[5, 9])
+    shared, s_scores = generate(model, tokenizer, prompts * 3, share_prefix=True, **kw)
+    whole, w_scores = generate(model, tokenizer, prompts * 3, share_prefix=False, **kw)
+    assert prefix_rows == [1 if tokens == "generated" else 3]
+    assert shared == whole
+    torch.testing.assert_close(s_scores, w_scores, rtol=1e-4, atol=1e-4)
+    assert shared[:3] != shared[6:9]  # the interventions act

@@ -1,5 +1,6 @@
 """Prompt layouts for scoring and extraction: a shared prefix (the template opening) and right-padded length
-buckets; the prefix's key/value cache, shared read-only by every bucket; and a decoder pass over a layout."""
+buckets; the prefix's key/value cache, shared read-only by every bucket; and a decoder pass over a layout.
+Generation finds its prompts' shared prefix with :func:`common_prefix` too."""
 
 from __future__ import annotations
 
@@ -66,6 +67,16 @@ def _partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
     return [n]
 
 
+def common_prefix(ids: list[list[int]], min_prefix: int = 4) -> int:
+    """Length of the token prefix every sequence shares, leaving at least one token of each after it; 0 when that
+    is shorter than ``min_prefix`` (running it apart would cost more than it saves)."""
+    shortest = min(len(x) for x in ids)
+    first, p = ids[0], 0
+    while p < shortest - 1 and all(x[p] == first[p] for x in ids):
+        p += 1
+    return p if p >= min_prefix else 0
+
+
 def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, min_prefix: int = 4,
            max_buckets: int = 4, slack: float = 0.1) -> Layout:
     """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets.
@@ -80,13 +91,7 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
     shortest = min(len(x) for x in ids)
     if shortest == 0:
         raise RefusalError("A prompt tokenized to no tokens.", "Remove empty prompts from the set.")
-    p = 0
-    if share_prefix and len(ids) > 1:
-        first = ids[0]
-        while p < shortest - 1 and all(x[p] == first[p] for x in ids):  # keep at least one token after it
-            p += 1
-        if p < min_prefix:
-            p = 0
+    p = common_prefix(ids, min_prefix) if share_prefix and len(ids) > 1 else 0
     rest = [x[p:] for x in ids]
     order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
     cuts = _partition([len(rest[i]) for i in order], max(1, min(max_buckets, len(order))), slack)

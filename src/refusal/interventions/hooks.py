@@ -129,6 +129,26 @@ class Plan:
         idx = torch.as_tensor(rows, dtype=torch.long)
         return self._map(lambda t: t.index_select(0, idx.to(t.device)), len(idx))
 
+    def row_groups(self, phase: str = "prompt") -> tuple[torch.Tensor, list[int]]:
+        """Rows whose edits in ``phase`` are identical, as ``(group of each row, one row of each group)``: a forward
+        that only ``phase`` sees (a shared prompt prefix) needs running once per group, not once per row. Only for a
+        per-row plan (a shared plan has one group by definition)."""
+        if self.n_rows is None:
+            raise ValueError("row_groups needs a per-row plan (Plan.rows); a shared plan is one group")
+        seen: dict[int, torch.Tensor] = {}
+        for (_layer, _site, ph), st in self.steps.items():
+            if ph == phase:
+                for t in (x for step in st for x in step if x is not None):
+                    seen.setdefault(id(t), t)
+        if not seen:
+            return torch.zeros(self.n_rows, dtype=torch.long), [0]
+        rows = torch.cat([t.reshape(self.n_rows, -1).float().cpu() for t in seen.values()], 1)
+        _, groups = torch.unique(rows, dim=0, return_inverse=True)
+        first = {}
+        for r, g in enumerate(groups.tolist()):
+            first.setdefault(g, r)
+        return groups, [first[g] for g in range(len(first))]
+
     def to(self, device, dtype) -> Plan:
         return self._map(lambda t: t.to(device=device, dtype=dtype), self.n_rows)
 
