@@ -7,12 +7,13 @@
 #                                     # (WITH_SW_AM=1: then 9, with the model's own sw/am translations)
 #   bash benchmarks/gpu_issues.sh d   # fresh machine: paper run timed, lm-eval per condition (12), 6 languages
 #   bash benchmarks/gpu_issues.sh e   # fresh machine: paper run timed (9), edit search vs heretic (11)
+#   bash benchmarks/gpu_issues.sh f   # fresh machine: paper run timed with prefix-shared generation, 8B decode profile (9)
 # On the GPU: the GGUF parts in /tmp/m and the wheels in .whl (see gpu_setup.sh); .data holds copies of the team's
 # datasets (refusal_direction, polyrefuse, text, benchmarks). A CPU check of the plumbing, in minutes:
 #   DRY=1 MODEL=/tmp/tiny-qwen OUT=/tmp/out bash benchmarks/gpu_issues.sh a
 # Every step's log and results land in $OUT; a step that fails or runs out of its time does not stop the next.
 set -u
-PART=${1:?usage: gpu_issues.sh a|b|c|d|e}
+PART=${1:?usage: gpu_issues.sh a|b|c|d|e|f}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -z "${DRY:-}" ]; then
@@ -119,8 +120,22 @@ for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.j
     --files zh:harmless=/tmp/harmless_zh.json --languages en,fr,es,de,ru,zh
   tar czf "$OUT/crosslingual6.tgz" -C $RUNS --exclude='*.safetensors' crosslingual6
   ;;
+f)  # on a fresh machine: the paper run timed with generation sharing the template prefix (issue 9), then where an 8B
+    # decode step goes (random weights; no model files needed)
+  if [ -z "${DRY:-}" ]; then
+    step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-5.json" \
+      --runs $RUNS
+    step profile8b 240 python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 --out "$OUT/profile-8b.json"
+  else
+    rm -rf $RUNS/paper
+    step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
+    step profile8b 120 python3 -m benchmarks.profile_generate --arch tiny --batch 4 --new-tokens 8 \
+      --out "$OUT/profile-8b.json"
+  fi
+  keep $RUNS/paper paper
+  ;;
 *)
-  echo "unknown part $PART (a, b, c, d or e)"; exit 2 ;;
+  echo "unknown part $PART (a, b, c, d, e or f)"; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
 if [ -z "${DRY:-}" ]; then  # the device returns a limited number of files: one archive
