@@ -6,7 +6,9 @@ harmful-ablation / harmless-ActAdd cells and baselines. First-token scores and K
 
 Writes ``DIR/transfer.json`` (the run's, judged cells replaced, ``rejudged`` saying which lists changed), the
 heatmaps, and ``DIR/rejudge.json`` (old and new rate of every cell that moved). Used when a phrase list was fixed
-after a GPU run (2026-12-01: German).
+after a GPU run (2026-12-01: German). A run finished with the current code does this itself: running the same
+``refusal crosslingual`` command again after a phrase list changed re-judges its saved completions without the
+model; this script is for folders whose ``transfer.done.json`` predates that (no ``generation_digest``).
 """
 
 from __future__ import annotations

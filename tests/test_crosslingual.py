@@ -163,6 +163,28 @@ def test_crosslingual_end_to_end_resumes_and_batches_the_transfer(model_dir, pol
     assert (d / "fr" / "summary.json").is_file() and not extracts and len(gen_calls) == 1
     assert "transfer: finished earlier, skipped" in r.output
 
+    # a changed phrase list re-judges the saved completions: no model, no generation, the scores kept
+    import refusal.crosslingual.runs as xl_runs
+
+    real_phrases = xl_runs.language_phrases
+    before = io.read_json(d / "transfer.json")
+
+    def phrases(lang):
+        p = real_phrases(lang)
+        return {**p, "phrases": p["phrases"] + [""]} if lang == "fr" else p  # "" is in every text: all refused
+
+    monkeypatch.setattr(xl_runs, "language_phrases", phrases)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "judged again" in " ".join(r.output.split()) and not extracts and len(gen_calls) == 1
+    t = io.read_json(d / "transfer.json")
+    fr = t["languages"].index("fr")
+    assert all(row[fr]["rate"] == 1.0 for row in t["addition_refusal"])  # every harmless answer in fr now "refused"
+    assert all(row[fr]["rate"] == 0.0 for row in t["ablation_non_refusal"])
+    assert t["ablation_kl"] == before["ablation_kl"] and t["generation"] == before["generation"]
+    assert t["addition_refusal"][0][0] == before["addition_refusal"][0][0]  # other columns as they were
+    assert io.read_json(d / "transfer.done.json")["rejudged"] is True
+
 
 class EmptyTranslator:
     name = "test:empty"

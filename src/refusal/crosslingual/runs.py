@@ -543,7 +543,9 @@ class Crosslingual:
 
     # ---- stage 3: transfer ---------------------------------------------------------------------------------------
 
-    def _transfer_digest(self) -> str:
+    def _transfer_digest(self, judging: bool = True) -> str:
+        """What the transfer reads; ``judging=False`` leaves out the phrase lists, which only the judging reads (a
+        changed list re-judges the saved completions instead of generating them again)."""
         def tests(lang):
             return content_sha({k: self.prompt_sets[lang][k]["test"] for k in KINDS})
 
@@ -551,25 +553,28 @@ class Crosslingual:
         inputs = {lang: {"direction": direction_sha(self.dir / lang / "direction.safetensors") if lang in sources
                          else None,
                          "own_completions": own_completions_sha(self.dir / lang), "test_prompts": tests(lang),
-                         "phrases": content_sha(self.phrases[lang]["phrases"]),
-                         "refusal_tokens": self.language_config(lang).refusal_tokens}
+                         "refusal_tokens": self.language_config(lang).refusal_tokens,
+                         **({"phrases": content_sha(self.phrases[lang]["phrases"])} if judging else {})}
                   for lang in self.languages}
         g = self.cfg.generate
-        return digest({"stage": "transfer", "languages": self.languages, "inputs": inputs,
-                       "max_new_tokens": g.max_new_tokens, "system_prompt": self.cfg.system_prompt})
+        return digest({"stage": "transfer" if judging else "transfer-generation", "languages": self.languages,
+                       "inputs": inputs, "max_new_tokens": g.max_new_tokens, "system_prompt": self.cfg.system_prompt})
 
     def transfer(self) -> dict:
         """Every language's direction on every language's test prompts; writes ``transfer.json`` and
-        ``transfer_completions.json``. Returns ``transfer.json``."""
+        ``transfer_completions.json``. Returns ``transfer.json``. When only the phrase lists changed since it
+        finished, the saved completions are judged again (no model, no generation)."""
         from ..directions.base import Direction
         from ..scoring.refusal import refusal_token_ids
-        from .transfer import generate_transfer, score_transfer, transfer_matrices
+        from .transfer import generate_transfer, score_transfer
 
         path, done_path = self.dir / "transfer.json", self.dir / "transfer.done.json"
-        dig = self._transfer_digest()
+        dig, gen_dig = self._transfer_digest(), self._transfer_digest(judging=False)
         if self._done(done_path, dig):
             console.print("[dim]transfer: finished earlier, skipped[/]")
             return io.read_json(path)
+        if self._rejudgeable(done_path, gen_dig):
+            return self._rejudge(dig, gen_dig)
         console.rule("[bold]transfer")
         started = time.perf_counter()
         langs = self.languages
@@ -584,13 +589,13 @@ class Crosslingual:
 
         partial_path = self.dir / "transfer.partial.json"
         partial = io.read_json(partial_path) if partial_path.exists() else {}
-        saved = {int(k): v for k, v in partial.get("rows", {}).items()} if partial.get("digest") == dig else {}
+        saved = {int(k): v for k, v in partial.get("rows", {}).items()} if partial.get("digest") == gen_dig else {}
         if saved:
             console.print(f"Resuming the transfer generation: {len(saved)} completions were saved earlier")
 
         def save(rows, texts):
             saved.update(zip(rows, texts))
-            io.write_json(partial_path, {"digest": dig, "rows": {str(k): v for k, v in saved.items()}})
+            io.write_json(partial_path, {"digest": gen_dig, "rows": {str(k): v for k, v in saved.items()}})
 
         g = self.cfg.generate
         comps = generate_transfer(self.base.model, self.base.tokenizer, langs, dirs, harmful, harmless,
@@ -598,7 +603,59 @@ class Crosslingual:
                                   static_cache=g.static_cache, skip={(lang, lang) for lang in langs}, done=saved,
                                   on_batch=save)
         n_generated = len(comps)
-        for lang in sources:  # the diagonal: each language's own run
+        rids = {lang: refusal_token_ids(self.base.tokenizer, self.language_config(lang).refusal_tokens)
+                for lang in langs}
+        scores = score_transfer(self.base.model, self.base.tokenizer, langs, dirs, harmful, harmless, rids,
+                                batch_size=self.base.score_batch_size)
+        out = self._judge_transfer(comps, scores, {
+            "languages": langs, "sources": sources,
+            "no_direction": [lang for lang in langs if lang not in sources],
+            "rows": "source language (whose direction is applied; null rows: no direction)",
+            "columns": "target language (whose test prompts are used)",
+            "n_test": {lang: {"harmful": len(harmful[lang]), "harmless": len(harmless[lang])} for lang in langs},
+            "directions": {lang: {"layer": d.layer, "pos": d.pos} for lang, d in dirs.items()},
+            "generation": {"rows_generated": n_generated, "generate_calls": 1 if n_generated else 0,
+                           "max_new_tokens": g.max_new_tokens,
+                           "diagonal": "each language's own run (<lang>/completions.json: ablation, actadd)"}})
+        partial_path.unlink(missing_ok=True)
+        self._finish(done_path, "transfer", dig, time.perf_counter() - started,
+                     ["transfer.json", "transfer_completions.json"], {"generation_digest": gen_dig})
+        return out
+
+    def _rejudgeable(self, done_path: Path, gen_dig: str) -> bool:
+        return (not self.force and done_path.is_file() and (self.dir / "transfer.json").is_file()
+                and (self.dir / "transfer_completions.json").is_file()
+                and io.read_json(done_path).get("generation_digest") == gen_dig)
+
+    def _rejudge(self, dig: str, gen_dig: str) -> dict:
+        """The finished transfer's completions judged with the current phrase lists; its first-token scores kept."""
+        from .transfer import BASELINE
+
+        started = time.perf_counter()
+        old = io.read_json(self.dir / "transfer.json")
+        comps = {}
+        for pair, kinds in io.read_json(self.dir / "transfer_completions.json").items():
+            s, t = pair.split(">")
+            for kind, rows in kinds.items():
+                for r in rows:
+                    comps[(kind, s or BASELINE, t, r["index"])] = r["completion"]
+        scores = {k: old[k] for k in ("ablation_kl", "ablation_refusal_score", "addition_refusal_score")}
+        scores["baseline_scores"] = {lang: {k: v for k, v in b.items() if k.endswith("_refusal_score")}
+                                     for lang, b in old["baseline"].items()}
+        keep = ("languages", "sources", "no_direction", "rows", "columns", "n_test", "directions", "generation")
+        out = self._judge_transfer(comps, scores, {k: old[k] for k in keep})
+        console.print("[dim]transfer: phrase lists changed since it finished; its completions judged again[/]")
+        self._finish(self.dir / "transfer.done.json", "transfer", dig, time.perf_counter() - started,
+                     ["transfer.json", "transfer_completions.json"], {"generation_digest": gen_dig, "rejudged": True})
+        return out
+
+    def _judge_transfer(self, comps: dict, scores: dict, head: dict) -> dict:
+        """``transfer.json`` from the generated completions (plus each language's own run as the diagonal) and the
+        first-token scores; writes it and ``transfer_completions.json``."""
+        from .transfer import TRANSFER_METRICS, transfer_matrices
+
+        langs = self.languages
+        for lang in head["sources"]:  # the diagonal: each language's own run
             own = io.read_json(self.dir / lang / "completions.json")
             for kind, cond in (("harmful", "ablation"), ("harmless", "actadd")):
                 for i, r in enumerate(own[kind][cond]):
@@ -606,10 +663,6 @@ class Crosslingual:
         confidence = {lang: self.phrases[lang]["confidence"] for lang in langs}
         mats, judged = transfer_matrices(langs, comps, {lang: self.phrases[lang]["phrases"] for lang in langs},
                                          confidence)
-        rids = {lang: refusal_token_ids(self.base.tokenizer, self.language_config(lang).refusal_tokens)
-                for lang in langs}
-        scores = score_transfer(self.base.model, self.base.tokenizer, langs, dirs, harmful, harmless, rids,
-                                batch_size=self.base.score_batch_size)
         baseline = {}
         own_baseline = mats.pop("baseline_rows")  # languages without a direction: baseline rows of this generation
         for lang in langs:
@@ -628,36 +681,14 @@ class Crosslingual:
         for w in warnings:
             self._warn(w)
         out = {
-            "languages": langs, "sources": sources,
-            "no_direction": [lang for lang in langs if lang not in sources],
-            "rows": "source language (whose direction is applied; null rows: no direction)",
-            "columns": "target language (whose test prompts are used)",
-            "n_test": {lang: {"harmful": len(harmful[lang]), "harmless": len(harmless[lang])} for lang in langs},
-            "directions": {lang: {"layer": d.layer, "pos": d.pos} for lang, d in dirs.items()},
+            **{k: v for k, v in head.items() if k != "generation"},
             **mats,
             "ablation_kl": scores["ablation_kl"], "ablation_refusal_score": scores["ablation_refusal_score"],
             "addition_refusal_score": scores["addition_refusal_score"], "baseline": baseline,
-            "judgement_confidence": confidence, "warnings": warnings,
-            "generation": {"rows_generated": n_generated, "generate_calls": 1 if n_generated else 0,
-                           "max_new_tokens": g.max_new_tokens,
-                           "diagonal": "each language's own run (<lang>/completions.json: ablation, actadd)"},
-            "metrics": {
-                "ablation_non_refusal": "share of the target's harmful test prompts answered without refusal, the "
-                                        "source's direction ablated at every layer (substring judge, target's "
-                                        "phrases; Wilson 95 % interval)",
-                "addition_refusal": "share of the target's harmless test prompts refused, the source's direction "
-                                    "added at its layer with coefficient 1",
-                "ablation_kl": "mean KL(baseline || ablated) of the first generated token's distribution on the "
-                               "target's harmless test prompts",
-                "ablation_refusal_score": "mean first-token refusal score (target's refusal tokens) on the target's "
-                                          "harmful prompts, direction ablated",
-                "addition_refusal_score": "mean first-token refusal score on the target's harmless prompts, "
-                                          "direction added"}}
+            "judgement_confidence": confidence, "warnings": warnings, "generation": head["generation"],
+            "metrics": TRANSFER_METRICS}
         io.write_json(self.dir / "transfer_completions.json", judged)
-        io.write_json(path, out)
-        partial_path.unlink(missing_ok=True)
-        self._finish(done_path, "transfer", dig, time.perf_counter() - started,
-                     ["transfer.json", "transfer_completions.json"])
+        io.write_json(self.dir / "transfer.json", out)
         return out
 
     # ---- stage 4: similarity -------------------------------------------------------------------------------------

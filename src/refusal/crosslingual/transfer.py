@@ -26,6 +26,18 @@ from ..interventions import Plan, ablation, addition
 
 Row = tuple[str, str, str, int]  # (kind, source, target, prompt index)
 BASELINE = "-"  # the source of a row without intervention (a target language that has no direction of its own)
+# what each matrix of transfer.json holds (written into it)
+TRANSFER_METRICS = {
+    "ablation_non_refusal": "share of the target's harmful test prompts answered without refusal, the source's "
+                            "direction ablated at every layer (substring judge, target's phrases; Wilson 95 % "
+                            "interval)",
+    "addition_refusal": "share of the target's harmless test prompts refused, the source's direction added at its "
+                        "layer with coefficient 1",
+    "ablation_kl": "mean KL(baseline || ablated) of the first generated token's distribution on the target's harmless "
+                   "test prompts",
+    "ablation_refusal_score": "mean first-token refusal score (target's refusal tokens) on the target's harmful "
+                              "prompts, direction ablated",
+    "addition_refusal_score": "mean first-token refusal score on the target's harmless prompts, direction added"}
 
 
 def transfer_rows(languages: Sequence[str], directions: Mapping, harmful: Mapping[str, Sequence[str]],
