@@ -228,11 +228,11 @@ def test_row_groups_join_rows_with_the_same_prompt_phase_edits(model):
 
 
 @pytest.mark.parametrize("tokens", ["all", "prompt", "generated"])
-def test_generation_with_a_shared_prefix_gives_the_same_tokens(model, tokenizer, tokens, monkeypatch):
+def test_split_prefill_gives_the_same_tokens(model, tokenizer, tokens, monkeypatch):
     """The template opening that every prompt shares runs once per group of rows with the same interventions (here 3
-    groups for 9 rows, 1 when the interventions only touch generated tokens); tokens and first-token scores are those
-    of running every row whole."""
-    import refusal.generation.batched as gb
+    groups for 9 rows, 1 when the interventions only touch generated tokens) and the rest in length buckets; tokens
+    and first-token scores are those of running every padded row whole."""
+    import refusal.generation.prefill as gp
     from refusal.layout import common_prefix
 
     torch.manual_seed(3)
@@ -242,17 +242,21 @@ def test_generation_with_a_shared_prefix_gives_the_same_tokens(model, tokenizer,
     conds = [[], [ablation(d, tokens=tokens)], [addition(d, 4.0, layers=[1], tokens=tokens)]]
     plan = Plan.rows(model, [c for c in conds for _ in prompts])
     prefix_rows: list[int] = []
-    real = gb._prefix_cache
+    real = gp.Plan.row_groups
 
-    def spy(model_, prefix, plan_, n, device):
-        prefix_rows.append(len(plan_.row_groups("prompt")[1]))
-        return real(model_, prefix, plan_, n, device)
+    def spy(self, phase="prompt"):
+        out = real(self, phase)
+        prefix_rows.append(len(out[1]))
+        return out
 
-    monkeypatch.setattr(gb, "_prefix_cache", spy)
+    monkeypatch.setattr(gp.Plan, "row_groups", spy)
+    buckets: list[int] = []
+    real_partition = gp._partition
+    monkeypatch.setattr(gp, "_partition", lambda *a: buckets.append(len(real_partition(*a))) or real_partition(*a))
     kw = dict(max_new_tokens=6, batch_size=16, plan=plan, refusal_ids=[5, 9])
-    shared, s_scores = generate(model, tokenizer, prompts * 3, share_prefix=True, **kw)
-    whole, w_scores = generate(model, tokenizer, prompts * 3, share_prefix=False, **kw)
-    assert prefix_rows == [1 if tokens == "generated" else 3]
+    shared, s_scores = generate(model, tokenizer, prompts * 3, split_prefill=True, **kw)
+    whole, w_scores = generate(model, tokenizer, prompts * 3, split_prefill=False, **kw)
+    assert prefix_rows == [1 if tokens == "generated" else 3] and buckets[0] >= 2  # several length buckets
     assert shared == whole
     torch.testing.assert_close(s_scores, w_scores, rtol=1e-4, atol=1e-4)
     assert shared[:3] != shared[6:9]  # the interventions act

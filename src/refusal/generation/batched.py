@@ -15,11 +15,11 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..batching import in_batches
 from ..interventions.hooks import Plan, apply, phase, set_phase
-from ..layout import common_prefix
 from ..models.norms import fused_norms
-from ..models.parts import cache_kwarg, decoder, model_device
+from ..models.parts import cache_kwarg, model_device
 from ..scoring.refusal import refusal_score
-from ..templates import Batch, tokenize
+from ..templates import tokenize
+from .prefill import prefill
 
 
 class _FirstLogits(LogitsProcessor):
@@ -166,46 +166,12 @@ class _StaticDecoder:
         return tokens, first
 
 
-def _left_padded(ids: list[list[int]], p: int, pad: int, device, multiple_of: int = 8) -> Batch:
-    """The rows as [shared prefix][padding][the rest]: the prefix at positions 0..p-1 in every row (so one cached
-    prefix serves all), each row's remainder left-padded after it; the total width a multiple of ``multiple_of``."""
-    width = max(len(x) for x in ids) - p
-    width += -(p + width) % multiple_of
-    out = torch.full((len(ids), p + width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), p + width), dtype=torch.long)
-    out[:, :p] = torch.tensor(ids[0][:p])
-    mask[:, :p] = 1
-    for r, x in enumerate(ids):
-        rest = x[p:]
-        out[r, p + width - len(rest):] = torch.tensor(rest)
-        mask[r, p + width - len(rest):] = 1
-    return Batch(out.to(device), mask.to(device))
-
-
-def _prefix_cache(model, prefix: list[int], plan: Plan | None, n: int, device):
-    """The key/value cache of a prefix every row shares, for ``n`` rows: one forward per group of rows whose
-    prompt-phase interventions are the same (a per-row plan of 5 conditions: 4 groups, not one row each), then each
-    row takes its group's keys and values. None for a cache that cannot be split by row."""
-    if plan is None or plan.n_rows is None:
-        groups, reps = torch.zeros(n, dtype=torch.long), [0]
-    else:
-        groups, reps = plan.row_groups("prompt")
-    base = decoder(model)
-    ids = torch.tensor([prefix] * len(reps), device=device)
-    with (apply(model, plan.take(reps)) if plan is not None else nullcontext()), phase("prompt"):
-        cache = getattr(base(input_ids=ids, use_cache=True), cache_kwarg(base))
-    if not hasattr(cache, "batch_select_indices"):  # a cache kind that cannot be shared out by row (e.g. a
-        return None  # recurrent state): such a model runs every row whole, the same tokens, without the saving
-    cache.batch_select_indices(groups.to(device))
-    return cache
-
-
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 32,
     static_cache: bool = False, refusal_ids: Sequence[int] | None = None, description: str = "Generating",
     plan: Plan | None = None, rows: Sequence[int] | None = None,
-    on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, share_prefix: bool = True,
+    on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
 ) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy completions of already-templated prompts.
 
@@ -219,9 +185,9 @@ def generate(
     GPU); otherwise ``model.generate`` with its default cache. Both decode greedily and give the same tokens (up to
     bf16 rounding on near-ties); rows stop at the model's end-of-turn tokens.
 
-    ``share_prefix`` (eager decoding): the template opening that every prompt of a batch shares is run once per
-    group of rows with the same interventions and its key/value cache reused by every row, instead of once per row
-    (on a CPU, where prefill is compute-bound, Qwen's 24-token system prompt is about half of each prompt).
+    ``split_prefill`` (eager decoding): the prompts' prefill runs as :func:`~refusal.generation.prefill.prefill`
+    splits it — the template opening they share once per group of rows with the same interventions, the rest in
+    length buckets without the batch's padding — and decoding starts from the joined cache (same tokens).
 
     With ``refusal_ids``, also returns each prompt's refusal score at the first generated position, read from the
     same forward pass that generates the first token.
@@ -248,14 +214,10 @@ def generate(
         # eager decoding: fused norms and grouped attention; the compiled static decoder sets its own attention and
         # leaves the norms to the compiler, as when it was measured (7.04 ms/step on an H200)
         eager = nullcontext() if decoder is not None else _eager_speedups(model)
-        ids = [token_ids[i] for i in chunk]
-        p = common_prefix(ids) if share_prefix and decoder is None and len(chunk) > 1 else 0
         with eager:
-            cache = _prefix_cache(model, ids[0][:p], sub, len(chunk), dev) if p else None
-            if cache is not None:
-                b = _left_padded(ids, p, pad, dev)
-            else:
-                b = tokenize(tokenizer, [prompts[i] for i in chunk], dev)
+            split = prefill(model, [token_ids[i] for i in chunk], sub, pad, dev) if split_prefill and not decoder \
+                else None
+            b, cache = split if split is not None else (tokenize(tokenizer, [prompts[i] for i in chunk], dev), None)
             hooks = apply(model, sub) if sub is not None else nullcontext()
             with hooks, phase("prompt"):
                 if decoder is not None:
