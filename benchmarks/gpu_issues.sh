@@ -120,7 +120,7 @@ for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.j
     --files zh:harmless=/tmp/harmless_zh.json --languages en,fr,es,de,ru,zh
   tar czf "$OUT/crosslingual6.tgz" -C $RUNS --exclude='*.safetensors' crosslingual6
   ;;
-f)  # on a fresh machine: the paper run timed with generation sharing the template prefix (issue 9), then where an 8B
+f)  # on a fresh machine: the paper run timed with the split prefill (issue 9), then where an 8B
     # decode step goes (random weights; no model files needed)
   if [ -z "${DRY:-}" ]; then
     step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-5.json" \
