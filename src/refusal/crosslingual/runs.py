@@ -26,6 +26,7 @@ from ..batching import console
 from ..config import Condition, InterventionSpec, RunConfig, digest
 from ..errors import NoDirectionError, RefusalError
 from ..runs.pipeline import Inputs, Run
+from ..translate.choice import build_translator, check_translator, translator_identity
 from .inputs import (
     DEFAULT_LANGUAGES,
     KINDS,
@@ -111,7 +112,7 @@ class Crosslingual:
         self.pools = self._pools()
         self.chosen = {key: choose_splits(pool, self.sizes, d.seed, f"{key[1]} {key[0]}")
                        for key, pool in self.pools.items()}
-        self.translator = self._check_translator(translator) if self._translating else None
+        self.translator = check_translator(translator, self.cfg.model) if self._translating else None
         self.dir = Path(out_dir) if out_dir is not None else \
             Path(cfg.output) / (cfg.name or f"{self.source.alias}-crosslingual")
         if self.dir.exists() and not self.dir.is_dir():
@@ -214,60 +215,6 @@ class Crosslingual:
     def _translating(self) -> bool:
         return any(p.translate for p in self.pools.values())
 
-    def _check_translator(self, translator: Any) -> Any:
-        """``None`` / ``"local"`` (the run's model), ``"google"`` / ``"google:v3"``, another model spec, or a
-        backend object (anything with ``name`` and ``translate``)."""
-        if translator is None or translator in ("local", self.cfg.model):
-            return "local"
-        if isinstance(translator, str):
-            if translator.startswith("google"):
-                version = translator.partition(":")[2] or "v2"
-                if version not in ("v2", "v3"):
-                    raise RefusalError(f"Unknown Google translator '{translator}'.",
-                                       "Use google, google:v2 or google:v3.")
-                return translator
-            from ..models.loading import resolve_source
-
-            resolve_source(translator)  # a bad model spec fails now, not after the first language
-            return translator
-        if not (hasattr(translator, "name") and callable(getattr(translator, "translate", None))):
-            raise RefusalError(f"The translator {translator!r} is not a translation backend.",
-                               "Pass 'local', 'google', a model spec, or an object with name and translate().")
-        return translator
-
-    def _translator_identity(self) -> str | None:
-        from ..models.identity import model_identity
-        from ..models.loading import resolve_source
-        from ..translate.backends import PROMPT
-
-        t = self.translator
-        if t is None:
-            return None
-        if not isinstance(t, str):
-            return str(t.name)
-        if t.startswith("google"):
-            return t
-        source = self.source if t == "local" else resolve_source(t)
-        return f"local:{model_identity(source, self.cfg.trust_remote_code)}:prompt-{content_sha(PROMPT)[:8]}"
-
-    def _backend(self):
-        """The translation backend itself (loads a model for a local one)."""
-        from ..translate import GoogleTranslator, LocalModelTranslator
-
-        t = self.translator
-        if not isinstance(t, str):
-            return t
-        if t.startswith("google"):
-            return GoogleTranslator(t.partition(":")[2] or "v2")
-        if t == "local":
-            return LocalModelTranslator(self.base.model, self.base.tokenizer, batch_size=self.base.generate_batch_size)
-        from ..models.loading import load_model
-
-        console.print(f"[bold]Loading[/] the translation model {t}")
-        model, tok = load_model(t, device=self.base.device, dtype=self.cfg.dtype,
-                                trust_remote_code=self.cfg.trust_remote_code)
-        return LocalModelTranslator(model, tok, batch_size=self.base.generate_batch_size)
-
     # ---- manifests ----------------------------------------------------------------------------------------------
 
     def _done(self, path: Path, dig: str) -> bool:
@@ -295,9 +242,9 @@ class Crosslingual:
         content = {f"{lang}/{kind}": content_sha(self.chosen[(lang, kind)]) for lang, kind in self.pools}
         translated = sorted(f"{lang}/{kind}" for (lang, kind), p in self.pools.items() if p.translate)
         quality = {"max_flagged": self.max_flagged, "allow_flagged": self.allow_flagged} if translated else None
+        translator = translator_identity(self.translator, self.source, self.cfg.trust_remote_code)
         return digest({"stage": "prompts", "languages": self.languages, "sizes": self.sizes, "seed": self.cfg.data.seed,
-                       "content": content, "translated": translated, "translator": self._translator_identity(),
-                       "quality": quality})
+                       "content": content, "translated": translated, "translator": translator, "quality": quality})
 
     def prompts(self) -> dict:
         """Every language's train/val/test prompts per kind (translating and checking what needs it); writes
@@ -355,7 +302,10 @@ class Crosslingual:
                     spans.append((kind, s, rows, len(texts)))
                     texts += [r["instruction"] for r in rows]
             if backend is None:
-                backend = self._backend()
+                backend = build_translator(self.translator, lambda: (self.base.model, self.base.tokenizer),
+                                           device=self.base.device, dtype=self.cfg.dtype,
+                                           trust_remote_code=self.cfg.trust_remote_code,
+                                           batch_size=self.base.generate_batch_size)
                 name = backend.name
             console.print(f"Translating {len(texts)} prompts into {lang} with {name} (cache {cache.path})")
             got = cache.translate(backend, texts, lang)
