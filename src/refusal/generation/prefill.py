@@ -66,7 +66,7 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
                 ids_b[i, w - len(rests[r]):] = torch.tensor(rests[r])
                 mask_b[i, w - len(rests[r]):] = 1
         past = copy.deepcopy(shared)
-        past.batch_select_indices(groups[rows].to(device))
+        past.batch_select_indices(groups[rows])  # CPU indices: a split model's layers sit on several devices
         mask = torch.cat([torch.ones(len(rows), p, dtype=torch.long), mask_b], 1).to(device)
         pos = (p + mask_b.cumsum(-1) - 1).clamp_min(0).to(device)
         with _hooks(model, plan, rows), phase("prompt"):
@@ -78,11 +78,11 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
                 shape = (n, layer.keys.shape[1], width, layer.keys.shape[-1])
                 keys[layer_idx] = layer.keys.new_zeros(shape)
                 values[layer_idx] = layer.values.new_zeros((n, layer.values.shape[1], width, layer.values.shape[-1]))
-            idx = torch.tensor(rows, device=device)
+            idx = torch.tensor(rows)
             keys[layer_idx][idx, :, width - w:] = layer.keys[:, :, p:]
             values[layer_idx][idx, :, width - w:] = layer.values[:, :, p:]
 
-    shared.batch_select_indices(groups.to(device))  # the prefix, one copy per row; then the joined rests after it
+    shared.batch_select_indices(groups)  # the prefix, one copy per row; then the joined rests after it
     if width:
         for layer_idx in range(n_layers):
             shared.update(keys[layer_idx], values[layer_idx], layer_idx)
