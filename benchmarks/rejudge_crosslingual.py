@@ -22,7 +22,7 @@ def main() -> None:
     from refusal import io
     from refusal.crosslingual.inputs import content_sha, language_phrases
     from refusal.crosslingual.plots import plot_all
-    from refusal.crosslingual.transfer import BASELINE, transfer_matrices
+    from refusal.crosslingual.transfer import saved_completions, transfer_matrices
     from refusal.evaluation.stats import Rate
     from refusal.evaluation.substring import is_refusal
 
@@ -35,13 +35,7 @@ def main() -> None:
     t = io.read_json(run / "transfer.json")
     langs = t["languages"]
     phrases = {lang: language_phrases(lang) for lang in langs}
-    judged = io.read_json(run / "transfer_completions.json")
-    comps = {}
-    for pair, kinds in judged.items():
-        s, tgt = pair.split(">")
-        for kind, rows in kinds.items():
-            for r in rows:
-                comps[(kind, s or BASELINE, tgt, r["index"])] = r["completion"]
+    comps = saved_completions(io.read_json(run / "transfer_completions.json"))
     mats, _ = transfer_matrices(langs, comps, {lang: p["phrases"] for lang, p in phrases.items()},
                                 {lang: p["confidence"] for lang, p in phrases.items()})
     moved = []

@@ -251,8 +251,8 @@ def test_split_prefill_gives_the_same_tokens(model, tokenizer, tokens, monkeypat
 
     monkeypatch.setattr(gp.Plan, "row_groups", spy)
     buckets: list[int] = []
-    real_partition = gp._partition
-    monkeypatch.setattr(gp, "_partition", lambda *a: buckets.append(len(real_partition(*a))) or real_partition(*a))
+    real_partition = gp.partition
+    monkeypatch.setattr(gp, "partition", lambda *a: buckets.append(len(real_partition(*a))) or real_partition(*a))
     kw = dict(max_new_tokens=6, batch_size=16, plan=plan, refusal_ids=[5, 9])
     shared, s_scores = generate(model, tokenizer, prompts * 3, split_prefill=True, **kw)
     whole, w_scores = generate(model, tokenizer, prompts * 3, split_prefill=False, **kw)

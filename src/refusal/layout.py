@@ -43,7 +43,7 @@ class Layout:
         return 0 if self.prefix is None else int(self.prefix.numel())
 
 
-def _partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
+def partition(lengths: list[int], max_parts: int, slack: float) -> list[int]:
     """Cut points splitting sorted ``lengths`` into at most ``max_parts`` runs: the fewest runs whose padded total
     is within ``slack`` of the unpadded total, else the best ``max_parts`` (dynamic programming over cut points)."""
     n, real = len(lengths), sum(lengths)
@@ -94,7 +94,7 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
     p = common_prefix(ids, min_prefix) if share_prefix and len(ids) > 1 else 0
     rest = [x[p:] for x in ids]
     order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
-    cuts = _partition([len(rest[i]) for i in order], max(1, min(max_buckets, len(order))), slack)
+    cuts = partition([len(rest[i]) for i in order], max(1, min(max_buckets, len(order))), slack)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     buckets, start = [], 0
     for end in cuts:

@@ -579,16 +579,11 @@ class Crosslingual:
 
     def _rejudge(self, dig: str, gen_dig: str) -> dict:
         """The finished transfer's completions judged with the current phrase lists; its first-token scores kept."""
-        from .transfer import BASELINE
+        from .transfer import saved_completions
 
         started = time.perf_counter()
         old = io.read_json(self.dir / "transfer.json")
-        comps = {}
-        for pair, kinds in io.read_json(self.dir / "transfer_completions.json").items():
-            s, t = pair.split(">")
-            for kind, rows in kinds.items():
-                for r in rows:
-                    comps[(kind, s or BASELINE, t, r["index"])] = r["completion"]
+        comps = saved_completions(io.read_json(self.dir / "transfer_completions.json"))
         scores = {k: old[k] for k in ("ablation_kl", "ablation_refusal_score", "addition_refusal_score")}
         scores["baseline_scores"] = {lang: {k: v for k, v in b.items() if k.endswith("_refusal_score")}
                                      for lang, b in old["baseline"].items()}

@@ -123,6 +123,18 @@ def score_transfer(model, tokenizer, languages: Sequence[str], directions: Mappi
             "baseline_scores": baseline}
 
 
+def saved_completions(judged: Mapping[str, Mapping[str, Sequence[Mapping]]]) -> dict[Row, str]:
+    """The completions of a finished transfer, read back from ``transfer_completions.json`` (``judged`` of
+    :func:`transfer_matrices`), keyed as :func:`generate_transfer` returns them, to be judged again."""
+    comps: dict[Row, str] = {}
+    for pair, kinds in judged.items():
+        s, t = pair.split(">")
+        for kind, rows in kinds.items():
+            for r in rows:
+                comps[(kind, s or BASELINE, t, r["index"])] = r["completion"]
+    return comps
+
+
 def transfer_matrices(languages: Sequence[str], completions: Mapping[Row, str], phrases: Mapping[str, Sequence[str]],
                       confidence: Mapping[str, str] | None = None) -> tuple[dict, dict]:
     """Judge every completion with its target language's phrases; returns ``(matrices, judged)``.

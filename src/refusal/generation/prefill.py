@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from ..interventions.hooks import Plan, apply, phase
-from ..layout import _partition, common_prefix
+from ..layout import common_prefix, partition
 from ..models.parts import cache_kwarg, decoder
 from ..templates import Batch
 
@@ -47,7 +47,7 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
 
     rests = [x[p:-1] for x in ids]  # each row's last token is left to generate(), in the last column
     order = sorted(range(n), key=lambda r: len(rests[r]))
-    cuts = _partition([len(rests[r]) for r in order], max(1, min(max_buckets, n)), slack)
+    cuts = partition([len(rests[r]) for r in order], max(1, min(max_buckets, n)), slack)
     width = max(len(x) for x in rests)
     n_layers = len(shared.layers)
     keys = [None] * n_layers
