@@ -1,12 +1,15 @@
-"""Where a decode step of static-cache generation spends its time: per-step time, and the top GPU kernels.
+"""Where a decode step of static-cache generation spends its time: per-step time of decoder variants, and the
+top GPU kernels.
 
-    python -m benchmarks.profile_generate --arch llama3-8b --batch 64
+    python -m benchmarks.profile_generate --arch llama3-8b --batch 64 [--variants compiled,full] [--out FILE.json]
 
 Uses the random-weight model and prompts of :mod:`benchmarks.pipeline`; the direction is orthogonalized into the
-weights, as the pipeline's generation does. ``--modes`` times other torch.compile modes (compile time included
-in the warm-up, which is printed). ``--out FILE.json`` writes each mode's ms per decode step (prefill timed apart
-with one new token), the HBM bound (weight bytes read per step / ``--hbm-tbps``) and the first mode's top kernels
-with their GPU ms per step.
+weights, as the pipeline's generation does. Each variant is a :class:`refusal.generation.static.StaticDecoder`
+configuration (``VARIANTS``), compiled afresh; it is timed as the best of three calls after a warm-up call (whose
+time, compile included, is printed), with the prefill timed apart as a one-new-token call, so ms per decode step =
+(call - prefill) / (new tokens - 1). Each variant's tokens are compared with the first variant's. ``--out`` writes
+every variant's numbers, the HBM bound (weight bytes read per step / ``--hbm-tbps``) and the top kernels of the
+``--profile`` variant (the last) with their GPU ms per step.
 """
 
 from __future__ import annotations
@@ -27,6 +30,31 @@ from benchmarks.pipeline import (
     make_prompts,
 )
 
+VARIANTS = {  # StaticDecoder keyword arguments
+    "compiled": {"graphs": False, "kv_bucket": 0, "fuse": False},
+    "graphs": {"graphs": True, "steps_per_graph": 1, "kv_bucket": 0, "fuse": False},
+    "graphs+fuse": {"graphs": True, "steps_per_graph": 1, "kv_bucket": 0, "fuse": True},
+    "graphs+kv+fuse": {"graphs": True, "steps_per_graph": 1, "kv_bucket": 32, "fuse": True},
+    "graphs16+kv+fuse": {"graphs": True, "steps_per_graph": 16, "kv_bucket": 32, "fuse": True},
+    "graphs4+kv+fuse": {"graphs": True, "steps_per_graph": 4, "kv_bucket": 32, "fuse": True},
+    "default": {},  # graphs of 1 step, fused projections, the whole cache read
+}
+
+
+def _profile(res: dict, name: str, run, clock, args) -> None:
+    """torch.profiler over one more call of ``run``: the top kernels by GPU time, per decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        clock.time(run)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.kernels, max_name_column_width=60))
+    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                    key=lambda e: -e.self_device_time_total)[: args.kernels]
+    res["kernels_of"] = name
+    res["kernels"] = [{"name": e.key[:120], "count": e.count,
+                       "ms_per_step": round(e.self_device_time_total / 1e3 / (args.new_tokens - 1), 4)}
+                      for e in events]
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_generate")
@@ -34,8 +62,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--round-to", type=int, default=128, help="static cache length rounding")
-    ap.add_argument("--modes", default="reduce-overhead", help="torch.compile modes to time, comma-separated")
-    ap.add_argument("--kernels", type=int, default=20, help="top kernels of the first mode (0: no profile)")
+    ap.add_argument("--variants", default="default", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--kernels", type=int, default=20, help="top kernels of the profiled variant (0: no profile)")
+    ap.add_argument("--profile", default=None, help="the variant whose kernels are listed (default: the last)")
     ap.add_argument("--lengths", choices=["builtin", "uniform"], default="builtin")
     ap.add_argument("--min-len", type=int, default=40)
     ap.add_argument("--max-len", type=int, default=56)
@@ -44,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the numbers as JSON")
     args = ap.parse_args(argv)
     args.model, args.dtype = None, None
-    from refusal.generation.batched import _StaticDecoder
+    from refusal.generation.static import StaticDecoder
     from refusal.interventions.weights import orthogonalized
     from refusal.templates import tokenize
 
@@ -66,33 +95,45 @@ def main(argv=None):
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "arch": args.arch,
            "torch": torch.__version__, "batch": args.batch, "new_tokens": args.new_tokens,
            "prompt_width": b.input_ids.shape[1], "round_to": args.round_to, "hbm_tbps": args.hbm_tbps,
-           "bound_ms_per_step": round(bound_ms, 3), "modes": {}}
+           "bound_ms_per_step": round(bound_ms, 3), "variants": {}}
+    torch._dynamo.config.cache_size_limit = 64  # variants and their buckets: never fall back to eager
+    names = args.variants.split(",")
+    profiled = args.profile or names[-1]
+    best, first_tokens = None, None
     with orthogonalized(model, direction):
-        for i, mode in enumerate(args.modes.split(",")):
-            dec = _StaticDecoder(model, compile=dev.type == "cuda", round_to=args.round_to, mode=mode)
+        for name in names:
+            torch._dynamo.reset()
+            dec = StaticDecoder(model, compile=dev.type == "cuda", round_to=args.round_to, **VARIANTS[name])
             run = lambda dec=dec: dec(b.input_ids, b.attention_mask, args.new_tokens, eos, pad)  # noqa: E731
-            warm, _ = clock.time(run)
-            s = min(clock.time(run)[0] for _ in range(3))
-            # prefill alone, at the same cache length (so no new shape to compile): one new token
-            prefill = min(clock.time(lambda dec=dec: dec(b.input_ids, b.attention_mask, 1, eos, pad))[0]
-                          for _ in range(3))
+            with dec:  # set up once: the timed calls replay the warm-up's graphs
+                # prefill alone (eager, nothing compiled): one new token; first, since its shorter cache replaces the
+                # decoder's buffers
+                prefill = min(clock.time(lambda dec=dec: dec(b.input_ids, b.attention_mask, 1, eos, pad))[0]
+                              for _ in range(3))
+                try:
+                    warm, (tokens, _) = clock.time(run)
+                except Exception as exc:  # noqa: BLE001 -- keep the other variants' numbers
+                    res["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    print(f"{name}: failed: {res['variants'][name]['error']}")
+                    continue
+                s = min(clock.time(run)[0] for _ in range(3))
+                if name == profiled and args.kernels and dev.type == "cuda":
+                    _profile(res, name, run, clock, args)
             step_ms = 1e3 * (s - prefill) / (args.new_tokens - 1)
-            res["modes"][mode] = {"warmup_s": round(warm, 2), "s": round(s, 4), "prefill_s": round(prefill, 4),
-                                  "ms_per_step": round(step_ms, 3), "bound_fraction": round(bound_ms / step_ms, 3)}
-            print(f"{mode:28s} {step_ms:6.2f} ms/step ({bound_ms / step_ms:.0%} of the {bound_ms:.2f} ms bound)  "
+            if first_tokens is None:
+                first_tokens = tokens
+            same = (tokens == first_tokens).all(-1).float().mean().item()
+            res["variants"][name] = {"options": VARIANTS[name], "warmup_s": round(warm, 2), "s": round(s, 4),
+                                     "prefill_s": round(prefill, 4), "ms_per_step": round(step_ms, 3),
+                                     "bound_fraction": round(bound_ms / step_ms, 3),
+                                     "rows_same_tokens_as_first_variant": round(same, 3)}
+            print(f"{name:20s} {step_ms:6.2f} ms/step ({bound_ms / step_ms:.0%} of the {bound_ms:.2f} ms bound)  "
                   f"{args.batch * args.new_tokens / s:8.0f} tok/s  (warm-up {warm:.1f} s, prefill {prefill:.3f} s, "
-                  f"batch {args.batch}, prompt width {b.input_ids.shape[1]})")
-            if i == 0 and args.kernels and dev.type == "cuda":
-                from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    clock.time(run)
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.kernels,
-                                                max_name_column_width=60))
-                events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
-                                key=lambda e: -e.self_device_time_total)[: args.kernels]
-                res["kernels"] = [{"name": e.key[:120], "count": e.count,
-                                   "ms_per_step": round(e.self_device_time_total / 1e3 / (args.new_tokens - 1), 4)}
-                                  for e in events]
+                  f"batch {args.batch}, prompt width {b.input_ids.shape[1]}, rows as the first variant {same:.0%})")
+            if best is None or step_ms < best[1]:
+                best = (name, step_ms)
+    if best is not None:
+        res.update(best_variant=best[0], ms_per_step=round(best[1], 3), bound_fraction=round(bound_ms / best[1], 3))
     if args.out:
         import json
         from pathlib import Path

@@ -308,7 +308,7 @@ def test_static_decoder_gives_the_same_tokens_as_generate(model, tokenizer):
 
 
 def test_compiled_static_decoder_sees_interventions_entered_after_compiling(tokenizer):
-    from refusal.generation.batched import _StaticDecoder
+    from refusal.generation.static import StaticDecoder
 
     model = __import__("conftest").build_model("llama", len(tokenizer))
     b = tokenize(tokenizer, format_prompts(tokenizer, HARMFUL[:2]), "cpu")
@@ -318,12 +318,12 @@ def test_compiled_static_decoder_sees_interventions_entered_after_compiling(toke
     def tokens(dec):
         return dec(b.input_ids, b.attention_mask, 6, eos, pad)[0]
 
-    eager = _StaticDecoder(model, compile=False)
+    eager = StaticDecoder(model, compile=False)
     with add(model, vec, layer=1):
         want = tokens(eager)
     assert not torch.equal(want, tokens(eager))  # the intervention changes the tokens
     torch._dynamo.reset()
-    compiled = _StaticDecoder(model, compile=False)
+    compiled = StaticDecoder(model, compile=False)
     compiled.step = torch.compile(compiled._step, backend="eager")  # dynamo's guards without inductor's compile
     tokens(compiled)  # compiled with no hooks
     with add(model, vec, layer=1):
@@ -333,7 +333,7 @@ def test_compiled_static_decoder_sees_interventions_entered_after_compiling(toke
 def test_gqa_attention_equals_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from refusal.generation.batched import gqa_attention
+    from refusal.generation.attention import gqa_attention
 
     class Attn:
         is_causal, training, num_key_value_groups = True, False, 3
@@ -429,3 +429,62 @@ def test_mean_activations_share_the_prefix_and_equal_one_prompt_at_a_time(arch, 
                 h.remove()
         want += torch.stack([x[-n_pos:] for x in seen], 1)
     torch.testing.assert_close(got, want / len(prompts), rtol=1e-4, atol=1e-5)
+
+
+def test_static_decoder_graph_chunks_and_cache_buckets_give_the_same_tokens(model, tokenizer, monkeypatch):
+    """The graph path's bookkeeping (chunks of steps, warm-up step per cache bucket, tail steps, early stop, reads of
+    the written part of the cache only), with a replay that runs the captured steps eagerly: a CPU has no CUDA
+    graphs. Graphs are kept while weights and hooks stay, and captured anew when an intervention enters."""
+    from refusal.generation.batched import generate
+    from refusal.generation.static import StaticDecoder
+
+    captured = []
+
+    def capture(self, s, visible, k):
+        captured.append(visible.shape[0])
+        return type("Replay", (), {"replay": lambda _: [self.step(s, s.eos_ids, s.pad, visible) for _ in range(k)]})()
+
+    monkeypatch.setattr(StaticDecoder, "_capture", capture)
+    prompts = format_prompts(tokenizer, HARMFUL[:3] + HARMLESS[:2])
+    dec = StaticDecoder(model, compile=False, graphs=True, steps_per_graph=4, kv_bucket=8)
+    want = generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5)
+    assert generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5, static_cache=True,
+                    decoder=dec) == want
+    n = len(captured)
+    assert n >= 2 and len(set(captured)) == n  # several buckets, each captured once
+    assert generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5, static_cache=True,
+                    decoder=dec) == want
+    assert len(captured) == n  # same weights and hooks: the graphs are replayed again
+    d = torch.randn(find_parts(model).hidden_size)
+    with ablate(model, d):
+        want = generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5)
+        assert generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5, static_cache=True,
+                        decoder=dec) == want
+    assert len(captured) == 2 * n  # the ablation's hooks: captured anew
+    fused = StaticDecoder(model, compile=False, graphs=True, steps_per_graph=3, kv_bucket=8, fuse=True)
+    assert generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5, static_cache=True,
+                    decoder=fused) == generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5)
+
+
+def test_fused_projections_same_logits_and_weights_restored(model, tokenizer):
+    from refusal.models.fused import fused_projections
+
+    prompts = format_prompts(tokenizer, HARMFUL[:2])
+    b = tokenize(tokenizer, prompts, "cpu")
+
+    def logits():
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+    want = logits()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with fused_projections(model) as n:
+        assert n == 2 * find_parts(model).n_layers  # q/k/v and gate/up of every layer
+        attn = find_parts(model).attn[0]
+        assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+        torch.testing.assert_close(logits(), want, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(logits, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(), want, rtol=1e-5, atol=1e-5)  # traceable in one graph
+    torch._dynamo.reset()
+    for name, p in model.named_parameters():
+        assert p.data._base is None and torch.equal(p, before[name]), name  # its own tensor again, same values
+    assert "forward" not in vars(find_parts(model).attn[0].q_proj)

@@ -245,7 +245,7 @@ def test_models_list_imports_neither_torch_nor_transformers():
 def test_no_past_key_values_deprecation_warning(tokenizer):
     import inspect
 
-    from refusal.generation.batched import _StaticDecoder
+    from refusal.generation.static import StaticDecoder
     from refusal.scoring.engine import score_candidates
     from refusal.scoring.refusal import refusal_token_ids
     from refusal.templates import tokenize
@@ -262,7 +262,7 @@ def test_no_past_key_values_deprecation_warning(tokenizer):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
         scores = score_candidates(model, tokenizer, cands, hv, bv, refusal_token_ids(tokenizer), min_prefix=1)
-        tokens, _ = _StaticDecoder(model, compile=False)(b.input_ids, b.attention_mask, 4,
+        tokens, _ = StaticDecoder(model, compile=False)(b.input_ids, b.attention_mask, 4,
                                                         torch.tensor([tokenizer.eos_token_id]),
                                                         tokenizer.pad_token_id)
     assert not scores.induce[:, 1:].isnan().any()

@@ -1,0 +1,212 @@
+"""Greedy decoding from a static KV cache with fixed shapes, so that one compiled step serves every token.
+
+On a GPU the step is compiled with ``torch.compile`` and then captured ``steps_per_graph`` steps at a time into a
+CUDA graph of our own: the whole step — the forward, the argmax, masking rows that have ended, writing the token,
+advancing the positions and the attention mask — lives on the device, so a replay runs its steps with no host work
+between them, and the host checks for end of sequence once per replay. The attention reads only the part of the
+cache written so far (rounded up to ``kv_bucket`` positions, one graph per bucket) instead of the whole padded
+cache.
+
+A captured graph holds the addresses of the weights, the hooks' tensors and the decoder's buffers: graphs are
+kept (for later calls of the same shape) only while the model's parameters and hooks are the same objects, and
+are captured anew otherwise; dynamo's guards, which a replay skips, still see every change at the next capture.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, nullcontext
+
+import torch
+
+from ..interventions.hooks import set_phase
+from ..models.fused import fused_projections
+from ..models.parts import cache_kwarg
+from .attention import VISIBLE, grouped_attention
+
+
+def _round_up(x: int, to: int) -> int:
+    return -(-x // to) * to
+
+
+def _signature(model) -> tuple:
+    """What a captured graph depends on besides the decoder's own buffers: where every parameter lives and which
+    hooks are installed (an intervention entered or left changes them)."""
+    params = tuple(p.data_ptr() for p in model.parameters())
+    hooks = tuple((id(m), tuple(map(id, m._forward_pre_hooks.values())), tuple(map(id, m._forward_hooks.values())))
+                  for m in model.modules() if m._forward_pre_hooks or m._forward_hooks)
+    return params, hooks
+
+
+class _Buffers:
+    """The decoding state of one batch shape, updated in place by every step (so a captured graph can replay)."""
+
+    def __init__(self, model, b: int, total: int, width: int, dev, mask_dtype):
+        from transformers import StaticCache
+
+        self.cache = StaticCache(config=model.config, max_cache_len=total)
+        self.mask = torch.zeros(b, total, dtype=mask_dtype, device=dev)
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=dev)  # the token fed to the next step
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=dev)  # its position id (left padding excluded)
+        self.cpos = torch.zeros(1, dtype=torch.long, device=dev)  # its cache position
+        self.idx = torch.zeros(1, dtype=torch.long, device=dev)  # the column of tokens the next step writes
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.tokens = torch.zeros(b, width, dtype=torch.long, device=dev)
+        self.probe = torch.empty(total, dtype=torch.int8, device=dev)  # slices of it carry the visible length
+        self.graphs: dict[int | None, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.signature: tuple | None = None
+        self.eos_ids: torch.Tensor | None = None
+        self.pad: torch.Tensor | None = None
+
+
+class StaticDecoder:
+    """Greedy decoding with a static KV cache (see the module's docstring). Stops early only when every row has
+    ended, checking once per graph replay (or every ``check_every`` steps without graphs): a check is a
+    device-to-host sync.
+
+    ``compile`` compiles the step (``torch.compile`` ``mode``); ``graphs`` captures it into CUDA graphs of
+    ``steps_per_graph`` steps (a CUDA model only; by default with ``compile``); ``kv_bucket`` (0: off) lets the
+    attention read only the written part of the cache, rounded up to that many positions; ``fuse`` runs the q/k/v
+    and gate/up projections as one GEMM each during the call (:func:`~refusal.models.fused.fused_projections`; by
+    default with ``compile``). Buffers and graphs of the last batch shape are kept for the next call; within a
+    ``with decoder:`` block the model stays set up for decoding between calls, so they are also replayed (outside
+    one, each call sets it up and the fused weights may land elsewhere, which captures anew).
+    """
+
+    def __init__(self, model, compile: bool, *, graphs: bool | None = None, steps_per_graph: int = 1,
+                 kv_bucket: int = 0, fuse: bool | None = None, check_every: int = 16, round_to: int = 128,
+                 mode: str = "default"):
+        self.model = model
+        self.check_every = check_every
+        self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
+        self.steps_per_graph = steps_per_graph
+        self.kv_bucket = kv_bucket
+        self.graphs = compile if graphs is None else graphs
+        self.fuse = compile if fuse is None else fuse
+        self.buffers: tuple[tuple, _Buffers] | None = None
+        self.cache_kw = cache_kwarg(model)  # looked up here, not in the compiled step
+        self.step = torch.compile(self._step, mode=mode, fullgraph=False) if compile else self._step
+        self._depth, self._stack, self._grouped = 0, None, False
+
+    def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None):
+        extra = {} if visible is None else {VISIBLE: visible}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
+                         **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1, **extra)
+        return out.logits[:, -1, :]
+
+    def _step(self, s: _Buffers, eos_ids, pad, visible):
+        """One decode step on the buffers: feed ``s.ids``, write the next token, advance."""
+        logits = self._forward(s.ids, s.pos, s.cpos, s.mask, s.cache, visible)
+        nxt = torch.where(s.done, pad, logits.argmax(-1))
+        s.tokens.index_copy_(1, s.idx, nxt[:, None])
+        s.done |= torch.isin(nxt, eos_ids)
+        s.ids.copy_(nxt[:, None])
+        s.pos += 1
+        s.cpos += 1
+        s.idx += 1
+        s.mask.index_fill_(1, s.cpos, 1)
+
+    def _buffers(self, b: int, total: int, width: int, dev, mask_dtype) -> _Buffers:
+        key = (b, total, width, dev, mask_dtype)
+        if self.buffers is None or self.buffers[0] != key:
+            self.buffers = None  # the previous shape's cache and graphs go before the new ones are allocated
+            self.buffers = (key, _Buffers(self.model, b, total, width, dev, mask_dtype))
+        s = self.buffers[1]
+        s.cache.reset()
+        return s
+
+    def __enter__(self) -> StaticDecoder:
+        """Set the model up for decoding (grouped attention, fused projections) until the block ends, instead of for
+        each call: the fused weights then stay where they are, so graphs captured by one call serve the next."""
+        if self._depth == 0:
+            stack = ExitStack()
+            try:
+                self._grouped = stack.enter_context(grouped_attention(self.model))
+                if self.fuse:
+                    stack.enter_context(fused_projections(self.model))
+            except BaseException:
+                stack.close()
+                raise
+            self._stack = stack
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask, max_new_tokens: int, eos_ids: torch.Tensor, pad_id: int):
+        """Greedy tokens ``(batch, max_new_tokens)`` (``pad_id`` after a row's end) and the first position's logits."""
+        # torch.compile does not by default notice hooks added after it compiled (an intervention entered between
+        # calls): have it guard on them, so a changed intervention recompiles instead of being ignored
+        guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if self.step is not self._step \
+            else nullcontext()
+        with self, guards:
+            return self._decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, self._grouped)
+
+    def _decode(self, input_ids, attention_mask, max_new_tokens: int, eos_ids, pad_id: int, grouped: bool):
+        b, t = input_ids.shape
+        dev = input_ids.device
+        k = self.steps_per_graph if self.graphs else 1
+        n_steps = max_new_tokens - 1  # forwards after the prefill
+        total = _round_up(t + max_new_tokens + 1, self.round_to)
+        s = self._buffers(b, total, max_new_tokens, dev, attention_mask.dtype)
+        s.mask.zero_()
+        s.mask[:, :t] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        first = self._forward(input_ids, positions, torch.arange(t, device=dev), s.mask, s.cache)  # prefill, eager
+        set_phase("generated")
+        eos_ids = eos_ids.to(dev)
+        pad = torch.tensor(pad_id, device=dev)
+        nxt = first.argmax(-1)
+        s.tokens.fill_(pad_id)
+        s.tokens[:, 0] = nxt
+        s.done.copy_(torch.isin(nxt, eos_ids))
+        s.ids.copy_(nxt[:, None])
+        s.pos.copy_(positions[:, -1:] + 1)
+        s.cpos.fill_(t)
+        s.idx.fill_(1)
+        s.mask[:, t] = 1
+        sig = (_signature(self.model), tuple(eos_ids.tolist()), pad_id) if self.graphs else None
+        if sig is None or sig != s.signature:  # other weights, hooks or stop tokens: graphs captured before are stale
+            s.graphs.clear()
+            s.pool, s.signature = None, sig
+            s.eos_ids, s.pad = eos_ids, pad  # what the steps (and graphs captured from now on) read
+        warm: set = set()  # buckets stepped once in this call (compiled, not captured), to compile before capturing
+        steps = 0
+        while steps < n_steps:
+            if steps and steps % self.check_every < k and bool(s.done.all()):
+                break
+            visible = min(total, _round_up(t + steps + k, self.kv_bucket)) if grouped and self.kv_bucket else None
+            if self.graphs and n_steps - steps >= k and (visible in warm or visible in s.graphs):
+                g = s.graphs.get(visible)
+                if g is None:
+                    g = s.graphs[visible] = self._capture(s, self._probe(s, visible), k)
+                g.replay()
+                steps += k
+            else:  # one step: on the CPU, for the tail of a call, or to compile and warm a bucket before capturing it
+                self.step(s, s.eos_ids, s.pad, self._probe(s, visible))
+                warm.add(visible)
+                steps += 1
+        return s.tokens[:, :max_new_tokens].clone(), first
+
+    @staticmethod
+    def _probe(s: _Buffers, visible: int | None) -> torch.Tensor | None:
+        """The visible length as the size of a tensor, marked dynamic: compiled once for every length."""
+        if visible is None:
+            return None
+        probe = s.probe[:visible]
+        torch._dynamo.maybe_mark_dynamic(probe, 0)
+        return probe
+
+    def _capture(self, s: _Buffers, visible, k: int) -> torch.cuda.CUDAGraph:
+        g = torch.cuda.CUDAGraph()
+        if s.pool is None:
+            s.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(g, pool=s.pool):
+            for _ in range(k):
+                self.step(s, s.eos_ids, s.pad, visible)
+        return g
