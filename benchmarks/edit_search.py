@@ -20,7 +20,13 @@ prompts until the end.
    heretic uses (JailbreakBench's 100, the first 100 of harmless_test), so both the held-out result (pick made on
    validation) and the test-optimised one (heretic's protocol: best kept option by its test score) are reported.
 
-Wall times of each step are in the JSON; add the run's load + extract + select seconds for the time to a direction.
+``--objective test`` is heretic's own protocol instead: steps 1-2 rank the options on the test prompts themselves
+(heretic optimises on its evaluation prompts), and step 3 scores the pick (and plain orthogonalization) on the
+validation prompts as the held-out result. ``--sets 0,1,0+1`` edits along single directions or sets of them
+(ranks joined by ``+``, orthonormalised together).
+
+Wall times of each step are in the JSON (``search_to_pick_s``: from the start to the pick, held-out scoring
+excluded); add the run's load + extract + select seconds for the time to a direction.
 """
 
 from __future__ import annotations
@@ -87,6 +93,15 @@ def main() -> None:
                          "every kept option 0 refusals)")
     ap.add_argument("--n-val", type=int, default=128)
     ap.add_argument("--strengths", default="0.8,1.0,1.2")
+    ap.add_argument("--objective", choices=["validation", "test"], default="validation",
+                    help="prompts the search ranks options on: validation (held out from the test) or test, "
+                         "heretic's own protocol (it optimises on the evaluation prompts); with test, the pick is "
+                         "then also scored on the validation prompts as its held-out result")
+    ap.add_argument("--sets", default=None,
+                    help="directions to edit along, as ranks joined by '+' for a set ablated together "
+                         "(orthonormalised), comma-separated, e.g. 0,1,0+1 (default: the --top best, one at a time)")
+    ap.add_argument("--edits", default="plain,orth_harmless,norm_preserving,norm_preserving+orth_harmless")
+    ap.add_argument("--kernels", default="flat,gauss_n/4,gauss_n/8")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     t_start = time.perf_counter()
@@ -123,30 +138,37 @@ def main() -> None:
         resp = hm.responses(model, tok, prompts_h, **kw)
         return sum(map(hm.is_refusal, resp)), kl
 
+    if a.objective == "test":  # heretic's protocol: rank on the test prompts; validation becomes the held-out set
+        harmful_val, harmful_test = harmful_test, harmful_val
+        harmless_val, harmless_test = harmless_test, harmless_val
     base_val = first(harmless_val)
     base_test = first(harmless_test)
-    ranks = [k for k in dset if k.isdigit()][: a.top]
-    edits = {"plain": {}, "orth_harmless": {"orthogonal_to_harmless": True}, "norm_preserving":
-             {"norm_preserving": True}, "norm_preserving+orth_harmless": {"norm_preserving": True,
-                                                                         "orthogonal_to_harmless": True}}
-    widths = {"flat": None, "gauss_n/4": n_layers / 4, "gauss_n/8": n_layers / 8}
+    sets = a.sets.split(",") if a.sets else [k for k in dset if k.isdigit()][: a.top]
+    all_edits = {"plain": {}, "orth_harmless": {"orthogonal_to_harmless": True}, "norm_preserving":
+                 {"norm_preserving": True}, "norm_preserving+orth_harmless": {"norm_preserving": True,
+                                                                             "orthogonal_to_harmless": True}}
+    edits = {e: all_edits[e] for e in a.edits.split(",")}
+    all_widths = {"flat": None, "gauss_n/4": n_layers / 4, "gauss_n/8": n_layers / 8}
+    widths = {w: all_widths[w] for w in a.kernels.split(",")}
     strengths = [float(x) for x in a.strengths.split(",")]
     options = []
     t = time.perf_counter()
-    for r, (ename, eopts), (wname, width), strength in itertools.product(ranks, edits.items(), widths.items(),
-                                                                         strengths):
-        d = dset[r]
+    for spec, (ename, eopts), (wname, width), strength in itertools.product(sets, edits.items(), widths.items(),
+                                                                          strengths):
+        members = [dset[r] for r in spec.split("+")]
+        d = members[0]  # the set's first direction places the kernel and the harmless mean
+        vector = d if len(members) == 1 else torch.stack([m.vector.float() for m in members])
         opts = dict(eopts)
         if opts.get("orthogonal_to_harmless"):
             opts["orthogonal_to_harmless"] = cands.harmless_mean[cands.positions.index(d.pos), d.layer]
         lw = _kernel(n_layers, d.layer, width, strength)
         if lw is not None:
             opts["layer_weights"] = lw
-        with orthogonalized(model, d, **opts):
+        with orthogonalized(model, vector, **opts):
             refusals, kl = proxy(base_val)
-        options.append({"rank": int(r), "pos": d.pos, "layer": d.layer, "edit": ename, "kernel": wname,
-                        "strength": strength, "proxy_refusals": refusals, "n_harmful_val": len(harmful_val),
-                        "proxy_kl": round(kl, 5), "_opts": opts, "_d": d})
+        options.append({"rank": spec if "+" in spec else int(spec), "pos": d.pos, "layer": d.layer, "edit": ename,
+                        "kernel": wname, "strength": strength, "proxy_refusals": refusals,
+                        "n_harmful_val": len(harmful_val), "proxy_kl": round(kl, 5), "_opts": opts, "_d": vector})
     proxy_s = time.perf_counter() - t
     print(f"proxy sweep: {len(options)} options in {proxy_s:.1f} s")
 
@@ -154,14 +176,15 @@ def main() -> None:
         return (o[kl] > a.kl_cap, o[ref], o[kl])
 
     kept = sorted(options, key=lambda o: key(o, "proxy_refusals", "proxy_kl"))[: a.keep]
-    plain = next(o for o in options if o["rank"] == 0 and o["edit"] == "plain" and o["kernel"] == "flat"
-                 and o["strength"] == 1.0)
-    if plain not in kept:
+    plain = next((o for o in options if o["rank"] == 0 and o["edit"] == "plain" and o["kernel"] == "flat"
+                  and o["strength"] == 1.0), None)
+    if plain is not None and plain not in kept:
         kept.append(plain)
-    def score_kept(split, prompts_h, prompts_b, base_b) -> float:
-        """heretic's metric for every kept option on one split's prompts; returns the seconds it took."""
+    def score_kept(split, prompts_h, prompts_b, base_b, only=None) -> float:
+        """heretic's metric for every kept option (or ``only`` those) on one split's prompts; returns the seconds it
+        took."""
         t = time.perf_counter()
-        for o in kept:
+        for o in only or kept:
             with orthogonalized(model, o["_d"], **o["_opts"]):
                 o[f"{split}_refusals"], o[f"{split}_kl"] = heretic(prompts_h, prompts_b, base_b)
             print(f"{split:4s} rank {o['rank']} {o['edit']:30s} {o['kernel']:10s} x{o['strength']}: "
@@ -170,24 +193,36 @@ def main() -> None:
 
     val_s = score_kept("val", harmful_val, harmless_val, base_val)
     pick = min((o for o in kept if o is not plain or len(kept) == 1), key=lambda o: key(o, "val_refusals", "val_kl"))
-    test_s = score_kept("test", harmful_test, harmless_test, base_test)
+    search_s = time.perf_counter() - t_start  # to the pick: what heretic's wall time compares with
+    # held out: every kept option, or with the test objective the pick and plain orthogonalization alone
+    test_s = score_kept("test", harmful_test, harmless_test, base_test,
+                        only=[o for o in (pick, plain) if o is not None] if a.objective == "test" else None)
     base_refusals = sum(map(hm.is_refusal, hm.responses(model, tok, harmful_test, **kw)))
-    test_best = min(kept, key=lambda o: key(o, "test_refusals", "test_kl"))
+    test_best = min((o for o in kept if "test_refusals" in o), key=lambda o: key(o, "test_refusals", "test_kl"))
 
     def clean(o):
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in o.items() if not k.startswith("_")}
 
+    names = ("picked_on_validation", "best_on_test")
+    if a.objective == "test":  # name the splits by what they are: "val" above ranked on the test prompts
+        names = ("picked_on_test", "best_held_out")
+        for o in options:
+            for k in [k for k in o if k.startswith(("val_", "test_"))]:
+                o[k.replace("val_", "objective_").replace("test_", "held_out_")] = o.pop(k)
     out = {"run": str(run.dir), "model": run.cfg.model, "device": run.device_name(), "kl_cap": a.kl_cap,
+           "objective": a.objective, "search_to_pick_s": round(search_s, 1),
            "stage_seconds_of_run": run.stage_seconds(), "proxy_sweep_s": round(proxy_s, 1),
            "val_metric_s": round(val_s, 1), "test_metric_s": round(test_s, 1),
            "search_wall_s": round(time.perf_counter() - t_start, 1), "n_options": len(options),
-           "base_refusals_test": base_refusals, "n_harmful_test": len(harmful_test),
+           "base_refusals_test" if a.objective == "validation" else "base_refusals_held_out": base_refusals,
+           "n_harmful_test": len(harmful_test),
            "n_harmless_test": len(harmless_test), "n_harmful_val": len(harmful_val), "n_harmless_val":
-           len(harmless_val), "picked_on_validation": clean(pick), "best_on_test": clean(test_best),
-           "plain": clean(plain), "kept": [clean(o) for o in kept], "proxy": [clean(o) for o in options]}
+           len(harmless_val), names[0]: clean(pick), names[1]: clean(test_best),
+           "plain": clean(plain) if plain else None, "kept": [clean(o) for o in kept],
+           "proxy": [clean(o) for o in options]}
     path = Path(a.out) if a.out else run.dir / "edit_search.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: out[k] for k in ("picked_on_validation", "best_on_test", "plain")}, indent=1))
+    print(json.dumps({k: out[k] for k in (*names, "plain")}, indent=1))
     print(f"Wrote {path}")
 
 

@@ -8,12 +8,13 @@
 #   bash benchmarks/gpu_issues.sh d   # fresh machine: paper run timed, lm-eval per condition (12), 6 languages
 #   bash benchmarks/gpu_issues.sh e   # fresh machine: paper run timed (9), edit search vs heretic (11)
 #   bash benchmarks/gpu_issues.sh f   # fresh machine: paper run timed with prefix-shared generation, 8B decode profile (9)
+#   bash benchmarks/gpu_issues.sh g   # fresh machine: paper run timed (9), edit search in heretic's protocol (11)
 # On the GPU: the GGUF parts in /tmp/m and the wheels in .whl (see gpu_setup.sh); .data holds copies of the team's
 # datasets (refusal_direction, polyrefuse, text, benchmarks). A CPU check of the plumbing, in minutes:
 #   DRY=1 MODEL=/tmp/tiny-qwen OUT=/tmp/out bash benchmarks/gpu_issues.sh a
 # Every step's log and results land in $OUT; a step that fails or runs out of its time does not stop the next.
 set -u
-PART=${1:?usage: gpu_issues.sh a|b|c|d|e|f}
+PART=${1:?usage: gpu_issues.sh a|b|c|d|e|f|g}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -z "${DRY:-}" ]; then
@@ -134,8 +135,23 @@ f)  # on a fresh machine: the paper run timed with the split prefill (issue 9), 
   fi
   keep $RUNS/paper paper
   ;;
+g)  # on a fresh machine: the paper run timed (issue 9), then the edit search in heretic's own protocol (11):
+    # options ranked on the test prompts, as heretic does, the pick then scored on 128 held-out prompts of each kind
+  if [ -z "${DRY:-}" ]; then
+    step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-5.json" \
+      --runs $RUNS
+  else
+    rm -rf $RUNS/paper
+    step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
+  fi
+  keep $RUNS/paper paper
+  step edit_search_test ${EDIT_SECONDS:-330} python3 -m benchmarks.edit_search $RUNS/paper \
+    --out "$OUT/edit_search-test.json" --objective test --val-pool $D --n-val 128 --sets 0,1,2,0+1,0+2 \
+    --edits plain,norm_preserving,norm_preserving+orth_harmless --kernels flat,gauss_n/4 \
+    --strengths 0.9,1.0,1.1,1.2 --keep 8 $SMALL ${DRY:+--sets 0,0+1 --n-val 10 --strengths 1.0}
+  ;;
 *)
-  echo "unknown part $PART (a, b, c, d, e or f)"; exit 2 ;;
+  echo "unknown part $PART (a, b, c, d, e, f or g)"; exit 2 ;;
 esac
 cat "$OUT/steps.txt"
 if [ -z "${DRY:-}" ]; then  # the device returns a limited number of files: one archive
