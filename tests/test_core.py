@@ -488,3 +488,11 @@ def test_fused_projections_same_logits_and_weights_restored(model, tokenizer):
     for name, p in model.named_parameters():
         assert p.data._base is None and torch.equal(p, before[name]), name  # its own tensor again, same values
     assert "forward" not in vars(find_parts(model).attn[0].q_proj)
+
+
+def test_static_decoder_captures_graphs_only_for_a_model_on_one_cuda_device(model):
+    from refusal.generation.static import StaticDecoder, _one_device
+
+    assert not _one_device(model)  # a CPU model
+    assert not StaticDecoder(model, compile=False).graphs
+    assert StaticDecoder(model, compile=False, graphs=True).graphs  # asked for explicitly

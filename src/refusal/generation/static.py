@@ -37,6 +37,13 @@ def _signature(model) -> tuple:
     return params, hooks
 
 
+def _one_device(model) -> bool:
+    """Whether every parameter and buffer of ``model`` sits on one CUDA device, with no accelerate hooks."""
+    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
+    return len(devices) == 1 and next(iter(devices)).type == "cuda" and not any(
+        hasattr(m, "_hf_hook") for m in model.modules())
+
+
 class _Buffers:
     """The decoding state of one batch shape, updated in place by every step (so a captured graph can replay)."""
 
@@ -81,7 +88,9 @@ class StaticDecoder:
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
         self.steps_per_graph = steps_per_graph
         self.kv_bucket = kv_bucket
-        self.graphs = compile if graphs is None else graphs
+        # a captured graph records one device's stream: a model split over GPUs or offloaded by accelerate (whose
+        # hooks move weights during the forward) runs the compiled step without graphs
+        self.graphs = (compile and _one_device(model)) if graphs is None else graphs
         self.fuse = compile if fuse is None else fuse
         self.buffers: tuple[tuple, _Buffers] | None = None
         self.cache_kw = cache_kwarg(model)  # looked up here, not in the compiled step
