@@ -9,12 +9,14 @@
 #   bash benchmarks/gpu_issues.sh e   # fresh machine: paper run timed (9), edit search vs heretic (11)
 #   bash benchmarks/gpu_issues.sh f   # fresh machine: paper run timed with prefix-shared generation, 8B decode profile (9)
 #   bash benchmarks/gpu_issues.sh g   # fresh machine: paper run timed (9), edit search in heretic's protocol (11)
+#   bash benchmarks/gpu_issues.sh h   # heretic 1.4.0 on the same GPU kind, for the wall-time comparison (11)
+#   bash benchmarks/gpu_issues.sh i   # the paper run twice on one machine (9)
 # On the GPU: the GGUF parts in /tmp/m and the wheels in .whl (see gpu_setup.sh); .data holds copies of the team's
 # datasets (refusal_direction, polyrefuse, text, benchmarks). A CPU check of the plumbing, in minutes:
 #   DRY=1 MODEL=/tmp/tiny-qwen OUT=/tmp/out bash benchmarks/gpu_issues.sh a
 # Every step's log and results land in $OUT; a step that fails or runs out of its time does not stop the next.
 set -u
-PART=${1:?usage: gpu_issues.sh a|b|c|d|e|f|g}
+PART=${1:?usage: gpu_issues.sh a|b|c|d|e|f|g|h|i}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -z "${DRY:-}" ]; then
@@ -150,10 +152,36 @@ g)  # on a fresh machine: the paper run timed (issue 9), then the edit search in
     --edits plain,norm_preserving,norm_preserving+orth_harmless --kernels flat,gauss_n/4 \
     --strengths 0.9,1.0,1.1,1.2 --keep 8 $SMALL ${DRY:+--sets 0,0+1 --n-val 10 --strengths 1.0}
   ;;
+h)  # heretic 1.4.0 on this GPU (its H100 setup: 40 trials, batch 128), so that its wall time and refusal's
+    # (part g) compare on one device; then the paper run twice on one machine (issue 9: machine vs code)
+    # carry [".whl", ".data", ".whlh"]; .whlh holds heretic's wheels (benchmarks/heretic/README.md)
+  S=$D/splits
+  if [ -z "${DRY:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-h \
+      .whlh/*.whl
+    step heretic ${HERETIC_SECONDS:-560} env PYTHONPATH=/tmp/site-h:$PYTHONPATH python3 benchmarks/heretic/run_heretic.py \
+      --model "$MODEL" --harmful-train $S/harmful_train.json --harmless-train $S/harmless_train.json \
+      --harmful-test $D/processed/jailbreakbench.json --harmless-test $S/harmless_test.json --n-harmful-test 100 \
+      --n-harmless-test 100 --trials 40 --batch-size 128 --time-budget 540 --out "$OUT/heretic-h200.json"
+  else
+    echo "heretic: skipped in a dry run (needs heretic's wheels)"
+  fi
+  ;;
+i)  # the paper run twice in a row on one machine (issue 9): the spread between machines against the code's
+  for n in 6 7; do
+    if [ -z "${DRY:-}" ]; then
+      step paper$n 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-$n.json" \
+        --runs $RUNS
+    else
+      rm -rf $RUNS/paper
+      step paper$n 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
+    fi
+  done
+  ;;
 *)
-  echo "unknown part $PART (a, b, c, d, e, f or g)"; exit 2 ;;
+  echo "unknown part $PART (a to i)"; exit 2 ;;
 esac
-cat "$OUT/steps.txt"
+cat "$OUT/steps.txt" 2>/dev/null
 if [ -z "${DRY:-}" ]; then  # the device returns a limited number of files: one archive
   (cd "$OUT" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
 fi
