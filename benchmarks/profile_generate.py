@@ -38,6 +38,10 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "graphs16+kv+fuse": {"graphs": True, "steps_per_graph": 16, "kv_bucket": 32, "fuse": True},
     "graphs4+kv+fuse": {"graphs": True, "steps_per_graph": 4, "kv_bucket": 32, "fuse": True},
     "default": {},  # graphs of 1 step, fused projections, the whole cache read
+    # not yet measured: GEMMs autotuned against Triton templates (minutes of compile), and Triton's pointwise and
+    # reduction kernels tuned by coordinate descent ("inductor" items patch torch._inductor.config for the variant)
+    "graphs+fuse+autotune": {"graphs": True, "fuse": True, "mode": "max-autotune-no-cudagraphs"},
+    "graphs+fuse+cdt": {"graphs": True, "fuse": True, "inductor": {"coordinate_descent_tuning": True}},
 }
 
 
@@ -103,9 +107,11 @@ def main(argv=None):
     with orthogonalized(model, direction):
         for name in names:
             torch._dynamo.reset()
-            dec = StaticDecoder(model, compile=dev.type == "cuda", round_to=args.round_to, **VARIANTS[name])
+            opts = {k: v for k, v in VARIANTS[name].items() if k != "inductor"}
+            dec = StaticDecoder(model, compile=dev.type == "cuda", round_to=args.round_to, **opts)
             run = lambda dec=dec: dec(b.input_ids, b.attention_mask, args.new_tokens, eos, pad)  # noqa: E731
-            with dec:  # set up once: the timed calls replay the warm-up's graphs
+            tuning = torch._inductor.config.patch(**VARIANTS[name].get("inductor", {}))
+            with dec, tuning:  # set up once: the timed calls replay the warm-up's graphs
                 # prefill alone (eager, nothing compiled): one new token; first, since its shorter cache replaces the
                 # decoder's buffers
                 prefill = min(clock.time(lambda dec=dec: dec(b.input_ids, b.attention_mask, 1, eos, pad))[0]
