@@ -4,33 +4,33 @@
 extraction and selection once per language with the same settings, then applies every language's direction to every
 other language's prompts:
 
-1. **Prompts** (:mod:`.inputs`, :mod:`.runs`): per (language, kind), from per-language files (``--files``), else a
-   PolyRefuse-style folder (``--polyrefuse``, English train/val from the paper's folder, ``--paper``; languages the
-   folder lacks are translated from its English rows), else the built-in sets: English
-   as shipped, other languages translated by a backend (the run's own model unless ``--translator`` names another
-   model or ``google``) through the cache ``OUT/translations.json``. Every translation made here is checked
+1. **Prompts** (:mod:`.inputs`, :mod:`.pools`, :mod:`.prompt_stage`): per (language, kind), from per-language files
+   (``--files``), else a PolyRefuse-style folder (``--polyrefuse``, English train/val from the paper's folder,
+   ``--paper``; languages the folder lacks are translated from its English rows), else the built-in sets: English as
+   shipped, other languages translated by a backend (the run's own model unless ``--translator`` names another model or
+   ``google``) through the cache ``OUT/translations.json``. Every translation made here is checked
    (:func:`refusal.translate.check_translations`); a language with more than ``--max-flagged`` of its translations
-   flagged is refused unless ``--allow-flagged``. Every language gets the same seeded train/val/test choice (sizes
-   from the config), so sources translated item by item stay aligned by index; ``prompts.json`` says, per kind and
-   split, whether the alignment was verified (English originals known), assumed (same sizes) or absent.
-2. **Per-language runs** (:mod:`.runs`): the main pipeline's extract and select stages on each language's prompts,
-   scored with that language's refusal-opening tokens; completions of the test prompts at baseline, with the
-   language's direction ablated (harmful) and added (harmless), judged with the language's own refusal phrases. Where
-   a language's phrase list has low confidence (or none ships for it: English phrases are then used), its summary
-   says so (``judgement_confidence``, ``warnings``): a refusal rate of 0 there is a lower bound, not a finding. A
-   language in which no direction is found (the model does not refuse there) is recorded as such and stays a target
-   of the transfer only.
-3. **Transfer** (:mod:`.transfer`): direction of language A (row) on prompts of language B (column): non-refusal rate
-   under ablation on B's harmful test prompts, refusal rate under activation addition (coefficient 1) on B's harmless
-   test prompts, each with its Wilson interval; mean first-token KL(baseline || ablated) on B's harmless prompts and
-   mean first-token refusal scores. All off-diagonal pairs decode together in one batched generation with a per-row
-   intervention plan; the diagonal (A on A) is the language's own run's completions. A language without a direction
-   has an empty row, and its baseline rates come from baseline rows of the same generation.
-4. **Similarity** (:mod:`.similarity`): cosine between the selected directions of every pair, and per layer the cosine
-   between the reference language's candidate (English, else the first language) at its selected position and every
-   other language's candidate at that position.
-5. **Plots** (:mod:`.plots`): heatmaps with annotated cells, languages grouped by resource level (high: en fr es;
-   medium: de ru zh; low: th sw am; other codes after them) with separators, and the layer curves.
+   flagged is refused unless ``--allow-flagged``. Every language gets the same seeded train/val/test choice (sizes from
+   the config), so sources translated item by item stay aligned by index; ``prompts.json`` says, per kind and split,
+   whether the alignment was verified (English originals known), assumed (same sizes) or absent.
+2. **Per-language runs** (:mod:`.language_stage`): the main pipeline's extract and select stages on each language's
+   prompts, scored with that language's refusal-opening tokens; completions of the test prompts at baseline, with the
+   language's direction ablated (harmful) and added (harmless), judged with the language's own refusal phrases. Where a
+   language's phrase list has low confidence (or none ships for it: English phrases are then used), its summary says so
+   (``judgement_confidence``, ``warnings``): a refusal rate of 0 there is a lower bound, not a finding. A language in
+   which no direction is found (the model does not refuse there) is recorded as such and stays a target of the transfer
+   only.
+3. **Transfer** (:mod:`.transfer_stage`, :mod:`.transfer`): direction of language A (row) on prompts of language B
+   (column): non-refusal rate under ablation on B's harmful test prompts, refusal rate under activation addition
+   (coefficient 1) on B's harmless test prompts, each with its Wilson interval; mean first-token KL(baseline || ablated)
+   on B's harmless prompts and mean first-token refusal scores. All off-diagonal pairs decode together in one batched
+   generation with a per-row intervention plan; the diagonal (A on A) is the language's own run's completions. A
+   language without a direction has an empty row, and its baseline rates come from baseline rows of the same generation.
+4. **Similarity** (:mod:`.similarity_stage`, :mod:`.similarity`): cosine between the selected directions of every pair,
+   and per layer the cosine between the reference language's candidate (English, else the first language) at its
+   selected position and every other language's candidate at that position.
+5. **Plots** (:mod:`.plot_stage`, :mod:`.plots`): heatmaps with annotated cells, languages grouped by resource level
+   (high: en fr es; medium: de ru zh; low: th sw am; other codes after them) with separators, and the layer curves.
 
 Every stage writes its files atomically and last a ``<stage>.done.json`` holding a digest of what it read; a stage
 whose manifest matches is skipped, so a killed run resumes where it stopped (a language whose four stages finished
