@@ -48,7 +48,7 @@ __all__ = ["build_report", "write_report"]
 
 
 def build_report(run_dir: str | Path):
-    """The report's content (:class:`refusal.report.sections.Report`), before it is rendered."""
+    """The report's content (:class:`refusal.report.blocks.Report`), before it is rendered."""
     from .sections import build
 
     return build(run_dir)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .sections import Artifacts, Image, Section, Sub, Table, Text, _heat_rows, _rate_cell, generic_blocks, is_rate
+from .artifacts import Artifacts
+from .blocks import Image, Section, Sub, Table, Text
+from .json_tables import _heat_rows, generic_blocks
+from .values import _rate_cell, is_rate
 
 # transfer.json's matrices: key, title, what a cell is
 TRANSFER = (

@@ -10,7 +10,7 @@ import base64
 import html
 from typing import Any
 
-from .sections import (
+from .blocks import (
     Card,
     Code,
     Completions,

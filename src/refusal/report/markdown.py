@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .blocks import Card, Code, Completions, Heat, Image, RateCell, Report, Row, Section, Sub, Table, Text
 from .html import fmt
-from .sections import Card, Code, Completions, Heat, Image, RateCell, Report, Row, Section, Sub, Table, Text
 
 EXAMPLES = 3  # completions shown per prompt set
 TRUNCATE = 160
