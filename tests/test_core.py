@@ -491,8 +491,22 @@ def test_fused_projections_same_logits_and_weights_restored(model, tokenizer):
 
 
 def test_static_decoder_captures_graphs_only_for_a_model_on_one_cuda_device(model):
-    from refusal.generation.static import StaticDecoder, _one_device
+    from refusal.generation.static import StaticDecoder, one_device
 
-    assert not _one_device(model)  # a CPU model
+    assert not one_device(model)  # a CPU model
     assert not StaticDecoder(model, compile=False).graphs
     assert StaticDecoder(model, compile=False, graphs=True).graphs  # asked for explicitly
+
+
+def test_static_cache_graphs_decodes_the_eager_step_and_bad_values_are_refused(model, tokenizer):
+    from refusal.config import resolve
+    from refusal.errors import RefusalError
+    from refusal.generation.batched import generate
+
+    prompts = format_prompts(tokenizer, HARMFUL[:3] + HARMLESS[:2])
+    want = generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=5)
+    assert generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=5, static_cache="graphs") == want
+    with pytest.raises(ValueError, match="static_cache must be one of"):
+        generate(model, tokenizer, prompts, max_new_tokens=2, static_cache="fast")
+    with pytest.raises(RefusalError, match="generate.static_cache must be false, true or graphs"):
+        resolve(overrides={"generate": {"static_cache": "fast"}})

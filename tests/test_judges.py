@@ -383,30 +383,33 @@ def _handler(backend: _Backend):
                 backend.in_flight += 1
                 backend.max_in_flight = max(backend.max_in_flight, backend.in_flight)
             try:
-                auth = self.headers.get("Authorization", "")
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, b'{"error": "no such route"}')
-                if auth != f"Bearer {backend.key}":  # echo what was sent, as careless servers do
-                    return self._send(401, json.dumps({"error": f"invalid credentials: {auth}"}).encode())
-                if backend.mode == "flaky" and call <= backend.fail_first:
-                    return self._send(500, json.dumps({"error": f"overloaded; request had {auth}"}).encode())
-                if backend.delay:
-                    time.sleep(backend.delay)
-                if backend.mode == "malformed":
-                    body = b"<html>Bad gateway</html>" if call % 2 else json.dumps(
-                        {"choices": [{"message": {"role": "assistant", "content": None}}]}).encode()
-                    return self._send(200, body)
-                if backend.mode == "rule":
-                    text = "REFUSAL" if "sorry" in req["messages"][-1]["content"].lower() else "COMPLIANCE"
-                else:
-                    text = backend.answer(req)
-                body = {"id": f"chatcmpl-{call}", "object": "chat.completion", "model": req["model"],
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}]}
-                self._send(200, json.dumps(body).encode())
-            finally:
+                code, body = self._answer(req, call)
+            finally:  # no longer in flight before the answer goes out: the client's next request may follow at once
                 with backend.lock:
                     backend.in_flight -= 1
+            self._send(code, body)
+
+        def _answer(self, req: dict, call: int) -> tuple[int, bytes]:
+            auth = self.headers.get("Authorization", "")
+            if self.path != "/v1/chat/completions":
+                return 404, b'{"error": "no such route"}'
+            if auth != f"Bearer {backend.key}":  # echo what was sent, as careless servers do
+                return 401, json.dumps({"error": f"invalid credentials: {auth}"}).encode()
+            if backend.mode == "flaky" and call <= backend.fail_first:
+                return 500, json.dumps({"error": f"overloaded; request had {auth}"}).encode()
+            if backend.delay:
+                time.sleep(backend.delay)
+            if backend.mode == "malformed":
+                return 200, b"<html>Bad gateway</html>" if call % 2 else json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": None}}]}).encode()
+            if backend.mode == "rule":
+                text = "REFUSAL" if "sorry" in req["messages"][-1]["content"].lower() else "COMPLIANCE"
+            else:
+                text = backend.answer(req)
+            body = {"id": f"chatcmpl-{call}", "object": "chat.completion", "model": req["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}]}
+            return 200, json.dumps(body).encode()
 
     return Handler
 

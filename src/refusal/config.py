@@ -105,7 +105,7 @@ def default_conditions() -> list[Condition]:
 @dataclass
 class GenerateConfig:
     max_new_tokens: int = 256
-    static_cache: bool = False
+    static_cache: bool | str = False  # false, true (compiled; CUDA graphs on a GPU) or "graphs" (eager, graphed)
     kl: bool = True  # each condition's first-token KL on the harmless test prompts (one forward per row)
     conditions: list[Condition] = field(default_factory=default_conditions)
 
@@ -299,6 +299,10 @@ def validate(cfg: RunConfig) -> None:
     for name in ("n_train", "n_val", "n_test"):
         if getattr(d, name) < 1:
             raise RefusalError(f"data.{name} must be at least 1 (got {getattr(d, name)}).", "Set a positive size.")
+    if cfg.generate.static_cache not in (False, True, "graphs"):
+        raise RefusalError(f"generate.static_cache must be false, true or graphs (got "
+                           f"{cfg.generate.static_cache!r}).", "true: compiled static-cache decoding (CUDA graphs on a "
+                           "GPU); graphs: the eager step in CUDA graphs, no compile; false: model.generate.")
     from .evaluation.judges import validate_spec  # torch-free: checks every judge spec before any model work
 
     for spec in cfg.evaluate.judges:

@@ -37,7 +37,7 @@ def _signature(model) -> tuple:
     return params, hooks
 
 
-def _one_device(model) -> bool:
+def one_device(model) -> bool:
     """Whether every parameter and buffer of ``model`` sits on one CUDA device, with no accelerate hooks."""
     devices = {t.device for t in [*model.parameters(), *model.buffers()]}
     return len(devices) == 1 and next(iter(devices)).type == "cuda" and not any(
@@ -71,13 +71,14 @@ class StaticDecoder:
     ended, checking once per graph replay (or every ``check_every`` steps without graphs): a check is a
     device-to-host sync.
 
-    ``compile`` compiles the step (``torch.compile`` ``mode``); ``graphs`` captures it into CUDA graphs of
-    ``steps_per_graph`` steps (a CUDA model only; by default with ``compile``); ``kv_bucket`` (0: off) lets the
-    attention read only the written part of the cache, rounded up to that many positions; ``fuse`` runs the q/k/v
-    and gate/up projections as one GEMM each during the call (:func:`~refusal.models.fused.fused_projections`; by
-    default with ``compile``). Buffers and graphs of the last batch shape are kept for the next call; within a
-    ``with decoder:`` block the model stays set up for decoding between calls, so they are also replayed (outside
-    one, each call sets it up and the fused weights may land elsewhere, which captures anew).
+    ``compile`` compiles the step (``torch.compile`` ``mode``); ``graphs`` captures it, compiled or not, into CUDA
+    graphs of ``steps_per_graph`` steps (a model on one CUDA device only; by default with ``compile``);
+    ``kv_bucket`` (0: off) lets the attention read only the written part of the cache, rounded up to that many
+    positions; ``fuse`` runs the q/k/v and gate/up projections as one GEMM each during the call
+    (:func:`~refusal.models.fused.fused_projections`; by default with ``compile``). Buffers and graphs of the last
+    batch shape are kept for the next call; within a ``with decoder:`` block the model stays set up for decoding
+    between calls, so they are also replayed (outside one, each call sets it up and the fused weights may land
+    elsewhere, which captures anew).
     """
 
     def __init__(self, model, compile: bool, *, graphs: bool | None = None, steps_per_graph: int = 1,
@@ -90,7 +91,7 @@ class StaticDecoder:
         self.kv_bucket = kv_bucket
         # a captured graph records one device's stream: a model split over GPUs or offloaded by accelerate (whose
         # hooks move weights during the forward) runs the compiled step without graphs
-        self.graphs = (compile and _one_device(model)) if graphs is None else graphs
+        self.graphs = (compile and one_device(model)) if graphs is None else graphs
         self.fuse = compile if fuse is None else fuse
         self.buffers: tuple[tuple, _Buffers] | None = None
         self.cache_kw = cache_kwarg(model)  # looked up here, not in the compiled step
@@ -104,8 +105,11 @@ class StaticDecoder:
         return out.logits[:, -1, :]
 
     def _step(self, s: _Buffers, eos_ids, pad, visible):
-        """One decode step on the buffers: feed ``s.ids``, write the next token, advance."""
-        logits = self._forward(s.ids, s.pos, s.cpos, s.mask, s.cache, visible)
+        """One decode step on the buffers: feed ``s.ids``, write the next token, advance. Under grouped attention the
+        mask goes in as 4-D, which transformers passes through as it is: building it from the 2-D mask checks it on
+        the host (a sync, which a CUDA graph of the eager step could not capture)."""
+        mask = s.mask[:, None, None, :].bool() if self._grouped else s.mask
+        logits = self._forward(s.ids, s.pos, s.cpos, mask, s.cache, visible)
         nxt = torch.where(s.done, pad, logits.argmax(-1))
         s.tokens.index_copy_(1, s.idx, nxt[:, None])
         s.done |= torch.isin(nxt, eos_ids)
