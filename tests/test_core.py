@@ -464,6 +464,9 @@ def test_static_decoder_graph_chunks_and_cache_buckets_give_the_same_tokens(mode
     fused = StaticDecoder(model, compile=False, graphs=True, steps_per_graph=3, kv_bucket=8, fuse=True)
     assert generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5, static_cache=True,
                     decoder=fused) == generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5)
+    with add(model, 4 * d, layer=1):  # an intervention's hooks on fused projections' blocks
+        assert generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5, static_cache=True,
+                        decoder=fused) == generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5)
 
 
 def test_fused_projections_same_logits_and_weights_restored(model, tokenizer):
