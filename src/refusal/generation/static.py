@@ -1,11 +1,11 @@
 """Greedy decoding from a static KV cache with fixed shapes, so that one compiled step serves every token.
 
-On a GPU the step is compiled with ``torch.compile`` and then captured ``steps_per_graph`` steps at a time into a
-CUDA graph of our own: the whole step — the forward, the argmax, masking rows that have ended, writing the token,
-advancing the positions and the attention mask — lives on the device, so a replay runs its steps with no host work
-between them, and the host checks for end of sequence once per replay. The attention reads only the part of the
-cache written so far (rounded up to ``kv_bucket`` positions, one graph per bucket) instead of the whole padded
-cache.
+On a GPU the step is compiled with ``torch.compile`` (or left eager, ``compile=False``) and captured
+``steps_per_graph`` steps at a time into a CUDA graph of our own: the whole step — the forward, the argmax, masking
+rows that have ended, writing the token, advancing the positions and the attention mask — lives on the device, so
+replays run with no host work between them, and the host checks for end of sequence every ``check_every`` steps.
+Optionally (``kv_bucket``) the attention reads only the part of the cache written so far, rounded up to a bucket,
+with one graph per bucket; on an H200 at 8B / batch 64 / 200 positions that did not pay, so it is off by default.
 
 A captured graph holds the addresses of the weights, the hooks' tensors and the decoder's buffers: graphs are
 kept (for later calls of the same shape) only while the model's parameters and hooks are the same objects, and
