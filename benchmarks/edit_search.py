@@ -64,6 +64,14 @@ def _grow(prompts: list[str], splits: dict, kind: str, pool: Path, files: tuple[
     return out
 
 
+def _sizes(objective: str, harmful_val, harmless_val, harmful_test, harmless_test) -> dict[str, int]:
+    """Prompt counts named by their role: the ranked split ("val") and the held-out one ("test"), which with the test
+    objective are the test prompts and the validation prompts."""
+    ranked, held = ("val", "test") if objective == "validation" else ("objective", "held_out")
+    return {f"n_harmful_{ranked}": len(harmful_val), f"n_harmless_{ranked}": len(harmless_val),
+            f"n_harmful_{held}": len(harmful_test), f"n_harmless_{held}": len(harmless_test)}
+
+
 def main() -> None:
     from benchmarks.heretic import heretic_metric as hm
     from refusal import io
@@ -215,9 +223,8 @@ def main() -> None:
            "val_metric_s": round(val_s, 1), "test_metric_s": round(test_s, 1),
            "search_wall_s": round(time.perf_counter() - t_start, 1), "n_options": len(options),
            "base_refusals_test" if a.objective == "validation" else "base_refusals_held_out": base_refusals,
-           "n_harmful_test": len(harmful_test),
-           "n_harmless_test": len(harmless_test), "n_harmful_val": len(harmful_val), "n_harmless_val":
-           len(harmless_val), names[0]: clean(pick), names[1]: clean(test_best),
+           **_sizes(a.objective, harmful_val, harmless_val, harmful_test, harmless_test),
+           names[0]: clean(pick), names[1]: clean(test_best),
            "plain": clean(plain) if plain else None, "kept": [clean(o) for o in kept],
            "proxy": [clean(o) for o in options]}
     path = Path(a.out) if a.out else run.dir / "edit_search.json"
