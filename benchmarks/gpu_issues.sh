@@ -45,6 +45,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   tail -n 4 "$OUT/$name.log"
 }
 
+paper_run() {  # paper_run RESULT.json: the paper run timed from the command to summary.json into $OUT/RESULT.json
+  # (a dry run: the same stages on the tiny model, untimed)
+  if [ -z "${DRY:-}" ]; then
+    step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/$1" --runs $RUNS
+  else
+    rm -rf $RUNS/paper
+    step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
+  fi
+}
+
 keep() {  # keep RUN_DIR DEST: copy a run's small results (JSON, PNG, config) into $OUT/DEST
   mkdir -p "$OUT/$2"
   find "$1" -maxdepth 1 -type f \( -name "*.json" -o -name "*.png" -o -name "*.yaml" -o -name "*.md" \) \
@@ -96,13 +106,7 @@ for r in json.load(open(p.format(s)))]; json.dump(rows, open('/tmp/harmless_zh.j
   fi
   ;;
 e)  # on a fresh machine: the paper run timed (issue 9), then the edit search against heretic (issue 11)
-  if [ -z "${DRY:-}" ]; then
-    step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-3.json" \
-      --runs $RUNS
-  else
-    rm -rf $RUNS/paper
-    step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
-  fi
+  paper_run h200-run-3.json
   keep $RUNS/paper paper
   # validation grown to 128 prompts of each kind from the unused train/val prompts (the run's 17 filtered harmful
   # validation prompts called every kept option 0 refusals), finer strengths, the 3 best directions
@@ -139,13 +143,7 @@ f)  # on a fresh machine: the paper run timed with the split prefill (issue 9), 
   ;;
 g)  # on a fresh machine: the paper run timed (issue 9), then the edit search in heretic's own protocol (11):
     # options ranked on the test prompts, as heretic does, the pick then scored on 128 held-out prompts of each kind
-  if [ -z "${DRY:-}" ]; then
-    step paper 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-5.json" \
-      --runs $RUNS
-  else
-    rm -rf $RUNS/paper
-    step paper 240 python3 -m refusal run $FLAGS --name paper --config $C/base.yaml
-  fi
+  paper_run h200-run-5.json
   keep $RUNS/paper paper
   step edit_search_test ${EDIT_SECONDS:-330} python3 -m benchmarks.edit_search $RUNS/paper \
     --out "$OUT/edit_search-test.json" --objective test --val-pool $D --n-val 128 --sets 0,1,2,0+1,0+2 \
