@@ -43,6 +43,23 @@ def write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda f: f.write(data))
 
 
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (110 dpi, every plot of a run); the figure is closed."""
+    from io import BytesIO
+
+    import matplotlib.pyplot as plt
+
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_png(path: Path, fig) -> None:
+    """Write a matplotlib figure as PNG, atomically (see :func:`png_bytes`)."""
+    write_bytes(Path(path), png_bytes(fig))
+
+
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

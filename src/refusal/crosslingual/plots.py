@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping, Sequence
-from io import BytesIO
 from pathlib import Path
 
 from .. import io
@@ -48,12 +47,8 @@ def resource_order(languages: Sequence[str]) -> tuple[list[str], list[int]]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
 
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    io.write_bytes(Path(path), buf.getvalue())
+    io.write_png(path, fig)
     return Path(path)
 
 

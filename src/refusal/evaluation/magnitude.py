@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +243,4 @@ def plot_magnitude(result: dict, path: str | Path, title: str = "") -> None:
     ax.set_xlabel("projection onto the refusal direction")
     ax.set_ylabel("refusal score (log-odds)")
     ax.grid(alpha=0.3)
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    io.write_bytes(Path(path), buf.getvalue())
+    io.write_png(path, fig)

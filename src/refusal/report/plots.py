@@ -8,7 +8,8 @@ that pass the selection filters carry a dot, and the selected cell a box.
 from __future__ import annotations
 
 import math
-from io import BytesIO
+
+from .. import io
 
 PANELS = (
     ("bypass", "Bypass: refusal score on harmful prompts, direction ablated (lower bypasses more)", "RdBu_r"),
@@ -102,7 +103,4 @@ def score_heatmaps(scores: dict, *, kl_threshold: float | None = None, induce_th
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#00c853", linewidth=2.4, zorder=5))
     if title:
         fig.suptitle(title, fontsize=10)
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return io.png_bytes(fig)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from io import BytesIO
-from pathlib import Path
 
 import torch
 
@@ -113,7 +111,4 @@ def plot_scores(scores: Scores, selection: Selection | None, path, title: str = 
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    io.write_bytes(Path(path), buf.getvalue())
+    io.write_png(path, fig)

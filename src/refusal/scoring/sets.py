@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -308,7 +307,4 @@ def plot_pareto(result: SetSearch, path: str | Path, title: str = "", ranks: Seq
     ax.set_title(title or "Direction sets: bypass against KL", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    io.write_bytes(Path(path), buf.getvalue())
+    io.write_png(path, fig)

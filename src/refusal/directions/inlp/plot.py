@@ -4,7 +4,6 @@ chance and the acceptance threshold, as a PNG.
 
 from __future__ import annotations
 
-from io import BytesIO
 from pathlib import Path
 
 from ... import io
@@ -35,7 +34,4 @@ def plot_accuracy(result: InlpResult, pos: int, layer: int, path: str | Path) ->
     ax.set_title(f"INLP at position {pos}, layer {layer}: rank {int(result.rank[c])}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    io.write_bytes(Path(path), buf.getvalue())
+    io.write_png(path, fig)
