@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_issues.sh f   # fresh machine: paper run timed with prefix-shared generation, 8B decode profile (9)
 #   bash benchmarks/gpu_issues.sh g   # fresh machine: paper run timed (9), edit search in heretic's protocol (11)
 #   bash benchmarks/gpu_issues.sh h   # heretic 1.4.0 on the same GPU kind, for the wall-time comparison (11)
-#   bash benchmarks/gpu_issues.sh i   # the paper run twice on one machine (9)
+#   bash benchmarks/gpu_issues.sh i   # the paper run as today and with static_cache: graphs, then profiled (9)
 # On the GPU: the GGUF parts in /tmp/m and the wheels in .whl (see gpu_setup.sh); .data holds copies of the team's
 # datasets (refusal_direction, polyrefuse, text, benchmarks). A CPU check of the plumbing, in minutes:
 #   DRY=1 MODEL=/tmp/tiny-qwen OUT=/tmp/out bash benchmarks/gpu_issues.sh a
@@ -165,12 +165,12 @@ h)  # heretic 1.4.0 on this GPU (its H100 setup: 40 trials, batch 128), so that 
     echo "heretic: skipped in a dry run (needs heretic's wheels)"
   fi
   ;;
-i)  # the paper run twice in a row on one machine (issue 9): the spread between machines against the code's;
-    # then once with generate.static_cache: graphs (the eager decode step in CUDA graphs, no compile)
+i)  # the paper run (issue 9) on one machine: as today, then with generate.static_cache: graphs (the eager decode step
+    # in CUDA graphs, no compile), then the graphs run again under cProfile (where the wall time goes, per function)
   printf 'generate:\n  static_cache: graphs\n' > $C/graphs.yaml
-  for n in 6 7 8; do
+  for n in 6 7; do
     extra=""
-    [ $n = 8 ] && extra="--config $C/graphs.yaml"
+    [ $n = 7 ] && extra="--config $C/graphs.yaml"
     if [ -z "${DRY:-}" ]; then
       step paper$n 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-$n.json" \
         --runs $RUNS ${extra:+--extra $extra}
@@ -185,6 +185,14 @@ i)  # the paper run twice in a row on one machine (issue 9): the spread between 
     fi
   done
   keep $RUNS/paper paper-graphs
+  rm -rf $RUNS/prof
+  cfg=$C/graphs.yaml
+  [ -n "${DRY:-}" ] && cfg=$C/graphs-dry.yaml
+  step prof 150 python3 -m cProfile -o $OUT/paper.prof -m refusal run $FLAGS --name prof --config $cfg
+  python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(90)" \
+    $OUT/paper.prof > $OUT/prof-cumulative.txt 2>&1
+  python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(40)" \
+    $OUT/paper.prof > $OUT/prof-tottime.txt 2>&1
   ;;
 *)
   echo "unknown part $PART (a to i)"; exit 2 ;;

@@ -20,6 +20,7 @@ import torch
 
 from ..interventions.hooks import set_phase
 from ..models.fused import fused_projections
+from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg
 from .attention import VISIBLE, grouped_attention
 
@@ -137,6 +138,8 @@ class StaticDecoder:
                 self._grouped = stack.enter_context(grouped_attention(self.model))
                 if self.fuse:
                     stack.enter_context(fused_projections(self.model))
+                if self.step is self._step:  # eager: each RMS norm as one kernel (a compiled step fuses its own)
+                    stack.enter_context(fused_norms(self.model))
             except BaseException:
                 stack.close()
                 raise
