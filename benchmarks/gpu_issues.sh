@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_issues.sh f   # fresh machine: paper run timed with prefix-shared generation, 8B decode profile (9)
 #   bash benchmarks/gpu_issues.sh g   # fresh machine: paper run timed (9), edit search in heretic's protocol (11)
 #   bash benchmarks/gpu_issues.sh h   # heretic 1.4.0 on the same GPU kind, for the wall-time comparison (11)
-#   bash benchmarks/gpu_issues.sh i   # the paper run as today and with static_cache: graphs, then profiled (9)
+#   bash benchmarks/gpu_issues.sh i   # fresh machine: the paper run twice, then with model.generate decoding (9)
 # On the GPU: the GGUF parts in /tmp/m and the wheels in .whl (see gpu_setup.sh); .data holds copies of the team's
 # datasets (refusal_direction, polyrefuse, text, benchmarks). A CPU check of the plumbing, in minutes:
 #   DRY=1 MODEL=/tmp/tiny-qwen OUT=/tmp/out bash benchmarks/gpu_issues.sh a
@@ -165,34 +165,27 @@ h)  # heretic 1.4.0 on this GPU (its H100 setup: 40 trials, batch 128), so that 
     echo "heretic: skipped in a dry run (needs heretic's wheels)"
   fi
   ;;
-i)  # the paper run (issue 9) on one machine: as today, then with generate.static_cache: graphs (the eager decode step
-    # in CUDA graphs, no compile), then the graphs run again under cProfile (where the wall time goes, per function)
-  printf 'generate:\n  static_cache: graphs\n' > $C/graphs.yaml
-  for n in 6 7; do
+i)  # the paper run (issue 9) on one fresh machine: twice with today's defaults (the first process after setup, then
+    # a second), then with generate.static_cache: false (model.generate, the default before) for the same-machine
+    # comparison
+  printf 'generate:\n  static_cache: false\n' > $C/eager.yaml
+  for n in 6 7 8; do
     extra=""
-    [ $n = 7 ] && extra="--config $C/graphs.yaml"
+    [ $n = 8 ] && extra="--config $C/eager.yaml"
     if [ -z "${DRY:-}" ]; then
       step paper$n 150 python3 -m benchmarks.paper_run --model "$MODEL" --data "$D" --out "$OUT/h200-run-$n.json" \
-        --runs $RUNS ${extra:+--extra $extra}
+        --runs $RUNS --extra="$extra"
     else
       rm -rf $RUNS/paper
       cfg=$C/base.yaml
-      if [ -n "$extra" ]; then  # the small sizes of a dry run, and the graphs setting
-        sed 's/^generate:$/generate:\n  static_cache: graphs/' $C/base.yaml > $C/graphs-dry.yaml
-        cfg=$C/graphs-dry.yaml
+      if [ -n "$extra" ]; then  # the small sizes of a dry run, and the eager setting
+        sed 's/^generate:$/generate:\n  static_cache: false/' $C/base.yaml > $C/eager-dry.yaml
+        cfg=$C/eager-dry.yaml
       fi
       step paper$n 240 python3 -m refusal run $FLAGS --name paper --config $cfg
     fi
+    keep $RUNS/paper paper$n
   done
-  keep $RUNS/paper paper-graphs
-  rm -rf $RUNS/prof
-  cfg=$C/graphs.yaml
-  [ -n "${DRY:-}" ] && cfg=$C/graphs-dry.yaml
-  step prof 150 python3 -m cProfile -o $OUT/paper.prof -m refusal run $FLAGS --name prof --config $cfg
-  python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(90)" \
-    $OUT/paper.prof > $OUT/prof-cumulative.txt 2>&1
-  python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(40)" \
-    $OUT/paper.prof > $OUT/prof-tottime.txt 2>&1
   ;;
 *)
   echo "unknown part $PART (a to i)"; exit 2 ;;

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", default="/tmp/runs")
     ap.add_argument("--name", default="paper")
-    ap.add_argument("--extra", nargs="*", default=[], help="more flags for refusal run")
+    ap.add_argument("--extra", default="", help='more flags for refusal run, as one string: --extra="--config F.yaml"')
     a = ap.parse_args()
     d = Path(a.data)
     run_dir = Path(a.runs) / a.name
@@ -45,7 +46,7 @@ def main() -> None:
         shutil.rmtree(run_dir)  # a fresh run: nothing resumed
     cmd = [sys.executable, "-m", "refusal", "run", "--model", a.model, "--preset", "paper", "--harmful", str(d),
            "--harmless", str(d), "--harmful-test", str(d / "processed" / "jailbreakbench.json"),
-           "--output", a.runs, "--name", a.name, *a.extra]
+           "--output", a.runs, "--name", a.name, *shlex.split(a.extra)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t

@@ -195,6 +195,27 @@ def test_config_precedence(tmp_path):
     gpu = resolve(None, None, has_gpu=True)
     assert gpu.preset == "paper" and gpu.data.n_train == 128 and gpu.generate.max_new_tokens == 256
     assert gpu.stage_config("extract") != cpu.stage_config("extract")
+    # the paper preset decodes the eager step in CUDA graphs; a file or flag can still turn it off
+    assert gpu.generate.static_cache == "graphs" and cpu.generate.static_cache is False
+    assert resolve(None, {"generate": {"static_cache": False}}, has_gpu=True).generate.static_cache is False
+    # a file's key wins over the preset even when it equals the built-in default (it was dropped as "unchanged")
+    p.write_text("generate:\n  static_cache: false\ndata:\n  filter: true\n")
+    assert resolve(p, None, has_gpu=True).generate.static_cache is False
+    assert resolve(p, None, has_gpu=False).data.filter is True  # the cpu preset turns it off
+
+
+def test_ce_batch_size_is_sized_from_the_device_unless_set(tmp_path):
+    from types import SimpleNamespace
+
+    from refusal.runs.pipeline import Run
+
+    cfg = resolve(None, None, has_gpu=False)
+    assert cfg.evaluate.ce_batch_size is None
+    size = Run.ce_batch_size.fget
+    assert size(SimpleNamespace(cfg=cfg, on_gpu=False)) == 8 and size(SimpleNamespace(cfg=cfg, on_gpu=True)) == 32
+    assert size(SimpleNamespace(cfg=resolve(None, {"evaluate": {"ce_batch_size": 3}}, has_gpu=True), on_gpu=True)) == 3
+    with pytest.raises(RefusalError, match="evaluate.ce_batch_size must be at least 1"):
+        resolve(None, {"evaluate": {"ce_batch_size": 0}}, has_gpu=False)
 
 
 def test_oom_halves_batch(monkeypatch):

@@ -176,6 +176,12 @@ class Run:
         """Sequences per scoring forward: only the last position's logits are kept, so larger batches fit."""
         return self.batch_size * 64 if self.on_gpu else self.batch_size
 
+    @property
+    def ce_batch_size(self) -> int:
+        """Sequences per cross-entropy forward: every position's logits are kept (about 0.1 GB per 330-token row of
+        a 150k vocabulary in bf16), so smaller than the other batches."""
+        return self.cfg.evaluate.ce_batch_size or (32 if self.on_gpu else 8)
+
     def prompts(self, records: list[dict]) -> list[str]:
         return format_prompts(self.tokenizer, [r["instruction"] for r in records], self.cfg.system_prompt)
 

@@ -374,7 +374,7 @@ def _cross_entropy(run, comps: dict, ev) -> dict:
         res = {}
         for c in conds:
             with apply(run.model, condition_interventions(c, directions, rankings)):
-                r = ce_evaluate(run.model, seqs, batch_size=ev.ce_batch_size,
+                r = ce_evaluate(run.model, seqs, batch_size=run.ce_batch_size,
                                 description=f"Cross-entropy {spec['name']} / {c.prompts} {c.name}")
             res[f"{c.prompts}/{c.name}"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
         out[spec["name"]] = res

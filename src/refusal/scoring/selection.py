@@ -89,7 +89,8 @@ def plot_scores(scores: Scores, selection: Selection | None, path, title: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.82, wspace=0.22)  # fixed: a layout solver costs 0.3 s
     panels = [("bypass", "Refusal score, direction ablated (harmful)", scores.baseline_harmful),
               ("induce", "Refusal score, direction added (harmless)", scores.baseline_harmless),
               ("kl", "KL divergence, direction ablated (harmless)", None)]
