@@ -469,6 +469,51 @@ def test_static_decoder_graph_chunks_and_cache_buckets_give_the_same_tokens(mode
                         decoder=fused) == generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5)
 
 
+def test_static_decoding_falls_back_loudly_when_a_model_cannot_use_it(model, tokenizer, monkeypatch, capsys):
+    """A step that cannot be captured (a forward that waits on the host) decodes uncaptured; a decoder that fails
+    outright hands the batch to model.generate when the caller allows it (a run's stages), and raises otherwise or
+    when it ran out of memory (the batch is halved instead). Every fallback is printed, and the tokens are the same."""
+    from refusal.batching import reset_batch_memory
+    from refusal.generation.batched import generate
+    from refusal.generation.static import StaticDecoder
+
+    def cannot_capture(self, s, visible, k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticDecoder, "_capture", cannot_capture)
+    prompts = format_prompts(tokenizer, HARMFUL[:3] + HARMLESS[:2])
+    want = generate(model, tokenizer, prompts, max_new_tokens=9, batch_size=5)
+    dec = StaticDecoder(model, compile=False, graphs=True)
+    assert generate(model, tokenizer, prompts, max_new_tokens=9, batch_size=5, decoder=dec) == want
+    def printed() -> str:  # the console writes to stderr, wrapped to its width
+        return " ".join(capsys.readouterr().err.split())
+
+    assert not dec.graphs and "cannot be captured into a CUDA graph" in printed()
+
+    def broken(self, *a, **k):
+        raise TypeError("this architecture's forward takes no static cache")
+
+    monkeypatch.setattr(StaticDecoder, "__call__", broken)
+    with pytest.raises(TypeError, match="no static cache"):
+        generate(model, tokenizer, prompts, max_new_tokens=9, batch_size=5, static_cache="graphs")
+    assert generate(model, tokenizer, prompts, max_new_tokens=9, batch_size=5, static_cache="graphs",
+                    fallback=True) == want
+    assert "decoding with model.generate instead" in printed()
+
+    calls = []
+
+    def oom(self, input_ids, *a, **k):
+        calls.append(len(input_ids))
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(StaticDecoder, "__call__", oom)
+    reset_batch_memory()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate(model, tokenizer, prompts, max_new_tokens=9, batch_size=4, static_cache="graphs", fallback=True)
+    reset_batch_memory()
+    assert calls == [4, 2, 1]  # halved down to one row, never handed to model.generate
+
+
 def test_fused_projections_same_logits_and_weights_restored(model, tokenizer):
     from refusal.models.fused import fused_projections
 

@@ -82,7 +82,7 @@ def generate_transfer(model, tokenizer, languages: Sequence[str], directions: Ma
                 on_batch(list(batch_rows), list(texts))
 
         generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 static_cache=static_cache, plan=Plan.rows(model, per_row), rows=todo, on_batch=save,
+                 static_cache=static_cache, fallback=True, plan=Plan.rows(model, per_row), rows=todo, on_batch=save,
                  description=f"Transfer: {len([x for x in languages if x in directions])} directions x "
                              f"{len(languages)} languages")
     return {row: out[i] for i, row in enumerate(rows)}

@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from ..batching import in_batches
+from ..batching import _is_oom, console, in_batches
 from ..interventions.hooks import Plan, apply, phase, set_phase
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
@@ -72,7 +72,7 @@ def generate(
     static_cache: bool | str = False, refusal_ids: Sequence[int] | None = None, description: str = "Generating",
     plan: Plan | None = None, rows: Sequence[int] | None = None,
     on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
-    decoder: StaticDecoder | None = None,
+    decoder: StaticDecoder | None = None, fallback: bool = False,
 ) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy completions of already-templated prompts.
 
@@ -86,6 +86,10 @@ def generate(
     into CUDA graphs on a GPU; pass ``decoder`` to keep its buffers and graphs from one call to the next);
     otherwise ``model.generate`` with its default cache. Both decode greedily and give the same tokens (up to bf16
     rounding on near-ties); rows stop at the model's end-of-turn tokens.
+
+    ``fallback``: if the static decoder fails on this model (an error other than out-of-memory, e.g. an
+    architecture whose forward cannot run on a static cache), say so and decode the rest with ``model.generate``
+    instead of raising (a run's stages do; the default raises, so that a broken decoder cannot hide).
 
     ``split_prefill`` (eager decoding): the prompts' prefill runs as :func:`~refusal.generation.prefill.prefill`
     splits it — the template opening they share once per group of rows with the same interventions, the rest in
@@ -112,7 +116,10 @@ def generate(
     eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=dev)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    active = [decoder]  # the static decoder, until it fails with fallback on
+
     def run(chunk):
+        decoder = active[0]
         sub = plan.take(list(chunk)) if plan is not None else None
         # eager decoding: fused norms and grouped attention; the compiled static decoder sets its own attention and
         # leaves the norms to the compiler, as when it was measured (7.04 ms/step on an H200)
@@ -124,13 +131,25 @@ def generate(
             hooks = apply(model, sub) if sub is not None else nullcontext()
             with hooks, phase("prompt"):
                 if decoder is not None:
-                    new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids, pad)
+                    try:
+                        new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids,
+                                                           pad)
+                    except Exception as exc:  # noqa: BLE001 -- reported, and the batch is decoded again below
+                        if not fallback or _is_oom(exc):
+                            raise
+                        console.print(f"[yellow]Static-cache decoding failed on this model ({type(exc).__name__}: "
+                                      f"{str(exc)[:200]}); decoding with model.generate instead (same tokens, "
+                                      "slower). Set generate.static_cache: false to skip the attempt.[/]")
+                        active[0] = None
+                        new_tokens = None
                 else:
                     keep = _FirstLogits()
                     extra = {} if cache is None else {cache_kwarg(model): cache}
                     seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, **extra,
                                          generation_config=gen_cfg, logits_processor=LogitsProcessorList([keep]))
                     new_tokens, first_logits = seq[:, b.input_ids.shape[1]:], keep.first
+        if new_tokens is None:  # the static decoder failed (fallback): again, with model.generate, hooks left first
+            return run(chunk)
         texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         scores = refusal_score(first_logits, rids).tolist() if rids is not None else [None] * len(chunk)
         for i, t, s in zip(chunk, texts, scores):

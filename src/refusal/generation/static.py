@@ -200,9 +200,12 @@ class StaticDecoder:
             if self.graphs and n_steps - steps >= k and (visible in warm or visible in s.graphs):
                 g = s.graphs.get(visible)
                 if g is None:
-                    g = s.graphs[visible] = self._capture(s, self._probe(s, visible), k)
-                g.replay()
-                steps += k
+                    g = self._capture_or_give_up(s, self._probe(s, visible), k)
+                    if g is not None:
+                        s.graphs[visible] = g
+                if g is not None:
+                    g.replay()
+                    steps += k
             else:  # one step: on the CPU, for the tail of a call, or to compile and warm a bucket before capturing it
                 self.step(s, s.eos_ids, s.pad, self._probe(s, visible))
                 warm.add(visible)
@@ -217,6 +220,25 @@ class StaticDecoder:
         probe = s.probe[:visible]
         torch._dynamo.maybe_mark_dynamic(probe, 0)
         return probe
+
+    def _capture_or_give_up(self, s: _Buffers, visible, k: int) -> torch.cuda.CUDAGraph | None:
+        """Capture the next graph; if this model's step cannot be captured (a forward that waits on the host, e.g.
+        a data-dependent branch), say so, stop using graphs in this decoder and return None: the steps then run
+        one by one, giving the same tokens. Running out of memory is raised (the caller halves the batch)."""
+        try:
+            return self._capture(s, visible, k)
+        except Exception as exc:  # noqa: BLE001 -- reported; the uncaptured step is the same computation
+            from ..batching import _is_oom, console
+
+            if _is_oom(exc):
+                raise
+            console.print(f"[yellow]This model's decode step cannot be captured into a CUDA graph "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); decoding without graphs (same tokens, slower)."
+                          "[/]")
+            self.graphs = False
+            s.graphs.clear()
+            s.pool = None
+            return None
 
     def _capture(self, s: _Buffers, visible, k: int) -> torch.cuda.CUDAGraph:
         g = torch.cuda.CUDAGraph()

@@ -184,7 +184,7 @@ def generate(run, started: float):
     if todo:
         g = run.cfg.generate
         generate_completions(run.model, run.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
-                             batch_size=run.generate_batch_size, static_cache=g.static_cache,
+                             batch_size=run.generate_batch_size, static_cache=g.static_cache, fallback=True,
                              refusal_ids=run.refusal_ids(), plan=plan, rows=todo, on_batch=save,
                              description=f"Generating {len(conds)} conditions x test prompts")
     kl = {}
