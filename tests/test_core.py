@@ -514,6 +514,73 @@ def test_static_decoding_falls_back_loudly_when_a_model_cannot_use_it(model, tok
     assert calls == [4, 2, 1]  # halved down to one row, never handed to model.generate
 
 
+def _sliding_window_model(kind: str, vocab: int, window: int):
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, eos_token_id=0, pad_token_id=3, bos_token_id=1,
+                  sliding_window=window)
+    if kind == "mistral":
+        m, std = MistralForCausalLM(MistralConfig(**common)), 0.2
+    elif kind == "gemma2":  # every other layer slides
+        m, std = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16)), 0.05
+    else:  # five of six layers slide
+        m, std = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16)), 0.05
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0, std)  # larger weights make Gemma repeat one token
+    return m.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3"])
+def test_static_decoding_refuses_a_sliding_window_it_would_overrun(kind, tokenizer):
+    """One static cache under one full causal mask is what a sliding-window model computes only while the window
+    holds the whole sequence: shorter windows are refused (and a run falls back to model.generate, whose tokens match
+    plain HF generation one prompt at a time); longer ones decode statically, with the same tokens."""
+    from refusal.errors import RefusalError
+    from refusal.generation.batched import generate, greedy_config
+    from refusal.generation.static import unsupported_attention
+
+    prompts = format_prompts(tokenizer, ["Tell me a story about a dog", "hi"])
+    short = _sliding_window_model(kind, len(tokenizer), window=8)
+    want = generate(short, tokenizer, prompts, max_new_tokens=16, batch_size=2)
+    ref = []
+    for p in prompts:
+        b = tokenize(tokenizer, [p], "cpu")
+        seq = short.generate(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                             generation_config=greedy_config(short, tokenizer, 16))
+        ref.append(tokenizer.decode(seq[0, b.input_ids.shape[1]:], skip_special_tokens=True).strip())
+    assert want == ref and all(want)
+    with pytest.raises(RefusalError, match="sliding-window attention over 8 positions"):
+        generate(short, tokenizer, prompts, max_new_tokens=16, batch_size=2, static_cache="graphs")
+    assert generate(short, tokenizer, prompts, max_new_tokens=16, batch_size=2, static_cache="graphs",
+                    fallback=True) == want
+    wide = _sliding_window_model(kind, len(tokenizer), window=200)
+    assert unsupported_attention(wide, 60) is None
+    assert generate(wide, tokenizer, prompts, max_new_tokens=16, batch_size=2, static_cache="graphs") == generate(
+        wide, tokenizer, prompts, max_new_tokens=16, batch_size=2)
+
+
+def test_static_decoding_refuses_layer_kinds_it_does_not_know():
+    from types import SimpleNamespace
+
+    from refusal.generation.static import unsupported_attention
+
+    chunked = SimpleNamespace(config=SimpleNamespace(layer_types=["chunked_attention", "full_attention"]))
+    assert "chunked_attention" in unsupported_attention(chunked, 10)
+    plain = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention"], sliding_window=4))
+    assert unsupported_attention(plain, 10) is None  # a window no layer uses (Qwen2 with use_sliding_window off)
+
+
 def test_fused_projections_same_logits_and_weights_restored(model, tokenizer):
     from refusal.models.fused import fused_projections
 

@@ -18,6 +18,7 @@ from contextlib import ExitStack, nullcontext
 
 import torch
 
+from ..errors import RefusalError
 from ..interventions.hooks import set_phase
 from ..models.fused import fused_projections
 from ..models.norms import fused_norms
@@ -36,6 +37,20 @@ def _signature(model) -> tuple:
     hooks = tuple((id(m), tuple(map(id, m._forward_pre_hooks.values())), tuple(map(id, m._forward_hooks.values())))
                   for m in model.modules() if m._forward_pre_hooks or m._forward_hooks)
     return params, hooks
+
+
+def unsupported_attention(model, length: int) -> str | None:
+    """Why one static cache with one full causal mask would not decode ``length`` positions as the model does (None
+    when it would): a sliding window shorter than that, or layer kinds it does not know (chunked attention, ...)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    other = kinds - {"full_attention", "sliding_attention"}
+    if other:
+        return f"its {', '.join(sorted(other))} layers"
+    window = getattr(cfg, "sliding_window", None)
+    if window and (not kinds or "sliding_attention" in kinds) and window < length:
+        return f"its sliding-window attention over {window} positions, fewer than the {length} of prompt + new tokens"
+    return None
 
 
 def one_device(model) -> bool:
@@ -166,6 +181,10 @@ class StaticDecoder:
     def _decode(self, input_ids, attention_mask, max_new_tokens: int, eos_ids, pad_id: int, grouped: bool):
         b, t = input_ids.shape
         dev = input_ids.device
+        why = unsupported_attention(self.model, t + max_new_tokens)
+        if why is not None:
+            raise RefusalError(f"Static-cache decoding cannot follow this model: {why}.",
+                               "Decode with model.generate (generate.static_cache: false).")
         k = self.steps_per_graph if self.graphs else 1
         n_steps = max_new_tokens - 1  # forwards after the prefill
         total = _round_up(t + max_new_tokens + 1, self.round_to)
