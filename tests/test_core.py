@@ -570,6 +570,30 @@ def test_static_decoding_refuses_a_sliding_window_it_would_overrun(kind, tokeniz
         wide, tokenizer, prompts, max_new_tokens=16, batch_size=2)
 
 
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Mixtral", "Olmo2", "Cohere2", "Granite"])
+def test_static_decoding_gives_model_generate_tokens_across_families(family, tokenizer):
+    """The paper preset's decoder on more model families than the fixtures' three (a mixture of experts, QK norms,
+    partial rotary, sliding layers, scaled residuals): the same tokens as the eager path."""
+    import transformers
+
+    from refusal.generation.batched import generate
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=0, pad_token_id=3, bos_token_id=1)
+    cfg.head_dim = 16
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.05)
+    prompts = format_prompts(tokenizer, HARMFUL[:2] + HARMLESS[:1])
+    want = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3)
+    assert all(want) and generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3,
+                                  static_cache="graphs") == want
+
+
 def test_static_decoding_refuses_layer_kinds_it_does_not_know():
     from types import SimpleNamespace
 
