@@ -40,7 +40,8 @@ def progress(description: str, total: int):
         yield lambda n=1: p.advance(task, n)
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of (device) memory: the one error a smaller batch can cure."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
@@ -74,7 +75,7 @@ def in_batches(
             try:
                 fn(chunk)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc) or batch_size == 1:
+                if not is_oom(exc) or batch_size == 1:
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

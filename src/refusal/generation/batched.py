@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from ..batching import _is_oom, console, in_batches
+from ..batching import console, in_batches, is_oom
 from ..interventions.hooks import Plan, apply, phase, set_phase
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
@@ -135,7 +135,7 @@ def generate(
                         new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids,
                                                            pad)
                     except Exception as exc:  # noqa: BLE001 -- reported, and the batch is decoded again below
-                        if not fallback or _is_oom(exc):
+                        if not fallback or is_oom(exc):
                             raise
                         console.print(f"[yellow]Static-cache decoding failed on this model ({type(exc).__name__}: "
                                       f"{str(exc)[:200]}); decoding with model.generate instead (same tokens, "

@@ -247,9 +247,9 @@ class StaticDecoder:
         try:
             return self._capture(s, visible, k)
         except Exception as exc:  # noqa: BLE001 -- reported; the uncaptured step is the same computation
-            from ..batching import _is_oom, console
+            from ..batching import console, is_oom
 
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise
             console.print(f"[yellow]This model's decode step cannot be captured into a CUDA graph "
                           f"({type(exc).__name__}: {str(exc)[:200]}); decoding without graphs (same tokens, slower)."
