@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from contextlib import nullcontext
 
 import torch
 
@@ -48,7 +49,12 @@ VARIANTS = {  # StaticDecoder keyword arguments
     # generate.static_cache: graphs -- the eager step (nothing compiled) captured into CUDA graphs
     "eager-graphs": {"compile": False, "graphs": True, "fuse": True},
     "eager-graphs+r16": {"compile": False, "graphs": True, "fuse": True, "round_to": 16},
+    # decoding attention as one Triton kernel per layer that reads only visible cache positions
+    # (benchmarks/decode_attention.py; not yet measured)
+    "graphs+fuse+tattn": {"graphs": True, "fuse": True, "attention": "triton"},
+    "eager-graphs+tattn": {"compile": False, "graphs": True, "fuse": True, "attention": "triton"},
 }
+BENCH_KEYS = ("inductor", "attention")  # variant keys for this script, not StaticDecoder arguments
 
 
 def _profile(res: dict, name: str, run, clock, args) -> None:
@@ -114,13 +120,19 @@ def main(argv=None):
         for name in names:
             torch._dynamo.reset()
             opts = {"compile": dev.type == "cuda", "round_to": args.round_to,
-                    **{k: v for k, v in VARIANTS[name].items() if k != "inductor"}}
+                    **{k: v for k, v in VARIANTS[name].items() if k not in BENCH_KEYS}}
             if dev.type != "cuda":  # a CPU check of the plumbing: no graphs to capture
                 opts["graphs"] = False
             dec = StaticDecoder(model, **opts)
             run = lambda dec=dec: dec(b.input_ids, b.attention_mask, args.new_tokens, eos, pad)  # noqa: E731
             tuning = torch._inductor.config.patch(**VARIANTS[name].get("inductor", {}))
-            with dec, tuning:  # set up once: the timed calls replay the warm-up's graphs
+            attention = nullcontext()
+            if VARIANTS[name].get("attention") == "triton":
+                from benchmarks.decode_attention import enabled
+
+                attention = enabled()
+            # set up once: the timed calls replay the warm-up's graphs; the attention swap after the decoder's own
+            with dec, tuning, attention:
                 # prefill alone (eager, nothing compiled): one new token; first, since its shorter cache replaces the
                 # decoder's buffers
                 prefill = min(clock.time(lambda dec=dec: dec(b.input_ids, b.attention_mask, 1, eos, pad))[0]
