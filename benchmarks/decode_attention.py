@@ -8,7 +8,7 @@ softmax, PV) that read every slot of the cache.
 
 :func:`enabled` swaps it in for decoding (one query position, CUDA tensors, a boolean mask) inside
 ``grouped_attention``; every other call goes to ``gqa_attention`` unchanged. It is registered as a
-``torch.library.triton_op``, so ``torch.compile`` keeps it inside the compiled step and CUDA graphs capture it.
+``torch.library.custom_op``, so ``torch.compile`` keeps it inside the compiled step and CUDA graphs capture it.
 Not wired into the package: first it has to show that it pays (``docs/results.md`` says what the step spends).
 """
 
@@ -62,33 +62,38 @@ def _build():
         hkv, total = key.shape[1], key.shape[2]
         g = h // hkv
         out = torch.empty(bsz, 1, h, dim, dtype=query.dtype, device=query.device)  # (b, q, h, d), as transformers
-        kernel = torch.library.wrap_triton(decode_attention_kernel) if _compiling() else decode_attention_kernel
-        kernel[(bsz, hkv)](query, key, value, mask2d, out, query.stride(0), query.stride(1), key.stride(0),
-                           key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
-                           mask2d.stride(0), out.stride(0), out.stride(2), scale, T=total, G=g,
-                           GP=max(16, triton.next_power_of_2(g)), D=dim, BLOCK_T=32)
+        strides = (*query.stride()[:2], *key.stride()[:3], *value.stride()[:3], mask2d.stride(0), out.stride(0),
+                   out.stride(2))
+        decode_attention_kernel[(bsz, hkv)](query, key, value, mask2d, out, *strides, scale, T=total, G=g,
+                                            GP=max(16, triton.next_power_of_2(g)), D=dim, BLOCK_T=32)
         return out
 
-    @torch.library.triton_op("refusal_bench::decode_attention", mutates_args=())
+    # an opaque op: torch.compile calls it as it is (from its fake version it knows the output's shape), and a
+    # CUDA graph captures its launch
+    @torch.library.custom_op("refusal_bench::decode_attention", mutates_args=())
     def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor,
                          scale: float) -> torch.Tensor:
         return launch(query, key, value, mask2d, scale)
 
-    return decode_attention, launch
+    @decode_attention.register_fake
+    def _(query, key, value, mask2d, scale):
+        bsz, h, _, dim = query.shape
+        return query.new_empty(bsz, 1, h, dim)
+
+    return decode_attention
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _ops():
+    global _OP
+    if _OP is None:
+        _OP = _build()
+    return _OP
 
 
 def decode_attention(query, key, value, mask2d, scale):
     """Attention of one query position: ``query (b, h, 1, d)``, ``key``/``value (b, hkv, T, d)``, ``mask2d (b, T)``
     (non-zero = visible); returns ``(b, 1, h, d)``."""
-    global _OP
-    if _OP is None:
-        _OP = _build()
-    op, launch = _OP
-    return op(query, key, value, mask2d, scale) if query.is_cuda else launch(query, key, value, mask2d, scale)
+    return _ops()(query, key, value, mask2d, scale)
 
 
 @contextmanager
@@ -108,6 +113,7 @@ def enabled(cpu: bool = False):
             return decode_attention(query, key, value, mask2d, scale), None
         return A.gqa_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
+    _ops()  # built (and registered as an op) before anything is compiled
     A._register()
     AttentionInterface.register(A.GQA, attention)
     try:
