@@ -469,6 +469,34 @@ def test_static_decoder_graph_chunks_and_cache_buckets_give_the_same_tokens(mode
                         decoder=fused) == generate(model, tokenizer, prompts, max_new_tokens=19, batch_size=5)
 
 
+def test_static_decoder_sets_up_by_kind_and_says_what_decodes(model, tokenizer, arch):
+    """The eager step runs each RMS norm as one kernel while the decoder is set up (a compiled step fuses its own);
+    ``report`` says which decoder produced the tokens. (The kind was once told apart by comparing bound methods with
+    ``is``, which is never true, so the eager step never got its fused norms.)"""
+    from refusal.generation.batched import generate
+    from refusal.generation.static import StaticDecoder
+    from refusal.models.norms import fused_norms
+
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    with fused_norms(model) as n:  # what it swaps by itself (not Gemma's (1 + weight) norms)
+        pass
+    assert n == (0 if arch == "gemma" else len(norms)) and norms
+    with StaticDecoder(model, compile=False) as dec:
+        assert sum("forward" in vars(m) for m in norms) == n and dec.describe() == "static cache, eager step"
+    assert not any("forward" in vars(m) for m in norms)  # restored
+    compiled = StaticDecoder(model, compile=True)
+    with compiled:
+        assert not any("forward" in vars(m) for m in norms)
+    assert compiled.describe().startswith("static cache, compiled step")
+    torch._dynamo.reset()
+    prompts = format_prompts(tokenizer, HARMFUL[:2])
+    report: dict = {}
+    generate(model, tokenizer, prompts, max_new_tokens=3, static_cache="graphs", report=report)
+    assert report == {"decoder": "static cache, eager step"}  # on a CPU: no graphs, no fused projections
+    generate(model, tokenizer, prompts, max_new_tokens=3, report=report)
+    assert report == {"decoder": "model.generate"}
+
+
 def test_static_decoding_falls_back_loudly_when_a_model_cannot_use_it(model, tokenizer, monkeypatch, capsys):
     """A step that cannot be captured (a forward that waits on the host) decodes uncaptured; a decoder that fails
     outright hands the batch to model.generate when the caller allows it (a run's stages), and raises otherwise or
@@ -496,9 +524,11 @@ def test_static_decoding_falls_back_loudly_when_a_model_cannot_use_it(model, tok
     monkeypatch.setattr(StaticDecoder, "__call__", broken)
     with pytest.raises(TypeError, match="no static cache"):
         generate(model, tokenizer, prompts, max_new_tokens=9, batch_size=5, static_cache="graphs")
+    report: dict = {}
     assert generate(model, tokenizer, prompts, max_new_tokens=9, batch_size=5, static_cache="graphs",
-                    fallback=True) == want
+                    fallback=True, report=report) == want
     assert "decoding with model.generate instead" in printed()
+    assert report["decoder"] == "model.generate" and "no static cache" in report["fallback"]
 
     calls = []
 

@@ -69,6 +69,8 @@ def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tm
     assert set(s["stage_seconds"]) >= set(STAGES)
     comps = io.read_json(run_dir / "completions.json")
     assert len(comps["harmful"]["ablation"]) == 3 and "refusal_score" in comps["harmful"]["ablation"][0]
+    # the paper preset's decoder (on a CPU: the static cache without graphs), in the stage's record
+    assert io.read_json(run_dir / "generate.done.json")["decoding"] == {"decoder": "static cache, eager step"}
 
     # a second run finds every stage finished and loads no model
     def no_load(*a, **k):

@@ -72,7 +72,7 @@ def generate(
     static_cache: bool | str = False, refusal_ids: Sequence[int] | None = None, description: str = "Generating",
     plan: Plan | None = None, rows: Sequence[int] | None = None,
     on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
-    decoder: StaticDecoder | None = None, fallback: bool = False,
+    decoder: StaticDecoder | None = None, fallback: bool = False, report: dict | None = None,
 ) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy completions of already-templated prompts.
 
@@ -90,6 +90,9 @@ def generate(
     ``fallback``: if the static decoder fails on this model (an error other than out-of-memory, e.g. an
     architecture whose forward cannot run on a static cache), say so and decode the rest with ``model.generate``
     instead of raising (a run's stages do; the default raises, so that a broken decoder cannot hide).
+
+    ``report``: a dict to fill with what decoded (``decoder``) and, after a fallback, why (``fallback``), for a
+    run's record.
 
     ``split_prefill`` (eager decoding): the prompts' prefill runs as :func:`~refusal.generation.prefill.prefill`
     splits it — the template opening they share once per group of rows with the same interventions, the rest in
@@ -142,6 +145,8 @@ def generate(
                                       "slower). Set generate.static_cache: false to skip the attempt.[/]")
                         active[0] = None
                         new_tokens = None
+                        if report is not None:
+                            report["fallback"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 else:
                     keep = _FirstLogits()
                     extra = {} if cache is None else {cache_kwarg(model): cache}
@@ -160,6 +165,8 @@ def generate(
 
     with decoder if decoder is not None else nullcontext():  # set up once for every batch
         in_batches(run, order, batch_size, description)
+    if report is not None:
+        report["decoder"] = active[0].describe() if active[0] is not None else "model.generate"
     texts = [out[i] for i in wanted]
     if refusal_ids is None:
         return texts

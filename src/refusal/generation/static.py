@@ -111,8 +111,21 @@ class StaticDecoder:
         self.fuse = compile if fuse is None else fuse
         self.buffers: tuple[tuple, _Buffers] | None = None
         self.cache_kw = cache_kwarg(model)  # looked up here, not in the compiled step
+        self.compiled = compile  # (a bound method is a new object at each access: compare this, not self.step)
         self.step = torch.compile(self._step, mode=mode, fullgraph=False) if compile else self._step
         self._depth, self._stack, self._grouped = 0, None, False
+        self.graphs_given_up: str | None = None  # why capturing failed, if it did (graphs are then off)
+
+    def describe(self) -> str:
+        """What decodes, for a run's record: e.g. ``static cache, compiled step, CUDA graphs, fused projections``."""
+        parts = ["static cache", "compiled step" if self.compiled else "eager step"]
+        if self.graphs:
+            parts.append("CUDA graphs")
+        elif self.graphs_given_up:
+            parts.append(f"no CUDA graphs ({self.graphs_given_up})")
+        if self.fuse:
+            parts.append("fused projections")
+        return ", ".join(parts)
 
     def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None):
         extra = {} if visible is None else {VISIBLE: visible}
@@ -153,7 +166,7 @@ class StaticDecoder:
                 self._grouped = stack.enter_context(grouped_attention(self.model))
                 if self.fuse:
                     stack.enter_context(fused_projections(self.model))
-                if self.step is self._step:  # eager: each RMS norm as one kernel (a compiled step fuses its own)
+                if not self.compiled:  # eager: each RMS norm as one kernel (a compiled step fuses its own)
                     stack.enter_context(fused_norms(self.model))
             except BaseException:
                 stack.close()
@@ -173,7 +186,7 @@ class StaticDecoder:
         """Greedy tokens ``(batch, max_new_tokens)`` (``pad_id`` after a row's end) and the first position's logits."""
         # torch.compile does not by default notice hooks added after it compiled (an intervention entered between
         # calls): have it guard on them, so a changed intervention recompiles instead of being ignored
-        guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if self.step is not self._step \
+        guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if self.compiled \
             else nullcontext()
         with self, guards:
             return self._decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, self._grouped)
@@ -255,6 +268,7 @@ class StaticDecoder:
                           f"({type(exc).__name__}: {str(exc)[:200]}); decoding without graphs (same tokens, slower)."
                           "[/]")
             self.graphs = False
+            self.graphs_given_up = f"{type(exc).__name__}: {str(exc)[:200]}"
             s.graphs.clear()
             s.pool = None
             return None

@@ -181,11 +181,12 @@ def generate(run, started: float):
             done[str(i)] = {"completion": t, "refusal_score": None if s is None else round(float(s), 4)}
         io.write_json(partial_path, {"digest": key, "rows": done})
 
+    decoding: dict = {}  # what decoded (and why not the configured decoder, if it stepped aside)
     if todo:
         g = run.cfg.generate
         generate_completions(run.model, run.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
                              batch_size=run.generate_batch_size, static_cache=g.static_cache, fallback=True,
-                             refusal_ids=run.refusal_ids(), plan=plan, rows=todo, on_batch=save,
+                             refusal_ids=run.refusal_ids(), plan=plan, rows=todo, on_batch=save, report=decoding,
                              description=f"Generating {len(conds)} conditions x test prompts")
     kl = {}
     if run.cfg.generate.kl:
@@ -200,7 +201,7 @@ def generate(run, started: float):
             {"instruction": r["instruction"], "category": r.get("category"), **done[str(i)]})
     io.write_json(run.dir / "completions.json", out)
     partial_path.unlink(missing_ok=True)
-    return ["completions.json", "kl.json"], None
+    return ["completions.json", "kl.json"], {"decoding": decoding} if decoding else None
 
 
 def _condition_kl(run, conds, ivs, harmless_prompts: list[str]) -> dict:
