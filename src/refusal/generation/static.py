@@ -87,8 +87,9 @@ class StaticDecoder:
     ended, checking once per graph replay (or every ``check_every`` steps without graphs): a check is a
     device-to-host sync.
 
-    ``compile`` compiles the step (``torch.compile`` ``mode``); ``graphs`` captures it, compiled or not, into CUDA
-    graphs of ``steps_per_graph`` steps (a model on one CUDA device only; by default with ``compile``);
+    ``compile`` compiles the step (``torch.compile`` with ``mode``; ``backend``: another than inductor, for
+    checks); ``graphs`` captures it, compiled or not, into CUDA graphs of ``steps_per_graph`` steps (a model on one
+    CUDA device only; by default with ``compile``);
     ``kv_bucket`` (0: off) lets the attention read only the written part of the cache, rounded up to that many
     positions; ``fuse`` runs the q/k/v and gate/up projections as one GEMM each during the call
     (:func:`~refusal.models.fused.fused_projections`; by default with ``compile``). Buffers and graphs of the last
@@ -99,7 +100,7 @@ class StaticDecoder:
 
     def __init__(self, model, compile: bool, *, graphs: bool | None = None, steps_per_graph: int = 1,
                  kv_bucket: int = 0, fuse: bool | None = None, check_every: int = 16, round_to: int = 128,
-                 mode: str = "default"):
+                 mode: str = "default", backend: str = "inductor"):
         self.model = model
         self.check_every = check_every
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
@@ -112,7 +113,8 @@ class StaticDecoder:
         self.buffers: tuple[tuple, _Buffers] | None = None
         self.cache_kw = cache_kwarg(model)  # looked up here, not in the compiled step
         self.compiled = compile  # (a bound method is a new object at each access: compare this, not self.step)
-        self.step = torch.compile(self._step, mode=mode, fullgraph=False) if compile else self._step
+        self.step = torch.compile(self._step, mode=None if backend != "inductor" else mode, backend=backend,
+                                  fullgraph=False) if compile else self._step
         self._depth, self._stack, self._grouped = 0, None, False
         self.graphs_given_up: str | None = None  # why capturing failed, if it did (graphs are then off)
 
