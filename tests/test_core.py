@@ -483,7 +483,7 @@ def test_static_decoder_sets_up_by_kind_and_says_what_decodes(model, tokenizer, 
     with StaticDecoder(model, compile=False) as dec:
         assert sum("forward" in vars(m) for m in norms) == n and dec.describe() == "static cache, eager step"
     assert not any("forward" in vars(m) for m in norms)  # restored
-    compiled = StaticDecoder(model, compile=True)
+    compiled = StaticDecoder(model, compile=True, backend="eager")
     with compiled:
         assert not any("forward" in vars(m) for m in norms)
     assert compiled.describe().startswith("static cache, compiled step")
