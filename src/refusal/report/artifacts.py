@@ -18,21 +18,17 @@ class Artifacts:
         self.problems: list[str] = []
 
     def json(self, name: str) -> Any:
-        p = self.dir / name
-        if not p.is_file():
-            return None
-        try:
-            return io.read_json(p)
-        except (OSError, ValueError) as exc:
-            self.problems.append(f"{name}: {exc}")
-            return None
+        return self._read(name, io.read_json)
 
     def yaml(self, name: str) -> Any:
+        return self._read(name, io.read_yaml)
+
+    def _read(self, name: str, read) -> Any:
         p = self.dir / name
         if not p.is_file():
             return None
         try:
-            return io.read_yaml(p)
+            return read(p)
         except Exception as exc:  # noqa: BLE001 (a broken optional file is reported, not fatal)
             self.problems.append(f"{name}: {exc}")
             return None
