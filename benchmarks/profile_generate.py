@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-from contextlib import nullcontext
 
 import torch
 
@@ -38,7 +37,7 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "graphs+kv+fuse": {"graphs": True, "steps_per_graph": 1, "kv_bucket": 32, "fuse": True},
     "graphs16+kv+fuse": {"graphs": True, "steps_per_graph": 16, "kv_bucket": 32, "fuse": True},
     "graphs4+kv+fuse": {"graphs": True, "steps_per_graph": 4, "kv_bucket": 32, "fuse": True},
-    "default": {},  # graphs of 1 step, fused projections, the whole cache read
+    "default": {},  # graphs of 1 step, fused projections, the Triton decoding attention
     # not yet measured: GEMMs autotuned against Triton templates (minutes of compile), and Triton's pointwise and
     # reduction kernels tuned by coordinate descent ("inductor" items patch torch._inductor.config for the variant)
     "graphs+fuse+autotune": {"graphs": True, "fuse": True, "mode": "max-autotune-no-cudagraphs"},
@@ -49,12 +48,11 @@ VARIANTS = {  # StaticDecoder keyword arguments
     # generate.static_cache: graphs -- the eager step (nothing compiled) captured into CUDA graphs
     "eager-graphs": {"compile": False, "graphs": True, "fuse": True},
     "eager-graphs+r16": {"compile": False, "graphs": True, "fuse": True, "round_to": 16},
-    # decoding attention as one Triton kernel per layer that reads only visible cache positions
-    # (benchmarks/decode_attention.py; not yet measured)
-    "graphs+fuse+tattn": {"graphs": True, "fuse": True, "attention": "triton"},
-    "eager-graphs+tattn": {"compile": False, "graphs": True, "fuse": True, "attention": "triton"},
+    # torch's attention in the decode step instead of the Triton kernel the decoder uses on a GPU by default
+    "torch-attention": {"attention_kernel": False},
+    "eager-graphs+torch-attention": {"compile": False, "graphs": True, "fuse": True, "attention_kernel": False},
 }
-BENCH_KEYS = ("inductor", "attention")  # variant keys for this script, not StaticDecoder arguments
+BENCH_KEYS = ("inductor",)  # variant keys for this script, not StaticDecoder arguments
 
 
 def _profile(res: dict, name: str, run, clock, args) -> None:
@@ -126,13 +124,8 @@ def main(argv=None):
             dec = StaticDecoder(model, **opts)
             run = lambda dec=dec: dec(b.input_ids, b.attention_mask, args.new_tokens, eos, pad)  # noqa: E731
             tuning = torch._inductor.config.patch(**VARIANTS[name].get("inductor", {}))
-            attention = nullcontext()
-            if VARIANTS[name].get("attention") == "triton":
-                from benchmarks.decode_attention import enabled
-
-                attention = enabled()
-            # set up once: the timed calls replay the warm-up's graphs; the attention swap after the decoder's own
-            with dec, tuning, attention:
+            # set up once: the timed calls replay the warm-up's graphs
+            with dec, tuning:
                 # prefill alone (eager, nothing compiled): one new token; first, since its shorter cache replaces the
                 # decoder's buffers
                 prefill = min(clock.time(lambda dec=dec: dec(b.input_ids, b.attention_mask, 1, eos, pad))[0]

@@ -4,10 +4,15 @@ built in memory: no hub, no downloads."""
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 
-import pytest
-import torch
+# Triton kernels run on the CPU in Triton's interpreter, which must be chosen before triton is first imported (its
+# language functions are jitted then); the package uses a kernel on a CPU only when asked to explicitly
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .attention_kernel import KERNEL, decode_attention
+
 GQA = "refusal_gqa"
 VISIBLE = "refusal_visible"  # keyword argument: how many leading cache positions the attention reads
 
@@ -25,7 +27,8 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
     materialising 4-8x copies of the cache every step. Inputs ``(batch, heads, q, dim)``; returns
     ``(batch, q, heads, dim)`` as transformers' attention functions do. ``refusal_visible=L`` (an int or a 1-D tensor
     of that length) reads only the first ``L`` key/value positions (the caller vouches that the rest are masked out
-    for every query).
+    for every query). ``refusal_kernel=True`` runs the attention of one query position under a boolean mask as one
+    Triton kernel (:mod:`~refusal.generation.attention_kernel`; the caller checked that it can run).
     """
     visible = kwargs.get(VISIBLE)
     if visible is not None:
@@ -35,6 +38,9 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
     hkv = key.shape[1]
     g = h // hkv
     scale = scaling if scaling is not None else d ** -0.5
+    if kwargs.get(KERNEL) and q == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
+        # decoding, asked for by the static decoder: one Triton kernel that reads only the visible span
+        return decode_attention(query, key, value, attention_mask[:, 0, -1, : key.shape[2]], scale), None
     qg = query.reshape(b, hkv, g * q, d)  # heads j*g .. j*g+g-1 share K/V head j (repeat_kv's order)
     scores = torch.matmul(qg, key.transpose(-1, -2)).float() * scale  # (b, hkv, g*q, k)
     scores = scores.view(b, hkv, g, q, -1)

@@ -24,6 +24,7 @@ from ..models.fused import fused_projections
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg
 from .attention import VISIBLE, grouped_attention
+from .attention_kernel import KERNEL, why_not
 
 
 def _round_up(x: int, to: int) -> int:
@@ -92,15 +93,17 @@ class StaticDecoder:
     CUDA device only; by default with ``compile``);
     ``kv_bucket`` (0: off) lets the attention read only the written part of the cache, rounded up to that many
     positions; ``fuse`` runs the q/k/v and gate/up projections as one GEMM each during the call
-    (:func:`~refusal.models.fused.fused_projections`; by default with ``compile``). Buffers and graphs of the last
-    batch shape are kept for the next call; within a ``with decoder:`` block the model stays set up for decoding
-    between calls, so they are also replayed (outside one, each call sets it up and the fused weights may land
-    elsewhere, which captures anew).
+    (:func:`~refusal.models.fused.fused_projections`; by default with ``compile``); ``attention_kernel`` runs each
+    decode step's attention as one Triton kernel per layer (:mod:`~refusal.generation.attention_kernel`; None: on a
+    CUDA device when triton is there, True: required, an error where it cannot run; False: never). Buffers and
+    graphs of the last batch shape are kept for the next call; within a ``with decoder:`` block the model stays set
+    up for decoding between calls, so they are also replayed (outside one, each call sets it up and the fused
+    weights may land elsewhere, which captures anew).
     """
 
     def __init__(self, model, compile: bool, *, graphs: bool | None = None, steps_per_graph: int = 1,
                  kv_bucket: int = 0, fuse: bool | None = None, check_every: int = 16, round_to: int = 128,
-                 mode: str = "default", backend: str = "inductor"):
+                 mode: str = "default", backend: str = "inductor", attention_kernel: bool | None = None):
         self.model = model
         self.check_every = check_every
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
@@ -117,6 +120,8 @@ class StaticDecoder:
                                   fullgraph=False) if compile else self._step
         self._depth, self._stack, self._grouped = 0, None, False
         self.graphs_given_up: str | None = None  # why capturing failed, if it did (graphs are then off)
+        self.attention_kernel = attention_kernel
+        self.kernel = False  # whether the steps of the last call ran the Triton attention kernel
 
     def describe(self) -> str:
         """What decodes, for a run's record: e.g. ``static cache, compiled step, CUDA graphs, fused projections``."""
@@ -127,10 +132,14 @@ class StaticDecoder:
             parts.append(f"no CUDA graphs ({self.graphs_given_up})")
         if self.fuse:
             parts.append("fused projections")
+        if self.kernel:
+            parts.append("Triton decoding attention")
         return ", ".join(parts)
 
-    def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None):
+    def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None, kernel=False):
         extra = {} if visible is None else {VISIBLE: visible}
+        if kernel:
+            extra[KERNEL] = True
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
                          **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :]
@@ -140,7 +149,7 @@ class StaticDecoder:
         mask goes in as 4-D, which transformers passes through as it is: building it from the 2-D mask checks it on
         the host (a sync, which a CUDA graph of the eager step could not capture)."""
         mask = s.mask[:, None, None, :].bool() if self._grouped else s.mask
-        logits = self._forward(s.ids, s.pos, s.cpos, mask, s.cache, visible)
+        logits = self._forward(s.ids, s.pos, s.cpos, mask, s.cache, visible, self.kernel)
         nxt = torch.where(s.done, pad, logits.argmax(-1))
         s.tokens.index_copy_(1, s.idx, nxt[:, None])
         s.done |= torch.isin(nxt, eos_ids)
@@ -200,6 +209,7 @@ class StaticDecoder:
         if why is not None:
             raise RefusalError(f"Static-cache decoding cannot follow this model: {why}.",
                                "Decode with model.generate (generate.static_cache: false).")
+        self.kernel = self._use_kernel(dev, grouped)
         k = self.steps_per_graph if self.graphs else 1
         n_steps = max_new_tokens - 1  # forwards after the prefill
         total = _round_up(t + max_new_tokens + 1, self.round_to)
@@ -245,6 +255,15 @@ class StaticDecoder:
                 warm.add(visible)
                 steps += 1
         return s.tokens[:, :max_new_tokens].clone(), first
+
+    def _use_kernel(self, dev: torch.device, grouped: bool) -> bool:
+        if self.attention_kernel is False or (self.attention_kernel is None and dev.type != "cuda"):
+            return False  # (unasked, never in Triton's interpreter on a CPU)
+        why = why_not(dev) or (None if grouped else "the model's attention is not SDPA or eager, which it replaces")
+        if why is not None and self.attention_kernel:
+            raise RefusalError(f"The Triton decoding attention cannot run here: {why}.",
+                               "Leave attention_kernel unset (or False) to decode with torch's attention.")
+        return why is None
 
     @staticmethod
     def _probe(s: _Buffers, visible: int | None) -> torch.Tensor | None:

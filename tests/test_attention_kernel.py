@@ -1,0 +1,90 @@
+"""The Triton decoding attention, run on the CPU in Triton's interpreter: against gqa_attention, inside the static
+decoder (same tokens), under torch.compile, and its refusal to run where it cannot."""
+
+import pytest
+import torch
+
+from refusal.errors import RefusalError
+from refusal.generation.attention import gqa_attention
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpreter():
+    """Triton's interpreter (numpy on the CPU), which conftest chose before triton was imported."""
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mask(b: int, total: int) -> torch.Tensor:
+    mask = torch.zeros(b, total, dtype=torch.bool)
+    mask[0, :130] = True  # no padding, over three blocks of the kernel's loop (64 positions each)
+    mask[1, 7:100] = True  # left padding
+    mask[2, 66:70] = True  # the whole first block padding, the span ends off a block boundary
+    return mask
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 4, 32), (6, 3, 80)])
+def test_decode_attention_equals_gqa_attention(interpreter, heads, kv_heads, dim):
+    from refusal.generation.attention_kernel import decode_attention
+
+    torch.manual_seed(0)
+    b, total = 3, 140
+    # the query as a model hands it over: a transposed view of (b, q, h, d)
+    q = torch.randn(b, 1, heads, dim).transpose(1, 2)
+    k, v = torch.randn(b, kv_heads, total, dim), torch.randn(b, kv_heads, total, dim)
+    mask = _mask(b, total)
+    for row, end in ((0, 130), (1, 100), (2, 70)):  # slots past a row's span: never read (else NaNs would spread)
+        k[row, :, end:] = v[row, :, end:] = float("nan")
+    want = gqa_attention(None, q, torch.nan_to_num(k), torch.nan_to_num(v), mask[:, None, None, :], 0.3)[0]
+    got = decode_attention(q, k, v, mask, 0.3)
+    assert got.shape == want.shape == (b, 1, heads, dim)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # through gqa_attention itself, as the static decoder asks for it
+    via = gqa_attention(None, q, k, v, mask[:, None, None, :], 0.3, refusal_kernel=True)[0]
+    torch.testing.assert_close(via, want, atol=1e-5, rtol=1e-4)
+
+
+def test_static_decoder_with_kernel_gives_the_same_tokens(interpreter):
+    from refusal.generation.static import StaticDecoder
+    from tests.conftest import build_model
+
+    model = build_model("llama", 300, n_layers=2)
+    ids = torch.randint(5, 300, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    eos = torch.tensor([], dtype=torch.long)
+    plain = StaticDecoder(model, compile=False, attention_kernel=False)
+    want = plain(ids, mask, 6, eos, 0)[0]
+    assert "Triton" not in plain.describe()
+    dec = StaticDecoder(model, compile=False, attention_kernel=True)
+    assert torch.equal(dec(ids, mask, 6, eos, 0)[0], want)
+    assert dec.describe().endswith("Triton decoding attention")
+    # compiled by dynamo (eager backend: the op stays opaque, with its fake version for shapes)
+    compiled = StaticDecoder(model, compile=True, backend="eager", attention_kernel=True)
+    assert torch.equal(compiled(ids, mask, 6, eos, 0)[0], want)
+
+
+def test_kernel_refuses_where_it_cannot_run(monkeypatch):
+    from refusal.generation.attention_kernel import why_not
+    from refusal.generation.static import StaticDecoder
+    from tests.conftest import build_model
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "CUDA" in why_not(torch.device("cpu"))
+    model = build_model("llama", 300, n_layers=1)
+    ids = torch.randint(5, 300, (2, 5))
+    with pytest.raises(RefusalError, match="Triton decoding attention cannot run here: it runs on CUDA"):
+        StaticDecoder(model, compile=False, attention_kernel=True)(ids, torch.ones_like(ids), 3,
+                                                                   torch.tensor([], dtype=torch.long), 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    auto = StaticDecoder(model, compile=False)  # unset: the kernel on CUDA devices only (not the interpreter)
+    auto(ids, torch.ones_like(ids), 3, torch.tensor([], dtype=torch.long), 0)
+    assert not auto.kernel
+    with pytest.raises(TypeError, match="boolean mask"):
+        from refusal.generation.attention_kernel import decode_attention
+
+        decode_attention(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16),
+                         torch.ones(1, 4), 1.0)
