@@ -26,7 +26,7 @@ def _mask(b: int, total: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 4, 32), (6, 3, 80)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 4, 32), (6, 3, 80), (12, 2, 128)])
 def test_decode_attention_equals_gqa_attention(interpreter, heads, kv_heads, dim):
     from refusal.generation.attention_kernel import decode_attention
 
