@@ -1,7 +1,7 @@
 """The decoding attention kernel (:mod:`refusal.generation.attention_kernel`) on a GPU: every launch configuration
 against ``gqa_attention`` and against a floor, a kernel that only reads the same K/V.
 
-    python -m benchmarks.decode_attention --out F.json   # on a GPU
+    python -m benchmarks.decode_attention [--check] --out F.json   # on a GPU
 
 The 8B decode shape mid-generation: batch 64, 32 query and 8 K/V heads of 128, a cache of 256 positions with rows
 left-padded by 0..15 positions of a 72-wide prompt and 64 tokens generated. Each configuration is timed as 32 launches
@@ -59,6 +59,30 @@ def _read_kernel():
         return out
 
     return read_only
+
+
+def check() -> dict:
+    """On a GPU (the interpreter has no bfloat16): the kernel against ``gqa_attention`` in float32, for bf16, fp16
+    and fp32 inputs and three head layouts, rows with padding, short spans and a single visible position."""
+    from refusal.generation.attention import gqa_attention
+    from refusal.generation.attention_kernel import decode_attention
+
+    torch.manual_seed(0)
+    errors = {}
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for h, hkv, d in ((32, 8, 128), (12, 2, 128), (6, 3, 80)):
+            q = torch.randn(5, h, 1, d, device="cuda", dtype=dt)
+            k = torch.randn(5, hkv, 300, d, device="cuda", dtype=dt)
+            v = torch.randn_like(k)
+            m = torch.zeros(5, 300, dtype=torch.bool, device="cuda")
+            for r, (a, b) in enumerate(((0, 290), (9, 200), (100, 104), (0, 1), (3, 64))):
+                m[r, a:b] = True
+            want = gqa_attention(None, q.float(), k.float(), v.float(), m[:, None, None], d ** -0.5)[0]
+            err = (decode_attention(q, k, v, m, d ** -0.5).float() - want).abs().max().item()
+            errors[f"{str(dt)[6:]} {h}/{hkv}x{d}"] = err
+            print(f"{dt} heads {h}/{hkv} dim {d}: max abs difference {err:.2e}")
+            assert err < (2e-2 if dt != torch.float32 else 1e-4), err
+    return errors
 
 
 def tune(out: str | None = None, layers: int = 32, batch: int = 64, heads: int = 32, kv_heads: int = 8,
@@ -128,4 +152,8 @@ def tune(out: str | None = None, layers: int = 32, batch: int = 64, heads: int =
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(prog="python -m benchmarks.decode_attention")
     ap.add_argument("--out", default=None, help="the numbers as JSON")
-    tune(ap.parse_args().out)
+    ap.add_argument("--check", action="store_true", help="only check the kernel's output")
+    a = ap.parse_args()
+    check()
+    if not a.check:
+        tune(a.out)

@@ -50,7 +50,7 @@ def _kernel():
     @triton.jit
     def decode_attention_kernel(q, k, v, mask, out, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob, soh, scale,
                                 T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                                D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
+                                D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
         kh = tl.program_id(1)
         g = tl.arange(0, GP)  # the query heads of K/V head kh (padded to a tensor-core tile)
@@ -72,14 +72,14 @@ def _kernel():
             kv = tl.load(k + b * skb + kh * skh + t[:, None] * skt + d[None, :], mask=inside, other=0.0)
             vv = tl.load(v + b * svb + kh * svh + t[:, None] * svt + d[None, :], mask=inside, other=0.0)
             valid = tl.load(mask + b * smb + t, mask=t < n, other=0) != 0  # padding inside the span
-            s = tl.dot(qv, tl.trans(kv)).to(tl.float32) * scale
+            s = tl.dot(qv, tl.trans(kv), input_precision=PRECISION).to(tl.float32) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing visible yet
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
         o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # a row with nothing visible: zeros
         tl.store(out + b * sob + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty), mask=real)
@@ -102,8 +102,10 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d:
     with torch.cuda.device(query.device) if query.is_cuda else nullcontext():
         kernel[(bsz, hkv)](query, key, value, mask2d, out, *strides, scale, T=total,
                            TP=triton.next_power_of_2(total), G=g, GP=max(16, triton.next_power_of_2(g)), D=dim,
-                           DP=max(16, triton.next_power_of_2(dim)), BLOCK=block, num_warps=num_warps,
-                           num_stages=num_stages)
+                           DP=max(16, triton.next_power_of_2(dim)), BLOCK=block,
+                           # float32 models: full-precision products, as torch's matmul (not TF32)
+                           PRECISION="ieee" if query.dtype == torch.float32 else None,
+                           num_warps=num_warps, num_stages=num_stages)
     return out
 
 
