@@ -48,6 +48,10 @@ VARIANTS = {  # StaticDecoder keyword arguments
     # generate.static_cache: graphs -- the eager step (nothing compiled) captured into CUDA graphs
     "eager-graphs": {"compile": False, "graphs": True, "fuse": True},
     "eager-graphs+r16": {"compile": False, "graphs": True, "fuse": True, "round_to": 16},
+    # not yet measured: inductor's horizontal fusion of independent kernels (q/k RoPE and the two cache writes of a
+    # layer are three launches of ~1.5 us each) and its more aggressive vertical fusion
+    "combo": {"inductor": {"combo_kernels": True}},
+    "aggressive": {"inductor": {"aggressive_fusion": True}},
     # torch's attention in the decode step instead of the Triton kernel the decoder uses on a GPU by default
     "torch-attention": {"attention_kernel": False},
     "eager-graphs+torch-attention": {"compile": False, "graphs": True, "fuse": True, "attention_kernel": False},
