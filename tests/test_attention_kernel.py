@@ -42,6 +42,8 @@ def test_decode_attention_equals_gqa_attention(interpreter, heads, kv_heads, dim
     got = decode_attention(q, k, v, mask, 0.3)
     assert got.shape == want.shape == (b, 1, heads, dim)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    strided = mask.repeat_interleave(2, dim=1)[:, ::2]  # the same mask, not contiguous in its last dim
+    torch.testing.assert_close(decode_attention(q, k, v, strided, 0.3), want, atol=1e-5, rtol=1e-4)
     # through gqa_attention itself, as the static decoder asks for it
     via = gqa_attention(None, q, k, v, mask[:, None, None, :], 0.3, refusal_kernel=True)[0]
     torch.testing.assert_close(via, want, atol=1e-5, rtol=1e-4)

@@ -38,6 +38,8 @@ def why_not(device: torch.device) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed (a CUDA build of torch on Linux brings it)"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "it needs a GPU of compute capability 8.0 or later (bfloat16 tensor cores)"
     return None
 
 
@@ -94,8 +96,8 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d:
     hkv, total = key.shape[1], key.shape[2]
     g = h // hkv
     out = torch.empty(bsz, 1, h, dim, dtype=query.dtype, device=query.device)  # (b, q, h, d), as transformers
-    if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
-        key, value, query = key.contiguous(), value.contiguous(), query.contiguous()
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1 or mask2d.stride(-1) != 1:
+        key, value, query, mask2d = key.contiguous(), value.contiguous(), query.contiguous(), mask2d.contiguous()
     strides = (*query.stride()[:2], *key.stride()[:3], *value.stride()[:3], mask2d.stride(0), out.stride(0),
                out.stride(2))
     # triton launches on the current device; a model spread over GPUs has layers on others
