@@ -12,7 +12,10 @@ weights (so every read starts in HBM, as in decoding), each timed as a CUDA grap
 
 - ``attn`` the attention alone, ``o`` the GEMM alone, ``prefetch`` the prefetch alone;
 - ``attn+o``: one after the other (today's step);
-- ``attn+o, prefetched``: the prefetch forked onto a second stream when the attention starts, joined before the GEMM.
+- ``attn+o, prefetched``: the prefetch forked onto a second stream when the attention starts, joined before the GEMM;
+- ``attn+o, in-kernel prefetch``: extra programs of the attention's own launch read the weight (what
+  ``StaticDecoder(prefetch=True)`` does; ``python -m benchmarks.profile_generate --variants default,prefetch``
+  measures it in the whole step).
 
 If the last beats ``attn+o`` by several microseconds a layer, wiring it into the decoder is worth it (32 layers:
 5 us a layer = 0.16 ms a step); if not, the idea is closed. Not yet run: prepared for the next GPU session.
@@ -140,9 +143,17 @@ def main(argv=None) -> None:
             main.wait_stream(side)  # join before the GEMM (and before the capture ends)
             o(i)
         r[f"attn+o, prefetched ({programs} programs)"] = _graph_us(layer, a.layers)
+    from refusal.generation import attention_kernel as AK
+
+    for rows in (4, 8, 16, 32):  # the package's way: extra programs of the attention's own launch
+        def attn_pre(i, rows=rows):
+            attn_out[0] = AK._launch(q, ks[i], vs[i], mask, d ** -0.5, prefetch=ws[i], prefetch_rows=rows)
+        r[f"attn with in-kernel prefetch ({rows * hkv} programs)"] = _graph_us(attn_pre, a.layers)
+        r[f"attn+o, in-kernel prefetch ({rows * hkv} programs)"] = _graph_us(
+            lambda i, f=attn_pre: (f(i), o(i)), a.layers)
     for key, us in r.items():
         print(f"{key:40s} {us:7.2f} us/layer")
-    best = min(v for k, v in r.items() if k.startswith("attn+o, prefetched"))
+    best = min(v for k, v in r.items() if k.startswith(("attn+o, prefetched", "attn+o, in-kernel")))
     res["saved_us_per_layer"] = round(r["attn+o"] - best, 2)
     print(f"best prefetched pair against attn+o: {res['saved_us_per_layer']:+.2f} us/layer "
           f"({32 * res['saved_us_per_layer'] / 1e3:+.3f} ms per 32-layer step)")

@@ -52,6 +52,8 @@ VARIANTS = {  # StaticDecoder keyword arguments
     # layer are three launches of ~1.5 us each) and its more aggressive vertical fusion
     "combo": {"inductor": {"combo_kernels": True}},
     "aggressive": {"inductor": {"aggressive_fusion": True}},
+    # the attention kernel's launch also reads the layer's o weight into L2 (benchmarks/l2_prefetch.py)
+    "prefetch": {"prefetch": True},
     # torch's attention in the decode step instead of the Triton kernel the decoder uses on a GPU by default
     "torch-attention": {"attention_kernel": False},
     "eager-graphs+torch-attention": {"compile": False, "graphs": True, "fuse": True, "attention_kernel": False},

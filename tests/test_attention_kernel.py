@@ -49,7 +49,22 @@ def test_decode_attention_equals_gqa_attention(interpreter, heads, kv_heads, dim
     torch.testing.assert_close(via, want, atol=1e-5, rtol=1e-4)
 
 
-def test_static_decoder_with_kernel_gives_the_same_tokens(interpreter):
+def test_prefetch_programs_read_the_weight_and_leave_the_attention_alone(interpreter):
+    from refusal.generation.attention_kernel import _launch
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 32), torch.randn(3, 2, 140, 32), torch.randn(3, 2, 140, 32)
+    mask = _mask(3, 140)
+    w = torch.randn(96, 70)  # not a whole number of the programs' blocks
+    sink = torch.zeros(2 * 3)
+    want = _launch(q, k, v, mask, 0.3)
+    got = _launch(q, k, v, mask, 0.3, prefetch=w, prefetch_rows=3, sink=sink)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(sink.sum(), w.sum(), rtol=1e-4, atol=1e-3)  # every element read once
+
+
+def test_static_decoder_with_kernel_gives_the_same_tokens(interpreter, monkeypatch):
+    from refusal.generation import attention_kernel
     from refusal.generation.static import StaticDecoder
     from tests.conftest import build_model
 
@@ -67,6 +82,23 @@ def test_static_decoder_with_kernel_gives_the_same_tokens(interpreter):
     # compiled by dynamo (eager backend: the op stays opaque, with its fake version for shapes)
     compiled = StaticDecoder(model, compile=True, backend="eager", attention_kernel=True)
     assert torch.equal(compiled(ids, mask, 6, eos, 0)[0], want)
+    # with the output projections' weights read into L2 by the same launches (eager and compiled)
+    launch, seen = attention_kernel._launch, []
+
+    def recording(*a, **kw):
+        seen.append(kw.get("prefetch"))
+        return launch(*a, **kw)
+    monkeypatch.setattr(attention_kernel, "_launch", recording)
+    names = {n for n, _ in model.named_modules()}
+    for dec in (StaticDecoder(model, compile=False, attention_kernel=True, prefetch=True),
+                StaticDecoder(model, compile=True, backend="eager", attention_kernel=True, prefetch=True)):
+        with dec:
+            assert {n for n, _ in model.named_modules()} == names  # a plain attribute, not a submodule
+            assert torch.equal(dec(ids, mask, 6, eos, 0)[0], want)
+        assert dec.describe().endswith("with L2 prefetch")
+    o_proj = {id(layer.self_attn.o_proj.weight) for layer in model.model.layers}
+    assert seen and all(id(w) in o_proj for w in seen)  # every launch was given its layer's output weight
+    assert not any("_refusal_out_proj" in m.__dict__ for m in model.modules())  # removed on exit
 
 
 def test_kernel_refuses_where_it_cannot_run(monkeypatch):

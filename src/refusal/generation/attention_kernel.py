@@ -17,13 +17,16 @@ only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import cache
 
 import torch
 
 KERNEL = "refusal_kernel"  # keyword argument of the forward: decode attention with this kernel
 BLOCK_T, NUM_WARPS, NUM_STAGES = 64, 2, 2  # the fastest launch configuration of the H200 sweep
+PREFETCH = "refusal_prefetch"  # keyword argument of the forward: also read the attention's output weight into L2
+PREFETCH_ROWS = 16  # rows of prefetching programs per K/V head (8 K/V heads: 128 programs)
+OUT_PROJ = "_refusal_out_proj"  # attribute of an attention module under prefetch_targets: its output projection
 
 
 def interpreting() -> bool:
@@ -45,52 +48,18 @@ def why_not(device: torch.device) -> str | None:
 
 @cache
 def _kernel():
-    """The jitted kernel (built on first use: triton is imported only then; the interpreter is chosen here)."""
+    """Triton and the jitted kernel (imported on first use; Triton's interpreter, if chosen, is chosen then)."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def decode_attention_kernel(q, k, v, mask, out, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob, soh, scale,
-                                T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                                D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-        b = tl.program_id(0)
-        kh = tl.program_id(1)
-        g = tl.arange(0, GP)  # the query heads of K/V head kh (padded to a tensor-core tile)
-        d = tl.arange(0, DP)  # the head dimension (padded to a power of two)
-        heads = kh * G + g
-        real = (g[:, None] < G) & (d[None, :] < D)
-        qv = tl.load(q + b * sqb + heads[:, None] * sqh + d[None, :], mask=real, other=0.0)
-        # the row's span ends at its last visible position: one load of the mask row before the loop, so the loop's
-        # K/V loads depend on nothing loaded inside it (they pipeline) and slots past the end are never read
-        tt = tl.arange(0, TP)
-        row = tl.load(mask + b * smb + tt, mask=tt < T, other=0)
-        n = tl.max(tl.where(row != 0, tt + 1, 0), 0)
-        m_i = tl.full((GP,), float("-inf"), tl.float32)
-        l_i = tl.zeros((GP,), tl.float32)
-        acc = tl.zeros((GP, DP), tl.float32)
-        for t0 in range(0, T, BLOCK):
-            t = t0 + tl.arange(0, BLOCK)
-            inside = (t[:, None] < n) & (d[None, :] < D)
-            kv = tl.load(k + b * skb + kh * skh + t[:, None] * skt + d[None, :], mask=inside, other=0.0)
-            vv = tl.load(v + b * svb + kh * svh + t[:, None] * svt + d[None, :], mask=inside, other=0.0)
-            valid = tl.load(mask + b * smb + t, mask=t < n, other=0) != 0  # padding inside the span
-            s = tl.dot(qv, tl.trans(kv), input_precision=PRECISION).to(tl.float32) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing visible yet
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION).to(tl.float32)
-            m_i = m_new
-        o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # a row with nothing visible: zeros
-        tl.store(out + b * sob + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty), mask=real)
+    from . import _triton_decode
 
-    return triton, decode_attention_kernel
+    return triton, _triton_decode.decode_attention_kernel
 
 
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor, scale: float,
-            block: int = BLOCK_T, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+            block: int = BLOCK_T, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+            prefetch: torch.Tensor | None = None, prefetch_rows: int = PREFETCH_ROWS,
+            sink: torch.Tensor | None = None) -> torch.Tensor:
     triton, kernel = _kernel()
     bsz, h, _, dim = query.shape
     hkv, total = key.shape[1], key.shape[2]
@@ -100,35 +69,67 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d:
         key, value, query, mask2d = key.contiguous(), value.contiguous(), query.contiguous(), mask2d.contiguous()
     strides = (*query.stride()[:2], *key.stride()[:3], *value.stride()[:3], mask2d.stride(0), out.stride(0),
                out.stride(2))
+    rows = prefetch_rows if prefetch is not None else 0
+    pre_per, pre_block = 0, 16
+    if rows:
+        pre_block = 4096
+        chunks = rows * hkv
+        per_chunk = triton.cdiv(prefetch.numel(), chunks)
+        pre_per = triton.cdiv(per_chunk, pre_block) * pre_block  # elements per chunk, whole blocks
+        if sink is None:
+            sink = torch.empty(chunks, dtype=torch.float32, device=query.device)
+    else:
+        prefetch = sink = out  # not read
     # triton launches on the current device; a model spread over GPUs has layers on others
     with torch.cuda.device(query.device) if query.is_cuda else nullcontext():
-        kernel[(bsz, hkv)](query, key, value, mask2d, out, *strides, scale, T=total,
-                           TP=triton.next_power_of_2(total), G=g, GP=max(16, triton.next_power_of_2(g)), D=dim,
-                           DP=max(16, triton.next_power_of_2(dim)), BLOCK=block,
-                           # float32 models: full-precision products, as torch's matmul (not TF32)
-                           PRECISION="ieee" if query.dtype == torch.float32 else None,
-                           num_warps=num_warps, num_stages=num_stages)
+        kernel[(bsz + rows, hkv)](query, key, value, mask2d, out, prefetch, sink, prefetch.numel(), *strides, scale,
+                                  T=total, TP=triton.next_power_of_2(total), G=g,
+                                  GP=max(16, triton.next_power_of_2(g)), D=dim,
+                                  DP=max(16, triton.next_power_of_2(dim)), BLOCK=block,
+                                  # float32 models: full-precision products, as torch's matmul (not TF32)
+                                  PRECISION="ieee" if query.dtype == torch.float32 else None,
+                                  PRE_ROWS=rows, PRE_PER=pre_per, PRE_BLOCK=pre_block,
+                                  num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 # an opaque op: torch.compile calls it as it is (its fake version gives the output's shape), CUDA graphs capture it
 @torch.library.custom_op("refusal::decode_attention", mutates_args=())
 def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-    return _launch(query, key, value, mask2d, scale)
+                         scale: float, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(query, key, value, mask2d, scale, prefetch=prefetch)
 
 
 @_decode_attention_op.register_fake
-def _(query, key, value, mask2d, scale):
+def _(query, key, value, mask2d, scale, prefetch=None):
     bsz, h, _, dim = query.shape
     return query.new_empty(bsz, 1, h, dim)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query position: ``query (b, h, 1, d)``, ``key``/``value (b, hkv, T, d)`` (``h`` a multiple
     of ``hkv``), ``mask2d (b, T)`` boolean (True = visible); returns ``(b, 1, h, d)`` as transformers' attention
-    functions do. A row with no visible position gets zeros."""
+    functions do. A row with no visible position gets zeros. ``prefetch``: a tensor (the output projection's weight)
+    that extra programs of the same launch read into L2 while the attention runs (an experiment, see
+    ``benchmarks/l2_prefetch.py``)."""
     if mask2d.dtype != torch.bool:
         raise TypeError(f"decode_attention takes a boolean mask, not {mask2d.dtype}")
-    return _decode_attention_op(query, key, value, mask2d, float(scale))
+    return _decode_attention_op(query, key, value, mask2d, float(scale), prefetch)
+
+
+@contextmanager
+def prefetch_targets(model):
+    """Within: each attention module knows its output projection (a plain attribute, not a registered submodule), so
+    that its decoding attention can read that weight into L2 for the GEMM that follows (``refusal_prefetch=True``)."""
+    from ..models.parts import find_parts
+
+    parts = find_parts(model)
+    blocks = [(parts.attn[i], parts.attn_out_proj(i)) for i in range(parts.n_layers)]
+    for block, proj in blocks:
+        object.__setattr__(block, OUT_PROJ, proj)  # bypasses nn.Module's registration of submodules
+    try:
+        yield
+    finally:
+        for block, _ in blocks:
+            block.__dict__.pop(OUT_PROJ, None)

@@ -1,0 +1,70 @@
+"""The Triton kernels of :mod:`refusal.generation.attention_kernel` (imported only when one is first launched: this
+module imports triton). Module-level, as Triton resolves the functions a kernel calls among its globals."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend(q, k, v, mask, out, b, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob, soh, scale,
+           T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+           DP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    g = tl.arange(0, GP)  # the query heads of K/V head kh (padded to a tensor-core tile)
+    d = tl.arange(0, DP)  # the head dimension (padded to a power of two)
+    heads = kh * G + g
+    real = (g[:, None] < G) & (d[None, :] < D)
+    qv = tl.load(q + b * sqb + heads[:, None] * sqh + d[None, :], mask=real, other=0.0)
+    # the row's span ends at its last visible position: one load of the mask row before the loop, so the loop's
+    # K/V loads depend on nothing loaded inside it (they pipeline) and slots past the end are never read
+    tt = tl.arange(0, TP)
+    row = tl.load(mask + b * smb + tt, mask=tt < T, other=0)
+    n = tl.max(tl.where(row != 0, tt + 1, 0), 0)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, DP), tl.float32)
+    for t0 in range(0, T, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        inside = (t[:, None] < n) & (d[None, :] < D)
+        kv = tl.load(k + b * skb + kh * skh + t[:, None] * skt + d[None, :], mask=inside, other=0.0)
+        vv = tl.load(v + b * svb + kh * svh + t[:, None] * svt + d[None, :], mask=inside, other=0.0)
+        valid = tl.load(mask + b * smb + t, mask=t < n, other=0) != 0  # padding inside the span
+        s = tl.dot(qv, tl.trans(kv), input_precision=PRECISION).to(tl.float32) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing visible yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION).to(tl.float32)
+        m_i = m_new
+    o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # a row with nothing visible: zeros
+    tl.store(out + b * sob + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty), mask=real)
+
+@triton.jit
+def prefetch(w, sink, c, n_pre, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr):
+    """Chunk ``c`` of ``w`` read into L2, kept there (evict_last) for the GEMM that follows; the sum goes to
+    ``sink`` so that the loads are not optimised away."""
+    acc = tl.zeros((PRE_BLOCK,), tl.float32)
+    for i in range(0, PRE_PER, PRE_BLOCK):
+        o = c * PRE_PER + i + tl.arange(0, PRE_BLOCK)
+        acc += tl.load(w + o, mask=o < n_pre, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    tl.store(sink + c, tl.sum(acc, 0))
+
+@triton.jit
+def decode_attention_kernel(q, k, v, mask, out, w, sink, n_pre, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
+                            soh, scale, T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                            D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                            PRE_ROWS: tl.constexpr, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr):
+    """Programs (row, K/V head); with ``PRE_ROWS``, the first ``PRE_ROWS`` rows of programs of every K/V head
+    instead read a chunk of ``w`` (the output projection's weight) into L2 while the others attend."""
+    pid = tl.program_id(0)
+    kh = tl.program_id(1)
+    if PRE_ROWS == 0:
+        attend(q, k, v, mask, out, pid, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob, soh, scale,
+               T, TP, G, GP, D, DP, BLOCK, PRECISION)
+    else:
+        if pid < PRE_ROWS:
+            prefetch(w, sink, kh * PRE_ROWS + pid, n_pre, PRE_PER, PRE_BLOCK)
+        else:
+            attend(q, k, v, mask, out, pid - PRE_ROWS, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
+                   soh, scale, T, TP, G, GP, D, DP, BLOCK, PRECISION)
