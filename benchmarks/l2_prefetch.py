@@ -24,6 +24,7 @@ If the last beats ``attn+o`` by several microseconds a layer, wiring it into the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from functools import cache
 from pathlib import Path
@@ -145,14 +146,16 @@ def main(argv=None) -> None:
         r[f"attn+o, prefetched ({programs} programs)"] = _graph_us(layer, a.layers)
     from refusal.generation import attention_kernel as AK
 
-    for rows in (4, 8, 16, 32):  # the package's way: extra programs of the attention's own launch
-        def attn_pre(i, rows=rows):
-            attn_out[0] = AK._launch(q, ks[i], vs[i], mask, d ** -0.5, prefetch=ws[i], prefetch_rows=rows)
-        r[f"attn with in-kernel prefetch ({rows * hkv} programs)"] = _graph_us(attn_pre, a.layers)
-        r[f"attn+o, in-kernel prefetch ({rows * hkv} programs)"] = _graph_us(
-            lambda i, f=attn_pre: (f(i), o(i)), a.layers)
+    # the package's way: extra programs of the attention's own launch, issuing PTX prefetches (asm) or loads
+    for rows, asm in itertools.product((4, 8, 16, 32, 64), (True, False)):
+        def attn_pre(i, rows=rows, asm=asm):
+            attn_out[0] = AK._launch(q, ks[i], vs[i], mask, d ** -0.5, prefetch=ws[i], prefetch_rows=rows,
+                                     prefetch_asm=asm)
+        how = f"{rows * hkv} programs, {'PTX prefetch' if asm else 'loads'}"
+        r[f"attn with in-kernel prefetch ({how})"] = _graph_us(attn_pre, a.layers)
+        r[f"attn+o, in-kernel prefetch ({how})"] = _graph_us(lambda i, f=attn_pre: (f(i), o(i)), a.layers)
     for key, us in r.items():
-        print(f"{key:40s} {us:7.2f} us/layer")
+        print(f"{key:60s} {us:7.2f} us/layer")
     best = min(v for k, v in r.items() if k.startswith(("attn+o, prefetched", "attn+o, in-kernel")))
     res["saved_us_per_layer"] = round(r["attn+o"] - best, 2)
     print(f"best prefetched pair against attn+o: {res['saved_us_per_layer']:+.2f} us/layer "

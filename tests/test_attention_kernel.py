@@ -137,12 +137,15 @@ for arch, dtype, precision, d, g, rows in [(90, "bf16", None, 128, 4, 0), (90, "
                                           (80, "fp16", None, 80, 2, 0), (90, "fp32", "ieee", 64, 1, 0)]:
     ptr = {"q": dtype, "k": dtype, "v": dtype, "mask": "i1", "out": dtype, "w": dtype, "sink": "fp32"}
     const = dict(T=256, TP=256, G=g, GP=16, D=d, DP=max(16, triton.next_power_of_2(d)), BLOCK=64,
-                 PRECISION=precision, PRE_ROWS=rows, PRE_PER=32768 if rows else 0, PRE_BLOCK=4096 if rows else 16)
+                 PRECISION=precision, PRE_ROWS=rows, PRE_PER=32768 if rows else 0, PRE_BLOCK=64 if rows else 16,
+                 PRE_ASM=bool(rows), LINE=64)
     sig = {n: "*" + ptr[n] if n in ptr else "constexpr" if n in const else "fp32" if n == "scale" else "i32"
            for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 2, "num_stages": 2})
     assert compiled.asm["cubin"], (arch, dtype)
+    # the prefetch programs issue PTX prefetches into L2 (not optimised away)
+    assert ("prefetch.global.L2::evict_last" in compiled.asm["ptx"]) == bool(rows), (arch, dtype, rows)
     print("compiled", arch, dtype, d, g, rows)
 """
 

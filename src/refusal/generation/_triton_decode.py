@@ -41,20 +41,30 @@ def attend(q, k, v, mask, out, b, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, sm
     tl.store(out + b * sob + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty), mask=real)
 
 @triton.jit
-def prefetch(w, sink, c, n_pre, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr):
-    """Chunk ``c`` of ``w`` read into L2, kept there (evict_last) for the GEMM that follows; the sum goes to
-    ``sink`` so that the loads are not optimised away."""
-    acc = tl.zeros((PRE_BLOCK,), tl.float32)
-    for i in range(0, PRE_PER, PRE_BLOCK):
-        o = c * PRE_PER + i + tl.arange(0, PRE_BLOCK)
-        acc += tl.load(w + o, mask=o < n_pre, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    tl.store(sink + c, tl.sum(acc, 0))
+def prefetch(w, sink, c, n_pre, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr, PRE_ASM: tl.constexpr,
+             LINE: tl.constexpr):
+    """Chunk ``c`` (``PRE_PER`` elements) of ``w`` brought into L2 and kept there (evict_last) for the GEMM that
+    follows. ``PRE_ASM``: one PTX ``prefetch`` per 128-byte line (``LINE`` elements): no registers filled, nothing
+    waited for; else (Triton's interpreter) loads, summed into ``sink`` so that they are not optimised away."""
+    if PRE_ASM:
+        for i in range(0, PRE_PER, PRE_BLOCK * LINE):
+            o = tl.minimum(c * PRE_PER + i + tl.arange(0, PRE_BLOCK) * LINE, n_pre - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [w + o],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        acc = tl.zeros((PRE_BLOCK,), tl.float32)
+        for i in range(0, PRE_PER, PRE_BLOCK):
+            o = c * PRE_PER + i + tl.arange(0, PRE_BLOCK)
+            acc += tl.load(w + o, mask=o < n_pre, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        tl.store(sink + c, tl.sum(acc, 0))
+
 
 @triton.jit
 def decode_attention_kernel(q, k, v, mask, out, w, sink, n_pre, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
                             soh, scale, T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                             D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                            PRE_ROWS: tl.constexpr, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr):
+                            PRE_ROWS: tl.constexpr, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr,
+                            PRE_ASM: tl.constexpr, LINE: tl.constexpr):
     """Programs (row, K/V head); with ``PRE_ROWS``, the first ``PRE_ROWS`` rows of programs of every K/V head
     instead read a chunk of ``w`` (the output projection's weight) into L2 while the others attend."""
     pid = tl.program_id(0)
@@ -64,7 +74,7 @@ def decode_attention_kernel(q, k, v, mask, out, w, sink, n_pre, sqb, sqh, skb, s
                T, TP, G, GP, D, DP, BLOCK, PRECISION)
     else:
         if pid < PRE_ROWS:
-            prefetch(w, sink, kh * PRE_ROWS + pid, n_pre, PRE_PER, PRE_BLOCK)
+            prefetch(w, sink, kh * PRE_ROWS + pid, n_pre, PRE_PER, PRE_BLOCK, PRE_ASM, LINE)
         else:
             attend(q, k, v, mask, out, pid - PRE_ROWS, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
                    soh, scale, T, TP, G, GP, D, DP, BLOCK, PRECISION)

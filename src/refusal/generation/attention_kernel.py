@@ -59,7 +59,7 @@ def _kernel():
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor, scale: float,
             block: int = BLOCK_T, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
             prefetch: torch.Tensor | None = None, prefetch_rows: int = PREFETCH_ROWS,
-            sink: torch.Tensor | None = None) -> torch.Tensor:
+            sink: torch.Tensor | None = None, prefetch_asm: bool | None = None) -> torch.Tensor:
     triton, kernel = _kernel()
     bsz, h, _, dim = query.shape
     hkv, total = key.shape[1], key.shape[2]
@@ -70,12 +70,15 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d:
     strides = (*query.stride()[:2], *key.stride()[:3], *value.stride()[:3], mask2d.stride(0), out.stride(0),
                out.stride(2))
     rows = prefetch_rows if prefetch is not None else 0
-    pre_per, pre_block = 0, 16
+    pre_per, pre_block, line = 0, 16, 1
+    asm = not interpreting() if prefetch_asm is None else prefetch_asm  # PTX prefetches (a GPU), else loads
     if rows:
-        pre_block = 4096
+        line = 128 // prefetch.element_size()  # elements of a 128-byte line
+        pre_block = 64 if asm else 4096  # lines per PTX step / elements per load
         chunks = rows * hkv
         per_chunk = triton.cdiv(prefetch.numel(), chunks)
-        pre_per = triton.cdiv(per_chunk, pre_block) * pre_block  # elements per chunk, whole blocks
+        step = pre_block * line if asm else pre_block
+        pre_per = triton.cdiv(per_chunk, step) * step  # elements per chunk, whole steps
         if sink is None:
             sink = torch.empty(chunks, dtype=torch.float32, device=query.device)
     else:
@@ -88,7 +91,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d:
                                   DP=max(16, triton.next_power_of_2(dim)), BLOCK=block,
                                   # float32 models: full-precision products, as torch's matmul (not TF32)
                                   PRECISION="ieee" if query.dtype == torch.float32 else None,
-                                  PRE_ROWS=rows, PRE_PER=pre_per, PRE_BLOCK=pre_block,
+                                  PRE_ROWS=rows, PRE_PER=pre_per, PRE_BLOCK=pre_block, PRE_ASM=asm, LINE=line,
                                   num_warps=num_warps, num_stages=num_stages)
     return out
 
