@@ -35,15 +35,7 @@ python3 -m benchmarks.gpu_configs $C --data .data --judge "$MODEL" ${DRY:+--dry}
 FLAGS="--model $MODEL --preset paper --harmful $D --harmless $D --harmful-test $D/processed/jailbreakbench.json
   --output $RUNS"
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record rc and seconds
-  local name=$1 lim=$2 t0 rc
-  shift 2
-  t0=$(date +%s.%N)
-  timeout "$lim" "$@" >"$OUT/$name.log" 2>&1
-  rc=$?
-  echo "$name rc=$rc $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s" | tee -a "$OUT/steps.txt"
-  tail -n 4 "$OUT/$name.log"
-}
+. benchmarks/gpu_step.sh
 
 paper_run() {  # paper_run RESULT.json: the paper run timed from the command to summary.json into $OUT/RESULT.json
   # (a dry run: the same stages on the tiny model, untimed)
