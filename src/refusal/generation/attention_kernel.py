@@ -11,7 +11,10 @@ variants did not pay: flash-decoding splits, one program per query head, K loade
 It is a ``torch.library`` op with a fake version, so ``torch.compile`` keeps it inside a compiled step and CUDA
 graphs capture it. The static decoder asks for it through the ``refusal_kernel`` keyword argument of the model's
 forward (transformers hands it to the attention function); :func:`why_not` says when it cannot run. On a CPU it runs
-only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests). The Triton code itself is in
+:mod:`refusal.generation._triton_decode`. An experiment, off by default: with ``prefetch`` extra programs of the same
+launch bring the layer's attention output weight into L2 for the GEMM that follows (:func:`prefetch_targets`,
+``StaticDecoder(prefetch=True)``, ``benchmarks/l2_prefetch.py``).
 """
 
 from __future__ import annotations
