@@ -102,7 +102,7 @@ def configs(n: int, k: int, sms: int) -> list[dict]:
     return out
 
 
-def _graph_time(fn, repeat: int) -> float:
+def graph_time(fn, repeat: int) -> float:
     """Seconds per call: ``fn(i)`` for i in range(repeat) captured in one CUDA graph, best of three replays."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -153,7 +153,7 @@ def _measure(n: int, k: int, a, kernels, sms: int) -> dict:
     ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
     x = torch.randn(a.rows, k, device=dev, dtype=torch.bfloat16)
     out = torch.empty(a.rows, n, device=dev, dtype=torch.bfloat16)
-    t_cublas = _graph_time(lambda i: torch.matmul(x, ws[i % copies].T, out=out), a.repeat)
+    t_cublas = graph_time(lambda i: torch.matmul(x, ws[i % copies].T, out=out), a.repeat)
     want = F.linear(x, ws[0]).float()
     row = {"N": n, "K": k, "weight_mb": round(nbytes / 1e6, 1), "copies": copies,
            "bound_us": round(nbytes / (a.hbm_tbps * 1e12) * 1e6, 2),
@@ -169,7 +169,7 @@ def _measure(n: int, k: int, a, kernels, sms: int) -> dict:
             err = ((got - want).abs().max() / want.abs().max()).item()
             if err > 2e-2:
                 raise AssertionError(f"max error {err:.2e}")
-            t = _graph_time(call, a.repeat)
+            t = graph_time(call, a.repeat)
         except Exception as exc:  # noqa: BLE001 -- a configuration that does not compile or fit is skipped
             row["triton"].append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
             continue

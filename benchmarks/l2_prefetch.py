@@ -68,26 +68,11 @@ def check() -> None:
     assert err < 1e-2 * w.numel() ** 0.5, err
 
 
-def _graph_us(body, layers: int, side: torch.cuda.Stream | None = None) -> float:
-    """Microseconds per layer: ``body(i)`` for every layer captured in one CUDA graph, best of five replays."""
-    for i in range(layers):
-        body(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(layers):
-            body(i)
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / layers)
-    return round(best, 2)
+def _graph_us(body, layers: int) -> float:
+    """Microseconds per layer: ``body(i)`` for every layer captured in one CUDA graph."""
+    from benchmarks.gemm_decode import graph_time
+
+    return round(graph_time(body, layers) * 1e6, 2)
 
 
 def main(argv=None) -> None:
