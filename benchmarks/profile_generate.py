@@ -7,7 +7,9 @@ Uses the random-weight model and prompts of :mod:`benchmarks.pipeline`; the dire
 weights, as the pipeline's generation does. Each variant is a :class:`refusal.generation.static.StaticDecoder`
 configuration (``VARIANTS``), compiled afresh; it is timed as the best of three calls after a warm-up call (whose
 time, compile included, is printed), with the prefill timed apart as a one-new-token call, so ms per decode step =
-(call - prefill) / (new tokens - 1). Each variant's tokens are compared with the first variant's. ``--out`` writes
+(call - prefill) / (new tokens - 1). Each variant's tokens are compared with the first variant's, and checked
+against the model itself (:func:`greedy_deficit`: one plain forward over prompt + the variant's tokens, so a
+variant whose tokens differ from the first's can be told apart from one that computes wrongly). ``--out`` writes
 every variant's numbers, the HBM bound (weight bytes read per step / ``--hbm-tbps``) and the top kernels of the
 ``--profile`` variant (the last) with their GPU ms per step.
 """
@@ -37,7 +39,9 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "graphs+kv+fuse": {"graphs": True, "steps_per_graph": 1, "kv_bucket": 32, "fuse": True},
     "graphs16+kv+fuse": {"graphs": True, "steps_per_graph": 16, "kv_bucket": 32, "fuse": True},
     "graphs4+kv+fuse": {"graphs": True, "steps_per_graph": 4, "kv_bucket": 32, "fuse": True},
-    "default": {},  # graphs of 1 step, fused projections, the Triton decoding attention
+    "default": {},  # graphs of 1 step, fused projections, the Triton decoding attention and MLP kernels, combo kernels
+    "combo-off": {"combo_kernels": False},  # inductor's kernels one by one, as before 2026-12-02
+    "mlp-kernel-off": {"mlp_kernel": False},  # the MLP's gate/up GEMM (cuBLAS) and SiLU·mul apart, as before
     # not yet measured: GEMMs autotuned against Triton templates (minutes of compile), and Triton's pointwise and
     # reduction kernels tuned by coordinate descent ("inductor" items patch torch._inductor.config for the variant)
     "graphs+fuse+autotune": {"graphs": True, "fuse": True, "mode": "max-autotune-no-cudagraphs"},
@@ -50,7 +54,7 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "eager-graphs+r16": {"compile": False, "graphs": True, "fuse": True, "round_to": 16},
     # not yet measured: inductor's horizontal fusion of independent kernels (q/k RoPE and the two cache writes of a
     # layer are three launches of ~1.5 us each) and its more aggressive vertical fusion
-    "combo": {"inductor": {"combo_kernels": True}},
+    "combo": {"inductor": {"combo_kernels": True}},  # (the default since 2026-12-02)
     "aggressive": {"inductor": {"aggressive_fusion": True}},
     # the attention kernel's launch also reads the layer's o weight into L2 (benchmarks/l2_prefetch.py)
     "prefetch": {"prefetch": True},
@@ -59,6 +63,25 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "eager-graphs+torch-attention": {"compile": False, "graphs": True, "fuse": True, "attention_kernel": False},
 }
 BENCH_KEYS = ("inductor",)  # variant keys for this script, not StaticDecoder arguments
+
+
+@torch.no_grad()
+def greedy_deficit(model, input_ids, attention_mask, tokens) -> dict:
+    """How far a decoder's greedy tokens are from greedy under one plain forward of the model over prompt + tokens
+    (teacher-forced, the decoder's own positions: left padding excluded): per token, the largest logit minus the
+    chosen token's. A correct decoder gives 0 for most tokens and bfloat16 rounding for the rest (near ties); a
+    decoder that computes something else (a lost cache write, a wrong rotation) gives deficits of whole logits."""
+    n = tokens.shape[1]
+    ids = torch.cat([input_ids, tokens[:, :-1]], 1)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(tokens.shape[0], n - 1)], 1)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=n).logits.float()
+    deficit = logits.max(-1).values - logits.gather(-1, tokens[..., None]).squeeze(-1)
+    spread = (logits.max(-1).values - logits.mean(-1)).mean().item()
+    return {"tokens_greedy": round((deficit == 0).float().mean().item(), 4),
+            "deficit_mean": round(deficit.mean().item(), 5), "deficit_max": round(deficit.max().item(), 4),
+            "deficit_p99": round(deficit.flatten().quantile(0.99).item(), 4),
+            "logit_max_minus_mean": round(spread, 3)}
 
 
 def _profile(res: dict, name: str, run, clock, args) -> None:
@@ -149,13 +172,15 @@ def main(argv=None):
             if first_tokens is None:
                 first_tokens = tokens
             same = (tokens == first_tokens).all(-1).float().mean().item()
+            check = greedy_deficit(model, b.input_ids, b.attention_mask, tokens)
             res["variants"][name] = {"options": VARIANTS[name], "warmup_s": round(warm, 2), "s": round(s, 4),
                                      "prefill_s": round(prefill, 4), "ms_per_step": round(step_ms, 3),
                                      "bound_fraction": round(bound_ms / step_ms, 3),
-                                     "rows_same_tokens_as_first_variant": round(same, 3)}
+                                     "rows_same_tokens_as_first_variant": round(same, 3), "greedy_check": check}
             print(f"{name:20s} {step_ms:6.2f} ms/step ({bound_ms / step_ms:.0%} of the {bound_ms:.2f} ms bound)  "
                   f"{args.batch * args.new_tokens / s:8.0f} tok/s  (warm-up {warm:.1f} s, prefill {prefill:.3f} s, "
                   f"batch {args.batch}, prompt width {b.input_ids.shape[1]}, rows as the first variant {same:.0%})")
+            print(f"{'':20s} against a plain forward: {check}")
             if best is None or step_ms < best[1]:
                 best = (name, step_ms)
     if best is not None:

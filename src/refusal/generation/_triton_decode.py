@@ -1,5 +1,7 @@
-"""The Triton kernels of :mod:`refusal.generation.attention_kernel` (imported only when one is first launched: this
-module imports triton). Module-level, as Triton resolves the functions a kernel calls among its globals."""
+"""The Triton kernels of decoding: :mod:`refusal.generation.attention_kernel` and
+:mod:`refusal.generation.mlp_kernel` (imported only when one
+is first launched: this module imports triton). Module-level, as Triton resolves the functions a kernel calls among
+its globals."""
 
 import triton
 import triton.language as tl
@@ -78,3 +80,29 @@ def decode_attention_kernel(q, k, v, mask, out, w, sink, n_pre, sqb, sqh, skb, s
         else:
             attend(q, k, v, mask, out, pid - PRE_ROWS, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
                    soh, scale, T, TP, G, GP, D, DP, BLOCK, PRECISION)
+
+
+@triton.jit
+def gate_up_act_kernel(x, wg, wu, out, M, sxm, swg, swu, som, N: tl.constexpr, K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``out = silu(x @ wg^T) * (x @ wu^T)`` for a block of ``BLOCK_N`` output columns (program 0) and ``BLOCK_M``
+    rows (program 1): both products accumulate in float32 side by side, are rounded to the output's dtype (as two
+    GEMMs' outputs would be), and SiLU·mul is applied in float32 before the one store."""
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + rk
+        a = tl.load(x + rm[:, None] * sxm + ks[None, :], mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
+        inside = (rn[None, :] < N) & (ks[:, None] < K)
+        bg = tl.load(wg + rn[None, :] * swg + ks[:, None], mask=inside, other=0.0)  # (BLOCK_K, BLOCK_N) of wg^T
+        bu = tl.load(wu + rn[None, :] * swu + ks[:, None], mask=inside, other=0.0)
+        g += tl.dot(a, bg, input_precision=PRECISION)
+        u += tl.dot(a, bu, input_precision=PRECISION)
+    dtype = out.dtype.element_ty
+    g = g.to(dtype).to(tl.float32)
+    u = u.to(dtype).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(out + rm[:, None] * som + rn[None, :], y.to(dtype), mask=(rm[:, None] < M) & (rn[None, :] < N))

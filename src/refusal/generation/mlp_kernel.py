@@ -1,0 +1,138 @@
+"""A gated MLP's gate and up projections and its SiLU·mul as one Triton kernel while decoding.
+
+In a decode step the MLP's input is a few rows, its gate/up weights are read once, and the activation is applied by a
+separate elementwise kernel to the GEMM's output (on an H200 at Llama-3-8B's shape, batch 64: 59.5 us for cuBLAS's
+fused gate/up GEMM, then ~2.5 us for SiLU·mul, a launch of its own, every layer). Here one kernel computes both
+products for a block of output columns side by side and applies SiLU·mul before its one store: the intermediate
+``(rows, 2 x intermediate)`` tensor is never written, and the activation costs no launch.
+
+:func:`gated_mlp_kernel` swaps it into every MLP that has ``gate_proj``/``up_proj``/``down_proj`` linears without
+bias and for which a check on random input gives the same output as the module's own forward (to rounding): no
+model family is named; an MLP with another activation (GELU: Gemma) or another structure fails the check and keeps
+its forward. It applies to inputs of at most ``max_rows`` rows (decode steps); a prefill runs the module's own
+forward. Hooks on the MLP module run as before; an MLP whose ``gate_proj``/``up_proj`` carry hooks of their own is
+left alone (the kernel does not call them). Like the decoding attention it is a ``torch.library`` op that
+``torch.compile`` keeps and CUDA graphs capture, and on a CPU it runs only in Triton's interpreter (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from functools import cache
+
+import torch
+from torch import nn
+
+from .attention_kernel import interpreting
+
+# the launch configuration (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of benchmarks/mlp_kernel.py's sweep
+# on an H200 (8B shape, 64 rows: 62.0 us against 66.6 for cuBLAS's gate/up GEMM + SiLU·mul); rows come in blocks of
+# up to 64
+CONFIG = (32, 64, 4, 3)
+SHARED_MEMORY = 160_000  # bytes of tiles in flight the launch may plan for (an H100/H200 SM has 227 KB; an A100 164)
+MAX_ROWS = 256  # above this (a prefill, a large decode batch) the module's own forward runs
+
+
+@cache
+def _kernel():
+    from . import _triton_decode
+
+    return _triton_decode.gate_up_act_kernel
+
+
+def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, config=None) -> torch.Tensor:
+    import triton
+
+    block_n, block_k, warps, stages = config or CONFIG
+    m, k = x.shape
+    n = w_gate.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if w_gate.stride(-1) != 1 or w_up.stride(-1) != 1:
+        raise ValueError("gate_up_act needs weights with contiguous rows")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    while stages > 2 and (block_m + 2 * block_n) * block_k * x.element_size() * stages > SHARED_MEMORY:
+        stages -= 1  # float32 tiles take twice the room
+    while block_k > 32 and (block_m + 2 * block_n) * block_k * x.element_size() * stages > SHARED_MEMORY:
+        block_k //= 2
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        _kernel()[grid](x, w_gate, w_up, out, m, x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0), N=n,
+                        K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=stages)
+    return out
+
+
+@torch.library.custom_op("refusal::gate_up_act", mutates_args=())
+def _gate_up_act_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    return _launch(x, w_gate, w_up)
+
+
+@_gate_up_act_op.register_fake
+def _(x, w_gate, w_up):
+    return x.new_empty(x.shape[0], w_gate.shape[0])
+
+
+def gate_up_act(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ w_gate.T) * (x @ w_up.T)`` for ``x (rows, in)`` and weights ``(out, in)``, as one kernel."""
+    return _gate_up_act_op(x, w_gate, w_up)
+
+
+def _forward(mlp: nn.Module, max_rows: int):
+    own = type(mlp).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > max_rows:
+            return own(mlp, x)
+        h = gate_up_act(x.reshape(rows, x.shape[-1]), mlp.gate_proj.weight, mlp.up_proj.weight)
+        return mlp.down_proj(h.view(*x.shape[:-1], h.shape[-1]))
+    return forward
+
+
+def _candidate(mlp: nn.Module) -> bool:
+    lins = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(m, nn.Linear) and m.bias is None for m in lins) or "forward" in vars(mlp):
+        return False
+    gate, up, _ = lins
+    return (gate.weight.shape == up.weight.shape and gate.weight.dtype == up.weight.dtype
+            and gate.weight.device == up.weight.device and gate.weight.device.type != "meta"
+            and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in (gate, up)))
+
+
+@torch.no_grad()
+def _same_as_module(mlp: nn.Module) -> bool:
+    """Whether the kernel's forward gives the module's output (to rounding) on random rows of varied scale."""
+    w = mlp.gate_proj.weight
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 3, w.shape[1], generator=g) * torch.tensor([0.5, 2.0, 8.0])[None, :, None]
+    x = x.to(device=w.device, dtype=w.dtype)
+    try:
+        want = mlp(x)
+    except Exception:  # noqa: BLE001 -- another signature: not a plain gated MLP
+        return False
+    got = _forward(mlp, max_rows=x.numel())(x)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
+        return False
+    # the module rounds the activation and the product once each, the kernel once: a few roundings of the
+    # intermediate, summed over its width by the down projection
+    tol = 1e-4 if w.dtype == torch.float32 else 8 * torch.finfo(w.dtype).eps
+    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())))
+
+
+@contextmanager
+def gated_mlp_kernel(mlps: list[nn.Module], max_rows: int = MAX_ROWS) -> Iterator[int]:
+    """Run each of ``mlps`` that is a gated SiLU MLP (see the module's docstring) with the kernel for inputs of at most
+    ``max_rows`` rows; yields how many; every forward is restored on exit. The caller checked that the kernel can
+    run on their device (:func:`~refusal.generation.attention_kernel.why_not`)."""
+    swapped = [m for m in mlps if _candidate(m) and (m.gate_proj.weight.is_cuda or interpreting())
+               and _same_as_module(m)]
+    try:
+        for m in swapped:
+            m.forward = _forward(m, max_rows)
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            m.__dict__.pop("forward", None)

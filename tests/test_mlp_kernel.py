@@ -1,0 +1,88 @@
+"""The Triton gate/up + SiLU kernel of gated MLPs, run on the CPU in Triton's interpreter: against torch, swapped
+only into MLPs that compute the same (Llama and Qwen2, not Gemma's GELU), inside the static decoder (same tokens),
+and its refusal to run where it cannot. Its compilation for GPUs is in test_attention_kernel's AOT test."""
+
+import pytest
+import torch
+
+from refusal.errors import RefusalError
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpreter():
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("m,n,k,config", [(5, 96, 64, (32, 32, 4, 2)), (70, 40, 48, (32, 32, 4, 2)),
+                                          (64, 128, 256, (64, 128, 4, 4))])
+def test_gate_up_act_equals_torch(interpreter, m, n, k, config):
+    from refusal.generation.mlp_kernel import _launch, gate_up_act
+
+    torch.manual_seed(0)
+    x = torch.randn(m, k)
+    wg, wu = torch.randn(n, k) / 8, torch.randn(n, k) / 8  # rows, columns and K not whole blocks (some cases)
+    want = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)
+    torch.testing.assert_close(_launch(x, wg, wu, config), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gate_up_act(x, wg, wu), want, atol=1e-5, rtol=1e-4)  # the op, default launch
+    strided = torch.randn(k, m).T  # an input whose rows are not contiguous
+    torch.testing.assert_close(_launch(strided, wg, wu, config),
+                               torch.nn.functional.silu(strided @ wg.T) * (strided @ wu.T), atol=1e-5, rtol=1e-4)
+
+
+def test_swapped_only_into_mlps_that_compute_the_same(interpreter):
+    from refusal.generation.mlp_kernel import gated_mlp_kernel
+    from tests.conftest import build_model
+
+    llama = build_model("llama", 300, n_layers=3)
+    mlps = [layer.mlp for layer in llama.model.layers]
+    x = torch.randn(2, 3, 64)
+    want = [m(x) for m in mlps]
+    hooked = mlps[1].up_proj.register_forward_hook(lambda *a: None)  # a hook the kernel would not call
+    with gated_mlp_kernel(mlps) as n:
+        assert n == 2 and "forward" in vars(mlps[0]) and "forward" not in vars(mlps[1])
+        for m, w in zip(mlps, want):
+            torch.testing.assert_close(m(x), w, atol=1e-5, rtol=1e-4)
+    hooked.remove()
+    assert not any("forward" in vars(m) for m in mlps)  # restored
+    with gated_mlp_kernel(mlps, max_rows=4):  # 6 rows: the module's own forward
+        assert torch.equal(mlps[0](x), want[0])
+    gemma = build_model("gemma", 300, n_layers=1)  # GELU: the check rejects it
+    with gated_mlp_kernel([layer.mlp for layer in gemma.model.layers]) as n:
+        assert n == 0
+
+
+def test_static_decoder_with_mlp_kernel_gives_the_same_tokens(interpreter):
+    from refusal.generation.static import StaticDecoder
+    from tests.conftest import build_model
+
+    model = build_model("qwen2", 300, n_layers=2)
+    ids = torch.randint(5, 300, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    eos = torch.tensor([], dtype=torch.long)
+    want = StaticDecoder(model, compile=False, mlp_kernel=False)(ids, mask, 6, eos, 0)[0]
+    for dec in (StaticDecoder(model, compile=False, mlp_kernel=True),
+                StaticDecoder(model, compile=True, backend="eager", fuse=True, mlp_kernel=True, attention_kernel=True)):
+        assert torch.equal(dec(ids, mask, 6, eos, 0)[0], want)
+        assert "Triton gate/up + SiLU kernel in 2 MLPs" in dec.describe()
+    assert not any("forward" in vars(layer.mlp) for layer in model.model.layers)
+
+
+def test_mlp_kernel_refuses_where_it_cannot_run(monkeypatch):
+    from refusal.generation.static import StaticDecoder
+    from tests.conftest import build_model
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = build_model("llama", 300, n_layers=1)
+    ids = torch.randint(5, 300, (2, 5))
+    eos = torch.tensor([], dtype=torch.long)
+    with pytest.raises(RefusalError, match="Triton MLP kernel cannot run here: it runs on CUDA"):
+        StaticDecoder(model, compile=False, mlp_kernel=True)(ids, torch.ones_like(ids), 3, eos, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    auto = StaticDecoder(model, compile=False)  # unset: on CUDA devices only
+    auto(ids, torch.ones_like(ids), 3, eos, 0)
+    assert auto.mlp_kernels == 0 and "MLP" not in auto.describe()
