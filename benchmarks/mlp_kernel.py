@@ -64,9 +64,9 @@ def use_best(path: str, rest: list[str]) -> None:
 
     from refusal.generation import mlp_kernel
 
-    best = json.loads(Path(path).read_text()).get("best")
-    if best is not None:
-        mlp_kernel.CONFIG = tuple(best["config"])
+    swept = json.loads(Path(path).read_text())
+    if swept.get("best") is not None:
+        mlp_kernel.CONFIG = tuple(swept["best"]["config"])
     print(f"MLP kernel configuration {mlp_kernel.CONFIG}", flush=True)
     if len(rest) < 2 or rest[0] != "-m":
         raise SystemExit("usage: --use-best FILE.json -- -m MODULE ARGS...")

@@ -138,7 +138,7 @@ for arch, dtype, precision, d, g, rows in [(90, "bf16", None, 128, 4, 0), (90, "
     ptr = {"q": dtype, "k": dtype, "v": dtype, "mask": "i1", "out": dtype, "w": dtype, "sink": "fp32"}
     const = dict(T=256, TP=256, G=g, GP=16, D=d, DP=max(16, triton.next_power_of_2(d)), BLOCK=64,
                  PRECISION=precision, PRE_ROWS=rows, PRE_PER=32768 if rows else 0, PRE_BLOCK=64 if rows else 16,
-                 PRE_ASM=bool(rows), LINE=64)
+                 PRE_ASM=bool(rows), LINE=64, PDL=False)
     sig = {n: "*" + ptr[n] if n in ptr else "constexpr" if n in const else "fp32" if n == "scale" else "i32"
            for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
@@ -151,12 +151,32 @@ for arch, dtype, precision, d, g, rows in [(90, "bf16", None, 128, 4, 0), (90, "
 fn = K.gate_up_act_kernel  # the MLP kernel (refusal.generation.mlp_kernel) at its default launch
 names = list(inspect.signature(fn.fn).parameters)
 for arch, dtype, precision in [(90, "bf16", None), (80, "fp16", None), (90, "fp32", "ieee")]:
-    const = dict(N=14336, K=4096, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, PRECISION=precision)
+    const = dict(N=14336, K=4096, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, PRECISION=precision, PDL=False, PRE_K=0,
+                 LINE=64)
     sig = {n: "*" + dtype if n in ("x", "wg", "wu", "out") else "constexpr" if n in const else "i32" for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 4})
     assert compiled.asm["cubin"], (arch, dtype)
     print("compiled mlp", arch, dtype)
+
+# launched with programmatic dependent launch (Hopper): both kernels wait for the kernel before; the MLP kernel first
+# prefetches its first weight blocks into L2
+for fn, const, ptr, warps in [
+        (K.gate_up_act_kernel, dict(N=14336, K=4096, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, PRECISION=None, PDL=True,
+                                    PRE_K=256, LINE=64), dict(x="bf16", wg="bf16", wu="bf16", out="bf16"), 4),
+        (K.decode_attention_kernel, dict(T=256, TP=256, G=4, GP=16, D=128, DP=128, BLOCK=64, PRECISION=None,
+                                         PRE_ROWS=0, PRE_PER=0, PRE_BLOCK=16, PRE_ASM=False, LINE=1, PDL=True),
+         dict(q="bf16", k="bf16", v="bf16", mask="i1", out="bf16", w="bf16", sink="fp32"), 2)]:
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "*" + ptr[n] if n in ptr else "constexpr" if n in const else "fp32" if n == "scale" else "i32"
+           for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": 2, "launch_pdl": True})
+    ptx = compiled.asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and compiled.metadata.launch_pdl, fn
+    assert ("prefetch.global.L2::evict_last" in ptx) == ("PRE_K" in const), fn
+    print("compiled pdl", fn)
 """
 
 
@@ -172,4 +192,4 @@ def test_kernel_compiles_for_gpus(tmp_path):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 7
+    assert done.stdout.count("compiled") == 9

@@ -50,6 +50,12 @@ def test_swapped_only_into_mlps_that_compute_the_same(interpreter):
     assert not any("forward" in vars(m) for m in mlps)  # restored
     with gated_mlp_kernel(mlps, max_rows=4):  # 6 rows: the module's own forward
         assert torch.equal(mlps[0](x), want[0])
+    seen = []
+    down = mlps[2].down_proj.register_forward_hook(lambda m, i, o: seen.append(o))
+    with gated_mlp_kernel(mlps):  # down_proj still runs as a module: its hooks see its output
+        torch.testing.assert_close(mlps[2](x), want[2], atol=1e-5, rtol=1e-4)
+    down.remove()
+    assert len(seen) == 3  # the check (the module's own forward, then the kernel's), then the call
     gemma = build_model("gemma", 300, n_layers=1)  # GELU: the check rejects it
     with gated_mlp_kernel([layer.mlp for layer in gemma.model.layers]) as n:
         assert n == 0

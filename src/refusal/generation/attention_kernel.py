@@ -29,7 +29,11 @@ KERNEL = "refusal_kernel"  # keyword argument of the forward: decode attention w
 BLOCK_T, NUM_WARPS, NUM_STAGES = 64, 2, 2  # the fastest launch configuration of the H200 sweep
 PREFETCH = "refusal_prefetch"  # keyword argument of the forward: also read the attention's output weight into L2
 PREFETCH_ROWS = 16  # rows of prefetching programs per K/V head (8 K/V heads: 128 programs)
-OUT_PROJ = "_refusal_out_proj"  # attribute of an attention module under prefetch_targets: its output projection
+OUT_PROJ = "_refusal_out_proj"
+# launch the decoding kernels with programmatic dependent launch (Hopper+): each may start while the kernel before it
+# finishes, and waits for it (griddepcontrol.wait) before reading what that kernel writes. An experiment, off by
+# default (benchmarks/profile_generate.py, variant "pdl")
+LAUNCH_PDL = False  # attribute of an attention module under prefetch_targets: its output projection
 
 
 def interpreting() -> bool:
@@ -95,8 +99,13 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d:
                                   # float32 models: full-precision products, as torch's matmul (not TF32)
                                   PRECISION="ieee" if query.dtype == torch.float32 else None,
                                   PRE_ROWS=rows, PRE_PER=pre_per, PRE_BLOCK=pre_block, PRE_ASM=asm, LINE=line,
-                                  num_warps=num_warps, num_stages=num_stages)
+                                  num_warps=num_warps, num_stages=num_stages, **pdl_launch())
     return out
+
+
+def pdl_launch() -> dict:
+    """The Triton launch arguments for :data:`LAUNCH_PDL` (nothing when off, or in the interpreter)."""
+    return {"PDL": True, "launch_pdl": True} if LAUNCH_PDL and not interpreting() else {}
 
 
 # an opaque op: torch.compile calls it as it is (its fake version gives the output's shape), CUDA graphs capture it

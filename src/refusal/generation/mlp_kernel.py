@@ -24,6 +24,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from . import attention_kernel
 from .attention_kernel import interpreting
 
 # the launch configuration (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of benchmarks/mlp_kernel.py's sweep
@@ -53,16 +54,29 @@ def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, config=No
         raise ValueError("gate_up_act needs weights with contiguous rows")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = max(16, min(64, triton.next_power_of_2(m)))
-    while stages > 2 and (block_m + 2 * block_n) * block_k * x.element_size() * stages > SHARED_MEMORY:
-        stages -= 1  # float32 tiles take twice the room
-    while block_k > 32 and (block_m + 2 * block_n) * block_k * x.element_size() * stages > SHARED_MEMORY:
-        block_k //= 2
+    block_k, stages = _fit(block_m, 2 * block_n, block_k, stages, x.element_size())  # float32 tiles: twice the room
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _kernel()[grid](x, w_gate, w_up, out, m, x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0), N=n,
                         K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=stages)
+                        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=stages,
+                        **_pdl(block_k, x.element_size()))
     return out
+
+
+def _fit(block_m: int, width: int, block_k: int, stages: int, elsize: int) -> tuple[int, int]:
+    """Stages, then BLOCK_K, reduced until ``stages`` tiles of x and of ``width`` weight rows fit SHARED_MEMORY."""
+    while stages > 2 and (block_m + width) * block_k * elsize * stages > SHARED_MEMORY:
+        stages -= 1
+    while block_k > 32 and (block_m + width) * block_k * elsize * stages > SHARED_MEMORY:
+        block_k //= 2
+    return block_k, stages
+
+
+def _pdl(block_k: int, elsize: int) -> dict:
+    """With programmatic dependent launch, also prefetch the first four K blocks of the weights before waiting."""
+    pdl = attention_kernel.pdl_launch()
+    return {**pdl, "PRE_K": 4 * block_k, "LINE": 128 // elsize} if pdl else {}
 
 
 @torch.library.custom_op("refusal::gate_up_act", mutates_args=())
