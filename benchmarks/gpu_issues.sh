@@ -161,7 +161,7 @@ i)  # the paper run (issue 9) on one fresh machine: twice with today's defaults 
     # a second), then with generate.static_cache: false (model.generate, the default before) for the same-machine
     # comparison
   printf 'generate:\n  static_cache: false\n' > $C/eager.yaml
-  for n in 6 7 8; do
+  for n in ${PAPER_RUNS:-6 7 8}; do
     extra=""
     [ $n = 8 ] && extra="--config $C/eager.yaml"
     if [ -z "${DRY:-}" ]; then
