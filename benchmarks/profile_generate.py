@@ -42,12 +42,11 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "default": {},  # graphs of 1 step, fused projections, the Triton decoding attention and MLP kernels, combo kernels
     "combo-off": {"combo_kernels": False},  # inductor's kernels one by one, as before 2026-12-02
     "mlp-kernel-off": {"mlp_kernel": False},  # the MLP's gate/up GEMM (cuBLAS) and SiLU·mul apart, as before
-    # programmatic dependent launch: inductor's kernels (which wait before their first read of a buffer and let the
-    # next launch after their loads), then also the attention and MLP kernels (which prefetch weights before waiting)
+    # programmatic dependent launch for inductor's kernels (each waits before its first read of a buffer and lets the
+    # next launch after its loads); measured on the H200 on 2026-12-02: no gain
     "pdl": {"inductor": {"triton.enable_pdl": True}},
-    "pdl-all": {"inductor": {"triton.enable_pdl": True}, "launch_pdl": True},
-    # not yet measured: GEMMs autotuned against Triton templates (minutes of compile), and Triton's pointwise and
-    # reduction kernels tuned by coordinate descent ("inductor" items patch torch._inductor.config for the variant)
+    # GEMMs autotuned against Triton templates (minutes of compile), and Triton's pointwise and reduction kernels tuned
+    # by coordinate descent ("inductor" items patch torch._inductor.config for the variant); both slower (2026-12-01)
     "graphs+fuse+autotune": {"graphs": True, "fuse": True, "mode": "max-autotune-no-cudagraphs"},
     "graphs+fuse+cdt": {"graphs": True, "fuse": True, "inductor": {"coordinate_descent_tuning": True}},
     # the cache rounded to 16 positions instead of --round-to (the attention reads fewer unwritten slots)
@@ -56,17 +55,14 @@ VARIANTS = {  # StaticDecoder keyword arguments
     # generate.static_cache: graphs -- the eager step (nothing compiled) captured into CUDA graphs
     "eager-graphs": {"compile": False, "graphs": True, "fuse": True},
     "eager-graphs+r16": {"compile": False, "graphs": True, "fuse": True, "round_to": 16},
-    # not yet measured: inductor's horizontal fusion of independent kernels (q/k RoPE and the two cache writes of a
-    # layer are three launches of ~1.5 us each) and its more aggressive vertical fusion
-    "combo": {"inductor": {"combo_kernels": True}},  # (the default since 2026-12-02)
+    # inductor's more aggressive vertical fusion (no gain on 2026-12-02; its horizontal fusion, combo kernels, is the
+    # default since then: see combo-off)
     "aggressive": {"inductor": {"aggressive_fusion": True}},
-    # the attention kernel's launch also reads the layer's o weight into L2 (benchmarks/l2_prefetch.py)
-    "prefetch": {"prefetch": True},
     # torch's attention in the decode step instead of the Triton kernel the decoder uses on a GPU by default
     "torch-attention": {"attention_kernel": False},
     "eager-graphs+torch-attention": {"compile": False, "graphs": True, "fuse": True, "attention_kernel": False},
 }
-BENCH_KEYS = ("inductor", "launch_pdl")  # variant keys for this script, not StaticDecoder arguments
+BENCH_KEYS = ("inductor",)  # variant keys for this script, not StaticDecoder arguments
 
 
 @torch.no_grad()
@@ -86,15 +82,6 @@ def greedy_deficit(model, input_ids, attention_mask, tokens) -> dict:
             "deficit_mean": round(deficit.mean().item(), 5), "deficit_max": round(deficit.max().item(), 4),
             "deficit_p99": round(deficit.flatten().quantile(0.99).item(), 4),
             "logit_max_minus_mean": round(spread, 3)}
-
-
-def _both(a, b):
-    from contextlib import ExitStack
-
-    stack = ExitStack()
-    stack.enter_context(a)
-    stack.enter_context(b)
-    return stack
 
 
 def _profile(res: dict, name: str, run, clock, args) -> None:
@@ -166,11 +153,6 @@ def main(argv=None):
             dec = StaticDecoder(model, **opts)
             run = lambda dec=dec: dec(b.input_ids, b.attention_mask, args.new_tokens, eos, pad)  # noqa: E731
             tuning = torch._inductor.config.patch(**VARIANTS[name].get("inductor", {}))
-            if VARIANTS[name].get("launch_pdl"):
-                from unittest import mock
-
-                from refusal.generation import attention_kernel
-                tuning = _both(tuning, mock.patch.object(attention_kernel, "LAUNCH_PDL", True))
             # set up once: the timed calls replay the warm-up's graphs
             with dec, tuning:
                 # prefill alone (eager, nothing compiled): one new token; first, since its shorter cache replaces the

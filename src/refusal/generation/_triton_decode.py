@@ -1,15 +1,9 @@
-"""The Triton kernels of decoding: :mod:`refusal.generation.attention_kernel` and
-:mod:`refusal.generation.mlp_kernel` (imported only when one
-is first launched: this module imports triton). Module-level, as Triton resolves the functions a kernel calls among
-its globals."""
+"""The Triton kernels of decoding: :mod:`refusal.generation.attention_kernel` and :mod:`refusal.generation.mlp_kernel`
+(imported only when one is first launched: this module imports triton). Module-level, as Triton resolves the
+functions a kernel calls among its globals."""
 
 import triton
 import triton.language as tl
-
-try:  # programmatic dependent launch (Hopper and later; Triton >= 3.3)
-    from triton.language.extra.cuda import gdc_wait
-except ImportError:  # pragma: no cover -- only launches with PDL use it
-    gdc_wait = None
 
 
 @triton.jit
@@ -48,70 +42,23 @@ def attend(q, k, v, mask, out, b, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, sm
     tl.store(out + b * sob + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty), mask=real)
 
 @triton.jit
-def l2_prefetch(ptrs):
-    """One PTX ``prefetch`` into L2 (kept there: evict_last) per pointer: no registers filled, nothing waited for."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch(w, sink, c, n_pre, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr, PRE_ASM: tl.constexpr,
-             LINE: tl.constexpr):
-    """Chunk ``c`` (``PRE_PER`` elements) of ``w`` brought into L2 and kept there (evict_last) for the GEMM that
-    follows. ``PRE_ASM``: one PTX ``prefetch`` per 128-byte line (``LINE`` elements): no registers filled, nothing
-    waited for; else (Triton's interpreter) loads, summed into ``sink`` so that they are not optimised away."""
-    if PRE_ASM:
-        for i in range(0, PRE_PER, PRE_BLOCK * LINE):
-            l2_prefetch(w + tl.minimum(c * PRE_PER + i + tl.arange(0, PRE_BLOCK) * LINE, n_pre - 1))
-    else:
-        acc = tl.zeros((PRE_BLOCK,), tl.float32)
-        for i in range(0, PRE_PER, PRE_BLOCK):
-            o = c * PRE_PER + i + tl.arange(0, PRE_BLOCK)
-            acc += tl.load(w + o, mask=o < n_pre, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        tl.store(sink + c, tl.sum(acc, 0))
-
-
-@triton.jit
-def decode_attention_kernel(q, k, v, mask, out, w, sink, n_pre, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
-                            soh, scale, T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                            D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                            PRE_ROWS: tl.constexpr, PRE_PER: tl.constexpr, PRE_BLOCK: tl.constexpr,
-                            PRE_ASM: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr = False):
-    """Programs (row, K/V head); with ``PRE_ROWS``, the first ``PRE_ROWS`` rows of programs of every K/V head
-    instead read a chunk of ``w`` (the output projection's weight) into L2 while the others attend."""
-    pid = tl.program_id(0)
-    kh = tl.program_id(1)
-    if PDL:  # launched before the kernel that writes this step's K/V has finished: wait for it
-        gdc_wait()
-    if PRE_ROWS == 0:
-        attend(q, k, v, mask, out, pid, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob, soh, scale,
-               T, TP, G, GP, D, DP, BLOCK, PRECISION)
-    else:
-        if pid < PRE_ROWS:
-            prefetch(w, sink, kh * PRE_ROWS + pid, n_pre, PRE_PER, PRE_BLOCK, PRE_ASM, LINE)
-        else:
-            attend(q, k, v, mask, out, pid - PRE_ROWS, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
-                   soh, scale, T, TP, G, GP, D, DP, BLOCK, PRECISION)
+def decode_attention_kernel(q, k, v, mask, out, sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob, soh, scale,
+                            T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                            DP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (row, K/V head)."""
+    attend(q, k, v, mask, out, tl.program_id(0), tl.program_id(1), sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob,
+           soh, scale, T, TP, G, GP, D, DP, BLOCK, PRECISION)
 
 
 @triton.jit
 def gate_up_act_kernel(x, wg, wu, out, M, sxm, swg, swu, som, N: tl.constexpr, K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                       PDL: tl.constexpr = False, PRE_K: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """``out = silu(x @ wg^T) * (x @ wu^T)`` for a block of ``BLOCK_N`` output columns (program 0) and ``BLOCK_M``
     rows (program 1): both products accumulate in float32 side by side, are rounded to the output's dtype (as two
     GEMMs' outputs would be), and SiLU·mul is applied in float32 before the one store."""
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    if PDL:  # launched early: bring the first PRE_K columns of this block's weight rows into L2 (they do not depend
-        # on the kernel before, which may still be running), then wait for that kernel (it writes x)
-        if PRE_K > 0:
-            lines = tl.arange(0, PRE_K // LINE) * LINE
-            rows = tl.minimum(rn, N - 1)
-            l2_prefetch(wg + rows[:, None] * swg + lines[None, :])
-            l2_prefetch(wu + rows[:, None] * swu + lines[None, :])
-        gdc_wait()
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .attention_kernel import KERNEL, OUT_PROJ, PREFETCH, decode_attention
+from .attention_kernel import KERNEL, decode_attention
 
 GQA = "refusal_gqa"
 VISIBLE = "refusal_visible"  # keyword argument: how many leading cache positions the attention reads
@@ -39,11 +39,8 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
     g = h // hkv
     scale = scaling if scaling is not None else d ** -0.5
     if kwargs.get(KERNEL) and q == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
-        # decoding, asked for by the static decoder: one Triton kernel that reads only the visible span (and, asked
-        # for, the output projection's weight into L2 meanwhile)
-        proj = getattr(module, OUT_PROJ, None) if kwargs.get(PREFETCH) else None
-        return decode_attention(query, key, value, attention_mask[:, 0, -1, : key.shape[2]], scale,
-                                None if proj is None else proj.weight), None
+        # decoding, asked for by the static decoder: one Triton kernel that reads only the visible span
+        return decode_attention(query, key, value, attention_mask[:, 0, -1, : key.shape[2]], scale), None
     qg = query.reshape(b, hkv, g * q, d)  # heads j*g .. j*g+g-1 share K/V head j (repeat_kv's order)
     scores = torch.matmul(qg, key.transpose(-1, -2)).float() * scale  # (b, hkv, g*q, k)
     scores = scores.view(b, hkv, g, q, -1)

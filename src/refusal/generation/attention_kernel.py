@@ -12,28 +12,20 @@ It is a ``torch.library`` op with a fake version, so ``torch.compile`` keeps it 
 graphs capture it. The static decoder asks for it through the ``refusal_kernel`` keyword argument of the model's
 forward (transformers hands it to the attention function); :func:`why_not` says when it cannot run. On a CPU it runs
 only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests). The Triton code itself is in
-:mod:`refusal.generation._triton_decode`. An experiment, off by default: with ``prefetch`` extra programs of the same
-launch bring the layer's attention output weight into L2 for the GEMM that follows (:func:`prefetch_targets`,
-``StaticDecoder(prefetch=True)``, ``benchmarks/l2_prefetch.py``).
+:mod:`refusal.generation._triton_decode`. Tried on the H200 and dropped (``docs/results.md``): extra programs of the
+same launch bringing the next GEMM's weight into L2, and programmatic dependent launch.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import cache
 
 import torch
 
 KERNEL = "refusal_kernel"  # keyword argument of the forward: decode attention with this kernel
 BLOCK_T, NUM_WARPS, NUM_STAGES = 64, 2, 2  # the fastest launch configuration of the H200 sweep
-PREFETCH = "refusal_prefetch"  # keyword argument of the forward: also read the attention's output weight into L2
-PREFETCH_ROWS = 16  # rows of prefetching programs per K/V head (8 K/V heads: 128 programs)
-OUT_PROJ = "_refusal_out_proj"
-# launch the decoding kernels with programmatic dependent launch (Hopper+): each may start while the kernel before it
-# finishes, and waits for it (griddepcontrol.wait) before reading what that kernel writes. An experiment, off by
-# default (benchmarks/profile_generate.py, variant "pdl")
-LAUNCH_PDL = False  # attribute of an attention module under prefetch_targets: its output projection
 
 
 def interpreting() -> bool:
@@ -64,9 +56,7 @@ def _kernel():
 
 
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor, scale: float,
-            block: int = BLOCK_T, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-            prefetch: torch.Tensor | None = None, prefetch_rows: int = PREFETCH_ROWS,
-            sink: torch.Tensor | None = None, prefetch_asm: bool | None = None) -> torch.Tensor:
+            block: int = BLOCK_T, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     triton, kernel = _kernel()
     bsz, h, _, dim = query.shape
     hkv, total = key.shape[1], key.shape[2]
@@ -76,75 +66,35 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d:
         key, value, query, mask2d = key.contiguous(), value.contiguous(), query.contiguous(), mask2d.contiguous()
     strides = (*query.stride()[:2], *key.stride()[:3], *value.stride()[:3], mask2d.stride(0), out.stride(0),
                out.stride(2))
-    rows = prefetch_rows if prefetch is not None else 0
-    pre_per, pre_block, line = 0, 16, 1
-    asm = not interpreting() if prefetch_asm is None else prefetch_asm  # PTX prefetches (a GPU), else loads
-    if rows:
-        line = 128 // prefetch.element_size()  # elements of a 128-byte line
-        pre_block = 64 if asm else 4096  # lines per PTX step / elements per load
-        chunks = rows * hkv
-        per_chunk = triton.cdiv(prefetch.numel(), chunks)
-        step = pre_block * line if asm else pre_block
-        pre_per = triton.cdiv(per_chunk, step) * step  # elements per chunk, whole steps
-        if sink is None:
-            sink = torch.empty(chunks, dtype=torch.float32, device=query.device)
-    else:
-        prefetch = sink = out  # not read
     # triton launches on the current device; a model spread over GPUs has layers on others
     with torch.cuda.device(query.device) if query.is_cuda else nullcontext():
-        kernel[(bsz + rows, hkv)](query, key, value, mask2d, out, prefetch, sink, prefetch.numel(), *strides, scale,
-                                  T=total, TP=triton.next_power_of_2(total), G=g,
-                                  GP=max(16, triton.next_power_of_2(g)), D=dim,
-                                  DP=max(16, triton.next_power_of_2(dim)), BLOCK=block,
-                                  # float32 models: full-precision products, as torch's matmul (not TF32)
-                                  PRECISION="ieee" if query.dtype == torch.float32 else None,
-                                  PRE_ROWS=rows, PRE_PER=pre_per, PRE_BLOCK=pre_block, PRE_ASM=asm, LINE=line,
-                                  num_warps=num_warps, num_stages=num_stages, **pdl_launch())
+        kernel[(bsz, hkv)](query, key, value, mask2d, out, *strides, scale, T=total, TP=triton.next_power_of_2(total),
+                           G=g, GP=max(16, triton.next_power_of_2(g)), D=dim, DP=max(16, triton.next_power_of_2(dim)),
+                           BLOCK=block,
+                           # float32 models: full-precision products, as torch's matmul (not TF32)
+                           PRECISION="ieee" if query.dtype == torch.float32 else None,
+                           num_warps=num_warps, num_stages=num_stages)
     return out
-
-
-def pdl_launch() -> dict:
-    """The Triton launch arguments for :data:`LAUNCH_PDL` (nothing when off, or in the interpreter)."""
-    return {"PDL": True, "launch_pdl": True} if LAUNCH_PDL and not interpreting() else {}
 
 
 # an opaque op: torch.compile calls it as it is (its fake version gives the output's shape), CUDA graphs capture it
 @torch.library.custom_op("refusal::decode_attention", mutates_args=())
 def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor,
-                         scale: float, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(query, key, value, mask2d, scale, prefetch=prefetch)
+                         scale: float) -> torch.Tensor:
+    return _launch(query, key, value, mask2d, scale)
 
 
 @_decode_attention_op.register_fake
-def _(query, key, value, mask2d, scale, prefetch=None):
+def _(query, key, value, mask2d, scale):
     bsz, h, _, dim = query.shape
     return query.new_empty(bsz, 1, h, dim)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor,
-                     scale: float, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float) -> torch.Tensor:
     """Attention of one query position: ``query (b, h, 1, d)``, ``key``/``value (b, hkv, T, d)`` (``h`` a multiple
     of ``hkv``), ``mask2d (b, T)`` boolean (True = visible); returns ``(b, 1, h, d)`` as transformers' attention
-    functions do. A row with no visible position gets zeros. ``prefetch``: a tensor (the output projection's weight)
-    that extra programs of the same launch read into L2 while the attention runs (an experiment, see
-    ``benchmarks/l2_prefetch.py``)."""
+    functions do. A row with no visible position gets zeros."""
     if mask2d.dtype != torch.bool:
         raise TypeError(f"decode_attention takes a boolean mask, not {mask2d.dtype}")
-    return _decode_attention_op(query, key, value, mask2d, float(scale), prefetch)
-
-
-@contextmanager
-def prefetch_targets(model):
-    """Within: each attention module knows its output projection (a plain attribute, not a registered submodule), so
-    that its decoding attention can read that weight into L2 for the GEMM that follows (``refusal_prefetch=True``)."""
-    from ..models.parts import find_parts
-
-    parts = find_parts(model)
-    blocks = [(parts.attn[i], parts.attn_out_proj(i)) for i in range(parts.n_layers)]
-    for block, proj in blocks:
-        object.__setattr__(block, OUT_PROJ, proj)  # bypasses nn.Module's registration of submodules
-    try:
-        yield
-    finally:
-        for block, _ in blocks:
-            block.__dict__.pop(OUT_PROJ, None)
+    return _decode_attention_op(query, key, value, mask2d, float(scale))

@@ -24,7 +24,6 @@ from functools import cache
 import torch
 from torch import nn
 
-from . import attention_kernel
 from .attention_kernel import interpreting
 
 # the launch configuration (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of benchmarks/mlp_kernel.py's sweep
@@ -32,7 +31,9 @@ from .attention_kernel import interpreting
 # up to 64
 CONFIG = (32, 64, 4, 3)
 SHARED_MEMORY = 160_000  # bytes of tiles in flight the launch may plan for (an H100/H200 SM has 227 KB; an A100 164)
-MAX_ROWS = 256  # above this (a prefill, a large decode batch) the module's own forward runs
+# above this many rows (a prefill, a large decode batch: closer to compute-bound, where cuBLAS's larger tiles win, and
+# not measured) the module's own forward runs
+MAX_ROWS = 64
 
 
 @cache
@@ -59,8 +60,7 @@ def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, config=No
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _kernel()[grid](x, w_gate, w_up, out, m, x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0), N=n,
                         K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=stages,
-                        **_pdl(block_k, x.element_size()))
+                        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -71,12 +71,6 @@ def _fit(block_m: int, width: int, block_k: int, stages: int, elsize: int) -> tu
     while block_k > 32 and (block_m + width) * block_k * elsize * stages > SHARED_MEMORY:
         block_k //= 2
     return block_k, stages
-
-
-def _pdl(block_k: int, elsize: int) -> dict:
-    """With programmatic dependent launch, also prefetch the first four K blocks of the weights before waiting."""
-    pdl = attention_kernel.pdl_launch()
-    return {**pdl, "PRE_K": 4 * block_k, "LINE": 128 // elsize} if pdl else {}
 
 
 @torch.library.custom_op("refusal::gate_up_act", mutates_args=())

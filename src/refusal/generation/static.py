@@ -24,8 +24,8 @@ from ..models.fused import fused_projections
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, find_parts
 from .attention import VISIBLE, grouped_attention
-from .attention_kernel import KERNEL, PREFETCH, prefetch_targets, why_not
-from .mlp_kernel import gated_mlp_kernel
+from .attention_kernel import KERNEL, why_not
+from .mlp_kernel import MAX_ROWS, gated_mlp_kernel
 
 
 def _round_up(x: int, to: int) -> int:
@@ -96,20 +96,19 @@ class StaticDecoder:
     positions; ``fuse`` runs the q/k/v and gate/up projections as one GEMM each during the call
     (:func:`~refusal.models.fused.fused_projections`; by default with ``compile``); ``attention_kernel`` runs each
     decode step's attention as one Triton kernel per layer (:mod:`~refusal.generation.attention_kernel`; None: on a
-    CUDA device when triton is there, True: required, an error where it cannot run; False: never); ``prefetch``
-    (an experiment, off by default) has that kernel also read each layer's attention output weight into L2 for the
-    GEMM that follows (``benchmarks/l2_prefetch.py``); ``mlp_kernel`` runs each gated SiLU MLP's gate/up projections
-    and activation in decode steps as one Triton kernel (:mod:`~refusal.generation.mlp_kernel`; None, True, False as
-    ``attention_kernel``); ``combo_kernels`` has inductor fuse independent kernels horizontally (None: with the
-    default mode of inductor on a GPU). Buffers and graphs of the last batch shape are kept for the
-    next call; within a ``with decoder:`` block the model stays set up for decoding between calls, so they are also
-    replayed (outside one, each call sets it up and the fused weights may land elsewhere, which captures anew).
+    CUDA device when triton is there, True: required, an error where it cannot run; False: never); ``mlp_kernel``
+    runs each gated SiLU MLP's gate/up projections and activation in decode steps as one Triton kernel
+    (:mod:`~refusal.generation.mlp_kernel`; None, True, False as ``attention_kernel``); ``combo_kernels`` has inductor
+    fuse independent kernels horizontally (None: with inductor's default mode on a GPU). Buffers and graphs of the
+    last batch shape are kept for the next call; within a ``with decoder:`` block the model stays set up for decoding
+    between calls, so they are also replayed (outside one, each call sets it up and the fused weights may land
+    elsewhere, which captures anew).
     """
 
     def __init__(self, model, compile: bool, *, graphs: bool | None = None, steps_per_graph: int = 1,
                  kv_bucket: int = 0, fuse: bool | None = None, check_every: int = 16, round_to: int = 128,
                  mode: str = "default", backend: str = "inductor", attention_kernel: bool | None = None,
-                 prefetch: bool = False, mlp_kernel: bool | None = None, combo_kernels: bool | None = None):
+                 mlp_kernel: bool | None = None, combo_kernels: bool | None = None):
         self.model = model
         self.check_every = check_every
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
@@ -135,7 +134,6 @@ class StaticDecoder:
         self._depth, self._stack, self._grouped = 0, None, False
         self.graphs_given_up: str | None = None  # why capturing failed, if it did (graphs are then off)
         self.attention_kernel = attention_kernel
-        self.prefetch = prefetch
         self.kernel = False  # whether the steps of the last call ran the Triton attention kernel
         self.mlp_kernel = mlp_kernel
         self.mlp_kernels = 0  # MLPs that ran the Triton gate/up + SiLU kernel at the last set-up
@@ -151,17 +149,15 @@ class StaticDecoder:
         if self.fuse:
             parts.append("fused projections")
         if self.kernel:
-            parts.append("Triton decoding attention" + (" with L2 prefetch" if self.prefetch else ""))
+            parts.append("Triton decoding attention")
         if self.mlp_kernels:
-            parts.append(f"Triton gate/up + SiLU kernel in {self.mlp_kernels} MLPs")
+            parts.append(f"Triton gate/up + SiLU kernel in {self.mlp_kernels} MLPs (steps of up to {MAX_ROWS} rows)")
         return ", ".join(parts)
 
     def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None, kernel=False):
         extra = {} if visible is None else {VISIBLE: visible}
         if kernel:
             extra[KERNEL] = True
-            if self.prefetch:
-                extra[PREFETCH] = True
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
                          **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :]
@@ -199,8 +195,6 @@ class StaticDecoder:
                 self._grouped = stack.enter_context(grouped_attention(self.model))
                 if self.fuse:
                     stack.enter_context(fused_projections(self.model))
-                if self.prefetch:
-                    stack.enter_context(prefetch_targets(self.model))
                 if self._use_mlp_kernel():
                     self.mlp_kernels = stack.enter_context(gated_mlp_kernel(find_parts(self.model).mlp))
                 if not self.compiled:  # eager: each RMS norm as one kernel (a compiled step fuses its own)
