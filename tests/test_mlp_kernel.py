@@ -42,10 +42,21 @@ def test_swapped_only_into_mlps_that_compute_the_same(interpreter):
     x = torch.randn(2, 3, 64)
     want = [m(x) for m in mlps]
     hooked = mlps[1].up_proj.register_forward_hook(lambda *a: None)  # a hook the kernel would not call
+    # a hook on the MLP itself (an intervention at the MLP's output, with per-row tensors that a check on other
+    # inputs must not call): the kernel goes in, the hook still edits its output
+    seen = []
+
+    def shift(module, args, out):
+        seen.append(args[0].shape)
+        return out + 1.0
+    on_mlp = mlps[2].register_forward_hook(shift)
     with gated_mlp_kernel(mlps) as n:
-        assert n == 2 and "forward" in vars(mlps[0]) and "forward" not in vars(mlps[1])
-        for m, w in zip(mlps, want):
+        assert seen == []  # not called by the check
+        assert n == 2 and "forward" in vars(mlps[0]) and "forward" not in vars(mlps[1]) and "forward" in vars(mlps[2])
+        for m, w in zip(mlps, want[:2]):
             torch.testing.assert_close(m(x), w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mlps[2](x), want[2] + 1.0, atol=1e-5, rtol=1e-4)
+    on_mlp.remove()
     hooked.remove()
     assert not any("forward" in vars(m) for m in mlps)  # restored
     with gated_mlp_kernel(mlps, max_rows=4):  # 6 rows: the module's own forward

@@ -118,7 +118,7 @@ def _same_as_module(mlp: nn.Module) -> bool:
     x = torch.randn(2, 3, w.shape[1], generator=g) * torch.tensor([0.5, 2.0, 8.0])[None, :, None]
     x = x.to(device=w.device, dtype=w.dtype)
     try:
-        want = mlp(x)
+        want = mlp.forward(x)  # the module's own computation, without its hooks (an intervention's, per batch row)
     except Exception:  # noqa: BLE001 -- another signature: not a plain gated MLP
         return False
     got = _forward(mlp, max_rows=x.numel())(x)
