@@ -2,7 +2,7 @@
 cuBLAS's fused gate/up GEMM followed by SiLU·mul, at a decode shape, on the GPU.
 
     python -m benchmarks.mlp_kernel --arch llama3-8b --rows 64 --out FILE.json    # sweep of launch configurations
-    python -m benchmarks.mlp_kernel --check                                       # against torch, bf16/fp16/fp32
+    python -m benchmarks.mlp_kernel --check                                       # against torch (SiLU, tanh-GELU)
     python -m benchmarks.mlp_kernel --use-best FILE.json -- -m MODULE ARGS...     # MODULE with the sweep's best
 
 Timed as :mod:`benchmarks.gemm_decode` times GEMMs: a CUDA graph of ``--repeat`` calls, each on another copy of the
@@ -27,8 +27,9 @@ from benchmarks.gemm_decode import graph_time
 SHAPES = {"llama3-8b": (14336, 4096), "qwen2.5-1.5b": (8960, 1536)}  # (intermediate, hidden)
 
 
-def _reference(x, wg, wu):
-    return (F.silu(x.float() @ wg.float().T) * (x.float() @ wu.float().T))
+def _reference(x, wg, wu, act: int = 0):
+    g = x.float() @ wg.float().T
+    return (F.silu(g) if act == 0 else F.gelu(g, approximate="tanh")) * (x.float() @ wu.float().T)
 
 
 def check() -> None:
@@ -40,10 +41,11 @@ def check() -> None:
         for m, n, k in ((64, 14336, 4096), (3, 8960, 1536), (100, 200, 96)):
             x = torch.randn(m, k, device=dev, dtype=dtype)
             wg, wu = (torch.randn(n, k, device=dev, dtype=dtype) / math.sqrt(k) for _ in range(2))
-            want = _reference(x, wg, wu)
-            err = ((_launch(x, wg, wu).float() - want).abs().max() / want.abs().max()).item()
-            print(f"{dtype} rows {m} ({n}, {k}): max difference {err:.2e} of the largest output")
-            assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+            for act, name in enumerate(("SiLU", "tanh-GELU")):
+                want = _reference(x, wg, wu, act)
+                err = ((_launch(x, wg, wu, act).float() - want).abs().max() / want.abs().max()).item()
+                print(f"{dtype} {name} rows {m} ({n}, {k}): max difference {err:.2e} of the largest output")
+                assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
 
 
 def configs() -> list[tuple]:
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
     for cfg in configs():
         def call(i, cfg=cfg):
             w = ws[i % copies]
-            return _launch(x, w[:n], w[n:], cfg)
+            return _launch(x, w[:n], w[n:], config=cfg)
         try:
             err = ((call(0).float() - want).abs().max() / want.abs().max()).item()
             if err > 2e-2:

@@ -114,8 +114,8 @@ for arch, dtype, precision, d, g in [(90, "bf16", None, 128, 4), (90, "bf16", No
 
 fn = K.gate_up_act_kernel  # the MLP kernel (refusal.generation.mlp_kernel) at its default launch
 names = list(inspect.signature(fn.fn).parameters)
-for arch, dtype, precision in [(90, "bf16", None), (80, "fp16", None), (90, "fp32", "ieee")]:
-    const = dict(N=14336, K=4096, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, PRECISION=precision)
+for arch, dtype, precision, act in [(90, "bf16", None, 0), (80, "fp16", None, 1), (90, "fp32", "ieee", 0)]:
+    const = dict(N=14336, K=4096, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, PRECISION=precision, ACT=act)
     sig = {n: "*" + dtype if n in ("x", "wg", "wu", "out") else "constexpr" if n in const else "i32" for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})

@@ -1,6 +1,7 @@
-"""The Triton gate/up + SiLU kernel of gated MLPs, run on the CPU in Triton's interpreter: against torch, swapped
-only into MLPs that compute the same (Llama and Qwen2, not Gemma's GELU), inside the static decoder (same tokens),
-and its refusal to run where it cannot. Its compilation for GPUs is in test_attention_kernel's AOT test."""
+"""The Triton gate/up + activation kernel of gated MLPs, run on the CPU in Triton's interpreter: against torch (SiLU
+and tanh-GELU), swapped only into MLPs that compute the same (Llama and Qwen2 with SiLU, Gemma with GELU, not a ReLU
+MLP), inside the static decoder (same tokens), and its refusal to run where it cannot. Its compilation for GPUs is in
+test_attention_kernel's AOT test."""
 
 import pytest
 import torch
@@ -26,13 +27,20 @@ def test_gate_up_act_equals_torch(interpreter, m, n, k, config):
     x = torch.randn(m, k)
     wg, wu = torch.randn(n, k) / 8, torch.randn(n, k) / 8  # rows, columns and K not whole blocks (some cases)
     want = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)
-    torch.testing.assert_close(_launch(x, wg, wu, config), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_launch(x, wg, wu, config=config), want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gate_up_act(x, wg, wu), want, atol=1e-5, rtol=1e-4)  # the op, default launch
+    gelu = torch.nn.functional.gelu(x @ wg.T, approximate="tanh") * (x @ wu.T)
+    torch.testing.assert_close(gate_up_act(x, wg, wu, "gelu_tanh"), gelu, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no activation 'relu'; it has silu, gelu_tanh"):
+        gate_up_act(x, wg, wu, "relu")
     strided = torch.randn(k, m).T  # an input whose rows are not contiguous
-    torch.testing.assert_close(_launch(strided, wg, wu, config),
+    torch.testing.assert_close(_launch(strided, wg, wu, config=config),
                                torch.nn.functional.silu(strided @ wg.T) * (strided @ wu.T), atol=1e-5, rtol=1e-4)
 
 
+# the interpreter's numpy sigmoid overflows to exp(inf) = inf for large negative inputs (then 1 / inf = 0: the right
+# value); a GPU's does the same without a warning
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 def test_swapped_only_into_mlps_that_compute_the_same(interpreter):
     from refusal.generation.mlp_kernel import gated_mlp_kernel
     from tests.conftest import build_model
@@ -67,9 +75,16 @@ def test_swapped_only_into_mlps_that_compute_the_same(interpreter):
         torch.testing.assert_close(mlps[2](x), want[2], atol=1e-5, rtol=1e-4)
     down.remove()
     assert len(seen) == 3  # the check (the module's own forward, then the kernel's), then the call
-    gemma = build_model("gemma", 300, n_layers=1)  # GELU: the check rejects it
-    with gated_mlp_kernel([layer.mlp for layer in gemma.model.layers]) as n:
-        assert n == 0
+    gemma = build_model("gemma", 300, n_layers=1)  # GELU with the tanh approximation
+    gemma_mlp = gemma.model.layers[0].mlp
+    want = gemma_mlp(x)
+    with gated_mlp_kernel([gemma_mlp]) as n:
+        assert n == 1
+        torch.testing.assert_close(gemma_mlp(x), want, atol=1e-5, rtol=1e-4)
+    relu = build_model("llama", 300, n_layers=1).model.layers[0].mlp
+    relu.act_fn = torch.nn.ReLU()  # an activation the kernel does not have: the check rejects it
+    with gated_mlp_kernel([relu]) as n:
+        assert n == 0 and "forward" not in vars(relu)
 
 
 def test_static_decoder_with_mlp_kernel_gives_the_same_tokens(interpreter):
@@ -85,7 +100,7 @@ def test_static_decoder_with_mlp_kernel_gives_the_same_tokens(interpreter):
     for dec in (StaticDecoder(model, compile=False, mlp_kernel=True),
                 StaticDecoder(model, compile=True, backend="eager", fuse=True, mlp_kernel=True, attention_kernel=True)):
         assert torch.equal(dec(ids, mask, 6, eos, 0)[0], want)
-        assert "Triton gate/up + SiLU kernel in 2 MLPs" in dec.describe()
+        assert "Triton gate/up + activation kernel in 2 MLPs" in dec.describe()
     assert not any("forward" in vars(layer.mlp) for layer in model.model.layers)
 
 

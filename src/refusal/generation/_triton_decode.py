@@ -52,10 +52,12 @@ def decode_attention_kernel(q, k, v, mask, out, sqb, sqh, skb, skh, skt, svb, sv
 
 @triton.jit
 def gate_up_act_kernel(x, wg, wu, out, M, sxm, swg, swu, som, N: tl.constexpr, K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """``out = silu(x @ wg^T) * (x @ wu^T)`` for a block of ``BLOCK_N`` output columns (program 0) and ``BLOCK_M``
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                       ACT: tl.constexpr = 0):
+    """``out = act(x @ wg^T) * (x @ wu^T)`` for a block of ``BLOCK_N`` output columns (program 0) and ``BLOCK_M``
     rows (program 1): both products accumulate in float32 side by side, are rounded to the output's dtype (as two
-    GEMMs' outputs would be), and SiLU·mul is applied in float32 before the one store."""
+    GEMMs' outputs would be), and act·mul is applied in float32 before the one store. ``ACT`` 0: SiLU; 1: GELU with
+    the tanh approximation, written as ``g * sigmoid(2 c (g + 0.044715 g^3))`` (= ``0.5 g (1 + tanh(c (...)))``)."""
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -72,5 +74,8 @@ def gate_up_act_kernel(x, wg, wu, out, M, sxm, swg, swu, som, N: tl.constexpr, K
     dtype = out.dtype.element_ty
     g = g.to(dtype).to(tl.float32)
     u = u.to(dtype).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
+    if ACT == 0:
+        y = g * tl.sigmoid(g) * u
+    else:
+        y = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u  # 2 sqrt(2 / pi)
     tl.store(out + rm[:, None] * som + rn[None, :], y.to(dtype), mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -1,4 +1,4 @@
-"""A gated MLP's gate and up projections and its SiLU·mul as one Triton kernel while decoding.
+"""A gated MLP's gate and up projections and its activation·mul as one Triton kernel while decoding.
 
 In a decode step the MLP's input is a few rows, its gate/up weights are read once, and the activation is applied by a
 separate elementwise kernel to the GEMM's output (on an H200 at Llama-3-8B's shape, batch 64, in the compiled step:
@@ -8,12 +8,15 @@ intermediate ``(rows, 2 x intermediate)`` tensor is never written, and the activ
 the 8B step 0.07-0.1 ms faster; ``docs/results.md``).
 
 :func:`gated_mlp_kernel` swaps it into every MLP that has ``gate_proj``/``up_proj``/``down_proj`` linears without
-bias and for which a check on random input gives the same output as the module's own forward (to rounding): no
-model family is named; an MLP with another activation (GELU: Gemma) or another structure fails the check and keeps
-its forward. It applies to inputs of at most ``max_rows`` rows (decode steps); a prefill runs the module's own
-forward. Hooks on the MLP module run as before; an MLP whose ``gate_proj``/``up_proj`` carry hooks of their own is
-left alone (the kernel does not call them). Like the decoding attention it is a ``torch.library`` op that
-``torch.compile`` keeps and CUDA graphs capture, and on a CPU it runs only in Triton's interpreter (tests).
+bias and for which a check on random input gives the same output as the module's own forward (to rounding) with
+one of the kernel's activations, SiLU (Llama, Qwen, Mistral) or GELU with the tanh approximation (Gemma): no model
+family is named; an MLP with another activation or another structure fails the check and keeps its forward. It
+applies to inputs of at most ``max_rows`` rows (decode steps); a prefill runs the module's own forward. Hooks on the
+MLP module run as before (the check calls the module's forward without them); an MLP whose ``gate_proj``/``up_proj``
+carry hooks of their own is left alone (the kernel does not call them). Like the decoding attention it is a
+``torch.library`` op that ``torch.compile`` keeps and CUDA graphs capture, and on a CPU it runs only in Triton's
+interpreter (tests). Measured on an H200 with SiLU (Llama-3-8B's shape); the GELU form differs only in the
+elementwise epilogue.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .attention_kernel import interpreting
 # up to 64
 CONFIG = (32, 64, 4, 3)
 SHARED_MEMORY = 160_000  # bytes of tiles in flight the launch may plan for (an H100/H200 SM has 227 KB; an A100 164)
+ACTIVATIONS = ("silu", "gelu_tanh")  # the kernel's ACT 0, 1; the check tries them in this order
 # above this many rows (a prefill, a large decode batch: closer to compute-bound, where cuBLAS's larger tiles win, and
 # not measured) the module's own forward runs
 MAX_ROWS = 64
@@ -44,7 +48,7 @@ def _kernel():
     return _triton_decode.gate_up_act_kernel
 
 
-def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, config=None) -> torch.Tensor:
+def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: int = 0, config=None) -> torch.Tensor:
     import triton
 
     block_n, block_k, warps, stages = config or CONFIG
@@ -61,7 +65,8 @@ def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, config=No
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _kernel()[grid](x, w_gate, w_up, out, m, x.stride(0), w_gate.stride(0), w_up.stride(0), out.stride(0), N=n,
                         K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=stages)
+                        PRECISION="ieee" if x.dtype == torch.float32 else None, ACT=act, num_warps=warps,
+                        num_stages=stages)
     return out
 
 
@@ -75,28 +80,31 @@ def _fit(block_m: int, width: int, block_k: int, stages: int, elsize: int) -> tu
 
 
 @torch.library.custom_op("refusal::gate_up_act", mutates_args=())
-def _gate_up_act_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    return _launch(x, w_gate, w_up)
+def _gate_up_act_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: int) -> torch.Tensor:
+    return _launch(x, w_gate, w_up, act)
 
 
 @_gate_up_act_op.register_fake
-def _(x, w_gate, w_up):
+def _(x, w_gate, w_up, act):
     return x.new_empty(x.shape[0], w_gate.shape[0])
 
 
-def gate_up_act(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    """``silu(x @ w_gate.T) * (x @ w_up.T)`` for ``x (rows, in)`` and weights ``(out, in)``, as one kernel."""
-    return _gate_up_act_op(x, w_gate, w_up)
+def gate_up_act(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(x @ w_gate.T) * (x @ w_up.T)`` for ``x (rows, in)`` and weights ``(out, in)``, as one kernel;
+    ``activation`` one of :data:`ACTIVATIONS`."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"gate_up_act has no activation {activation!r}; it has {', '.join(ACTIVATIONS)}")
+    return _gate_up_act_op(x, w_gate, w_up, ACTIVATIONS.index(activation))
 
 
-def _forward(mlp: nn.Module, max_rows: int):
+def _forward(mlp: nn.Module, max_rows: int, activation: str):
     own = type(mlp).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > max_rows:
             return own(mlp, x)
-        h = gate_up_act(x.reshape(rows, x.shape[-1]), mlp.gate_proj.weight, mlp.up_proj.weight)
+        h = gate_up_act(x.reshape(rows, x.shape[-1]), mlp.gate_proj.weight, mlp.up_proj.weight, activation)
         return mlp.down_proj(h.view(*x.shape[:-1], h.shape[-1]))
     return forward
 
@@ -112,8 +120,9 @@ def _candidate(mlp: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _same_as_module(mlp: nn.Module) -> bool:
-    """Whether the kernel's forward gives the module's output (to rounding) on random rows of varied scale."""
+def _activation(mlp: nn.Module) -> str | None:
+    """The first of :data:`ACTIVATIONS` with which the kernel's forward gives the module's output (to rounding) on
+    random rows of varied scale; None if neither does."""
     w = mlp.gate_proj.weight
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(2, 3, w.shape[1], generator=g) * torch.tensor([0.5, 2.0, 8.0])[None, :, None]
@@ -121,27 +130,34 @@ def _same_as_module(mlp: nn.Module) -> bool:
     try:
         want = mlp.forward(x)  # the module's own computation, without its hooks (an intervention's, per batch row)
     except Exception:  # noqa: BLE001 -- another signature: not a plain gated MLP
-        return False
-    got = _forward(mlp, max_rows=x.numel())(x)
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
-        return False
+        return None
+    if not isinstance(want, torch.Tensor):
+        return None
     # the module rounds the activation and the product once each, the kernel once: a few roundings of the
     # intermediate, summed over its width by the down projection
     tol = 1e-4 if w.dtype == torch.float32 else 8 * torch.finfo(w.dtype).eps
-    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())))
+    for activation in ACTIVATIONS:
+        got = _forward(mlp, x.numel(), activation)(x)
+        if want.shape == got.shape and want.dtype == got.dtype and torch.allclose(
+                got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())):
+            return activation
+    return None
 
 
 @contextmanager
 def gated_mlp_kernel(mlps: list[nn.Module], max_rows: int = MAX_ROWS) -> Iterator[int]:
-    """Run each of ``mlps`` that is a gated SiLU MLP (see the module's docstring) with the kernel for inputs of at most
-    ``max_rows`` rows; yields how many; every forward is restored on exit. The caller checked that the kernel can
-    run on their device (:func:`~refusal.generation.attention_kernel.why_not`)."""
-    swapped = [m for m in mlps if _candidate(m) and (m.gate_proj.weight.is_cuda or interpreting())
-               and _same_as_module(m)]
+    """Run each of ``mlps`` that is a gated MLP the kernel can compute (see the module's docstring) with the kernel for
+    inputs of at most ``max_rows`` rows; yields how many; every forward is restored on exit. The caller checked that
+    the kernel can run on their device (:func:`~refusal.generation.attention_kernel.why_not`)."""
+    swapped = []
+    for m in mlps:
+        activation = _activation(m) if _candidate(m) and (m.gate_proj.weight.is_cuda or interpreting()) else None
+        if activation is not None:
+            swapped.append((m, activation))
     try:
-        for m in swapped:
-            m.forward = _forward(m, max_rows)
+        for m, activation in swapped:
+            m.forward = _forward(m, max_rows, activation)
         yield len(swapped)
     finally:
-        for m in swapped:
+        for m, _ in swapped:
             m.__dict__.pop("forward", None)

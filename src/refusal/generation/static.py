@@ -97,7 +97,7 @@ class StaticDecoder:
     (:func:`~refusal.models.fused.fused_projections`; by default with ``compile``); ``attention_kernel`` runs each
     decode step's attention as one Triton kernel per layer (:mod:`~refusal.generation.attention_kernel`; None: on a
     CUDA device when triton is there, True: required, an error where it cannot run; False: never); ``mlp_kernel``
-    runs each gated SiLU MLP's gate/up projections and activation in decode steps as one Triton kernel
+    runs each gated MLP's gate/up projections and activation (SiLU or tanh-GELU) in decode steps as one Triton kernel
     (:mod:`~refusal.generation.mlp_kernel`; None, True, False as ``attention_kernel``); ``combo_kernels`` has inductor
     fuse independent kernels horizontally (None: with inductor's default mode on a GPU). Buffers and graphs of the
     last batch shape are kept for the next call; within a ``with decoder:`` block the model stays set up for decoding
@@ -136,7 +136,7 @@ class StaticDecoder:
         self.attention_kernel = attention_kernel
         self.kernel = False  # whether the steps of the last call ran the Triton attention kernel
         self.mlp_kernel = mlp_kernel
-        self.mlp_kernels = 0  # MLPs that ran the Triton gate/up + SiLU kernel at the last set-up
+        self.mlp_kernels = 0  # MLPs that ran the Triton gate/up + activation kernel at the last set-up
 
     def describe(self) -> str:
         """What decodes, for a run's record: e.g. ``static cache, compiled step, CUDA graphs, fused projections``."""
@@ -151,7 +151,8 @@ class StaticDecoder:
         if self.kernel:
             parts.append("Triton decoding attention")
         if self.mlp_kernels:
-            parts.append(f"Triton gate/up + SiLU kernel in {self.mlp_kernels} MLPs (steps of up to {MAX_ROWS} rows)")
+            parts.append(f"Triton gate/up + activation kernel in {self.mlp_kernels} MLPs (steps of up to {MAX_ROWS} "
+                         "rows)")
         return ", ".join(parts)
 
     def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None, kernel=False):
