@@ -22,7 +22,7 @@ from ..errors import RefusalError
 from ..interventions.hooks import set_phase
 from ..models.fused import fused_projections
 from ..models.norms import fused_norms
-from ..models.parts import cache_kwarg, find_parts
+from ..models.parts import cache_kwarg, find_parts, model_device
 from .attention import VISIBLE, grouped_attention
 from .attention_kernel import KERNEL, why_not
 from .mlp_kernel import MAX_ROWS, gated_mlp_kernel
@@ -53,6 +53,17 @@ def unsupported_attention(model, length: int) -> str | None:
     if window and (not kinds or "sliding_attention" in kinds) and window < length:
         return f"its sliding-window attention over {window} positions, fewer than the {length} of prompt + new tokens"
     return None
+
+
+def _choose(asked: bool | None, auto: bool, why_not_here, what: str, hint: str) -> bool:
+    """Whether to use an optional kernel: ``asked`` False never; None where ``auto`` and it can run; True required,
+    with a clear error where it cannot (``why_not_here()`` says why, or None)."""
+    if asked is False or (asked is None and not auto):
+        return False
+    why = why_not_here()
+    if why is not None and asked:
+        raise RefusalError(f"The {what} cannot run here: {why}.", hint)
+    return why is None
 
 
 def one_device(model) -> bool:
@@ -123,7 +134,7 @@ class StaticDecoder:
         self.compiled = compile  # (a bound method is a new object at each access: compare this, not self.step)
         # inductor's horizontal fusion: a layer's q and k rotations and its two cache writes in one launch instead of
         # three (on an H200 at 8B, batch 64: 0.05-0.11 ms of a 5.4 ms step); torch.compile takes a mode or options
-        on_gpu = next(model.parameters()).device.type == "cuda"
+        on_gpu = model_device(model).type == "cuda"
         self.combo_kernels = (compile and backend == "inductor" and mode in (None, "default") and on_gpu
                               if combo_kernels is None else combo_kernels)
         if self.combo_kernels and mode not in (None, "default"):
@@ -278,25 +289,17 @@ class StaticDecoder:
         return s.tokens[:, :max_new_tokens].clone(), first
 
     def _use_kernel(self, dev: torch.device, grouped: bool) -> bool:
-        if self.attention_kernel is False or (self.attention_kernel is None and dev.type != "cuda"):
-            return False  # (unasked, never in Triton's interpreter on a CPU)
-        why = why_not(dev) or (None if grouped else "the model's attention is not SDPA or eager, which it replaces")
-        if why is not None and self.attention_kernel:
-            raise RefusalError(f"The Triton decoding attention cannot run here: {why}.",
-                               "Leave attention_kernel unset (or False) to decode with torch's attention.")
-        return why is None
+        return _choose(self.attention_kernel, dev.type == "cuda",  # (unasked: never in the interpreter on a CPU)
+                       lambda: why_not(dev) or (None if grouped else
+                                                "the model's attention is not SDPA or eager, which it replaces"),
+                       "Triton decoding attention", "Leave attention_kernel unset (or False) to decode with torch's "
+                       "attention.")
 
     def _use_mlp_kernel(self) -> bool:
-        if self.mlp_kernel is False:
-            return False
-        dev = next(self.model.parameters()).device
-        if self.mlp_kernel is None and (dev.type != "cuda" or not one_device(self.model)):
-            return False  # (unasked: never in Triton's interpreter on a CPU, nor over several devices)
-        why = why_not(dev)
-        if why is not None and self.mlp_kernel:
-            raise RefusalError(f"The Triton MLP kernel cannot run here: {why}.",
-                               "Leave mlp_kernel unset (or False) to decode with the model's own MLP.")
-        return why is None
+        dev = model_device(self.model)
+        return _choose(self.mlp_kernel, dev.type == "cuda" and one_device(self.model),  # (unasked: nor over devices)
+                       lambda: why_not(dev), "Triton MLP kernel",
+                       "Leave mlp_kernel unset (or False) to decode with the model's own MLP.")
 
     @staticmethod
     def _probe(s: _Buffers, visible: int | None) -> torch.Tensor | None:
