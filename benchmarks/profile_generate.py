@@ -42,6 +42,12 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "default": {},  # graphs of 1 step, fused projections, the Triton decoding attention and MLP kernels, combo kernels
     "combo-off": {"combo_kernels": False},  # inductor's kernels one by one, as before 2026-12-02
     "mlp-kernel-off": {"mlp_kernel": False},  # the MLP's gate/up GEMM (cuBLAS) and SiLU·mul apart, as before
+    # the Triton linear kernel (refusal.generation.linear_kernel) off, or in the roles named
+    "linear-off": {"linear_kernel": False},
+    "linear-down": {"linear_kernel": ("down",)},
+    "linear-lm_head": {"linear_kernel": ("lm_head",)},
+    "linear-down+lm_head": {"linear_kernel": ("down", "lm_head")},
+    "linear-all": {"linear_kernel": ("o", "down", "lm_head")},
     # programmatic dependent launch for inductor's kernels (each waits before its first read of a buffer and lets the
     # next launch after its loads); measured on the H200 on 2026-12-02: no gain
     "pdl": {"inductor": {"triton.enable_pdl": True}},
@@ -105,7 +111,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--round-to", type=int, default=128, help="static cache length rounding")
-    ap.add_argument("--variants", default="default", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="default",
+                    help=f"comma-separated, of {', '.join(VARIANTS)}; NAME#2 runs NAME again (a repeat)")
     ap.add_argument("--kernels", type=int, default=20, help="top kernels of the profiled variant (0: no profile)")
     ap.add_argument("--profile", default=None, help="the variant whose kernels are listed (default: the last)")
     ap.add_argument("--lengths", choices=["builtin", "uniform"], default="builtin")
@@ -145,14 +152,15 @@ def main(argv=None):
     best, first_tokens = None, None
     with orthogonalized(model, direction):
         for name in names:
+            variant = VARIANTS[name.split("#")[0]]
             torch._dynamo.reset()
             opts = {"compile": dev.type == "cuda", "round_to": args.round_to,
-                    **{k: v for k, v in VARIANTS[name].items() if k not in BENCH_KEYS}}
+                    **{k: v for k, v in variant.items() if k not in BENCH_KEYS}}
             if dev.type != "cuda":  # a CPU check of the plumbing: no graphs to capture
                 opts["graphs"] = False
             dec = StaticDecoder(model, **opts)
             run = lambda dec=dec: dec(b.input_ids, b.attention_mask, args.new_tokens, eos, pad)  # noqa: E731
-            tuning = torch._inductor.config.patch(**VARIANTS[name].get("inductor", {}))
+            tuning = torch._inductor.config.patch(**variant.get("inductor", {}))
             # set up once: the timed calls replay the warm-up's graphs
             with dec, tuning:
                 # prefill alone (eager, nothing compiled): one new token; first, since its shorter cache replaces the
@@ -173,7 +181,7 @@ def main(argv=None):
                 first_tokens = tokens
             same = (tokens == first_tokens).all(-1).float().mean().item()
             check = greedy_deficit(model, b.input_ids, b.attention_mask, tokens)
-            res["variants"][name] = {"options": VARIANTS[name], "warmup_s": round(warm, 2), "s": round(s, 4),
+            res["variants"][name] = {"options": variant, "warmup_s": round(warm, 2), "s": round(s, 4),
                                      "prefill_s": round(prefill, 4), "ms_per_step": round(step_ms, 3),
                                      "bound_fraction": round(bound_ms / step_ms, 3),
                                      "rows_same_tokens_as_first_variant": round(same, 3), "greedy_check": check}
