@@ -1,15 +1,15 @@
-"""Decode-shaped GEMMs (a few rows of activations against a large weight) on the GPU: cuBLAS against the package's
-Triton kernel (:mod:`refusal.generation.linear_kernel`: the whole of K in one program, no split and so no second
-kernel), in TB/s of weight read.
+"""Decode-shaped GEMMs (a few rows of activations against a large weight) on the GPU: cuBLAS against a split-K Triton
+kernel of our own, in TB/s of weight read, to see whether the 8B decode step's GEMMs can get closer to the HBM bound.
 
-    python -m benchmarks.gemm_decode --arch llama3-8b --rows 64 --out FILE.json [--only down,lm_head]
+    python -m benchmarks.gemm_decode --arch llama3-8b --rows 64 --out FILE.json
     TRITON_INTERPRET=1 python -m benchmarks.gemm_decode --check   # the kernel's arithmetic on a CPU (needs triton)
 
 Every timing is a CUDA graph of ``--repeat`` calls, each on another copy of the weight (copies enough to overflow
-the L2 cache, so every call reads its weight from HBM, as a decode step does), replayed three times, best kept;
-cuBLAS's time includes its split-K reduction kernel where it picks one. Each launch configuration is checked against
-``F.linear`` before it is timed. The shapes are the step's: fused q/k/v, o, fused gate/up, down and lm_head. (The
-fifth session's version of this file timed a split-K Triton kernel instead: ``results/h200-2026-12-01-fifth``.)"""
+the L2 cache, so every call reads its weight from HBM, as a decode step does), replayed three times, best kept. The
+Triton kernel splits K over ``split`` programs per column block when that fills the GPU better; partial sums are
+added by a second small kernel, as cuBLAS's own split-K does. Each of its configurations is checked against
+``F.linear`` before it is timed. The shapes are the step's: fused q/k/v, o, fused gate/up, down and lm_head.
+"""
 
 from __future__ import annotations
 
@@ -27,17 +27,78 @@ SHAPES = {  # name: (N, K) of y = x W^T, W of shape (N, K)
 }
 
 
-def configs(name: str, n: int, k: int) -> list[tuple]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) whose tiles in flight fit in shared memory: narrow column blocks
-    for the narrow weights (more programs than SMs), wide ones for lm_head."""
-    widths = (64, 128) if name == "lm_head" else (16, 32, 64)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def splitk_gemm(x, w, out, M, K, sxm, swn, K_PER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, N: tl.constexpr, PARTIAL: tl.constexpr):
+        """out[pid_k] (fp32 partials, PARTIAL) or out (the input's dtype) = x[:, Kslice] @ w[Nblock, Kslice]^T."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k0 = pid_k * K_PER
+        for kk in range(0, K_PER, BLOCK_K):
+            ks = k0 + kk + rk
+            a = tl.load(x + rm[:, None] * sxm + ks[None, :], mask=rm[:, None] < M, other=0.0)
+            b = tl.load(w + rn[None, :] * swn + ks[:, None])  # (BLOCK_K, BLOCK_N): W^T's tile, K contiguous
+            acc += tl.dot(a, b)
+        offs = rm[:, None] * N + rn[None, :]
+        if PARTIAL:
+            tl.store(out + pid_k * M * N + offs, acc, mask=rm[:, None] < M)
+        else:
+            tl.store(out + offs, acc.to(out.dtype.element_ty), mask=rm[:, None] < M)
+
+    @triton.jit
+    def add_partials(part, out, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(SPLIT):
+            acc += tl.load(part + s * MN + o, mask=o < MN, other=0.0)
+        tl.store(out + o, acc.to(out.dtype.element_ty), mask=o < MN)
+
+    return splitk_gemm, add_partials
+
+
+def triton_linear(x: torch.Tensor, w: torch.Tensor, cfg: dict, kernels, out=None, part=None) -> torch.Tensor:
+    """``F.linear(x, w)`` by the split-K kernel with ``cfg`` = {block_n, block_k, split, warps, stages}."""
+    gemm, add = kernels
+    m, k = x.shape
+    n = w.shape[0]
+    bn, bk, split = cfg["block_n"], cfg["block_k"], cfg["split"]
+    assert n % bn == 0 and k % (bk * split) == 0 and m <= 64, (n, k, m, cfg)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    grid = (n // bn, split)
+    kw = {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+    if split == 1:
+        gemm[grid](x, w, out, m, k, x.stride(0), w.stride(0), K_PER=k, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, N=n,
+                   PARTIAL=False, **kw)
+        return out
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if part is None else part
+    gemm[grid](x, w, part, m, k, x.stride(0), w.stride(0), K_PER=k // split, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk,
+               N=n, PARTIAL=True, **kw)
+    add[(-(-m * n // 1024),)](part, out, m * n, SPLIT=split, BLOCK=1024)
+    return out
+
+
+def configs(n: int, k: int, sms: int) -> list[dict]:
+    """Block shapes x the split of K that gives at least about two programs per SM (or none when the column blocks
+    already do)."""
     out = []
-    for bn in widths:
-        for bk in (64, 128, 256):
-            for warps in ((4, 8) if bn >= 64 else (4,)):
-                for stages in (3, 4, 6):
-                    if (64 + bn) * bk * 2 * stages <= 220_000 and not (name == "lm_head" and bk == 256):
-                        out.append((bn, bk, warps, stages))
+    for bn in (32, 64, 128):
+        for bk in (128, 256):
+            if n % bn or k % bk:
+                continue
+            splits = [s for s in (1, 2, 4, 7, 8, 14, 16) if k % (bk * s) == 0]
+            want = max(1, math.ceil(2 * sms / (n // bn)))
+            near = sorted(splits, key=lambda s: (abs(math.log(s / want)), s))[:2]
+            stages = max(2, min(5, 200_000 // ((64 * bk + bk * bn) * 2)))  # tiles in flight within shared memory
+            for s in sorted(set(near) | ({1} if n // bn >= sms else set())):
+                out.append({"block_n": bn, "block_k": bk, "split": s, "warps": 4, "stages": stages})
     return out
 
 
@@ -66,30 +127,30 @@ def graph_time(fn, repeat: int) -> float:
 
 def check() -> None:
     """The kernel against F.linear on small shapes (``TRITON_INTERPRET=1`` runs it on a CPU)."""
-    from refusal.generation.linear_kernel import _launch
+    import triton  # noqa: F401
 
+    kernels = _kernels()
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for dtype in (torch.bfloat16, torch.float16, torch.float32) if dev == "cuda" else (torch.float32,):
-        for m, n, k, cfg in [(5, 96, 200, (32, 64, 4, 2)), (64, 6144, 4096, (16, 128, 4, 3)),
-                             (64, 4096, 14336, (32, 128, 4, 4)), (3, 1000, 96, (64, 64, 4, 3))]:
-            x = torch.randn(m, k, device=dev).to(dtype)
-            w = (torch.randn(n, k, device=dev) / math.sqrt(k)).to(dtype)
-            want = x.float() @ w.float().T
-            err = ((_launch(x, w, cfg).float() - want).abs().max() / want.abs().max()).item()
-            print(f"{dtype} m {m} n {n} k {k} {cfg}: max error {err:.2e} of the largest output")
-            assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter (numpy) has no bfloat16
+    for m, n, k, cfg in [(5, 64, 256, {"block_n": 32, "block_k": 128, "split": 1}),
+                         (64, 128, 512, {"block_n": 64, "block_k": 128, "split": 2}),
+                         (3, 96, 896, {"block_n": 32, "block_k": 128, "split": 7})]:
+        x = torch.randn(m, k, device=dev).to(dtype)
+        w = torch.randn(n, k, device=dev).to(dtype)
+        got = triton_linear(x, w, {**cfg, "warps": 4, "stages": 2}, kernels).float()
+        want = x.float() @ w.float().T
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        print(f"m {m} n {n} k {k} {cfg}: max error {err:.2e} of the largest output")
+        assert err < 2e-2, err
 
 
-def _measure(name: str, n: int, k: int, a) -> dict:
-    """cuBLAS (with its split-K reduction, where it picks one) and every launch of the package's kernel on one
-    (N, K), weights in HBM (see the module's docstring)."""
-    from refusal.generation.linear_kernel import _launch
-
+def _measure(n: int, k: int, a, kernels, sms: int) -> dict:
+    """cuBLAS and every Triton configuration on one (N, K), weights in HBM (see the module's docstring)."""
     dev = torch.device("cuda")
     nbytes = n * k * 2
     copies = max(2, min(a.repeat, math.ceil(a.l2_mb * 1e6 / nbytes)))
-    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k) for _ in range(copies)]
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
     x = torch.randn(a.rows, k, device=dev, dtype=torch.bfloat16)
     out = torch.empty(a.rows, n, device=dev, dtype=torch.bfloat16)
     t_cublas = graph_time(lambda i: torch.matmul(x, ws[i % copies].T, out=out), a.repeat)
@@ -98,24 +159,26 @@ def _measure(name: str, n: int, k: int, a) -> dict:
            "bound_us": round(nbytes / (a.hbm_tbps * 1e12) * 1e6, 2),
            "cublas_us": round(t_cublas * 1e6, 2), "cublas_tbps": round(nbytes / t_cublas / 1e12, 3), "triton": []}
     best = None
-    for cfg in configs(name, n, k):
-        def call(i, cfg=cfg):
-            return _launch(x, ws[i % copies], cfg, out=out)
+    for cfg in configs(n, k, sms):
+        part = torch.empty(cfg["split"], a.rows, n, dtype=torch.float32, device=dev) if cfg["split"] > 1 else None
+
+        def call(i, cfg=cfg, part=part):
+            return triton_linear(x, ws[i % copies], cfg, kernels, out=out, part=part)
         try:
-            err = ((call(0).float() - want).abs().max() / want.abs().max()).item()
+            got = call(0).float()
+            err = ((got - want).abs().max() / want.abs().max()).item()
             if err > 2e-2:
                 raise AssertionError(f"max error {err:.2e}")
             t = graph_time(call, a.repeat)
         except Exception as exc:  # noqa: BLE001 -- a configuration that does not compile or fit is skipped
-            row["triton"].append({"config": list(cfg), "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
+            row["triton"].append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
             continue
-        row["triton"].append({"config": list(cfg), "us": round(t * 1e6, 2), "tbps": round(nbytes / t / 1e12, 3),
+        row["triton"].append({**cfg, "us": round(t * 1e6, 2), "tbps": round(nbytes / t / 1e12, 3),
                               "max_rel_error": round(err, 5)})
         if best is None or t < best[0]:
             best = (t, cfg)
     if best is not None:
-        row["best_triton"] = {"config": list(best[1]), "us": round(best[0] * 1e6, 2),
-                              "tbps": round(nbytes / best[0] / 1e12, 3)}
+        row["best_triton"] = {**best[1], "us": round(best[0] * 1e6, 2), "tbps": round(nbytes / best[0] / 1e12, 3)}
     return row
 
 
@@ -127,7 +190,6 @@ def main(argv=None) -> None:
     ap.add_argument("--l2-mb", type=float, default=200, help="weight copies add up to at least this (MB)")
     ap.add_argument("--hbm-tbps", type=float, default=4.8)
     ap.add_argument("--check", action="store_true", help="only check the kernel's arithmetic")
-    ap.add_argument("--only", default="qkv,o,down,lm_head", help="comma-separated shapes to measure")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.check:
@@ -135,14 +197,13 @@ def main(argv=None) -> None:
         return
     import triton
 
+    kernels = _kernels()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "rows": a.rows, "hbm_tbps": a.hbm_tbps, "sms": sms, "shapes": {}}
     for name, (n, k) in SHAPES[a.arch].items():
-        if a.only and name not in a.only.split(","):
-            continue
-        row = res["shapes"][name] = _measure(name, n, k, a)
+        row = res["shapes"][name] = _measure(n, k, a, kernels, sms)
         best = row.get("best_triton")
         print(f"{name:8s} N {n:6d} K {k:5d}: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tbps']:.2f} TB/s)"
               + (f", best Triton {best['us']:7.1f} us ({best['tbps']:.2f} TB/s) {best}" if best

@@ -3,7 +3,7 @@ cuBLAS's fused gate/up GEMM followed by SiLU·mul, at a decode shape, on the GPU
 
     python -m benchmarks.mlp_kernel --arch llama3-8b --rows 64 --out FILE.json    # sweep of launch configurations
     python -m benchmarks.mlp_kernel --check                                       # against torch (SiLU, tanh-GELU)
-    python -m benchmarks.mlp_kernel --use-best FILE.json[,GEMM.json] -- -m MODULE ARGS...  # with the sweeps' best
+    python -m benchmarks.mlp_kernel --use-best FILE.json -- -m MODULE ARGS...     # MODULE with the sweep's best
 
 Timed as :mod:`benchmarks.gemm_decode` times GEMMs: a CUDA graph of ``--repeat`` calls, each on another copy of the
 weights (enough copies to overflow the L2 cache, so every call reads HBM as a decode step does), best of three
@@ -59,33 +59,19 @@ def configs() -> list[tuple]:
     return out
 
 
-def use_best(paths: str, rest: list[str]) -> None:
-    """Run ``-m MODULE ARGS...`` in this process with the package's launch configurations set to the best of sweeps:
-    this module's (the MLP kernel) and ``benchmarks.gemm_decode``'s (the linear kernel: each role's best launch, and
-    as the decoder's default roles those where it beat cuBLAS); ``paths`` comma-separated."""
+def use_best(path: str, rest: list[str]) -> None:
+    """Run ``-m MODULE ARGS...`` in this process with the package's launch configuration set to the best of a sweep."""
     import runpy
     import sys
 
-    from refusal.generation import linear_kernel, mlp_kernel
+    from refusal.generation import mlp_kernel
 
-    for path in paths.split(","):
-        swept = json.loads(Path(path).read_text())
-        if swept.get("best") is not None:
-            mlp_kernel.CONFIG = tuple(swept["best"]["config"])
-        shapes = swept.get("shapes", {})
-        won = []
-        for role in linear_kernel.ROLES:
-            best = shapes.get(role, {}).get("best_triton")
-            if best is not None:
-                linear_kernel.CONFIGS[role] = tuple(best["config"])
-                if best["us"] < shapes[role]["cublas_us"]:
-                    won.append(role)
-        if shapes:
-            linear_kernel.DEFAULT_ROLES = tuple(won)
-    print(f"MLP kernel configuration {mlp_kernel.CONFIG}; linear kernel {linear_kernel.CONFIGS}, default roles "
-          f"{linear_kernel.DEFAULT_ROLES}", flush=True)
+    swept = json.loads(Path(path).read_text())
+    if swept.get("best") is not None:
+        mlp_kernel.CONFIG = tuple(swept["best"]["config"])
+    print(f"MLP kernel configuration {mlp_kernel.CONFIG}", flush=True)
     if len(rest) < 2 or rest[0] != "-m":
-        raise SystemExit("usage: --use-best FILE.json[,FILE.json] -- -m MODULE ARGS...")
+        raise SystemExit("usage: --use-best FILE.json -- -m MODULE ARGS...")
     sys.argv = [rest[1], *rest[2:]]
     runpy.run_module(rest[1], run_name="__main__", alter_sys=True)
 

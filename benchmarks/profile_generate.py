@@ -42,12 +42,6 @@ VARIANTS = {  # StaticDecoder keyword arguments
     "default": {},  # graphs of 1 step, fused projections, the Triton decoding attention and MLP kernels, combo kernels
     "combo-off": {"combo_kernels": False},  # inductor's kernels one by one, as before 2026-12-02
     "mlp-kernel-off": {"mlp_kernel": False},  # the MLP's gate/up GEMM (cuBLAS) and SiLU·mul apart, as before
-    # the Triton linear kernel (refusal.generation.linear_kernel) off, or in the roles named
-    "linear-off": {"linear_kernel": False},
-    "linear-down": {"linear_kernel": ("down",)},
-    "linear-lm_head": {"linear_kernel": ("lm_head",)},
-    "linear-down+lm_head": {"linear_kernel": ("down", "lm_head")},
-    "linear-all": {"linear_kernel": ("o", "down", "lm_head")},
     # programmatic dependent launch for inductor's kernels (each waits before its first read of a buffer and lets the
     # next launch after its loads); measured on the H200 on 2026-12-02: no gain
     "pdl": {"inductor": {"triton.enable_pdl": True}},

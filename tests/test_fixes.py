@@ -267,3 +267,33 @@ def test_no_past_key_values_deprecation_warning(tokenizer):
                                                         tokenizer.pad_token_id)
     assert not scores.induce[:, 1:].isnan().any()
     assert tokens.shape == (3, 4)
+
+
+def test_the_output_head_gets_the_last_position_contiguous(llama, tokenizer):
+    """With ``logits_to_keep=1`` transformers hands the head a strided view of the last position, which cuBLAS
+    multiplied 55x more slowly on an H200 (refusal.models.head): every path that asks for the last position's
+    logits gives it a contiguous tensor, with the same logits and tokens."""
+    from refusal.generation.batched import generate
+    from refusal.generation.session import ChatSession
+    from refusal.generation.static import StaticDecoder
+    from refusal.scoring.engine import last_logits
+    from refusal.templates import tokenize
+
+    seen = []
+    head = llama.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        prompts = format_prompts(tokenizer, HARMFUL[:3])
+        b = tokenize(tokenizer, prompts, "cpu")
+        got = last_logits(llama, b.input_ids, b.attention_mask)
+        want = llama(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                     position_ids=(b.attention_mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1]
+        torch.testing.assert_close(got, want)
+        texts = generate(llama, tokenizer, prompts, max_new_tokens=4, batch_size=3)  # model.generate
+        eos = torch.tensor([], dtype=torch.long)
+        StaticDecoder(llama, compile=False)(b.input_ids, b.attention_mask, 3, eos, 0)
+        list(ChatSession(llama, tokenizer, {}, max_new_tokens=2).stream(prompts[0]))
+    finally:
+        hook.remove()
+    assert len(seen) >= 4 + 4 + 3 and all(seen), seen
+    assert generate(llama, tokenizer, prompts, max_new_tokens=4, batch_size=3, static_cache=True) == texts

@@ -79,21 +79,3 @@ def gate_up_act_kernel(x, wg, wu, out, M, sxm, swg, swu, som, N: tl.constexpr, K
     else:
         y = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u  # 2 sqrt(2 / pi)
     tl.store(out + rm[:, None] * som + rn[None, :], y.to(dtype), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.jit
-def linear_kernel(x, w, out, M, sxm, swn, som, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """``out = x @ w^T`` for a block of ``BLOCK_N`` output columns (program 0) and ``BLOCK_M`` rows (program 1), the
-    whole of K in one program (no split, so no partial sums and no second kernel), rounded once at the store."""
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + rk
-        a = tl.load(x + rm[:, None] * sxm + ks[None, :], mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
-        b = tl.load(w + rn[None, :] * swn + ks[:, None], mask=(rn[None, :] < N) & (ks[:, None] < K), other=0.0)
-        acc += tl.dot(a, b, input_precision=PRECISION)
-    tl.store(out + rm[:, None] * som + rn[None, :], acc.to(out.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -15,6 +15,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..batching import console, in_batches, is_oom
 from ..interventions.hooks import Plan, apply, phase, set_phase
+from ..models.head import contiguous_head_input
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
 from ..scoring.refusal import refusal_score
@@ -47,7 +48,7 @@ def greedy_config(model, tokenizer, max_new_tokens: int) -> GenerationConfig:
 
 @contextmanager
 def _eager_speedups(model):
-    with grouped_attention(model), fused_norms(model):
+    with grouped_attention(model), fused_norms(model), contiguous_head_input(model):
         yield
 
 

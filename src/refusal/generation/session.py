@@ -25,6 +25,7 @@ from ..directions.base import Direction, parse_ranks
 from ..errors import RefusalError
 from ..interventions.hooks import Plan, ablation, addition, apply, phase
 from ..interventions.scopes import Intervention
+from ..models.head import keep_last
 from ..models.parts import cache_kwarg, find_parts, model_device
 from .batched import generate, greedy_config
 
@@ -171,7 +172,7 @@ class ChatSession:
         shown = ""
         step_input, ph = ids, "prompt"
         for _ in range(self.max_new_tokens):
-            kwargs = {"use_cache": True, "logits_to_keep": 1}
+            kwargs = {"use_cache": True, "logits_to_keep": keep_last(step_input.shape[1], dev)}
             if cache is not None:
                 kwargs[key] = cache
             with apply(model, plan), phase(ph):

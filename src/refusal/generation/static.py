@@ -14,7 +14,6 @@ are captured anew otherwise; dynamo's guards, which a replay skips, still see ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 
 import torch
@@ -22,9 +21,9 @@ import torch
 from ..errors import RefusalError
 from ..interventions.hooks import set_phase
 from ..models.fused import fused_projections
+from ..models.head import keep_last
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, find_parts, model_device
-from . import linear_kernel as _linear
 from .attention import VISIBLE, grouped_attention
 from .attention_kernel import KERNEL, why_not
 from .mlp_kernel import MAX_ROWS, gated_mlp_kernel
@@ -111,9 +110,7 @@ class StaticDecoder:
     decode step's attention as one Triton kernel per layer (:mod:`~refusal.generation.attention_kernel`; None: on a
     CUDA device when triton is there, True: required, an error where it cannot run; False: never); ``mlp_kernel``
     runs each gated MLP's gate/up projections and activation (SiLU or tanh-GELU) in decode steps as one Triton kernel
-    (:mod:`~refusal.generation.mlp_kernel`; None, True, False as ``attention_kernel``); ``linear_kernel`` runs the
-    decode steps' output projections and lm_head with a Triton kernel (:mod:`~refusal.generation.linear_kernel`;
-    None, True, False as ``attention_kernel``, or the roles to swap); ``combo_kernels`` has inductor
+    (:mod:`~refusal.generation.mlp_kernel`; None, True, False as ``attention_kernel``); ``combo_kernels`` has inductor
     fuse independent kernels horizontally (None: with inductor's default mode on a GPU). Buffers and graphs of the
     last batch shape are kept for the next call; within a ``with decoder:`` block the model stays set up for decoding
     between calls, so they are also replayed (outside one, each call sets it up and the fused weights may land
@@ -123,8 +120,7 @@ class StaticDecoder:
     def __init__(self, model, compile: bool, *, graphs: bool | None = None, steps_per_graph: int = 1,
                  kv_bucket: int = 0, fuse: bool | None = None, check_every: int = 16, round_to: int = 128,
                  mode: str = "default", backend: str = "inductor", attention_kernel: bool | None = None,
-                 mlp_kernel: bool | None = None, linear_kernel: bool | Sequence[str] | None = None,
-                 combo_kernels: bool | None = None):
+                 mlp_kernel: bool | None = None, combo_kernels: bool | None = None):
         self.model = model
         self.check_every = check_every
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
@@ -153,8 +149,6 @@ class StaticDecoder:
         self.kernel = False  # whether the steps of the last call ran the Triton attention kernel
         self.mlp_kernel = mlp_kernel
         self.mlp_kernels = 0  # MLPs that ran the Triton gate/up + activation kernel at the last set-up
-        self.linear_kernel = linear_kernel
-        self.linear_kernels = 0  # linear layers that ran the Triton linear kernel at the last set-up
 
     def describe(self) -> str:
         """What decodes, for a run's record: e.g. ``static cache, compiled step, CUDA graphs, fused projections``."""
@@ -171,8 +165,6 @@ class StaticDecoder:
         if self.mlp_kernels:
             parts.append(f"Triton gate/up + activation kernel in {self.mlp_kernels} MLPs (steps of up to {MAX_ROWS} "
                          "rows)")
-        if self.linear_kernels:
-            parts.append(f"Triton linear kernel in {self.linear_kernels} linear layers ({', '.join(self._roles())})")
         return ", ".join(parts)
 
     def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None, kernel=False):
@@ -180,7 +172,8 @@ class StaticDecoder:
         if kernel:
             extra[KERNEL] = True
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
-                         **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1, **extra)
+                         **{self.cache_kw: cache}, use_cache=True, logits_to_keep=keep_last(ids.shape[1], ids.device),
+                         **extra)
         return out.logits[:, -1, :]
 
     def _step(self, s: _Buffers, eos_ids, pad, visible):
@@ -218,8 +211,6 @@ class StaticDecoder:
                     stack.enter_context(fused_projections(self.model))
                 if self._use_mlp_kernel():
                     self.mlp_kernels = stack.enter_context(gated_mlp_kernel(find_parts(self.model).mlp))
-                if self._use_linear_kernel():
-                    self.linear_kernels = stack.enter_context(_linear.decode_linears(self.model, self._roles()))
                 if not self.compiled:  # eager: each RMS norm as one kernel (a compiled step fuses its own)
                     stack.enter_context(fused_norms(self.model))
             except BaseException:
@@ -311,17 +302,6 @@ class StaticDecoder:
         return _choose(self.mlp_kernel, dev.type == "cuda" and one_device(self.model),  # (unasked: nor over devices)
                        lambda: why_not(dev), "Triton MLP kernel",
                        "Leave mlp_kernel unset (or False) to decode with the model's own MLP.")
-
-    def _roles(self) -> tuple[str, ...]:
-        lk = self.linear_kernel
-        return _linear.DEFAULT_ROLES if lk is None or isinstance(lk, bool) else tuple(lk)
-
-    def _use_linear_kernel(self) -> bool:
-        dev = model_device(self.model)
-        asked = self.linear_kernel if self.linear_kernel is None or isinstance(self.linear_kernel, bool) else True
-        return bool(self._roles()) and _choose(
-            asked, dev.type == "cuda" and one_device(self.model), lambda: why_not(dev), "Triton linear kernel",
-            "Leave linear_kernel unset (or False) to decode with the model's own linear layers.")
 
     @staticmethod
     def _probe(s: _Buffers, visible: int | None) -> torch.Tensor | None:

@@ -24,6 +24,7 @@ from ..batching import in_batches
 from ..directions.diff_means import Candidates
 from ..interventions.hooks import ablate, add
 from ..layout import Bucket, Layout, SharedPrefix, layout, prefix_cache
+from ..models.head import keep_last
 from ..models.norms import with_fused_norms
 from ..models.parts import cache_kwarg, find_parts, model_device
 from .refusal import refusal_score
@@ -39,7 +40,8 @@ def _takes_logits_to_keep(model) -> bool:
 def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits at the last position of a left-padded batch, ``(batch, vocab)``; the output head runs on that
     position only. Positions count real tokens only (padding does not shift them), as in ``generate``."""
-    kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": keep_last(input_ids.shape[1], input_ids.device)} if _takes_logits_to_keep(model) \
+        else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0), use_cache=False, **kwargs)
     return out.logits[:, -1, :]
