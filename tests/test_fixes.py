@@ -273,6 +273,7 @@ def test_the_output_head_gets_the_last_position_contiguous(llama, tokenizer):
     """With ``logits_to_keep=1`` transformers hands the head a strided view of the last position, which cuBLAS
     multiplied 55x more slowly on an H200 (refusal.models.head): every path that asks for the last position's
     logits gives it a contiguous tensor, with the same logits and tokens."""
+    from refusal.evaluation.judges.llm import generate_answers
     from refusal.generation.batched import generate
     from refusal.generation.session import ChatSession
     from refusal.generation.static import StaticDecoder
@@ -293,7 +294,8 @@ def test_the_output_head_gets_the_last_position_contiguous(llama, tokenizer):
         eos = torch.tensor([], dtype=torch.long)
         StaticDecoder(llama, compile=False)(b.input_ids, b.attention_mask, 3, eos, 0)
         list(ChatSession(llama, tokenizer, {}, max_new_tokens=2).stream(prompts[0]))
+        generate_answers(llama, tokenizer, prompts, max_new_tokens=2, batch_size=3)  # a judge model's answers
     finally:
         hook.remove()
-    assert len(seen) >= 4 + 4 + 3 and all(seen), seen
+    assert len(seen) >= 1 + 4 + 3 + 2 + 2 and all(seen), seen
     assert generate(llama, tokenizer, prompts, max_new_tokens=4, batch_size=3, static_cache=True) == texts

@@ -251,6 +251,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
 
     from ...batching import in_batches
     from ...generation.batched import greedy_config
+    from ...models.head import contiguous_head_input
     from ...models.parts import model_device
     from ...templates import tokenize
 
@@ -280,7 +281,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
             probs = [{k: watched[k][row][t] for k in watched} for t in range(min(end + 1, len(new[row])))]
             out[i] = Answer(tokenizer.decode(ids, skip_special_tokens=True), ids, probs)
 
-    in_batches(run, order, batch_size, description)
+    with contiguous_head_input(model):  # model.generate's prefill: see refusal.models.head
+        in_batches(run, order, batch_size, description)
     return [out[i] for i in range(len(prompts))]
 
 
