@@ -20,7 +20,7 @@ def interpreter():
 
 def _mask(b: int, total: int) -> torch.Tensor:
     mask = torch.zeros(b, total, dtype=torch.bool)
-    mask[0, :130] = True  # no padding, over three blocks of the kernel's loop (64 positions each)
+    mask[0, :130] = True  # no padding, over several blocks of the kernel's loop
     mask[1, 7:100] = True  # left padding
     mask[2, 66:70] = True  # the whole first block padding, the span ends off a block boundary
     return mask
@@ -42,6 +42,8 @@ def test_decode_attention_equals_gqa_attention(interpreter, heads, kv_heads, dim
     got = decode_attention(q, k, v, mask, 0.3)
     assert got.shape == want.shape == (b, 1, heads, dim)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    none = decode_attention(q, k, v, torch.zeros_like(mask), 0.3)  # rows with no visible position: zeros
+    assert torch.equal(none, torch.zeros_like(none))
     strided = mask.repeat_interleave(2, dim=1)[:, ::2]  # the same mask, not contiguous in its last dim
     torch.testing.assert_close(decode_attention(q, k, v, strided, 0.3), want, atol=1e-5, rtol=1e-4)
     # through gqa_attention itself, as the static decoder asks for it

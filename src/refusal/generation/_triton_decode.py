@@ -23,7 +23,7 @@ def attend(q, k, v, mask, out, b, kh, sqb, sqh, skb, skh, skt, svb, svh, svt, sm
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, DP), tl.float32)
-    for t0 in range(0, T, BLOCK):
+    for t0 in range(0, n, BLOCK):  # only the blocks of the span: none past its end is even visited
         t = t0 + tl.arange(0, BLOCK)
         inside = (t[:, None] < n) & (d[None, :] < D)
         kv = tl.load(k + b * skb + kh * skh + t[:, None] * skt + d[None, :], mask=inside, other=0.0)
