@@ -491,9 +491,10 @@ def test_static_decoder_sets_up_by_kind_and_says_what_decodes(model, tokenizer, 
     prompts = format_prompts(tokenizer, HARMFUL[:2])
     report: dict = {}
     generate(model, tokenizer, prompts, max_new_tokens=3, static_cache="graphs", report=report)
-    assert report == {"decoder": "static cache, eager step"}  # on a CPU: no graphs, no fused projections
+    grouped = "grouped (same math as the model's SDPA/eager attention)"
+    assert report == {"decoder": "static cache, eager step", "attention": grouped}  # CPU: no graphs, no fusing
     generate(model, tokenizer, prompts, max_new_tokens=3, report=report)
-    assert report == {"decoder": "model.generate"}
+    assert report == {"decoder": "model.generate", "attention": grouped}
 
 
 def test_static_decoding_falls_back_loudly_when_a_model_cannot_use_it(model, tokenizer, monkeypatch, capsys):

@@ -70,7 +70,11 @@ def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tm
     comps = io.read_json(run_dir / "completions.json")
     assert len(comps["harmful"]["ablation"]) == 3 and "refusal_score" in comps["harmful"]["ablation"][0]
     # the paper preset's decoder (on a CPU: the static cache without graphs), in the stage's record
-    assert io.read_json(run_dir / "generate.done.json")["decoding"] == {"decoder": "static cache, eager step"}
+    # and which attention ran (the grouped fast path, which a probe found exact for this model)
+    decoding = {"decoder": "static cache, eager step",
+                "attention": "grouped (same math as the model's SDPA/eager attention)"}
+    assert io.read_json(run_dir / "generate.done.json")["decoding"] == decoding
+    assert s["decoding"] == decoding
 
     # a second run finds every stage finished and loads no model
     def no_load(*a, **k):

@@ -20,7 +20,7 @@ from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
 from ..scoring.refusal import refusal_score
 from ..templates import tokenize
-from .attention import grouped_attention
+from .attention import grouped_attention, grouped_attention_misfit
 from .prefill import prefill
 from .static import StaticDecoder, one_device
 
@@ -50,6 +50,12 @@ def greedy_config(model, tokenizer, max_new_tokens: int) -> GenerationConfig:
 def _eager_speedups(model):
     with grouped_attention(model), fused_norms(model), contiguous_head_input(model):
         yield
+
+
+def attention_path(model) -> str:
+    """Which attention generation runs on ``model``, and why, for a run's record."""
+    why = grouped_attention_misfit(model)
+    return "grouped (same math as the model's SDPA/eager attention)" if why is None else f"the model's own ({why})"
 
 
 STATIC_CACHE = (False, True, "graphs")
@@ -92,8 +98,9 @@ def generate(
     architecture whose forward cannot run on a static cache), say so and decode the rest with ``model.generate``
     instead of raising (a run's stages do; the default raises, so that a broken decoder cannot hide).
 
-    ``report``: a dict to fill with what decoded (``decoder``) and, after a fallback, why (``fallback``), for a
-    run's record.
+    ``report``: a dict to fill with what decoded (``decoder``), which attention ran and why (``attention``: the
+    grouped fast path runs only where a probe shows it computes what the model's own attention does) and, after a
+    fallback, why (``fallback``), for a run's record.
 
     ``split_prefill`` (eager decoding): the prompts' prefill runs as :func:`~refusal.generation.prefill.prefill`
     splits it — the template opening they share once per group of rows with the same interventions, the rest in
@@ -168,6 +175,7 @@ def generate(
         in_batches(run, order, batch_size, description)
     if report is not None:
         report["decoder"] = active[0].describe() if active[0] is not None else "model.generate"
+        report["attention"] = attention_path(model)
     texts = [out[i] for i in wanted]
     if refusal_ids is None:
         return texts

@@ -261,6 +261,7 @@ def evaluate(run, started: float):
         "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype, "preset": run.cfg.preset,
         "selected": {"pos": scores["selected"]["pos"], "layer": scores["selected"]["layer"]},
         **summary, "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": seconds,
+        "decoding": (run.done("generate") or {}).get("decoding"),  # which paths generated, and why
         "digests": run.digests,
     }
     io.write_json(run.dir / "summary.json", summary)
