@@ -31,6 +31,13 @@ class DataConfig:
     n_test: int = 100
     seed: int = 42
     filter: bool = True  # keep harmful train/val prompts the model refuses and harmless ones it does not
+    # reasoning models: "default" renders the chat template as it is; "on" / "off" pass enable_thinking=True/False
+    # (templates with that switch, e.g. Qwen3's); the post-instruction positions are the generation prompt in that mode
+    thinking: str | bool = "default"  # YAML reads on / off as true / false: both are accepted
+
+    def __post_init__(self):
+        if self.thinking is None or isinstance(self.thinking, bool):  # YAML reads on/off as booleans
+            self.thinking = {None: "default", True: "on", False: "off"}[self.thinking]
 
 
 METHODS = ("diff_means", "inlp")
@@ -67,6 +74,10 @@ class SelectConfig:
     objective: Any = "refusal_score"
     judge_candidates: int = 8
     judge_max_new_tokens: int = 32
+    # categories (the harmful records' `category` field) whose refusal is kept: the run also extracts one direction
+    # per category of the harmful train split, writes the others' direction made orthogonal to these ones as `kept`
+    # in directions.safetensors, and adds the condition keep_refusal (harmful prompts, `kept` ablated)
+    keep_refusal: list[str] = field(default_factory=list)
 
 
 OPS = ("ablate", "add", "reflect")
@@ -93,6 +104,7 @@ class Condition:
     name: str
     prompts: str
     interventions: list[InterventionSpec] = field(default_factory=list)
+    max_new_tokens: int | None = None  # this condition's generation budget (None: generate.max_new_tokens)
 
 
 def default_conditions() -> list[Condition]:
@@ -103,11 +115,35 @@ def default_conditions() -> list[Condition]:
 
 
 @dataclass
+class OpenAIGenerateConfig:
+    """``generate.backend: openai``: the conditions with no interventions (the model's own weights) decode on an
+    OpenAI-compatible server, e.g. ``vllm serve MODEL`` (docs/serving.md); the others stay local."""
+
+    url: str = "http://localhost:8000/v1"
+    model: str | None = None  # the served name of the run's model (GET /v1/models); null: the only base model served
+    api_key_env: str | None = None  # the NAME of the environment variable holding the API key (never the key)
+    concurrency: int = 8  # requests in flight
+    batch_size: int = 16  # prompts per request
+    timeout: float = 600.0  # seconds per request
+    retries: int = 5  # attempts after the first, on timeouts, connection errors, 429 and 5xx
+    backoff: float = 1.0  # first retry delay in seconds, doubling
+    prompt_format: str = "tokens"  # tokens: the run's token ids (what local decoding reads); text: the templated text
+    stop_token_ids: bool = True  # send the model's stop tokens (vLLM's stop_token_ids): stop where local decoding does
+    force_model: bool = False  # generate even if the served model does not look like the run's model (recorded)
+
+
+@dataclass
 class GenerateConfig:
     max_new_tokens: int = 256
     static_cache: bool | str = False  # false, true (compiled; CUDA graphs on a GPU) or "graphs" (eager, graphed)
     kl: bool = True  # each condition's first-token KL on the harmless test prompts (one forward per row)
     conditions: list[Condition] = field(default_factory=default_conditions)
+    backend: str = "local"  # or "openai": conditions without interventions decode on generate.openai's server
+    openai: OpenAIGenerateConfig = field(default_factory=OpenAIGenerateConfig)
+
+    def __post_init__(self):
+        if isinstance(self.openai, dict):
+            self.openai = OpenAIGenerateConfig(**self.openai)
 
 
 def _default_judges() -> list[dict]:
@@ -227,8 +263,12 @@ def _condition(c: Any, i: int) -> Condition:
                            "Write e.g. {name: ablation, prompts: harmful, interventions: [{op: ablate}]}.")
     unknown = set(c) - {f.name for f in dataclasses.fields(Condition)}
     if unknown:
-        raise RefusalError(f"Unknown key(s) {sorted(unknown)} in {where}.", "Keys are: name, prompts, interventions.")
+        raise RefusalError(f"Unknown key(s) {sorted(unknown)} in {where}.",
+                           "Keys are: name, prompts, interventions, max_new_tokens.")
     ivs = []
+    if not isinstance(c.get("interventions") or [], list):
+        raise RefusalError(f"{where}.interventions must be a list (got {c['interventions']!r}).",
+                           "Write e.g. interventions: [{op: ablate}].")
     for j, iv in enumerate(c.get("interventions") or []):
         if isinstance(iv, InterventionSpec):
             ivs.append(iv)
@@ -237,8 +277,14 @@ def _condition(c: Any, i: int) -> Condition:
         if not isinstance(iv, dict) or "op" not in iv or set(iv) - known:
             raise RefusalError(f"{where}.interventions[{j}] is not a valid intervention ({iv}).",
                                f"Give 'op' ({', '.join(OPS)}) and optionally: {', '.join(sorted(known - {'op'}))}.")
+        check_types(iv, InterventionSpec, f"{where}.interventions[{j}].")
         ivs.append(InterventionSpec(**iv))
-    return Condition(str(c["name"]), str(c["prompts"]), ivs)
+    budget = c.get("max_new_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise RefusalError(f"{where}.max_new_tokens must be a positive integer (got {budget!r}).",
+                           "Give this condition's generation budget in tokens, or leave it out for "
+                           "generate.max_new_tokens.")
+    return Condition(str(c["name"]), str(c["prompts"]), ivs, budget)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -275,9 +321,31 @@ def resolve(config_file: str | Path | None = None, overrides: dict | None = None
         raise RefusalError(f"Unknown preset '{preset}'.", f"Use one of: auto, {', '.join(PRESETS)}.")
     merged = _merge(_merge(base, PRESETS[preset], f"preset {preset}"), user_diff, "the config")
     merged["preset"] = preset
+    check_types(merged, RunConfig)
     cfg = _build(merged)
+    _add_keep_refusal_condition(cfg)
     validate(cfg)
     return cfg
+
+
+KEEP_REFUSAL_CONDITION = "keep_refusal"
+
+
+def _add_keep_refusal_condition(cfg: RunConfig) -> None:
+    """With ``select.keep_refusal``, the harmful prompts under the ``kept`` direction's ablation, unless a condition
+    already ablates it (a saved config has it; a user may write their own). Without it, the condition added
+    earlier (a saved config's, exactly as added) is dropped, so that turning the option off works on a resumed run."""
+    auto = Condition(KEEP_REFUSAL_CONDITION, "harmful", [InterventionSpec("ablate", direction="kept")])
+    if not cfg.select.keep_refusal:
+        cfg.generate.conditions = [c for c in cfg.generate.conditions if c != auto]
+        return
+    blank = [c for c in cfg.select.keep_refusal if not c.strip()]
+    if blank:
+        raise RefusalError(f"select.keep_refusal holds an empty category name ({cfg.select.keep_refusal!r}).",
+                           "Name each category to keep, e.g. keep_refusal: [Sexual content, Violence].")
+    if any(iv.direction == "kept" for c in cfg.generate.conditions for iv in c.interventions):
+        return
+    cfg.generate.conditions.append(auto)
 
 
 def _merge_plain(a: dict, b: dict) -> dict:
@@ -285,6 +353,90 @@ def _merge_plain(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge_plain(out[k] if isinstance(out.get(k), dict) else {}, v) if isinstance(v, dict) else v
     return out
+
+
+_EXAMPLES = {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "null",
+             dict: "a mapping"}
+
+
+def _describe(t: Any) -> str:
+    import types
+    import typing
+
+    if t in _EXAMPLES:
+        return _EXAMPLES[t]
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list or t is list:
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(t):
+        return "a mapping"
+    return str(t)
+
+
+def _matches(v: Any, t: Any) -> bool:
+    import types
+    import typing
+
+    if t is Any:
+        return True
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(v, a) for a in args)
+    if t is type(None):
+        return v is None
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is str:
+        return isinstance(v, str)
+    if origin is list or t is list:
+        return isinstance(v, list) and (not args or all(_matches(x, args[0]) for x in v))
+    if origin is dict or t is dict:
+        return isinstance(v, dict)
+    if dataclasses.is_dataclass(t):
+        return isinstance(v, (dict, t))
+    return True
+
+
+def check_types(d: dict, cls: type, where: str = "") -> None:
+    """Every value of ``d`` (a config section as a dict) against the type of its field in ``cls``: a wrong type is
+    a :class:`RefusalError` naming the key, what it must be and an example, before anything runs."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for key, v in d.items():
+        t = hints.get(key)
+        if t is None:
+            continue
+        name = f"{where}{key}"
+        if dataclasses.is_dataclass(t) and not isinstance(v, t):
+            if not isinstance(v, dict):
+                raise RefusalError(f"{name} must be a mapping of settings (got {v!r}).",
+                                   f"Write it as key: value pairs under {key}: (see `refusal config`).")
+            check_types(v, t, f"{name}.")
+            continue
+        if typing.get_args(t) and dataclasses.is_dataclass(typing.get_args(t)[0]):  # list[Condition]: checked later
+            if not isinstance(v, list):
+                raise RefusalError(f"{name} must be a list (got {v!r}).", "See `refusal config` for the layout.")
+            continue
+        if not _matches(v, t):
+            if isinstance(v, str) and (typing.get_origin(t) is list or list in typing.get_args(t)
+                                       or any(typing.get_origin(a) is list for a in typing.get_args(t))):
+                fix = f"Write it as a list: {key}: [{v}]."
+            elif key in defaults and defaults[key] is not None:
+                example = json.dumps(defaults[key]).replace('"', "")
+                fix = f"For example {key}: {example} (the default)."
+            else:
+                fix = "See `refusal config` for every setting and its default."
+            raise RefusalError(f"{name} must be {_describe(t)} (got {v!r}).", fix)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -356,7 +508,54 @@ def validate(cfg: RunConfig) -> None:
         raise RefusalError("evaluate.cross_entropy uses source 'completions' (the baseline completions to the harmless "
                            "prompts), but generate.conditions has no {name: baseline, prompts: harmless}.",
                            "Add that condition, or set evaluate.cross_entropy to other sources (or []).")
+    for name, v, low in (("batch_size", cfg.batch_size, 1), ("select.layer_stride", cfg.select.layer_stride, 1),
+                         ("select.judge_candidates", cfg.select.judge_candidates, 1),
+                         ("select.judge_max_new_tokens", cfg.select.judge_max_new_tokens, 1),
+                         ("extract.inlp.n_iterations", cfg.extract.inlp.n_iterations, 1)):
+        if v is not None and v < low:
+            raise RefusalError(f"{name} must be at least {low} (got {v}).", "Set a positive number.")
+    if not 0 < cfg.max_memory_fraction <= 1:
+        raise RefusalError(f"max_memory_fraction must be in (0, 1] (got {cfg.max_memory_fraction}).",
+                           "It is the share of each GPU's free memory weights may fill; the default is 0.9.")
+    if not 0 < cfg.extract.inlp.heldout_fraction < 1:
+        raise RefusalError(f"extract.inlp.heldout_fraction must be in (0, 1) (got "
+                           f"{cfg.extract.inlp.heldout_fraction}).", "The default is 0.2.")
     if not 0 < cfg.select.max_layer_fraction <= 1:
         raise RefusalError("select.max_layer_fraction must be in (0, 1].", "For the paper's filter use 0.8.")
     if cfg.generate.max_new_tokens < 1:
         raise RefusalError("generate.max_new_tokens must be at least 1.", "The paper uses 512; the default is 256.")
+    _validate_backend(cfg.generate)
+    if cfg.data.thinking not in ("default", "on", "off"):
+        raise RefusalError(f"data.thinking must be default, on or off (got {cfg.data.thinking!r}).",
+                           "default: the chat template as it is; on / off: enable_thinking=True / False.")
+
+
+def _validate_backend(g: GenerateConfig) -> None:
+    """generate.backend and generate.openai, checked without a network call (the key's variable is read when
+    generate runs, so that stages that do not generate need no key)."""
+    if g.backend not in ("local", "openai"):
+        raise RefusalError(f"generate.backend must be local or openai (got {g.backend!r}).",
+                           "local: every condition decodes here; openai: the conditions without interventions "
+                           "decode on the OpenAI-compatible server of generate.openai (docs/serving.md).")
+    if g.backend != "openai":
+        return
+    from .evaluation.judges.openai import _check_env_name, _check_url  # torch-free
+
+    o = g.openai
+    for name, complaint in (("url", _check_url(o.url)),
+                            ("api_key_env", o.api_key_env and _check_env_name(o.api_key_env))):
+        if complaint:
+            got = f" (got {o.url!r})" if name == "url" else ""  # never echo what may be a pasted key
+            raise RefusalError(f"generate.openai.{name} {complaint}{got}.",
+                               "e.g. openai: {url: http://localhost:8000/v1, model: MODEL, api_key_env: VLLM_API_KEY}.")
+    for name in ("concurrency", "batch_size"):
+        if getattr(o, name) < 1:
+            raise RefusalError(f"generate.openai.{name} must be at least 1 (got {getattr(o, name)}).",
+                               "Set a positive number.")
+    if o.timeout <= 0 or o.retries < 0 or o.backoff < 0:
+        raise RefusalError("generate.openai.timeout must be positive, retries and backoff at least 0.",
+                           "The defaults are timeout: 600, retries: 5, backoff: 1.")
+    if o.prompt_format not in ("tokens", "text"):
+        raise RefusalError(f"generate.openai.prompt_format must be tokens or text (got {o.prompt_format!r}).",
+                           "tokens: the run's token ids, exactly what local decoding reads (vLLM takes them); text: "
+                           "the templated text, for a server that takes no token ids.")

@@ -6,11 +6,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors.torch import load_file, save
+
+from .errors import DamagedFileError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _read_umask() -> int:
@@ -20,6 +23,25 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives: mkstemp makes 0600, mkdtemp 0700
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def share(path: str | Path) -> None:
+    """Give a written file, or a folder and everything in it, the permissions the user's umask gives new files
+    (temporary files and folders are made private; what is exported is meant to be shared)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        os.chmod(path, DIR_MODE)
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                if not os.path.islink(os.path.join(root, d)):
+                    os.chmod(os.path.join(root, d), DIR_MODE)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    os.chmod(os.path.join(root, f), FILE_MODE)
+    elif path.is_file() and not path.is_symlink():
+        os.chmod(path, FILE_MODE)
 
 
 def _atomic(path: Path, write) -> None:
@@ -31,7 +53,7 @@ def _atomic(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions a plain open() would give, not mkstemp's 0600
+        os.chmod(tmp, FILE_MODE)  # the permissions a plain open() would give, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -69,7 +91,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file; a truncated or garbage one raises :class:`DamagedFileError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedFileError(path, f"not valid JSON: {_first_line(exc)}") from None
 
 
 def write_yaml(path: Path, obj: Any) -> None:
@@ -77,20 +103,36 @@ def write_yaml(path: Path, obj: Any) -> None:
 
 
 def read_yaml(path: Path) -> Any:
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    """A YAML file; a garbage one raises :class:`DamagedFileError` naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DamagedFileError(path, f"not valid YAML: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     """Save tensors as safetensors, atomically (as :func:`_atomic`: parent folders made, synced, then renamed);
     ``metadata`` values are JSON-encoded into the header."""
+    from safetensors.torch import save
+
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic(Path(path), lambda f: f.write(save(tensors, metadata=meta)))
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
+    """Tensors and JSON metadata of a safetensors file; a truncated or foreign one raises
+    :class:`DamagedFileError` naming it."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return load_file(str(path)), meta
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedFileError(path, f"not a complete safetensors file: {_first_line(exc)}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextvars import ContextVar
 from pathlib import Path
 
 import typer
@@ -22,7 +23,9 @@ err = Console(stderr=True)
 
 
 def _fail(exc: RefusalError) -> None:
-    err.print(f"[bold red]Error:[/] {exc.problem}" + (f"\n[bold]Fix:[/] {exc.fix}" if exc.fix else ""))
+    from rich.markup import escape  # messages quote YAML such as [diff_means]: text, not markup
+
+    err.print(f"[bold red]Error:[/] {escape(exc.problem)}" + (f"\n[bold]Fix:[/] {escape(exc.fix)}" if exc.fix else ""))
     raise typer.Exit(2)
 
 
@@ -31,7 +34,8 @@ def _overrides(**flags) -> dict:
     mapping = {"harmful": "data.harmful", "harmless": "data.harmless", "harmful_test": "data.harmful_test",
                "harmless_test": "data.harmless_test", "n_train": "data.n_train", "n_val": "data.n_val",
                "n_test": "data.n_test", "seed": "data.seed", "filter": "data.filter",
-               "max_new_tokens": "generate.max_new_tokens"}
+               "max_new_tokens": "generate.max_new_tokens", "thinking": "data.thinking",
+               "keep_refusal": "select.keep_refusal"}
     o: dict = {}
     for k, v in flags.items():
         if v is None:
@@ -68,7 +72,13 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
         seed: int = typer.Option(None, help="Seed of the splits."),
         filter: bool = typer.Option(None, "--filter/--no-filter", help="Filter train/val by baseline refusal."),
         max_new_tokens: int = typer.Option(None, help="Tokens to generate per completion (default 256)."),
+        thinking: str = typer.Option(None, help="Reasoning models: on, off (enable_thinking=True/False in the chat "
+                                                "template) or default (the template as it is)."),
         trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub."),
+        keep_refusal: str = typer.Option(None, "--keep-refusal", help="Harm categories (the harmful records' "
+                                         "'category') whose refusal is kept: \"Sexual content,Violence\" (';' "
+                                         "between names that hold commas); the others' is removed by the condition "
+                                         "keep_refusal. \"\" turns it off."),
         force: bool = typer.Option(False, "--force", help="Redo every stage, even over another config."),
         from_stage: str = typer.Option(None, help="Redo this stage and the ones after it."),
     ):
@@ -80,12 +90,14 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
                 model=model, harmful=harmful, harmless=harmless, harmful_test=harmful_test,
                 harmless_test=harmless_test, output=output, name=name, preset=preset, device=device, dtype=dtype,
                 device_map=device_map, batch_size=batch_size, n_train=n_train, n_val=n_val, n_test=n_test,
-                seed=seed, filter=filter, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+                seed=seed, filter=filter, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
+                thinking=thinking, keep_refusal=None if keep_refusal is None else _categories(keep_refusal))
             folder = run_dir or resume
             if run_dir and resume and Path(run_dir) != Path(resume):
                 raise RefusalError("Both RUN_DIR and --resume are given, and they differ.", "Give one of them.")
             if folder is not None:
-                run = Run.open(folder, {**(load_yaml(config) if config else {}), **flags})
+                run = Run.open(folder, {**(load_yaml(config) if config else {}), **flags}, force=force,
+                               from_stage=from_stage)
             else:
                 run = Run(resolve(config, flags))
             cfg = run.cfg
@@ -109,6 +121,12 @@ for _stage, _help in (("extract", "Compute difference-in-means candidates at eve
     app.command(_stage, help=_help)(_stage_command((_stage,), _help))
 
 
+def _categories(spec: str) -> list[str]:
+    from ..directions.categories import parse_categories
+
+    return parse_categories(spec)
+
+
 def print_summary(s: dict) -> None:
     """One row per prompt set x condition: its rates with 95 % intervals (whatever conditions the run has)."""
     t = Table(title=f"{s['model']} on {s['device']}: selected position {s['selected']['pos']}, "
@@ -125,8 +143,38 @@ def print_summary(s: dict) -> None:
                       "—" if score is None else f"{score:+.2f}",
                       "—" if kl is None else f"{kl:.4f}")
     out.print(t)
+    _print_categories(s)
+    cut = {f"{kind} {cond}": m["reasoning"]["cut_inside_reasoning"] for kind, conds in s["results"].items()
+           for cond, m in conds.items() if m.get("reasoning")}
+    if cut:
+        out.print(f"Thinking {s.get('thinking', {}).get('mode', 'default')}; completions cut inside the reasoning "
+                  "(no answer; raise that condition's max_new_tokens): "
+                  + ", ".join(f"{k} {v}" for k, v in cut.items()))
     secs = s.get("stage_seconds", {})
     out.print("Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items() if v is not None))
+
+
+def _print_categories(s: dict) -> None:
+    """Refusal rate per test category x condition (harmful prompts), when the test records carry categories."""
+    from ..report.categories import ordered, per_category, roles
+
+    conds = per_category(s["results"])
+    if not conds:
+        return
+    role = roles(s)
+    t = Table(title="Harmful prompts: refusal rate per category [95% CI]")
+    t.add_column("category", overflow="fold")
+    for col in (["role"] if role else []) + ["n"]:
+        t.add_column(col)
+    for c in conds:
+        t.add_column(c, justify="right", overflow="fold")
+    for cat in ordered((cat for v in conds.values() for cat in v), role):
+        rates = [(v.get(cat) or {}).get("refusal") for v in conds.values()]
+        n = next((r["n"] for r in rates if r), 0)
+        cells = ["—" if not r or r["rate"] is None else f"{r['rate']:.2f} [{r['low']:.2f}-{r['high']:.2f}]"
+                 for r in rates]
+        t.add_row(cat, *([role.get(cat, "—")] if role else []), str(n), *cells)
+    out.print(t)
 
 
 @models_app.command("list")
@@ -175,6 +223,71 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+
+_DEBUG: ContextVar[bool] = ContextVar("refusal_debug", default=False)  # this invocation's --debug
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
+    """Find, select and apply the refusal direction of any Hugging Face chat model."""
+    _DEBUG.set(debug)
+
+
+def _debugging() -> bool:
+    return _DEBUG.get()
+
+
+def _passed_on() -> tuple[type[BaseException], ...]:
+    """What the command-line library itself raises (exits, aborts, usage errors): never turned into a message."""
+    import importlib
+
+    out: list = [KeyboardInterrupt, SystemExit, typer.Exit, typer.Abort]
+    for module, names in (("typer.exceptions", ("TyperException",)), ("click.exceptions", ("Exit", "Abort",
+                                                                                           "ClickException"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        out += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(out)
+
+
+_PASSED_ON = _passed_on()
+
+
+def _boundary(fn):
+    """Errors at the edge of the program: a :class:`RefusalError`, an ``OSError`` (permissions, a full disk, a file
+    where a folder should be) or a library's error (JSON, YAML, safetensors, tokenizers) becomes one message with the
+    path and the fix; the traceback only with ``--debug``."""
+    import functools
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        from ..errors import os_error
+
+        try:
+            return fn(*args, **kwargs)
+        except _PASSED_ON:
+            raise
+        except Exception as exc:
+            if _debugging():
+                raise
+            if isinstance(exc, RefusalError):
+                _fail(exc)
+            if isinstance(exc, OSError):
+                _fail(os_error(exc))
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            _fail(RefusalError(f"Unexpected {exc.__class__.__name__}: {first}",
+                               "Run it again with --debug for the traceback (refusal --debug COMMAND ...), and "
+                               "report it if the input was valid."))
+
+    return command
+
+
+for _group in [app, *(g.typer_instance for g in app.registered_groups)]:
+    for _info in _group.registered_commands:
+        _info.callback = _boundary(_info.callback)
 
 
 def main() -> None:  # pragma: no cover

@@ -37,6 +37,8 @@ def load_directions(path: Path):
         raise RefusalError(f"No direction file at '{path}'.", "Give a .safetensors file written by refusal select.")
     try:
         _, meta = io.read_tensors(path)
+    except RefusalError:  # damaged: named, with its fix
+        raise
     except Exception as exc:  # not safetensors at all
         raise RefusalError(f"'{path}' is not a safetensors direction file ({exc.__class__.__name__}).",
                            "Give direction.safetensors or directions.safetensors from a run.") from None
@@ -46,23 +48,24 @@ def load_directions(path: Path):
     return DirectionSet([("selected", d), ("0", d)])
 
 
-def open_target(target: str, direction_file: Path | None, device: str | None, dtype: str | None):
-    """``(model, tokenizer, directions, system prompt, description)`` for a run folder or a model spec."""
-    from .. import io
+def open_target(target: str, direction_file: Path | None, device: str | None, dtype: str | None,
+                trust_remote_code: bool = False):
+    """``(model, tokenizer, directions, system prompt, description)`` for a run folder or a model spec.
+    ``trust_remote_code`` comes from the caller only, never from the run's saved config."""
     from ..directions.base import DirectionSet
     from ..models.loading import load_model
+    from ..runs.folder import RunFolder, granted
     from .app import err
 
     folder = Path(target)
     if folder.is_dir() and (folder / "config.yaml").is_file():
-        cfg = io.read_yaml(folder / "config.yaml") or {}
-        if not isinstance(cfg, dict) or not cfg.get("model"):
-            raise RefusalError(f"'{folder / 'config.yaml'}' names no model.", "Give a folder a run wrote.")
+        rf = RunFolder(folder)
+        cfg = granted(rf, rf.read_config(complete=False), trust_remote_code)
         path = direction_file or folder / "directions.safetensors"
         if direction_file is None and not path.is_file():
             raise RefusalError(f"The run in '{folder}' has no directions.safetensors: select has not run.",
                                f"Run `refusal select {folder}` (or `refusal run {folder}`) first.")
-        directions = load_directions(path)
+        directions = load_directions(path) if direction_file else rf.load("directions.safetensors", load_directions)
         spec = str(cfg["model"])
         err.print(f"Loading [bold]{spec}[/] (run {folder}) ...")
         model, tok = load_model(spec, device=device or cfg.get("device"), dtype=dtype or cfg.get("dtype"),
@@ -70,7 +73,7 @@ def open_target(target: str, direction_file: Path | None, device: str | None, dt
         return model, tok, directions, cfg.get("system_prompt"), f"{spec}, run {folder}"
     directions = load_directions(direction_file) if direction_file is not None else DirectionSet()
     err.print(f"Loading [bold]{target}[/] ...")
-    model, tok = load_model(target, device=device, dtype=dtype)
+    model, tok = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, tok, directions, None, target
 
 
@@ -110,6 +113,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(256, help="Most tokens per answer."),
         device: str = typer.Option(None, help="cuda, cpu, ... (default: the run's, else best available)."),
         dtype: str = typer.Option(None, help="auto, bfloat16, float16, float32."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                               help="Allow the model's own code (never taken from the run's config)."),
     ) -> None:
         """Chat with a model; switch refusal directions on and off between turns (/help lists the commands)."""
         from rich.console import Console
@@ -118,7 +123,8 @@ def register(app: typer.Typer) -> None:
         from ..generation.session import ChatSession
 
         try:
-            model, tok, dirs, run_system, what = open_target(target, direction_file, device, dtype)
+            model, tok, dirs, run_system, what = open_target(target, direction_file, device, dtype,
+                                                             trust_remote_code)
             session = ChatSession(model, tok, dirs, system if system is not None else run_system, max_new_tokens)
             if directions:
                 session.ablate(directions)

@@ -16,6 +16,16 @@ def _cell(c: dict | None) -> str:
     return f"{c['rate']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
 
 
+def _judging(summary: dict) -> str:
+    """The list that judged a language, its confidence and (a learned list) its measured agreement and kappa."""
+    out = f"{summary.get('phrase_source') or summary.get('phrase_list')}, {summary['judgement_confidence']}"
+    a = summary.get("phrase_agreement")
+    if a:
+        kappa = "-" if a.get("kappa") is None else f"{a['kappa']:.2f}"
+        out += f" (agree {a['agree']['rate']:.2f}, κ {kappa})"
+    return out
+
+
 def print_result(result, out) -> None:
     from rich.table import Table
 
@@ -32,9 +42,9 @@ def print_result(result, out) -> None:
         if s["selected"] is None:  # a target only: no direction of its own
             base = result.transfer["baseline"][lang]["harmful_non_refusal"]
             refused = {"rate": 1 - base["rate"], "low": 1 - base["high"], "high": 1 - base["low"]}
-            t.add_row(lang, "no direction", s["judgement_confidence"], _cell(refused), "—", "—")
+            t.add_row(lang, "no direction", _judging(s), _cell(refused), "—", "—")
             continue
-        t.add_row(lang, f"pos {s['selected']['pos']}, layer {s['selected']['layer']}", s["judgement_confidence"],
+        t.add_row(lang, f"pos {s['selected']['pos']}, layer {s['selected']['layer']}", _judging(s),
                   _cell(r["harmful"]["baseline"]["refusal"]), _cell(r["harmful"]["ablation"]["non_refusal"]),
                   _cell(r["harmless"]["actadd"]["refusal"]))
     out.print(t)
@@ -92,6 +102,10 @@ def register(app: typer.Typer) -> None:
         filter: bool = typer.Option(None, "--filter/--no-filter",
                                     help="Keep train/val prompts by baseline refusal, per language (default: the "
                                          "preset's)."),
+        learn_openings: str = typer.Option("missing", "--learn-openings",
+                                           help="Learn refusal tokens and phrases from the model's own contrast: "
+                                                "missing (languages without a shipped list), all (every language, "
+                                                "shipped lists hidden) or never."),
         force: bool = typer.Option(False, "--force", help="Redo every stage."),
     ) -> None:
         """Find the refusal direction in every language, apply each to every other language's prompts, and compare
@@ -104,10 +118,13 @@ def register(app: typer.Typer) -> None:
                                               filter=filter))
             run = Crosslingual(cfg, languages, polyrefuse=polyrefuse, paper=paper, files=files, translator=translator,
                                max_flagged=max_flagged, allow_flagged=allow_flagged, force=force,
-                               echo_warnings=False)  # printed once, after the tables
+                               echo_warnings=False, learn_openings=learn_openings)  # printed once, after the tables
             err.print(f"Cross-lingual run in [bold]{run.dir}[/] (model {cfg.model}; languages "
                       f"{', '.join(run.languages)})")
-            result = run.run()
+            from ..runs.folder import RunFolder
+
+            with RunFolder(run.dir).lock():
+                result = run.run()
             print_result(result, out)
         except RefusalError as exc:
             _fail(exc)

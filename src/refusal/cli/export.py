@@ -14,26 +14,74 @@ import typer
 from ..errors import RefusalError
 
 
-def _run_inputs(run_dir: Path) -> tuple[dict, Any]:
-    from .. import io
+def _run_inputs(run_dir: Path, trust_remote_code: bool = False) -> tuple[dict, Any]:
+    """The run's saved config (checked; ``trust_remote_code`` set to what this command line grants, never what the
+    file says) and its selected direction."""
     from ..directions.base import Direction
+    from ..runs.folder import RunFolder, granted
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RefusalError(f"No run folder at '{run_dir}'.",
-                           "Give the folder a run wrote (runs/<name>), e.g. after `refusal run -m MODEL`.")
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise RefusalError(f"'{run_dir}' has no config.yaml, so it is not a run folder.",
-                           "Give the folder a run wrote (it holds config.yaml and direction.safetensors).")
-    cfg = io.read_yaml(cfg_path) or {}
-    if not isinstance(cfg, dict) or not cfg.get("model"):
-        raise RefusalError(f"'{cfg_path}' names no model (key 'model').", "Re-run the pipeline, or add `model: SPEC`.")
-    direction_path = run_dir / "direction.safetensors"
-    if not direction_path.is_file():
-        raise RefusalError(f"'{run_dir}' has no direction.safetensors: no direction was selected yet.",
-                           f"Run `refusal select --config {cfg_path}` (or `refusal run`) first.")
-    return cfg, Direction.load(direction_path)
+    rf = RunFolder(run_dir)
+    cfg = granted(rf, rf.read_config(complete=False), trust_remote_code)
+    if not rf.file("direction.safetensors").is_file():
+        raise RefusalError(f"'{rf.path}' has no direction.safetensors: no direction was selected yet.",
+                           f"Run `refusal select {rf.path}` (or `refusal run --resume {rf.path}`) first.")
+    return cfg, rf.load("direction.safetensors", Direction.load)
+
+
+def _check_export_out(out: Path | None, file_suffix: str | None, overwrite: bool) -> None:
+    """An export's output path, checked before the model loads: the right suffix for a file (``file_suffix``) or a
+    folder (None), not taken unless ``overwrite``, never a folder for a file (or the other way), and writable."""
+    import os
+
+    if out is None:
+        return
+    out = Path(out)
+    if file_suffix is not None and out.suffix.lower() != file_suffix:
+        raise RefusalError(f"--out {out} does not end in {file_suffix}, but a {file_suffix[1:].upper()} file is "
+                           "written there.", f"Give a path ending in {file_suffix}.")
+    if out.exists():
+        if file_suffix is not None and out.is_dir():
+            raise RefusalError(f"'{out}' is a folder; this export is one file.",
+                               f"Give a file path ending in {file_suffix}.")
+        if file_suffix is None and not out.is_dir():
+            raise RefusalError(f"'{out}' is a file; this export is a folder.", "Give a folder path.")
+        if not overwrite:
+            raise RefusalError(f"'{out}' already exists.", "Pass --overwrite to replace it, or choose another path.")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RefusalError(f"'{parent}' is a file, so '{out}' cannot be written under it.",
+                           "Give an output path whose folders are folders.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RefusalError(f"No permission to write in '{parent}' (for '{out}').",
+                           "Give an output path in a folder you can write.")
+
+
+def _locked(fn):
+    """Hold the run folder's lock and the output's while an export runs (the folder is only read, so a read-only
+    one is fine); sweep the temporary files interrupted exports to that output left; then give what was written
+    the permissions of the user's umask."""
+    import contextlib
+    import functools
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        from .. import io
+        from ..runs.folder import RunFolder, output_lock
+
+        out = kwargs.get("out_path") or kwargs.get("adapter_path")
+        with contextlib.ExitStack() as stack:
+            if Path(kwargs["run_dir"]).is_dir():
+                stack.enter_context(RunFolder(kwargs["run_dir"]).lock(read_only_ok=True))
+            if out is not None and Path(out).absolute().parent.is_dir():
+                stack.enter_context(output_lock(Path(out)))
+            result = fn(*args, **kwargs)
+        if out is not None and Path(out).exists():
+            io.share(Path(out))
+        return result
+
+    return command
 
 
 def _gguf_file(spec: str) -> Path | None:
@@ -65,7 +113,13 @@ def _model_shape(spec: str, trust_remote_code: bool = False) -> tuple[str, int, 
 
     source = resolve_source(spec)
     check_hub_config(source, trust_remote_code)
-    cfg = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    try:
+        cfg = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise RefusalError(f"Could not read the config of the model '{spec}' ({exc.__class__.__name__}: {first}).",
+                           "If the model needs its own code and you trust it, pass --trust-remote-code; otherwise "
+                           "check the model folder.") from None
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return str(text.model_type).replace("_", ""), int(text.num_hidden_layers), int(text.hidden_size)
 
@@ -97,25 +151,76 @@ def _card(run_dir: Path, spec: str, direction) -> dict:
     return card
 
 
+def _check_outputs(out_path: Path | None, adapter_path: Path | None, gguf: bool, norm_preserving: bool,
+                   overwrite: bool) -> None:
+    """The output flags of ``abliterate``, checked before the model loads."""
+    if (out_path is None) == (adapter_path is None):
+        raise RefusalError("Give exactly one of --out DIR (the edited model) and --adapter DIR (a LoRA adapter).",
+                           "e.g. `refusal abliterate RUN --adapter out/lora`.")
+    if adapter_path is None:
+        return
+    from ..export.adapter import _refuse_norm_preserving
+    from ..export.hf import check_out_dir
+
+    if gguf:
+        raise RefusalError("--adapter writes a PEFT folder; it does not combine with --gguf.",
+                           "Drop --gguf, or use --out FILE.gguf --gguf for a GGUF of the edited model.")
+    if norm_preserving:
+        _refuse_norm_preserving()
+    check_out_dir(adapter_path, overwrite)
+
+
+def _write_adapter(model, spec: str, trust: bool, direction, run_dir: Path, adapter_path: Path,
+                   overwrite: bool) -> Path:
+    from ..export.adapter import export_adapter
+    from ..models.identity import model_identity
+    from ..models.loading import resolve_source
+    from .app import err
+
+    source = resolve_source(spec)
+    identity = model_identity(source, trust)
+    if direction.model and direction.model != identity:
+        err.print(f"[yellow]warning:[/] the run's direction was extracted from {direction.model}, but {spec} is now "
+                  f"{identity}: the adapter is written for the model as it is now.")
+    base = source.path if source.kind == "folder" else spec
+    card = _card(run_dir, base, direction)
+    if source.kind in ("catalog", "gguf"):
+        card["notes"] = (f"The base model is the GGUF file `{_gguf_file(spec)}`, dequantized by transformers (load "
+                         "it with `AutoModelForCausalLM.from_pretrained(FOLDER, gguf_file=NAME)`). The factors come "
+                         "from those weights: on another copy of the model (e.g. its original release) the adapter "
+                         "is exact only where the weights are the same.")
+    return export_adapter(model, direction, adapter_path, base_model=base, identity=identity, overwrite=overwrite,
+                          card=card)
+
+
 def register(app: typer.Typer) -> None:
     from .app import _fail, err, out
 
     @app.command("abliterate")
+    @_locked
     def abliterate(
         run_dir: Path = typer.Argument(..., help="A run folder (holds config.yaml and direction.safetensors)."),
-        out_path: Path = typer.Option(..., "--out", "-o", help="Output folder (or .gguf file with --gguf)."),
+        out_path: Path = typer.Option(None, "--out", "-o", help="Output folder (or .gguf file with --gguf)."),
+        adapter_path: Path = typer.Option(None, "--adapter",
+                                          help="Write a PEFT LoRA adapter folder instead of the edited model "
+                                               "(exact: base model + adapter = the --out model)."),
         gguf: bool = typer.Option(False, "--gguf", help="Write one GGUF file instead of a Hugging Face folder."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
         norm_preserving: bool = typer.Option(False, "--norm-preserving",
                                              help="Keep every weight row's norm (heretic's variant; not exact)."),
         device: str = typer.Option(None, help="Where to load the model (default: best available)."),
         dtype: str = typer.Option(None, help="auto, bfloat16, float16, float32 (default: the run's)."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                               help="Allow the model's own code (never taken from the run's config)."),
     ) -> None:
-        """Bake the run's refusal direction into the weights and save the edited model."""
+        """Bake the run's refusal direction into the weights and save the edited model (or, with --adapter, the
+        edit as a LoRA adapter for the base model)."""
         from ..models.loading import load_model
 
         try:
-            cfg, direction = _run_inputs(run_dir)
+            _check_outputs(out_path, adapter_path, gguf, norm_preserving, overwrite)
+            _check_export_out(out_path, ".gguf" if gguf else None, overwrite)
+            cfg, direction = _run_inputs(run_dir, trust_remote_code)
             spec = str(cfg["model"])
             trust = bool(cfg.get("trust_remote_code") or False)
             source = _gguf_file(spec) if gguf else None
@@ -131,7 +236,11 @@ def register(app: typer.Typer) -> None:
             err.print(f"Loading [bold]{spec}[/] ...")
             model, tokenizer = load_model(spec, device=device, dtype=dtype or cfg.get("dtype"),
                                           trust_remote_code=trust)
-            if gguf:
+            if adapter_path is not None:
+                path = _write_adapter(model, spec, trust, direction, Path(run_dir), adapter_path, overwrite)
+                out.print(f"Wrote [bold]{path}[/] (load it with PeftModel.from_pretrained(base, PATH); "
+                          "vLLM: see its README.md)")
+            elif gguf:
                 from ..export.gguf import export_gguf
 
                 res = export_gguf(model, tokenizer, direction, out_path, overwrite=overwrite,
@@ -148,19 +257,23 @@ def register(app: typer.Typer) -> None:
             _fail(exc)
 
     @app.command("control-vector")
+    @_locked
     def control_vector(
         run_dir: Path = typer.Argument(..., help="A run folder (holds config.yaml and direction.safetensors)."),
         out_path: Path = typer.Option(..., "--out", "-o", help="Output control-vector file (.gguf)."),
         coeff: float = typer.Option(1.0, help="Scale of the vector (activation addition adds coeff · v)."),
         layer: int = typer.Option(None, help="Add at the input of this layer (default: the direction's layer)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                               help="Allow the model's own code (never taken from the run's config)."),
     ) -> None:
         """Write the run's direction as a llama.cpp control vector (activation addition; use it with
         llama-cli --control-vector FILE). Ablation cannot be a control vector: use `refusal abliterate`."""
         from ..export.control_vector import write_control_vector
 
         try:
-            cfg, direction = _run_inputs(run_dir)
+            _check_export_out(out_path, ".gguf", overwrite)
+            cfg, direction = _run_inputs(run_dir, trust_remote_code)
             hint, n_layers, hidden = _model_shape(str(cfg["model"]), bool(cfg.get("trust_remote_code") or False))
             path = write_control_vector(direction, out_path, n_layers=n_layers, model_hint=hint, layer=layer,
                                         coeff=coeff, hidden_size=hidden, overwrite=overwrite)

@@ -10,9 +10,11 @@ from ..errors import RefusalError
 
 
 def register(app: typer.Typer) -> None:
+    from ..runs.folder import holding_lock
     from .app import _fail, out
 
     @app.command("report")
+    @holding_lock("run_dir", read_only_ok=True)
     def report(
         run_dir: Path = typer.Argument(..., help="A finished run folder (holds summary.json)."),
         out_dir: Path = typer.Option(None, "--out", "-o", help="Folder for report.html and report.md "

@@ -16,16 +16,14 @@ from ..errors import RefusalError
 
 def ranked_candidates(run_dir: Path):
     """``(ranked [(pos, layer)], candidate Directions in rank order)`` of a run folder after ``select``."""
-    from .. import io
     from ..directions.base import Direction, DirectionSet
     from ..directions.diff_means import Candidates
+    from ..runs.folder import RunFolder
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RefusalError(f"'{run_dir}' is not a run folder (no config.yaml).",
-                           "Give the folder a 'refusal run' made (runs/<model>/ by default).")
-    scores_path = run_dir / "scores.json"
-    scores = io.read_json(scores_path) if scores_path.is_file() else {}
+    rf = RunFolder(run_dir)
+    rf.read_config(complete=False)
+    scores = rf.read_json("scores.json") if rf.file("scores.json").is_file() else {}
     have = all((run_dir / f).is_file() for f in ("candidates.safetensors", "directions.safetensors",
                                                   "select.done.json"))
     if not have or "ranked" not in scores:
@@ -35,8 +33,8 @@ def ranked_candidates(run_dir: Path):
     if not ranked:
         raise RefusalError(f"No candidate of the run in '{run_dir}' passed the selection filters.",
                            "Loosen select.kl_threshold / select.induce_threshold and redo select.")
-    cands = Candidates.load(run_dir / "candidates.safetensors")
-    selected = DirectionSet.load(run_dir / "directions.safetensors")["selected"]
+    cands = rf.load("candidates.safetensors", Candidates.load)
+    selected = rf.load("directions.safetensors", DirectionSet.load)["selected"]
     positions = scores.get("positions") or cands.positions
     out = []
     for pos, layer in ranked:
@@ -56,9 +54,11 @@ def ranked_candidates(run_dir: Path):
 
 
 def register(app: typer.Typer) -> None:
+    from ..runs.folder import holding_lock
     from .app import _fail, err, out
 
     @app.command("sets")
+    @holding_lock("run_dir")
     def sets(
         run_dir: Path = typer.Argument(..., help="A run folder after select."),
         k: int = typer.Option(3, "--k", help="Largest set size to search."),
@@ -79,12 +79,19 @@ def register(app: typer.Typer) -> None:
         from ..scoring.sets import add_to_directions, plot_pareto, score_sets, search_sets
 
         try:
+            for flag, v in (("--k", k), ("--beam", beam), ("--pool", pool)):
+                if v < 1:
+                    raise RefusalError(f"{flag} must be at least 1 (got {v}).",
+                                       "e.g. --k 3 --beam 4 --pool 16 (the defaults: 3, 1, 16).")
             run_dir = Path(run_dir)
             ranked, cands = ranked_candidates(run_dir)
+            if not directions and k > min(pool, len(cands)):
+                err.print(f"[yellow]Note:[/] --k {k} is more than the {min(pool, len(cands))} directions searched: "
+                          f"sets go up to {min(pool, len(cands))}.")
             given = [parse_ranks(spec, len(cands)) for spec in directions or []]
             overrides = {k_: v for k_, v in (("device", device), ("batch_size", batch_size)) if v is not None}
             run = Run.open(run_dir, overrides)
-            splits = io.read_json(run_dir / "splits.json")
+            splits = run.folder.read_json("splits.json", keys=("harmful", "harmless"))
             hv, bv = run.prompts(splits["harmful"]["val"]), run.prompts(splits["harmless"]["val"])
             s = run.cfg.select
             opts = {"kl_threshold": s.kl_threshold, "induce_threshold": s.induce_threshold, "kl_weight": kl_weight,
@@ -105,6 +112,7 @@ def register(app: typer.Typer) -> None:
                           f"{s.induce_threshold}); nothing saved.[/]")
             elif save:
                 add_to_directions(run_dir / "directions.safetensors", res.direction(best))
+                run.folder.record("select", "directions.safetensors")  # changed on purpose: resume trusts it
                 out.print(f"Saved ranks {{{', '.join(map(str, best.members))}}} as [bold]set[/] in "
                           f"{run_dir / 'directions.safetensors'} (refusal chat {run_dir} then /ablate set)")
             out.print(f"Wrote {run_dir / 'sets.json'} and {run_dir / 'sets.png'}")

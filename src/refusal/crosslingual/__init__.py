@@ -13,6 +13,11 @@ other language's prompts:
    flagged is refused unless ``--allow-flagged``. Every language gets the same seeded train/val/test choice (sizes from
    the config), so sources translated item by item stay aligned by index; ``prompts.json`` says, per kind and split,
    whether the alignment was verified (English originals known), assumed (same sizes) or absent.
+1b. **Refusal openings** (:mod:`.openings_stage`): for the languages without a shipped phrase list (``learn_openings:
+   missing``, the default; ``all``: every language, shipped lists hidden; ``never``), refusal tokens and phrases
+   learned from the model's own contrast on the language's train and val prompts (:mod:`refusal.evaluation.learned`),
+   checked against the harmless completions, the prompts and the refusal score; with a translator named, the English
+   list translated is a second source. They replace the language's refusal tokens and phrases in every stage below.
 2. **Per-language runs** (:mod:`.language_stage`): the main pipeline's extract and select stages on each language's
    prompts, scored with that language's refusal-opening tokens; completions of the test prompts at baseline, with the
    language's direction ablated (harmful) and added (harmless), judged with the language's own refusal phrases. Where a
@@ -43,6 +48,8 @@ is skipped whole). Folder layout (``runs/<model>-crosslingual/`` by default, or 
       prompts.json                 every language's splits, sources, alignment, cache digests (prompts)
       <lang>/                      one folder per language, as a main run's:
         config.yaml                  that language's config (data named by the prompts' sha256)
+        openings.json                learned refusal tokens and phrases, their evidence and agreement (openings;
+                                     only languages that learn), openings_completions.json: what they came from
         splits.json                  its prompts after any filtering                  (extract)
         candidates.safetensors       harmful/harmless means, (positions, layers, d)   (extract)
         scores.json, scores.png      bypass / induce / KL of every candidate          (select)

@@ -16,7 +16,7 @@ from ..config import Condition, InterventionSpec, RunConfig, digest
 from ..errors import NoDirectionError, RefusalError
 from ..runs.pipeline import Inputs, Run
 from .inputs import KINDS, SPLITS, content_sha
-from .prompt_stage import PromptStage
+from .openings_stage import OpeningsStage
 
 PER_LANGUAGE_STAGES = ("extract", "select", "generate")
 
@@ -44,15 +44,16 @@ class _LanguageRun(Run):
         return self.base.tokenizer
 
 
-class LanguageStage(PromptStage):
+class LanguageStage(OpeningsStage):
     """The per-language runs: :meth:`language` for one language, :meth:`sources` for the languages with a direction."""
 
     def language_config(self, lang: str) -> RunConfig:
         """The config of ``lang``'s run: the cross-lingual config with the language's refusal tokens, its prompts
         named by their sha256, and the four conditions of :func:`language_conditions`."""
+        self.openings()  # learned refusal openings replace the language's tokens and phrases first
         sets = self.prompt_sets[lang]
-        openings = self.cfg.refusal_tokens if lang == "en" and self.cfg.refusal_tokens else \
-            self.phrases[lang]["refusal_openings"]
+        openings = self.cfg.refusal_tokens if lang == "en" and self.cfg.refusal_tokens and \
+            not self.needs_learning(lang) else self.phrases[lang]["refusal_openings"]
         data = dataclasses.replace(
             self.cfg.data, harmful=f"crosslingual:{lang}:harmful:sha256:{content_sha(sets['harmful'])[:16]}",
             harmless=f"crosslingual:{lang}:harmless:sha256:{content_sha(sets['harmless'])[:16]}", harmful_test=None,
@@ -104,6 +105,7 @@ class LanguageStage(PromptStage):
         summary = {"language": lang, "model": self.cfg.model, "device": run.device_name(), "dtype": run.dtype,
                    "selected": None, "no_direction": exc.problem, "results": None,
                    "judgement_confidence": ph["confidence"], "phrase_list": ph["list"],
+                   "phrase_source": self.phrase_source(lang), "phrase_agreement": ph.get("agreement"),
                    "judgement_note": ph["note"], "warnings": [warning], "stage_seconds": run.stage_seconds(),
                    "digests": run.digests}
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -123,11 +125,19 @@ class LanguageStage(PromptStage):
                 out.append(lang)
         return out
 
+    def phrase_source(self, lang: str) -> str:
+        """Which list judges ``lang``: ``shipped``, ``shipped:en`` (English's, none ships for it), ``learned`` or
+        ``translated+learned``."""
+        ph = self.phrases[lang]
+        return ph.get("source") or ("shipped" if ph["list"] == lang.split("-")[0] else f"shipped:{ph['list']}")
+
     def _confidence_warnings(self, lang: str, results: dict) -> list[str]:
         ph = self.phrases[lang]
         if ph["confidence"] != "low":
             return []
-        why = (f"no list ships for '{lang}', English phrases are used" if ph["list"] != lang.split("-")[0]
+        source = self.phrase_source(lang)
+        why = (ph["note"] if not source.startswith("shipped") else
+               f"no list ships for '{lang}', English phrases are used" if ph["list"] != lang.split("-")[0]
                else f"refusal_phrases_{ph['list']}.json, see its notes")
         out = [f"{lang}: refusals are judged with a low-confidence phrase list ({why}): a refusal it misses counts "
                "as an answer, so its refusal rates are lower bounds and its non-refusal rates upper bounds."]
@@ -159,6 +169,7 @@ class LanguageStage(PromptStage):
             "selected": {"pos": sel["pos"], "layer": sel["layer"]},
             "selection_scores": {k: sel.get(k) for k in ("bypass", "induce", "kl")}, **s,
             "judgement_confidence": ph["confidence"], "phrase_list": ph["list"], "judgement_note": ph["note"],
+            "phrase_source": self.phrase_source(lang), "phrase_agreement": ph.get("agreement"),
             "refusal_tokens": run.cfg.refusal_tokens, "warnings": warnings,
             "max_new_tokens": self.cfg.generate.max_new_tokens, "stage_seconds": run.stage_seconds(),
             "digests": run.digests}

@@ -39,6 +39,8 @@ class Manifests:
     base: Run
     warnings: list[str]
     echo_warnings: bool
+    learn_mode: str
+    phrase_translator: Any
     _sets: dict | None
 
     def _done(self, path: Path, dig: str) -> bool:

@@ -10,9 +10,10 @@ The run's ``data.harmful`` / ``harmless`` and ``generate.conditions`` settings a
 cross-lingual sources, and the conditions are the four above.
 
 The run is :class:`Crosslingual`, its stages mixed in from one module each: :mod:`.pools` (input checks),
-:mod:`.prompt_stage`, :mod:`.language_stage`, :mod:`.transfer_stage`, :mod:`.similarity_stage` and
-:mod:`.plot_stage`, on the shared state and manifests of :mod:`.manifests`. This module holds the constructor, which
-sets that state, and :meth:`Crosslingual.run`, which runs every stage and writes ``summary.json``.
+:mod:`.prompt_stage`, :mod:`.openings_stage`, :mod:`.language_stage`, :mod:`.transfer_stage`,
+:mod:`.similarity_stage` and :mod:`.plot_stage`, on the shared state and manifests of :mod:`.manifests`. This
+module holds the constructor, which sets that state, and :meth:`Crosslingual.run`, which runs every stage and
+writes ``summary.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..runs.pipeline import Inputs, Run
 from ..translate.choice import check_translator
 from .inputs import choose_splits, language_phrases, parse_files, parse_languages
 from .language_stage import PER_LANGUAGE_STAGES, language_conditions
+from .openings_stage import check_learn_mode
 from .plot_stage import PlotStage
 from .pools import PromptPools
 from .similarity_stage import SimilarityStage
@@ -60,7 +62,7 @@ class Crosslingual(PromptPools, TransferStage, SimilarityStage, PlotStage):
                  polyrefuse: str | Path | None = None, paper: str | Path | None = None,
                  files: str | Mapping[str, Any] | None = None, translator: Any = None, max_flagged: float = 0.1,
                  allow_flagged: bool = False, out_dir: str | Path | None = None, force: bool = False,
-                 echo_warnings: bool = True):
+                 echo_warnings: bool = True, learn_openings: str = "missing"):
         from ..models.loading import check_hub_config, resolve_source
 
         if not 0 <= max_flagged <= 1:
@@ -72,6 +74,8 @@ class Crosslingual(PromptPools, TransferStage, SimilarityStage, PlotStage):
         self.paper = None if paper is None else str(paper)
         self.files = parse_files(files)
         self.max_flagged, self.allow_flagged, self.force = float(max_flagged), bool(allow_flagged), force
+        self.learn_mode = check_learn_mode(learn_openings)
+        self._openings_ready = False
         self.languages = self._languages(parse_languages(languages))
         self.phrases = {lang: language_phrases(lang) for lang in self.languages}
         d = cfg.data
@@ -80,6 +84,9 @@ class Crosslingual(PromptPools, TransferStage, SimilarityStage, PlotStage):
         self.chosen = {key: choose_splits(pool, self.sizes, d.seed, f"{key[1]} {key[0]}")
                        for key, pool in self.pools.items()}
         self.translator = check_translator(translator, self.cfg.model) if self._translating else None
+        # a translator named for the run also translates the English phrase list: a second source of learned lists
+        self.phrase_translator = check_translator(translator, self.cfg.model) \
+            if translator is not None and self.learn_mode != "never" else None
         self.dir = Path(out_dir) if out_dir is not None else \
             Path(cfg.output) / (cfg.name or f"{self.source.alias}-crosslingual")
         if self.dir.exists() and not self.dir.is_dir():
@@ -96,13 +103,15 @@ class Crosslingual(PromptPools, TransferStage, SimilarityStage, PlotStage):
         t = self.translator
         return {"languages": self.languages, "polyrefuse": self.polyrefuse, "paper": self.paper, "files": self.files,
                 "translator": None if t is None else (t if isinstance(t, str) else str(t.name)),
-                "max_flagged": self.max_flagged, "allow_flagged": self.allow_flagged}
+                "max_flagged": self.max_flagged, "allow_flagged": self.allow_flagged,
+                "learn_openings": self.learn_mode}
 
     def run(self) -> CrosslingualResult:
         """Run or resume every stage; returns the result (also written as ``summary.json``)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         io.write_yaml(self.dir / "config.yaml", {"crosslingual": self.settings(), **self.cfg.to_dict()})
         prompts = self.prompts()
+        self.openings()
         summaries = {lang: self.language(lang) for lang in self.languages}
         transfer = self.transfer()
         similarity = self.similarity()
@@ -113,13 +122,13 @@ class Crosslingual(PromptPools, TransferStage, SimilarityStage, PlotStage):
             if s.get("selected") is None:  # no direction: its baseline comes from the transfer's own rows
                 b = transfer["baseline"][lang]
                 headline[lang] = {"selected": None, "no_direction": s.get("no_direction"),
-                                  "judgement_confidence": s["judgement_confidence"],
+                                  "judgement_confidence": s["judgement_confidence"], **_phrases(s),
                                   "harmful_baseline_refusal": _flip(b["harmful_non_refusal"]),
                                   "harmless_baseline_refusal": b["harmless_refusal"]}
                 continue
             r = s["results"]
             headline[lang] = {
-                "selected": s["selected"], "judgement_confidence": s["judgement_confidence"],
+                "selected": s["selected"], "judgement_confidence": s["judgement_confidence"], **_phrases(s),
                 "harmful_baseline_refusal": r["harmful"]["baseline"]["refusal"],
                 "harmful_ablation_non_refusal": r["harmful"]["ablation"]["non_refusal"],
                 "harmless_baseline_refusal": r["harmless"]["baseline"]["refusal"],
@@ -134,6 +143,11 @@ class Crosslingual(PromptPools, TransferStage, SimilarityStage, PlotStage):
                                   list(self.warnings), meta)
 
 
+def _phrases(summary: Mapping) -> dict:
+    """Which list judged a language and its measured agreement (a learned list's), for the headline."""
+    return {"phrase_source": summary.get("phrase_source"), "phrase_agreement": summary.get("phrase_agreement")}
+
+
 def _flip(rate: Mapping) -> dict:
     """A non-refusal rate as the refusal rate of the same items (count, rate and interval mirrored)."""
     return {**rate, "count": rate["n"] - rate["count"], "rate": round(1 - rate["rate"], 4),
@@ -144,7 +158,7 @@ def crosslingual(cfg: RunConfig, languages: str | Sequence[str] | None = None, *
                  polyrefuse: str | Path | None = None, paper: str | Path | None = None,
                  files: str | Mapping[str, Any] | None = None, translator: Any = None, max_flagged: float = 0.1,
                  allow_flagged: bool = False, out_dir: str | Path | None = None,
-                 force: bool = False) -> CrosslingualResult:
+                 force: bool = False, learn_openings: str = "missing") -> CrosslingualResult:
     """Run (or resume) a cross-lingual study: see :mod:`refusal.crosslingual`.
 
     ``languages``: codes (default: the languages of ``files`` / ``polyrefuse``, else en fr es de ru zh th sw am).
@@ -153,6 +167,10 @@ def crosslingual(cfg: RunConfig, languages: str | Sequence[str] | None = None, *
     built-in sets (or ``paper``'s, when given alone) translated by ``translator`` (``None``/``"local"``: the run's
     model; ``"google"``; another model spec; or a backend object) through ``out_dir/translations.json``; a language
     with more than ``max_flagged`` of its translations flagged stops the run unless ``allow_flagged``. ``out_dir``
-    defaults to ``cfg.output / (cfg.name or <model alias>-crosslingual)``; ``force`` redoes every stage."""
+    defaults to ``cfg.output / (cfg.name or <model alias>-crosslingual)``; ``force`` redoes every stage.
+    ``learn_openings``: ``missing`` learns refusal tokens and phrases from the model's own contrast for languages
+    without a shipped list, ``all`` for every language (shipped lists hidden), ``never`` uses the shipped lists
+    (English's where none ships); see :mod:`.openings_stage`."""
     return Crosslingual(cfg, languages, polyrefuse=polyrefuse, paper=paper, files=files, translator=translator,
-                        max_flagged=max_flagged, allow_flagged=allow_flagged, out_dir=out_dir, force=force).run()
+                        max_flagged=max_flagged, allow_flagged=allow_flagged, out_dir=out_dir, force=force,
+                        learn_openings=learn_openings).run()

@@ -17,7 +17,7 @@ from ..batching import in_batches
 from ..layout import layout, run_decoder
 from ..models.norms import with_fused_norms
 from ..models.parts import find_parts, model_device
-from ..templates import check_prompts_end_with, post_instruction_ids
+from ..templates import check_prompts_end_with, prompts_post_instruction_ids
 from .base import Direction
 
 
@@ -118,7 +118,7 @@ def extract(
     if not harmful or not harmless:
         raise ValueError("extract needs at least one harmful and one harmless prompt")
     if getattr(tokenizer, "chat_template", None):  # the last positions must be the post-instruction tokens
-        post = post_instruction_ids(tokenizer)
+        post = prompts_post_instruction_ids(tokenizer, list(harmful))  # the thinking mode they were formatted in
         check_prompts_end_with(tokenizer, list(harmful), post, "harmful prompt")
         check_prompts_end_with(tokenizer, list(harmless), post, "harmless prompt")
     h = mean_activations(model, tokenizer, harmful, n_positions, batch_size, "Extracting (harmful)")

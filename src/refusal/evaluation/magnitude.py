@@ -110,7 +110,7 @@ def _as_labels(labels, n: int) -> list[bool] | None:
 
 def _check(model, tokenizer, prompts, direction, layer, pos, labels, refusal_scores, kinds):
     from ..models.parts import find_parts
-    from ..templates import check_prompts_end_with, post_instruction_ids
+    from ..templates import check_prompts_end_with, prompts_post_instruction_ids
 
     if isinstance(prompts, str) or not prompts:
         raise RefusalError("magnitude needs a non-empty list of prompts.", "Pass templated prompts (format_prompts).")
@@ -139,7 +139,7 @@ def _check(model, tokenizer, prompts, direction, layer, pos, labels, refusal_sco
         raise RefusalError(f"Position {pos!r} is not a negative offset from the end of the prompt.",
                            "Use -1 for the last token, -2 for the one before, ...")
     if getattr(tokenizer, "chat_template", None):
-        check_prompts_end_with(tokenizer, prompts, post_instruction_ids(tokenizer))
+        check_prompts_end_with(tokenizer, prompts, prompts_post_instruction_ids(tokenizer, prompts))
     labels = _as_labels(labels, n)
     if refusal_scores is not None:
         refusal_scores = [float(x) for x in torch.as_tensor(refusal_scores, dtype=torch.float64).reshape(-1)]

@@ -3,6 +3,11 @@
 ``summary["results"][prompt_set][condition][metric]``; the headline numbers of the paper's table are also given
 flat: ``summary["harmful"][condition]`` is the non-refusal rate on harmful prompts (higher: the intervention bypasses
 refusal), ``summary["harmless"][condition]`` the refusal rate on harmless prompts (higher: it induces refusal).
+
+When the test records carry a ``category`` (JailbreakBench, StrongREJECT, HarmBench, a user's own field), each
+condition also has ``by_category``: ``{category: {"refusal": rate, "non_refusal": rate}}``, each rate with its
+Wilson interval, categories in order of first appearance (records without a category under ``"(none)"``, only if
+some records have one).
 """
 
 from __future__ import annotations
@@ -31,8 +36,27 @@ def summarize(judged: dict[str, dict[str, list[dict]]], kl: dict | None = None) 
                  "refusal_score_positive": Rate.of(sum(s > 0 for s in scores), len(scores)).to_json(),
                  "mean_refusal_score": round(sum(scores) / len(scores), 4) if scores else None,
                  "kl_harmless": ((kl or {}).get(kind, {}).get(cond) or {}).get("kl_harmless")}
+            cats = by_category(recs)
+            if cats:
+                m["by_category"] = cats
             results.setdefault(kind, {})[cond] = m
             if kind in HEADLINE:
                 headline.setdefault(kind, {})[cond] = m[HEADLINE[kind]]["rate"]
     return {**headline, "results": results,
             "n": {kind: {c: len(r) for c, r in conds.items()} for kind, conds in judged.items()}}
+
+
+NO_CATEGORY = "(none)"
+
+
+def by_category(records: list[dict]) -> dict:
+    """``{category: {"refusal": rate, "non_refusal": rate}}`` of judged records (``refused``), each rate with its
+    Wilson interval; empty when no record has a category."""
+    groups: dict[str, list[bool]] = {}
+    if not any(r.get("category") not in (None, "") for r in records):
+        return {}
+    for r in records:
+        c = r.get("category")
+        groups.setdefault(NO_CATEGORY if c in (None, "") else str(c), []).append(bool(r["refused"]))
+    return {c: {"refusal": Rate.of(sum(v), len(v)).to_json(), "non_refusal": Rate.of(len(v) - sum(v), len(v)).to_json()}
+            for c, v in groups.items()}

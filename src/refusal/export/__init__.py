@@ -1,4 +1,4 @@
-"""Exporting edited models: a Hugging Face folder, a GGUF file, or a llama.cpp control vector.
+"""Exporting edited models: a Hugging Face folder, a PEFT LoRA adapter, a GGUF file, or a llama.cpp control vector.
 
 Imported lazily by name, so ``import refusal.export`` does not load torch or gguf."""
 
@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "export_hf": "hf", "model_card": "hf",
+    "export_adapter": "adapter", "lora_factors": "adapter",
     "export_gguf": "gguf", "edit_gguf": "gguf", "write_gguf": "gguf", "GGUFExport": "gguf",
     "write_control_vector": "control_vector", "control_vector_tensors": "control_vector",
 }

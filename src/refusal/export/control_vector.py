@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import io
 from ..errors import RefusalError
 
 __all__ = ["control_vector_tensors", "llama_cpp_index", "write_control_vector"]
@@ -128,6 +129,7 @@ def write_control_vector(direction, out: str | Path, *, n_layers: int, model_hin
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp, io.FILE_MODE)  # mkstemp makes it 0600: the umask's permissions, as a plain open() gives
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import io
 from ..errors import RefusalError
 
 
@@ -69,6 +70,7 @@ def _write(out: Path, arch: str, kv: Callable, tensors: list[_Tensor], endianess
                 raise AssertionError(f"{t.name}: {arr.nbytes} bytes, expected {t.nbytes}")
             w.write_tensor_data(arr, tensor_endianess=t.endianess)
         w.close()
+        os.chmod(tmp, io.FILE_MODE)  # mkstemp makes it 0600: the umask's permissions, as a plain open() gives
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

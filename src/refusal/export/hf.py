@@ -146,6 +146,9 @@ def _atomic_save(out: Path, overwrite: bool, write) -> None:
                 raise RefusalError(f"'{out}' already exists.", "Pass overwrite=True (--overwrite).")
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / out.name)
+        from .. import io
+
+        io.share(tmp)  # mkdtemp makes it private: the umask's permissions, as a plain mkdir would give
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -19,7 +19,7 @@ from ..models.head import contiguous_head_input
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
 from ..scoring.refusal import refusal_score
-from ..templates import tokenize
+from ..templates import decode_keeping, tokenize
 from .attention import grouped_attention, grouped_attention_misfit
 from .prefill import prefill
 from .static import StaticDecoder, one_device
@@ -80,6 +80,7 @@ def generate(
     plan: Plan | None = None, rows: Sequence[int] | None = None,
     on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
     decoder: StaticDecoder | None = None, fallback: bool = False, report: dict | None = None,
+    keep_special: Sequence[int] = (),
 ) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy completions of already-templated prompts.
 
@@ -105,6 +106,9 @@ def generate(
     ``split_prefill`` (eager decoding): the prompts' prefill runs as :func:`~refusal.generation.prefill.prefill`
     splits it — the template opening they share once per group of rows with the same interventions, the rest in
     length buckets without the batch's padding — and decoding starts from the joined cache (same tokens).
+
+    ``keep_special``: special token ids to keep in the decoded text (a reasoning model's markers, such as harmony's
+    ``<|channel|>``; see :mod:`refusal.evaluation.reasoning`); every other special token is dropped, as before.
 
     With ``refusal_ids``, also returns each prompt's refusal score at the first generated position, read from the
     same forward pass that generates the first token.
@@ -163,7 +167,7 @@ def generate(
                     new_tokens, first_logits = seq[:, b.input_ids.shape[1]:], keep.first
         if new_tokens is None:  # the static decoder failed (fallback): again, with model.generate, hooks left first
             return run(chunk)
-        texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = [t.strip() for t in decode_keeping(tokenizer, new_tokens, keep_special)]
         scores = refusal_score(first_logits, rids).tolist() if rids is not None else [None] * len(chunk)
         for i, t, s in zip(chunk, texts, scores):
             out[i] = t

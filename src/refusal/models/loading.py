@@ -17,6 +17,7 @@ import torch
 
 from ..errors import RefusalError
 from . import catalog
+from .parts import find_parts
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -196,7 +197,7 @@ def load_model(
     such as ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``) sets the budgets explicitly, or (a float) is the
     fraction. A dict ``device_map`` is passed to transformers as given.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
     device = device or default_device()
@@ -223,7 +224,7 @@ def load_model(
     direct = device_map is None and torch.device(device).type not in ("cpu", "meta")
     try:
         tokenizer = AutoTokenizer.from_pretrained(*tok_args, **tok_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _auto_class(args[0], kwargs).from_pretrained(
             *args, dtype=torch_dtype, device_map={"": device} if direct else device_map, **kwargs
         )
     except Exception as exc:
@@ -236,15 +237,59 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer, args[0] if source.kind in ("folder", "catalog") else None)
+    find_parts(model)  # an architecture the interventions cannot cover is refused now, before any work
     return model, tokenizer
 
 
-def prepare_tokenizer(tokenizer) -> None:
-    """Left padding (so the last positions line up across a batch) and a pad token."""
+def _auto_class(path: str, kwargs: dict):
+    """``AutoModelForCausalLM``, or for a multimodal checkpoint that transformers maps only as image-text-to-text
+    (Mistral3, Qwen2.5-VL, ...) ``AutoModelForImageTextToText``: its ``...ForConditionalGeneration`` runs text-only
+    (layers, norms and head are its language model's). Decided from the config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if "gguf_file" in kwargs:
+        return AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    try:
+        mt = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False)).model_type
+    except Exception:  # noqa: BLE001 -- AutoModelForCausalLM then reports what is wrong with the config
+        return AutoModelForCausalLM
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def prepare_tokenizer(tokenizer, folder: str | Path | None = None) -> None:
+    """Left padding (so the last positions line up across a batch) and a pad token. A tokenizer without a chat
+    template takes the one a multimodal checkpoint keeps for its processor (``chat_template.jinja`` or
+    ``chat_template.json`` in ``folder``)."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if folder is not None and not getattr(tokenizer, "chat_template", None):
+        template = processor_chat_template(Path(folder))
+        if template:
+            tokenizer.chat_template = template
+
+
+def processor_chat_template(folder: Path) -> str | None:
+    """The chat template a multimodal checkpoint saves beside its processor, or None."""
+    import json
+
+    jinja, js = folder / "chat_template.jinja", folder / "chat_template.json"
+    if jinja.is_file():
+        return jinja.read_text("utf-8")
+    if js.is_file():
+        value = json.loads(js.read_text("utf-8")).get("chat_template")
+        return value if isinstance(value, str) else None
+    return None
 
 
 def _catalog_folder(name: str) -> Path:

@@ -55,8 +55,13 @@ def find_parts(model) -> ModelParts:
         and len({type(x) for x in m}) == 1
     ]
     if not candidates:
+        mixed = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and (n is None or len(m) == n)
+                 and len({type(x) for x in m}) > 1]
+        kinds = f": its {n} layers are of several kinds ({', '.join(sorted({type(x).__name__ for x in mixed[0]}))})" \
+            if mixed else f" (no list of {n} identical blocks)"
         raise RefusalError(
-            f"Could not find the decoder layers of {type(model).__name__} (no list of {n} identical blocks).",
+            f"Could not find the decoder layers of {type(model).__name__}{kinds}; interventions need one kind of "
+            "layer whose attention and MLP blocks write the residual stream.",
             "This architecture is not supported yet; please open an issue with the model id.",
         )
     _, layers = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
@@ -71,12 +76,33 @@ def find_parts(model) -> ModelParts:
                 f"children {list(children)}).",
                 "This architecture is not supported yet; please open an issue with the model id.",
             )
+        _check_no_other_writer(layer, i, children, a, f)
         attn.append(a)
         mlp.append(f)
     embed = model.get_input_embeddings()
     parts = ModelParts(layers, attn, mlp, embed, int(embed.weight.shape[1]))
     model._refusal_parts = parts
     return parts
+
+
+def _check_no_other_writer(layer: nn.Module, i: int, children: dict[str, nn.Module], attn: nn.Module,
+                           mlp: nn.Module) -> None:
+    """Refuse a layer with a block besides its attention and MLP that holds matrices (a Mamba mixer beside the
+    attention in hybrid models such as Falcon-H1): its output enters the residual stream too, and neither the hooks
+    (input, attention and MLP outputs) nor weight orthogonalization would remove the direction from it. Norms (only
+    1-D weights) and parameter-free modules (dropout) are fine."""
+    for name, child in children.items():
+        if child is attn or child is mlp:
+            continue
+        if any(p.ndim >= 2 for p in child.parameters()):
+            raise RefusalError(
+                f"Layer {i} ({type(layer).__name__}) has the block '{name}' ({type(child).__name__}) beside its "
+                "attention and MLP; its output enters the residual stream as well, and directional ablation and "
+                "weight orthogonalization cover only the attention and MLP outputs, so they would leave the "
+                "direction in.",
+                "This architecture (a hybrid with a second token mixer, e.g. a state-space block beside attention) "
+                "is not supported yet; please open an issue with the model id.",
+            )
 
 
 def _out_proj(block: nn.Module, names: tuple[str, ...], hidden: int, what: str) -> nn.Module:

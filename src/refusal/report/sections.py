@@ -17,6 +17,7 @@ from .. import io
 from ..errors import RefusalError
 from .artifacts import Artifacts
 from .blocks import Card, Code, Completions, Heat, Image, RateCell, Report, Row, Section, Sub, Table, Text, Verdict
+from .categories import categories_section
 from .crosslingual import crosslingual_section, is_crosslingual_run
 from .evaluation import (
     _cards,
@@ -60,6 +61,7 @@ def build(run_dir: str | Path) -> Report:
     per_language = is_crosslingual_run(summary)  # a `refusal crosslingual` folder: its languages hold the results
     sections = [
         None if per_language else _results_section(results),
+        None if per_language else categories_section(summary, results),
         None if per_language else _direction_section(a, summary, scores, config),
         _scores_section(a, scores, config),
         _judges_section(a),

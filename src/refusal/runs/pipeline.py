@@ -30,14 +30,15 @@ import torch
 
 from .. import io
 from ..batching import console
-from ..config import RunConfig, digest, resolve
+from ..config import STAGE_KEYS, RunConfig, digest, resolve
 from ..data import load_source, make_splits
 from ..errors import RefusalError
 from ..models.loading import ModelSource, check_hub_config, default_device, load_model, parse_dtype, resolve_source
 from ..scoring.refusal import refusal_token_ids
 from ..templates import format_prompts
+from .folder import STAGES, RunFolder, path_name, widening_settings, with_values
 
-STAGES = ("extract", "select", "generate", "evaluate")
+__all__ = ["STAGES", "Inputs", "Run", "RunFolder", "check_inputs", "check_plan"]
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Inputs:
 def check_inputs(cfg: RunConfig) -> Inputs:
     """Validate the model spec and datasets, and build the splits, in seconds and without loading a model."""
     source = resolve_source(cfg.model)
+    check_plan(cfg, source)
     d = cfg.data
     sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
     splits = {}
@@ -58,8 +60,65 @@ def check_inputs(cfg: RunConfig) -> Inputs:
         src = load_source(spec, kind)
         test_src = load_source(test, kind) if test else None
         splits[kind] = make_splits(src, sizes, d.seed, kind, test_src)
+    if cfg.select.keep_refusal:  # every category to keep must exist in the data the directions come from
+        from ..directions.categories import check_categories
+
+        check_categories(cfg.select.keep_refusal, splits["harmful"]["train"])
     check_hub_config(source, cfg.trust_remote_code)  # last: the only check that may touch the network
     return Inputs(source, splits)
+
+
+def model_layers(source: ModelSource) -> int | None:
+    """The number of decoder layers, read without loading weights (a folder's config.json, the catalog entry);
+    None where that would need more (a hub model, a GGUF file)."""
+    import json
+
+    if source.kind == "catalog":
+        from ..models import catalog
+
+        return int(catalog.get(source.path).layers)
+    if source.kind != "folder":
+        return None
+    try:
+        c = json.loads((Path(source.path) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    for d in (c, c.get("text_config") or {}, c.get("language_config") or {}):
+        n = d.get("num_hidden_layers") or d.get("n_layer") or d.get("num_layers")
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_plan(cfg: RunConfig, source: ModelSource) -> None:
+    """What the conditions name, checked against what extract and select will produce, before any model loads:
+    every direction name, and every listed layer against the model's depth (from its config.json)."""
+    from ..config import METHODS
+
+    names = {"selected", "set", *(str(i) for i in range(16))}
+    if "inlp" in cfg.extract.methods:
+        names |= {"inlp", "inlp_first"}
+    if cfg.select.keep_refusal:
+        names.add("kept")
+    n_layers = model_layers(source)
+    for c in cfg.generate.conditions:
+        for iv in c.interventions:
+            if iv.direction not in names:
+                raise RefusalError(
+                    f"Condition '{c.name}' ({c.prompts}) names the direction '{iv.direction}', which this run will "
+                    "not have.", "Directions are: selected, 0-15 (by rank), set (after `refusal sets`), kept (with "
+                    "select.keep_refusal)"
+                    + (", inlp, inlp_first" if "inlp" in cfg.extract.methods else
+                       f" (and inlp, inlp_first with extract.methods: {list(METHODS)})") + ".")
+            layers = iv.layers
+            listed = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else \
+                list(layers) if isinstance(layers, (list, tuple)) else []
+            bad = [la for la in listed if not isinstance(la, int) or (n_layers is not None and not 0 <= la < n_layers)
+                   or la < 0]
+            if bad:
+                depth = f"the model has {n_layers} layers (0-{n_layers - 1})" if n_layers else "layers count from 0"
+                raise RefusalError(f"Condition '{c.name}' ({c.prompts}) lists layer(s) {bad}, but {depth}.",
+                                   "Give layers the model has, or all, source, or {top: p}.")
 
 
 class Run:
@@ -69,6 +128,11 @@ class Run:
         self.cfg = cfg = _absolute_paths(cfg)
         self.inputs = inputs or check_inputs(cfg)
         self.dir = Path(folder) if folder is not None else Path(cfg.output) / (cfg.name or self.inputs.source.alias)
+        self.folder = RunFolder(self.dir)
+        # settings the saved config asked for but this invocation did not grant (trust_remote_code): recorded as
+        # saved (digests, config.yaml), not obeyed (see Run.open)
+        self.recorded: dict[tuple, object] = {}
+        self._verified: set[str] = set()  # finished stages whose artifacts matched their checksums
         self._model = None
         self._tok = None
         self.device = cfg.device or default_device()
@@ -77,19 +141,46 @@ class Run:
         self._digests: dict[str, str] | None = None
 
     @classmethod
-    def open(cls, folder: str | Path, overrides: dict | None = None) -> Run:
+    def open(cls, folder: str | Path, overrides: dict | None = None, *, force: bool = False,
+             from_stage: str | None = None) -> Run:
         """The run in an existing folder, with its saved config (``overrides``: settings to change, e.g. from flags;
-        only the stages that read them, and the ones after, are redone)."""
-        folder = Path(folder)
-        cfg_path = folder / "config.yaml"
-        if not cfg_path.is_file():
-            raise RefusalError(f"'{folder}' is not a run folder (no config.yaml).",
-                               "Give the folder a 'refusal run' made (runs/<model>/ by default).")
-        saved = io.read_yaml(cfg_path) or {}
-        saved.pop("digests", None)
-        saved.pop("digest", None)
-        base = resolve(None, _nested_merge(saved, overrides or {}), has_gpu=None)
-        return cls(base, folder=folder)
+        only the stages that read them, and the ones after, are redone).
+
+        The saved ``config.yaml`` is checked first (:meth:`RunFolder.read_config`; with neither ``force`` nor a
+        ``from_stage`` early enough, it must reproduce its saved digests). ``trust_remote_code`` is taken from
+        ``overrides`` only: a saved config that asks for it is reported and recorded, not obeyed."""
+        rf = RunFolder(folder)
+        saved = rf.read_config(complete=not force)
+        rf.check_digests(saved, force=force, from_stage=from_stage)
+        saved = {k: v for k, v in saved.items() if k not in ("digests", "digest")}
+        overrides = overrides or {}
+        granted = bool(overrides.get("trust_remote_code"))
+        asked = widening_settings(saved)
+        recorded = {}
+        if asked and not granted:
+            recorded = {p: True for p in asked}
+            saved = with_values(saved, {p: False for p in asked})
+            console.print(f"[yellow]Warning:[/] {rf.config_path} asks for trust_remote_code "
+                          f"({', '.join(path_name(p) for p in asked)}): not obeyed. A saved config cannot allow code "
+                          "from a model's folder or the hub to run; pass --trust-remote-code (trust_remote_code=True) "
+                          "if you trust that code.")
+        elif asked and granted:  # the user grants it now: every part of the run may use it
+            saved = with_values(saved, {p: True for p in asked})
+        try:
+            base = resolve(None, _nested_merge(saved, overrides), has_gpu=None)
+        except RefusalError as exc:
+            raise RefusalError(f"{exc.problem} (in {rf.config_path} or the flags)", exc.fix) from None
+        run = cls(base, folder=rf.path)
+        if "trust_remote_code" not in overrides:
+            run.recorded = recorded
+        else:
+            run.recorded = {p: v for p, v in recorded.items() if p != ("trust_remote_code",)}
+        return run
+
+    def recorded_config(self) -> dict:
+        """The config as the run records it (config.yaml, digests): settings the saved file asked for but this
+        invocation did not grant stay as saved."""
+        return with_values(self.cfg.to_dict(), self.recorded) if self.recorded else self.cfg.to_dict()
 
     # ---- digests and manifests -----------------------------------------------------------------------------------
 
@@ -101,8 +192,9 @@ class Run:
 
             out: dict[str, str] = {}
             prev: str | None = None
+            recorded = self.recorded_config()
             for stage in STAGES:
-                own = self.cfg.stage_config(stage)
+                own = {k: recorded[k] for k in STAGE_KEYS[stage]}
                 if stage == "extract":
                     own = {**own, "model_identity": model_identity(self.inputs.source, self.cfg.trust_remote_code),
                            "dtype": self.dtype}
@@ -113,9 +205,9 @@ class Run:
     def prepare(self, force: bool = False, resume: bool = False) -> None:
         """Create the folder, or check an existing one: a folder made with another config is refused unless
         ``resume`` (keep the stages whose digests still match, redo the rest) or ``force`` (redo everything)."""
-        cfg_path = self.dir / "config.yaml"
+        cfg_path = self.folder.config_path
         if cfg_path.exists() and not (force or resume):
-            old = (io.read_yaml(cfg_path) or {}).get("digests", {})
+            old = self.folder.read_config(complete=False).get("digests") or {}
             stale = [s for s in STAGES if old.get(s) != self.digests[s]]
             if stale and any((self.dir / f"{s}.done.json").exists() for s in stale):
                 raise RefusalError(
@@ -123,20 +215,20 @@ class Run:
                     "change).",
                     f"Pass --resume {self.dir} to redo only those stages, --force to redo everything, or --name / "
                     "--output for another folder.")
-        io.write_yaml(cfg_path, {"digests": self.digests, **self.cfg.to_dict()})
+        io.write_yaml(cfg_path, {"digests": self.digests, **self.recorded_config()})
 
     def done(self, stage: str) -> dict | None:
-        p = self.dir / f"{stage}.done.json"
-        if not p.exists():
+        name = f"{stage}.done.json"
+        if not self.folder.file(name).exists():
             return None
-        m = io.read_json(p)
+        m = self.folder.read_json(name)
         return m if m.get("digest") == self.digests[stage] else None
 
     def _finish(self, stage: str, seconds: float, outputs: list[str], extra: dict | None = None) -> None:
         io.write_json(self.dir / f"{stage}.done.json", {
             "stage": stage, "digest": self.digests[stage], "seconds": round(seconds, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "outputs": outputs,
-            **(extra or {})})
+            **(extra or {}), "sha256": self.folder.checksums(outputs)})
 
     # ---- model ---------------------------------------------------------------------------------------------------
 
@@ -145,9 +237,14 @@ class Run:
         if self._model is None:
             t = time.perf_counter()
             console.print(f"[bold]Loading[/] {self.inputs.source.describe()} on {self.device}")
-            self._model, self._tok = load_model(
-                self.inputs.source, device=self.device, dtype=self.cfg.dtype, device_map=self.cfg.device_map,
-                trust_remote_code=self.cfg.trust_remote_code, max_memory_fraction=self.cfg.max_memory_fraction)
+            try:
+                self._model, self._tok = load_model(
+                    self.inputs.source, device=self.device, dtype=self.cfg.dtype, device_map=self.cfg.device_map,
+                    trust_remote_code=self.cfg.trust_remote_code, max_memory_fraction=self.cfg.max_memory_fraction)
+            except (RefusalError, MemoryError, torch.cuda.OutOfMemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # transformers' many error types: a folder it cannot read, code not allowed
+                raise _load_error(self.inputs.source, exc, bool(self.recorded)) from exc
             self.load_seconds = time.perf_counter() - t
         return self._model
 
@@ -183,7 +280,8 @@ class Run:
         return self.cfg.evaluate.ce_batch_size or (32 if self.on_gpu else 8)
 
     def prompts(self, records: list[dict]) -> list[str]:
-        return format_prompts(self.tokenizer, [r["instruction"] for r in records], self.cfg.system_prompt)
+        return format_prompts(self.tokenizer, [r["instruction"] for r in records], self.cfg.system_prompt,
+                              self.cfg.data.thinking)
 
     def refusal_ids(self) -> list[int]:
         return refusal_token_ids(self.tokenizer, self.cfg.refusal_tokens)
@@ -198,12 +296,19 @@ class Run:
     def run(self, stages: tuple[str, ...] = STAGES, *, from_stage: str | None = None, force: bool = False,
             resume: bool = False) -> dict:
         """Run the given stages in order, skipping finished ones (unless forced); returns the summary if evaluated."""
-        from . import stages as impl
-
         for s in list(stages) + ([from_stage] if from_stage else []):
             if s not in STAGES:
                 raise RefusalError(f"Unknown stage '{s}'.", f"Stages are: {', '.join(STAGES)}.")
-        fresh = not any((self.dir / f"{s}.done.json").exists() for s in STAGES)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RefusalError(f"The run folder '{self.dir}' is a file.", "Give another --output / --name.")
+        with self.folder.lock():
+            return self._run(stages, from_stage, force, resume)
+
+    def _run(self, stages: tuple[str, ...], from_stage: str | None, force: bool, resume: bool) -> dict:
+        from ..errors import DamagedFileError
+        from . import stages as impl
+
+        fresh = not self.folder.has_finished()
         if self._digests is None and self._model is None and fresh and "extract" in stages:
             self._load_while_fingerprinting()
         self.prepare(force=force, resume=resume or bool(from_stage))
@@ -212,6 +317,7 @@ class Run:
             if stage not in stages:
                 continue
             if i < redo_from and self.done(stage):
+                self._verify(stage)
                 console.print(f"[dim]{stage}: finished earlier, skipped[/]")
                 continue
             for prev in STAGES[:i]:
@@ -219,13 +325,25 @@ class Run:
                     raise RefusalError(f"Stage '{stage}' needs stage '{prev}', which has not finished (for this "
                                        f"config) in {self.dir}.", f"Run 'refusal {prev} {self.dir}' first, or "
                                        f"'refusal run --resume {self.dir}'.")
+                self._verify(prev)
+            if stage != "evaluate":
+                self.model  # noqa: B018 (a model that cannot load stops the run before anything is marked undone)
             for later in STAGES[i:]:  # every later stage reads this one: mark them unfinished before starting
                 (self.dir / f"{later}.done.json").unlink(missing_ok=True)
             console.rule(f"[bold]{stage}")
             t = time.perf_counter()
-            outputs, extra = getattr(impl, stage)(self, started=t)
+            try:
+                outputs, extra = getattr(impl, stage)(self, started=t)
+            except DamagedFileError as exc:  # an input artifact: name the stage that rewrites it
+                raise self.folder.explain(exc) from None
             self._finish(stage, time.perf_counter() - t, outputs, extra)
-        return io.read_json(self.dir / "summary.json") if self.done("evaluate") else {}
+        return self.folder.read_json("summary.json") if self.done("evaluate") else {}
+
+    def _verify(self, stage: str) -> None:
+        """A finished stage's artifacts are what it recorded (checked once per run)."""
+        if stage not in self._verified:
+            self.folder.verify(stage, self.done(stage) or {})
+            self._verified.add(stage)
 
     def _load_while_fingerprinting(self) -> None:
         """A fresh folder runs every stage, so the model is needed whatever the digests say: load it while the
@@ -245,6 +363,19 @@ class Run:
         if self.load_seconds:
             out["load_model"] = round(self.load_seconds, 2)
         return out
+
+
+def _load_error(source: ModelSource, exc: Exception, refused_code: bool) -> RefusalError:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if refused_code or "trust_remote_code" in str(exc):
+        return RefusalError(
+            f"The model {source.describe()} could not be loaded without running its own code "
+            f"({exc.__class__.__name__}: {first}).",
+            "If you trust the code in that model folder (or hub repository), pass --trust-remote-code "
+            "(trust_remote_code=True); a run folder's saved config cannot grant it.")
+    return RefusalError(f"Could not load the model {source.describe()} ({exc.__class__.__name__}: {first}).",
+                        "Check that the folder holds a complete Hugging Face model (config.json, weights, tokenizer), "
+                        "or give a catalog model or a .gguf file.")
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -11,6 +11,7 @@ from ..directions.base import Direction, DirectionSet
 from ..directions.diff_means import Candidates
 from ..directions.diff_means import extract as extract_candidates
 from ..errors import NoDirectionError, RefusalError
+from ..evaluation.reasoning import has_split, open_prefix, reasoning_format, split_completion, substring_parts
 from ..evaluation.summary import judge_completions, summarize
 from ..generation.batched import generate as generate_completions
 from ..interventions.hooks import Plan
@@ -18,13 +19,14 @@ from ..interventions.specs import condition_interventions
 from ..models.parts import find_parts
 from ..scoring.engine import refusal_scores, score_candidates
 from ..scoring.selection import Selection, choose, plot_scores, ranked
-from ..templates import post_instruction_ids
+from ..templates import post_instruction_ids, post_instruction_text
 from . import rankings as picks
 
 
 def extract(run, started: float):
     tok = run.tokenizer
-    n_pos = len(post_instruction_ids(tok, run.cfg.system_prompt))
+    post = post_instruction_ids(tok, run.cfg.system_prompt, run.cfg.data.thinking)
+    n_pos = len(post)
     splits = {k: dict(v) for k, v in run.inputs.splits.items()}
     kept = {}
     if run.cfg.data.filter:
@@ -51,7 +53,9 @@ def extract(run, started: float):
     outputs = ["splits.json", "candidates.safetensors"]
     if "inlp" in run.cfg.extract.methods:
         outputs += _extract_inlp(run, splits, n_pos)
-    return outputs, {"kept_after_filter": kept}
+    thinking = {"mode": run.cfg.data.thinking, "post_instruction_ids": post,
+                "post_instruction_tokens": tok.convert_ids_to_tokens(post)}
+    return outputs, {"kept_after_filter": kept, "thinking": thinking}
 
 
 def _extract_inlp(run, splits: dict, n_pos: int) -> list[str]:
@@ -134,11 +138,58 @@ def select(run, started: float):
     if "inlp" in run.cfg.extract.methods:
         ranks["inlp"] = picks.rank_inlp(run, cands, hv, bv, ranked_set)
     io.write_json(run.dir / "rankings.json", ranks)
+    kept = _keep_refusal(run, splits, cands, chosen, ranked_set) if s.keep_refusal else []
     ranked_set.save(run.dir / "directions.safetensors")
     outputs = ["scores.json", "scores.png", "direction.safetensors", "directions.safetensors", "rankings.json"]
     if "inlp" in ranks:
         outputs.append("inlp_selected_accuracy.png")
-    return outputs, {"selected": {"pos": sel.pos, "layer": sel.layer}}
+    return outputs + kept, {"selected": {"pos": sel.pos, "layer": sel.layer}}
+
+
+def _keep_refusal(run, splits: dict, cands: Candidates, chosen: Direction, ranked_set: DirectionSet) -> list[str]:
+    """``select.keep_refusal``: one direction per category of the harmful train split at the selected component
+    (categories.safetensors, categories.json), and the others' direction made orthogonal to the kept ones' (``kept``
+    in the ranked set; see refusal.directions.categories)."""
+    from ..directions.categories import category_directions, keep_refusal_direction, records_by_category
+
+    keep = list(run.cfg.select.keep_refusal)
+    train = splits["harmful"]["train"]
+    by_cat = records_by_category(train)
+    gone = [c for c in keep if c not in by_cat]
+    if gone:
+        raise RefusalError(f"After filtering by baseline refusal the harmful train split holds no prompt of the "
+                           f"categories to keep {gone} (it has: {', '.join(by_cat) or 'none'}).",
+                           "Set data.filter: false (--no-filter), or raise data.n_train.")
+    released = [c for c in by_cat if c not in keep]
+    if not released:
+        raise RefusalError(f"After filtering by baseline refusal only kept categories are left ({', '.join(keep)}).",
+                           "Set data.filter: false (--no-filter), or raise data.n_train.")
+    i = cands.positions.index(chosen.pos)
+    dirs = category_directions(run.model, run.tokenizer, {c: run.prompts(r) for c, r in by_cat.items()},
+                               cands.harmless_mean[i, chosen.layer], chosen.pos, chosen.layer,
+                               batch_size=run.batch_size, model_name=chosen.model)
+    for d in dirs.values():
+        d.data_digest = chosen.data_digest
+        d.extra["n_harmless"] = cands.n_harmless
+    kept = keep_refusal_direction(dirs, released, keep)
+    ranked_set["kept"] = kept
+    dirs.save(run.dir / "categories.safetensors")
+    names = list(dirs)
+    sim = dirs.similarity()
+    sel_unit = chosen.vector / chosen.vector.norm()
+    io.write_json(run.dir / "categories.json", {
+        "pos": chosen.pos, "layer": chosen.layer, "kept": keep, "released": released,
+        "n_train": {c: len(r) for c, r in by_cat.items()},
+        "uncategorised_train": len(train) - sum(len(r) for r in by_cat.values()),
+        "norm_fraction": kept.extra["norm_fraction"],
+        "cosine_kept_direction": kept.extra["cosine_with_categories"],
+        "cosine_kept_direction_selected": round(float(kept.vector @ sel_unit / kept.vector.norm()), 6),
+        "cosine_with_selected": {c: round(float(d.vector @ sel_unit / d.vector.norm()), 6) for c, d in dirs.items()},
+        "similarity": {"categories": names, "matrix": [[round(float(x), 6) for x in row] for row in sim.tolist()]},
+    })
+    console.print(f"Keep refusal for {', '.join(keep)}; released {', '.join(released)}: the released direction keeps "
+                  f"{kept.extra['norm_fraction']:.1%} of its norm outside the kept categories' span")
+    return ["categories.safetensors", "categories.json"]
 
 
 def _layer_rankings(run) -> dict[str, list[int]]:
@@ -172,6 +223,7 @@ def generate(run, started: float):
     key = run.digests["generate"]
     partial = io.read_json(partial_path) if partial_path.exists() else {}
     done = partial.get("rows", {}) if partial.get("digest") == key else {}
+    server: dict = dict(partial.get("server") or {}) if partial.get("digest") == key else {}  # generate.backend openai
     todo = [i for i in range(len(rows)) if str(i) not in done]
     if done:
         console.print(f"Resuming generation: {len(done)} of {len(rows)} completions were saved earlier")
@@ -179,29 +231,70 @@ def generate(run, started: float):
     def save(batch_rows, texts, scores):
         for i, t, s in zip(batch_rows, texts, scores):
             done[str(i)] = {"completion": t, "refusal_score": None if s is None else round(float(s), 4)}
-        io.write_json(partial_path, {"digest": key, "rows": done})
+        io.write_json(partial_path, {"digest": key, "rows": done, **({"server": server} if server else {})})
 
     decoding: dict = {}  # what decoded (and why not the configured decoder, if it stepped aside)
-    if todo:
-        g = run.cfg.generate
-        generate_completions(run.model, run.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
+    g = run.cfg.generate
+    budgets = [c.max_new_tokens or g.max_new_tokens for c in conds]  # per condition, else generate.max_new_tokens
+    fmt = reasoning_format(run.tokenizer)  # a reasoning model's markers stay in the text, to split it below
+    if g.backend == "openai":  # the conditions without interventions decode on the server, its model checked first
+        todo = _generate_on_server(run, conds, rows, prompts, budgets, todo, save, server, decoding)
+    for budget in sorted({budgets[rows[i][0]] for i in todo}):
+        group = [i for i in todo if budgets[rows[i][0]] == budget]
+        generate_completions(run.model, run.tokenizer, prompts, max_new_tokens=budget,
                              batch_size=run.generate_batch_size, static_cache=g.static_cache, fallback=True,
-                             refusal_ids=run.refusal_ids(), plan=plan, rows=todo, on_batch=save, report=decoding,
-                             description=f"Generating {len(conds)} conditions x test prompts")
+                             refusal_ids=run.refusal_ids(), plan=plan, rows=group, on_batch=save, report=decoding,
+                             keep_special=fmt.keep_ids(run.tokenizer) if fmt else (),
+                             description=f"Generating {len(conds)} conditions x test prompts"
+                                         + (f" ({budget} tokens)" if len(set(budgets)) > 1 else ""))
     kl = {}
     if run.cfg.generate.kl:
         kl = _condition_kl(run, conds, [condition_interventions(c, directions, rankings) for c in conds],
                            by_set["harmless"])
     io.write_json(run.dir / "kl.json", kl)
     out: dict = {}
+    prefix = open_prefix(post_instruction_text(run.tokenizer, run.cfg.system_prompt, run.cfg.data.thinking), fmt)
+    cut: dict = {}
     for i, (ci, pi) in enumerate(rows):
         c = conds[ci]
         r = splits[c.prompts]["test"][pi]
-        out.setdefault(c.prompts, {}).setdefault(c.name, []).append(
-            {"instruction": r["instruction"], "category": r.get("category"), **done[str(i)]})
+        rec = {"instruction": r["instruction"], "category": r.get("category"), **done[str(i)]}
+        if fmt is not None:  # reasoning, final answer, and whether the budget ran out inside the reasoning
+            rec.update(split_completion(rec["completion"], fmt, prefix).to_json())
+            cut.setdefault(c.prompts, {}).setdefault(c.name, 0)
+            cut[c.prompts][c.name] += rec["cut_inside_reasoning"]
+        out.setdefault(c.prompts, {}).setdefault(c.name, []).append(rec)
     io.write_json(run.dir / "completions.json", out)
     partial_path.unlink(missing_ok=True)
-    return ["completions.json", "kl.json"], {"decoding": decoding} if decoding else None
+    extras = {"decoding": decoding} if decoding else {}
+    if fmt is not None:
+        extras["reasoning"] = {"format": fmt.to_json(), "thinking": run.cfg.data.thinking,
+                               "prompt_opens_reasoning": bool(prefix), "cut_inside_reasoning": cut}
+    return ["completions.json", "kl.json"], extras or None
+
+
+def _generate_on_server(run, conds, rows, prompts, budgets, todo, save, server: dict, decoding: dict) -> list[int]:
+    """generate.backend openai: decode the rows of the conditions that are pure weights (no interventions) on the
+    server, after checking that it serves the run's model; fill the record; return the rows left to decode here."""
+    from ..generation.batched import greedy_config
+    from ..generation.remote import generate_on_server, run_model_names
+    from ..models.identity import model_identity
+
+    pure = {ci for ci, c in enumerate(conds) if not c.interventions}
+    decoding["conditions"] = {where: [f"{c.prompts}/{c.name}" for ci, c in enumerate(conds)
+                                      if (ci in pure) == (where == "server")] for where in ("server", "local")}
+    if not pure:
+        console.print("[yellow]generate.backend is openai, but every condition has interventions: all decode here.[/]")
+    eos = greedy_config(run.model, run.tokenizer, 1).eos_token_id
+    generate_on_server(run.cfg.generate.openai, prompts, [i for i in todo if rows[i][0] in pure],
+                       {i: budgets[ci] for i, (ci, _) in enumerate(rows)}, tokenizer=run.tokenizer,
+                       run_names=run_model_names(run.cfg.model, run.inputs.source),
+                       identity=model_identity(run.inputs.source, run.cfg.trust_remote_code),
+                       stop_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+                       on_batch=save, record=server)
+    if server:
+        decoding["server"] = server
+    return [i for i in todo if rows[i][0] not in pure]
 
 
 def _condition_kl(run, conds, ivs, harmless_prompts: list[str]) -> dict:
@@ -221,7 +314,10 @@ def evaluate(run, started: float):
     """Judge every completion with every configured judge (side by side), and measure cross-entropy under every
     condition's interventions; write judgements.json, judges.json, ce.json and summary.json (once, at the end)."""
     comps = io.read_json(run.dir / "completions.json")
-    judged = judge_completions(comps)
+    split = any(has_split(r) for conds in comps.values() for recs in conds.values() for r in recs)
+    # a reasoning model's completions: the answer is judged (refused) and, apart, the reasoning (refused_reasoning)
+    judged = {k: {c: substring_parts(rs) for c, rs in cs.items()} for k, cs in comps.items()} if split \
+        else judge_completions(comps)
     io.write_json(run.dir / "judgements.json", judged)
     kl = io.read_json(run.dir / "kl.json")
     outputs = ["judgements.json"]
@@ -230,6 +326,10 @@ def evaluate(run, started: float):
     if judges:
         io.write_json(run.dir / "judges.json", judges)
         outputs.append("judges.json")
+    reasoning_judges = _run_judges(comps, ev.judges, part="reasoning") if split else {}
+    if reasoning_judges:
+        io.write_json(run.dir / "judges_reasoning.json", reasoning_judges)
+        outputs.append("judges_reasoning.json")
     ce = _cross_entropy(run, comps, ev) if ev.cross_entropy else {}
     if ce:
         io.write_json(run.dir / "ce.json", ce)
@@ -257,34 +357,65 @@ def evaluate(run, started: float):
                 m["benchmarks"] = bench.get(f"{kind}/{cond}")
             if over:
                 m["over_refusal"] = {k: over[f"{kind}/{cond}"][k] for k in ("over_refusal", "compliance")}
+            if split:
+                m["reasoning"] = _reasoning_summary(judged[kind][cond], reasoning_judges, kind, cond)
+    budgets = {c.prompts: {} for c in run.cfg.generate.conditions}
+    for c in run.cfg.generate.conditions:
+        budgets[c.prompts][c.name] = c.max_new_tokens or run.cfg.generate.max_new_tokens
     summary = {
         "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype, "preset": run.cfg.preset,
         "selected": {"pos": scores["selected"]["pos"], "layer": scores["selected"]["layer"]},
         **summary, "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": seconds,
+        "max_new_tokens_per_condition": budgets,
+        "thinking": (run.done("extract") or {}).get("thinking", {"mode": run.cfg.data.thinking}),
         "decoding": (run.done("generate") or {}).get("decoding"),  # which paths generated, and why
         "digests": run.digests,
     }
+    if run.cfg.select.keep_refusal and (run.dir / "categories.json").is_file():  # which categories kept, released
+        cats = io.read_json(run.dir / "categories.json")
+        summary["keep_refusal"] = {k: cats.get(k) for k in ("kept", "released", "n_train", "norm_fraction")}
     io.write_json(run.dir / "summary.json", summary)
     return outputs + ["summary.json"], None
 
 
-def _run_judges(comps: dict, specs: list[dict]) -> dict:
-    """``{judge name: {prompt set: {condition: {"n", "failed", "rates", "items"}}}}`` for every configured judge."""
+def _run_judges(comps: dict, specs: list[dict], part: str = "answer") -> dict:
+    """``{judge name: {prompt set: {condition: {"n", "failed", "rates", "items"}}}}`` for every configured judge.
+
+    ``part``: what is judged (:func:`~refusal.evaluation.judges.base.judge_part`): the final answer (the whole
+    completion of a model that does not reason), or the reasoning of the completions that have one."""
     from ..evaluation.judges import make_judge
     from ..evaluation.judges import summarize as judge_summary
+    from ..evaluation.judges.base import judge_part
 
     out: dict = {}
     for spec in specs:
         judge = make_judge(spec)
         items = [(kind, cond, r) for kind, conds in comps.items() for cond, recs in conds.items() for r in recs]
-        verdicts = judge.judge([r for _, _, r in items])  # one call: a model judge batches over every condition
+        # one call: a model judge batches over every condition
+        verdicts = judge_part(judge, [r for _, _, r in items], part)
         res: dict = {}
         for (kind, cond, _), v in zip(items, verdicts):
-            res.setdefault(kind, {}).setdefault(cond, []).append(v)
+            if v is not None:  # None: no reasoning in this completion
+                res.setdefault(kind, {}).setdefault(cond, []).append(v)
         out[judge.name] = {kind: {cond: {**judge_summary(vs, judge.labels), "items": [v.to_json() for v in vs]}
                                   for cond, vs in conds.items()} for kind, conds in res.items()}
-        console.print(f"Judged {len(items)} completions with {judge.name}")
+        console.print(f"Judged {len(items)} completions with {judge.name}" + ("" if part == "answer" else
+                                                                                f" (their {part})"))
     return out
+
+
+def _reasoning_summary(judged: list[dict], reasoning_judges: dict, kind: str, cond: str) -> dict:
+    """One condition's reasoning: how many completions reason, how many were cut inside the reasoning (no answer),
+    the substring refusal rate of the reasoning, and every judge's rates on it."""
+    from ..evaluation.stats import Rate
+
+    with_reasoning = [r for r in judged if r.get("refused_reasoning") is not None]
+    return {"n_with_reasoning": len(with_reasoning),
+            "cut_inside_reasoning": sum(bool(r.get("cut_inside_reasoning")) for r in judged),
+            "refusal_in_reasoning": Rate.of(sum(bool(r["refused_reasoning"]) for r in with_reasoning),
+                                            len(with_reasoning)).to_json(),
+            "judges": {name: v[kind][cond]["rates"] | {"failed": v[kind][cond]["failed"]}
+                       for name, v in reasoning_judges.items() if cond in v.get(kind, {})}}
 
 
 def _condition_ivs(run) -> dict[str, list]:

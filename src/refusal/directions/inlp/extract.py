@@ -11,7 +11,7 @@ import torch
 
 from ...models.norms import with_fused_norms
 from ...models.parts import find_parts
-from ...templates import check_prompts_end_with, post_instruction_ids
+from ...templates import check_prompts_end_with, prompts_post_instruction_ids
 from .activations import collect_activations
 from .classifier import CLASSIFIERS
 from .nullspace import _inlp_chunk
@@ -121,7 +121,7 @@ def extract_inlp(
         raise ValueError("extract_inlp needs harmful and harmless prompts")
     if getattr(tokenizer, "chat_template", None):  # the last positions must be the post-instruction tokens
         check_prompts_end_with(tokenizer, list(harmful_prompts) + list(harmless_prompts),
-                               post_instruction_ids(tokenizer))
+                               prompts_post_instruction_ids(tokenizer, list(harmful_prompts)))
     layers = list(range(find_parts(model).n_layers)) if layers is None else list(layers)
     h = collect_activations(model, tokenizer, harmful_prompts, n_positions, layers, batch_size,
                             "Collecting activations (harmful)")

@@ -292,3 +292,30 @@ def summarize(judgements: Sequence[Judgement], labels: Sequence[str] | None = No
         labels = sorted({j.label for j in judgements if not j.failed})
     return {"n": len(judgements), "failed": sum(j.failed for j in judgements),
             "rates": {lab: rate(judgements, lab, z).to_json() for lab in labels}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reasoning models: the answer and the reasoning judged apart
+
+
+def judge_part(judge: Judge, records: Sequence[Mapping], part: str = "answer") -> list[Judgement | None]:
+    """``judge``'s verdicts on one part of each completion record (see :mod:`refusal.evaluation.reasoning`), in
+    order, in one call to the judge.
+
+    ``part="answer"``: the final answer (the whole completion for records without a split); a completion cut inside
+    its reasoning has no answer, so its verdict fails (it stays in n, never counts as refusal or compliance).
+    ``part="reasoning"``: the reasoning; ``None`` for records without any (they are not in that part's n). The
+    prompt stays the request, so a judge sees reasoning that quotes the request as what it is: not an answer."""
+    from ..reasoning import part_text
+
+    texts = [part_text(r, part) for r in records]
+    todo = [i for i, t in enumerate(texts) if t is not None]
+    verdicts = judge.judge([{**records[i], "completion": texts[i]} for i in todo]) if todo else []
+    out: list[Judgement | None] = [None] * len(records)
+    for i, v in zip(todo, verdicts):
+        out[i] = v
+    if part == "answer":
+        for i, t in enumerate(texts):
+            if t is None:
+                out[i] = Judgement.failure("cut inside the reasoning: no answer to judge")
+    return out

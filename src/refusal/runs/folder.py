@@ -1,0 +1,440 @@
+"""The owner of a run folder: its file names, the validated reading of its ``config.yaml`` and artifacts, and the
+lock that keeps a second process out.
+
+Everything that opens a run folder (the stages, ``abliterate``, ``control-vector``, ``sets``, ``chat``, ``report``,
+the cross-lingual run) goes through a :class:`RunFolder`:
+
+- :meth:`RunFolder.read_config` parses ``config.yaml`` and checks it before anything is written: a mapping that
+  names the model and carries every section, whose settings reproduce the digests saved with them
+  (:meth:`RunFolder.stale_digests`); an empty, cut, garbage or hand-broken file stops the command with a message that
+  names the file and the fix, and nothing is deleted.
+- :meth:`RunFolder.read_json` and :meth:`RunFolder.read_tensors` turn a truncated or foreign artifact into
+  "RUN/scores.json is damaged (...); redo it with ..." naming the stage that writes it.
+- :meth:`RunFolder.lock` holds an exclusive ``flock`` on ``RUN/.lock`` (the holder's pid written in it): a second
+  process stops at once with "another refusal process (pid N) is using RUN"; a lock file left by a process that
+  died is taken over with a note, and the temporary files of interrupted writes are swept.
+- :func:`widening_settings` finds what a saved config asks for that would widen what runs (``trust_remote_code``,
+  at the top or in a judge's spec): only the user's command line or Python call may grant that, never a file in a
+  folder someone shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .. import io
+from ..errors import DamagedFileError, RefusalError
+
+STAGES = ("extract", "select", "generate", "evaluate")
+CONFIG = "config.yaml"
+LOCK = ".lock"
+# every artifact of a run folder and the step that writes it (what to redo when it is damaged)
+ARTIFACTS: dict[str, str] = {
+    "splits.json": "extract", "candidates.safetensors": "extract", "inlp.safetensors": "extract",
+    "inlp.json": "extract", "scores.json": "select", "direction.safetensors": "select",
+    "directions.safetensors": "select", "rankings.json": "select", "completions.json": "generate",
+    "completions.partial.json": "generate", "kl.json": "generate", "judgements.json": "evaluate",
+    "judges.json": "evaluate", "ce.json": "evaluate", "benchmarks.json": "evaluate", "over_refusal.json": "evaluate",
+    "magnitude.json": "evaluate", "summary.json": "evaluate", "sets.json": "sets",
+    **{f"{s}.done.json": s for s in STAGES},
+}
+# the sections a saved config.yaml must carry (it is written whole: a missing one means it was cut or edited)
+SECTIONS = ("model", "data", "extract", "select", "generate", "evaluate")
+WIDENING = "trust_remote_code"  # a setting that lets code from a model's folder or the hub run
+
+_HELD: dict[str, list] = {}  # lock file -> [fd, depth]: this process's locks (re-entered, not re-taken)
+
+
+def redo_command(stage: str, run_dir: Path) -> str:
+    """The command that rewrites the artifacts of ``stage``."""
+    if stage == "sets":
+        return f"`refusal sets {run_dir}`"
+    return f"`refusal run --resume {run_dir} --from-stage {stage}`"
+
+
+class RunFolder:
+    """One run folder on disk: its names, validated readers and lock (see the module docs)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    def is_run(self) -> bool:
+        return self.config_path.is_file()
+
+    def has_finished(self) -> list[str]:
+        """The stages with a manifest (finished for some config)."""
+        return [s for s in STAGES if self.file(f"{s}.done.json").exists()]
+
+    # ---- config.yaml ---------------------------------------------------------------------------------------------
+
+    def read_config(self, *, complete: bool = True) -> dict:
+        """The saved ``config.yaml`` as written (with its ``digests``), checked: it must parse, be a mapping, name
+        the model and (``complete``) carry every section. Raises a :class:`RefusalError` naming the file and the
+        fix otherwise; nothing is written or deleted."""
+        p = self.config_path
+        if not self.path.is_dir():
+            raise RefusalError(f"No run folder at '{self.path}'.",
+                               "Give the folder a run wrote (runs/<name>), e.g. after `refusal run -m MODEL`.")
+        if not p.is_file():
+            raise RefusalError(f"'{self.path}' is not a run folder (no config.yaml).",
+                               "Give the folder a 'refusal run' made (runs/<model>/ by default).")
+        try:
+            d = io.read_yaml(p)
+        except DamagedFileError as exc:
+            raise self._bad_config(exc.why) from None
+        if d is None or d == {}:
+            raise self._bad_config("it is empty")
+        if not isinstance(d, dict):
+            raise self._bad_config(f"it holds a {type(d).__name__}, not a mapping of settings")
+        if not isinstance(d.get("model"), str) or not d["model"]:
+            raise self._bad_config("it names no model (key 'model')")
+        missing = [k for k in SECTIONS if k not in d]
+        if complete and missing:
+            raise self._bad_config(f"it lacks {', '.join(missing)}: it was cut or edited", cut=True)
+        return d
+
+    def _bad_config(self, why: str, cut: bool = False) -> RefusalError:
+        start_over = (f"refusal run --model MODEL --output {self.path.parent} --name {self.path.name} --force")
+        fix = (f"Nothing was changed. Restore {self.config_path} from a copy; or start over in that folder with "
+               f"`{start_over}`")
+        if cut:
+            fix += " (or --force with --resume: every stage redone with the keys it still has and the defaults)"
+        return RefusalError(f"{self.config_path} is damaged ({why}).", fix + ".")
+
+    def stale_digests(self, saved: dict) -> list[str]:
+        """The stages (select onwards) whose digests, saved in ``config.yaml``, its settings no longer reproduce: the
+        file was edited or cut since the run wrote it. (Extract's digest also covers the model's weights, which
+        are checked when the stage is resumed.)"""
+        from ..config import STAGE_KEYS, digest
+
+        digests = saved.get("digests")
+        if not isinstance(digests, dict):
+            return []
+        # the sections as written: what the digests were computed from (settings a newer version added, with their
+        # defaults, are not an edit)
+        stale = []
+        prev = digests.get("extract")
+        for stage in STAGES[1:]:
+            own = {k: saved[k] for k in STAGE_KEYS[stage] if k in saved}
+            if stage in digests and prev is not None and (
+                    len(own) < len(STAGE_KEYS[stage])
+                    or digest({"stage": stage, "config": own, "after": prev}) != digests[stage]):
+                stale.append(stage)
+            prev = digests.get(stage)
+        return stale
+
+    def check_digests(self, saved: dict, *, force: bool = False, from_stage: str | None = None) -> None:
+        """Refuse a ``config.yaml`` that no longer reproduces its digests, unless ``force`` or a ``from_stage`` at
+        or before the first stage it would change."""
+        stale = self.stale_digests(saved)
+        if not stale or force:
+            return
+        if from_stage in STAGES and STAGES.index(from_stage) <= STAGES.index(stale[0]):
+            return
+        raise RefusalError(
+            f"{self.config_path} no longer reproduces the digests saved in it (stages {', '.join(stale)}): it was "
+            "edited or cut after the run wrote it, so its finished stages cannot be trusted to match it.",
+            f"Nothing was changed. Give changed settings as flags instead; or, if the edit is meant, pass "
+            f"--from-stage {stale[0]} to redo from there (--force redoes everything).")
+
+    # ---- artifacts -----------------------------------------------------------------------------------------------
+
+    def damaged(self, name: str, why: str) -> DamagedFileError:
+        stage = ARTIFACTS.get(name)
+        fix = f"Redo it with {redo_command(stage, self.path)}." if stage else \
+            "Restore it from a copy, or redo the step that wrote it."
+        return DamagedFileError(self.file(name), why, fix)
+
+    def explain(self, exc: DamagedFileError) -> DamagedFileError:
+        """The same error with the fix this folder knows (which stage rewrites the file), if the file is its own."""
+        p = Path(exc.path)
+        if p.parent.resolve() == self.path.resolve() and p.name in ARTIFACTS:
+            return self.damaged(p.name, exc.why)
+        return exc
+
+    def read_json(self, name: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
+        """An artifact as JSON of the given ``kind`` with ``keys``; missing: :class:`FileNotFoundError`; truncated,
+        garbage or of another shape: a :class:`DamagedFileError` naming the stage that redoes it."""
+        p = self.file(name)
+        try:
+            obj = io.read_json(p)
+        except DamagedFileError as exc:
+            raise self.damaged(name, exc.why) from None
+        if not isinstance(obj, kind):
+            raise self.damaged(name, f"it holds a {type(obj).__name__}, not a {kind.__name__}")
+        lacking = [k for k in keys if k not in obj]
+        if lacking:
+            raise self.damaged(name, f"it lacks {', '.join(lacking)}")
+        return obj
+
+    def read_tensors(self, name: str) -> tuple[dict, dict]:
+        try:
+            return io.read_tensors(self.file(name))
+        except DamagedFileError as exc:
+            raise self.damaged(name, exc.why) from None
+
+    def load(self, name: str, loader):
+        """``loader(path)`` (e.g. ``Direction.load``), with a damaged file named and its fix given."""
+        try:
+            return loader(self.file(name))
+        except DamagedFileError as exc:
+            raise self.damaged(name, exc.why) from None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # parsed, but not what this file holds
+            raise self.damaged(name, f"not what {name} holds: {exc.__class__.__name__}: {exc}") from None
+
+    # ---- checksums of finished stages ----------------------------------------------------------------------------
+
+    def checksums(self, names: list[str]) -> dict[str, str]:
+        """The sha256 of each of these files that exists (recorded in a stage's manifest when it finishes)."""
+        return {n: _sha256(self.file(n)) for n in names if self.file(n).is_file()}
+
+    def verify(self, stage: str, manifest: dict) -> None:
+        """Raise if an artifact a finished stage recorded is missing or changed since (a finished stage is not
+        trusted blindly); manifests without checksums (older runs) pass."""
+        for name, h in (manifest.get("sha256") or {}).items():
+            p = self.file(name)
+            if not p.is_file():
+                raise RefusalError(f"{p} is missing, although stage {stage} finished with it.",
+                                   f"Redo it with {redo_command(stage, self.path)}.")
+            if _sha256(p) != h:
+                raise self.damaged(name, f"it changed after {stage} wrote it: its sha256 differs from the one in "
+                                         f"{stage}.done.json")
+
+    def record(self, stage: str, name: str) -> None:
+        """Record the new checksum of ``name`` in ``stage``'s manifest, after a command outside the stage graph
+        (``refusal sets``) rewrote it on purpose."""
+        p = self.file(f"{stage}.done.json")
+        if not p.is_file():
+            return
+        m = self.read_json(p.name)
+        if name in (m.get("sha256") or {}):
+            m["sha256"][name] = _sha256(self.file(name))
+            io.write_json(p, m)
+
+    # ---- the lock ------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, *, read_only_ok: bool = False) -> Iterator[RunFolder]:
+        """Hold the folder's exclusive lock (re-entered freely within one process); sweep stale temporary files on
+        taking it. ``read_only_ok``: a folder this user cannot write is read without a lock (nothing here writes
+        it then)."""
+        existed = self.path.exists()
+        try:
+            with exclusive(self.file(LOCK), self.path, read_only_ok=read_only_ok) as taken:
+                if taken:
+                    sweep_temporaries(self.path)
+                yield self
+        finally:  # a folder made only to hold the lock of a command that wrote nothing is not left behind
+            with contextlib.suppress(OSError):
+                if not existed and self.path.resolve() and os.listdir(self.path) == [LOCK] and not _held(self):
+                    os.unlink(self.file(LOCK))
+                    os.rmdir(self.path)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, what: Path, *, read_only_ok: bool = False, remove: bool = False) -> Iterator[bool]:
+    """An exclusive, non-blocking ``flock`` on ``lock_file`` for ``what``; yields whether it was taken (False only
+    with ``read_only_ok`` on a folder that cannot be written). ``remove``: delete the lock file on release."""
+    key = str(lock_file.resolve()) if lock_file.parent.exists() else str(lock_file.absolute())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield True
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock on this system: run unlocked
+        yield False
+        return
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, io.FILE_MODE)
+    except OSError as exc:
+        if read_only_ok and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            yield False
+            return
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_pid(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        who = f"pid {holder}" if holder else "pid unknown"
+        raise RefusalError(f"Another refusal process ({who}) is using {what}.",
+                           "Wait until it ends (or stop it), then run this again: two processes on one folder would "
+                           "mix their results.") from None
+    old = _read_pid(fd)
+    if old and old != os.getpid():
+        _note(f"Took over the lock of {what} left by process {old}, which is no longer running.")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = [fd, 1]
+    try:
+        yield True
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            if remove:
+                os.unlink(lock_file)
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _held(rf: RunFolder) -> bool:
+    return any(k == str(rf.file(LOCK).resolve()) for k in _HELD)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+def _note(text: str) -> None:
+    from ..batching import console
+
+    console.print(f"[yellow]Note:[/] {text}")
+
+
+def _is_temporary(name: str, prefix: str = ".") -> bool:
+    """A name the atomic writers give a temporary file or folder (``.NAME.XXXX.tmp``, ``.NAME.tmp-XXXX``,
+    ``.NAME.old-XXXX``)."""
+    return name.startswith(prefix) and (name.endswith(".tmp") or ".tmp-" in name or ".old-" in name)
+
+
+def sweep_temporaries(folder: Path, prefix: str = ".") -> int:
+    """Remove the temporary files and folders that interrupted writes left in ``folder`` (only call it while
+    holding the lock that every writer there holds); returns the bytes freed."""
+    freed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for e in entries:
+        if not _is_temporary(e.name, prefix):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                freed += sum(f.stat().st_size for f in Path(e.path).rglob("*") if f.is_file())
+                shutil.rmtree(e.path)
+            else:
+                freed += e.stat(follow_symlinks=False).st_size
+                os.unlink(e.path)
+        except OSError:
+            continue
+    if freed:
+        _note(f"Removed {freed / 1e6:.1f} MB of temporary files an interrupted process left in {folder}.")
+    return freed
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold a lock on an export's output path (``.NAME.lock`` beside it, removed after), and sweep the temporary
+    files and folders interrupted exports to it left."""
+    out = Path(out)
+    with exclusive(out.parent / f".{out.name}.lock", out, remove=True):
+        sweep_temporaries(out.parent, prefix=f".{out.name}.")
+        yield
+
+
+# ---- settings a saved file may not grant ---------------------------------------------------------------------------
+
+def widening_settings(saved: Any, where: tuple = ()) -> list[tuple]:
+    """The paths (tuples of keys and list indices) at which ``saved`` turns on a setting that widens what runs
+    (``trust_remote_code``: at the top, or in a judge's spec)."""
+    out: list[tuple] = []
+    if isinstance(saved, dict):
+        for k, v in saved.items():
+            if k == WIDENING and v:
+                out.append((*where, k))
+            elif isinstance(v, (dict, list)):
+                out += widening_settings(v, (*where, k))
+    elif isinstance(saved, list):
+        for i, v in enumerate(saved):
+            out += widening_settings(v, (*where, i))
+    return out
+
+
+def with_values(d: dict, values: dict[tuple, Any]) -> dict:
+    """A deep copy of ``d`` with the value at each path set (paths that no longer exist are skipped)."""
+    d = copy.deepcopy(d)
+    for path, v in values.items():
+        node: Any = d
+        for k in path[:-1]:
+            try:
+                node = node[k]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        if isinstance(node, dict) and path[-1] in node:
+            node[path[-1]] = v
+    return d
+
+
+def path_name(path: tuple) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else str(k)) for i, k in enumerate(path))
+
+
+def granted(rf: RunFolder, saved: dict, trust_remote_code: bool) -> dict:
+    """``saved`` (a run's config.yaml) with every widening setting set to what this invocation grants: a saved
+    request that is not granted is reported (naming the file), not obeyed."""
+    asked = widening_settings(saved)
+    if asked and not trust_remote_code:
+        from ..batching import console
+
+        console.print(f"[yellow]Warning:[/] {rf.config_path} asks for trust_remote_code "
+                      f"({', '.join(path_name(p) for p in asked)}): not obeyed. A saved config cannot allow code from "
+                      "a model's folder or the hub to run; pass --trust-remote-code if you trust that code.")
+    out = with_values(saved, {p: bool(trust_remote_code) for p in asked})
+    out["trust_remote_code"] = bool(trust_remote_code)
+    return out
+
+
+def holding_lock(param: str = "run_dir", *, read_only_ok: bool = False):
+    """A decorator for a command whose argument ``param`` is a run folder: the command runs holding its lock."""
+    import functools
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            folder = kwargs.get(param)
+            if folder is None or not Path(folder).is_dir():
+                return fn(*args, **kwargs)
+            with RunFolder(folder).lock(read_only_ok=read_only_ok):
+                return fn(*args, **kwargs)
+        return command
+    return decorate

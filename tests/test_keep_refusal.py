@@ -1,0 +1,310 @@
+"""Refusal kept where wanted: per-category directions, the keep-refusal direction, and the run with categories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import build_model
+from typer.testing import CliRunner
+
+from refusal import io
+from refusal.cli import app
+from refusal.config import resolve
+from refusal.data import builtin
+from refusal.directions.base import Direction, DirectionSet
+from refusal.directions.categories import (
+    category_directions,
+    check_categories,
+    keep_refusal_direction,
+    parse_categories,
+    records_by_category,
+)
+from refusal.errors import RefusalError
+from refusal.evaluation.stats import Rate
+from refusal.evaluation.summary import by_category, summarize
+from refusal.templates import format_prompts
+
+runner = CliRunner()
+CATS = ("Violence", "Hate, harassment and discrimination", "Sexual content")
+
+
+def _hand_mean(model, tok, prompts, pos, layer):
+    """Mean residual-stream input of ``layer`` at ``pos``, one unpadded prompt at a time."""
+    rows = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+            rows.append(model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0, pos].float())
+    return torch.stack(rows).mean(0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_category_directions_equal_hand_computed_diff_in_means(arch, tokenizer):
+    model = build_model(arch, len(tokenizer), n_layers=3)
+    harmful = [r["instruction"] for r in builtin("harmful")[:7]]
+    by_cat = {"a": format_prompts(tokenizer, harmful[:3]), "b": format_prompts(tokenizer, harmful[3:7])}
+    harmless = format_prompts(tokenizer, [r["instruction"] for r in builtin("harmless")[:5]])
+    pos, layer = -2, 1
+    dirs = category_directions(model, tokenizer, by_cat, harmless, pos, layer, batch_size=2, model_name="m")
+    base = _hand_mean(model, tokenizer, harmless, pos, layer)
+    assert list(dirs) == ["a", "b"]
+    for c, prompts in by_cat.items():
+        want = _hand_mean(model, tokenizer, prompts, pos, layer) - base
+        d = dirs[c]
+        torch.testing.assert_close(d.vector, want, rtol=1e-4, atol=1e-4)
+        assert (d.layer, d.pos, d.model, d.method) == (layer, pos, "m", "diff_means")
+        assert d.extra == {"category": c, "n_harmful": len(prompts), "n_harmless": len(harmless)}
+    assert not torch.allclose(dirs["a"].vector, dirs["b"].vector)  # the categories really differ
+    # the harmless mean given as a tensor (what a run passes from candidates.safetensors): the same directions
+    again = category_directions(model, tokenizer, by_cat, base, pos, layer)
+    for c in by_cat:
+        torch.testing.assert_close(again[c].vector, dirs[c].vector, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RefusalError, match="negative offset"):
+        category_directions(model, tokenizer, by_cat, harmless, 1, layer)
+
+
+def _random_dirs(n: dict[str, int], d: int = 64, seed: int = 0) -> DirectionSet:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(d, generator=g) * 3  # a common refusal component, as real categories share
+    return DirectionSet((c, Direction(shared + torch.randn(d, generator=g), 5, -1, "m",
+                                      extra={"category": c, "n_harmful": k})) for c, k in n.items())
+
+
+def test_keep_direction_is_orthogonal_to_the_kept_directions_and_keeps_their_component():
+    n = {"A": 10, "B": 30, "C": 20, "D": 5}
+    dirs = _random_dirs(n)
+    kept, released = ["A", "D"], ["B", "C"]
+    v = keep_refusal_direction(dirs, released, kept)
+    assert v.method == "keep_refusal" and (v.layer, v.pos, v.model) == (5, -1, "m")
+    assert v.extra["kept"] == kept and v.extra["released"] == released
+    for c in kept:
+        assert abs(float(v.unit @ dirs[c].unit)) < 1e-5
+    # by hand: count-weighted mean of the released, minus its projection on a Gram-Schmidt basis of the kept
+    m = (10 * 0 + 30 * dirs["B"].vector + 20 * dirs["C"].vector) / 50
+    e1 = dirs["A"].unit
+    e2 = dirs["D"].vector - (dirs["D"].vector @ e1) * e1
+    e2 = e2 / e2.norm()
+    want = m - (m @ e1) * e1 - (m @ e2) * e2
+    torch.testing.assert_close(v.vector, want, rtol=1e-4, atol=1e-4)
+    assert v.extra["norm_fraction"] == pytest.approx(float(want.norm() / m.norm()), rel=1e-4)
+    # ...which is the global difference in means (all categories, by count) with the kept span removed, rescaled
+    glob = sum(n[c] * dirs[c].vector for c in n) / sum(n.values())
+    g_rest = glob - (glob @ e1) * e1 - (glob @ e2) * e2
+    torch.testing.assert_close(g_rest, want * 50 / 65, rtol=1e-4, atol=1e-4)
+    # ablating it leaves every activation's component along each kept direction as it was, and removes the released
+    # categories' direction's component along v
+    x = torch.randn(8, 64)
+    u = v.unit
+    ablated = x - (x @ u)[:, None] * u
+    for c in kept:
+        torch.testing.assert_close(ablated @ dirs[c].vector, x @ dirs[c].vector, rtol=1e-4, atol=1e-3)
+    assert float((ablated @ u).abs().max()) < 1e-4
+    # explicit weights: equal weights give the plain mean
+    eq = keep_refusal_direction(dirs, released, kept, weights={"B": 1, "C": 1})
+    m_eq = (dirs["B"].vector + dirs["C"].vector) / 2
+    torch.testing.assert_close(eq.vector, m_eq - (m_eq @ e1) * e1 - (m_eq @ e2) * e2, rtol=1e-4, atol=1e-4)
+
+
+def test_keep_direction_errors():
+    dirs = _random_dirs({"A": 1, "B": 1, "C": 1})
+    with pytest.raises(RefusalError, match="both released and kept"):
+        keep_refusal_direction(dirs, ["A"], ["A", "B"])
+    with pytest.raises(RefusalError, match="No direction for the categories"):
+        keep_refusal_direction(dirs, ["A"], ["Z"])
+    with pytest.raises(RefusalError, match="No category to release"):
+        keep_refusal_direction(dirs, [], ["A"])
+    # a released direction inside the span of the kept ones leaves nothing to ablate
+    inside = DirectionSet(dirs)
+    inside["C"] = Direction(dirs["A"].vector + 2 * dirs["B"].vector, 5, -1, "m")
+    with pytest.raises(RefusalError, match="lies in the span"):
+        keep_refusal_direction(inside, ["C"], ["A", "B"])
+
+
+def test_parse_and_check_categories():
+    assert parse_categories("Sexual content,Violence") == ["Sexual content", "Violence"]
+    assert parse_categories(" Hate, harassment and discrimination ; Violence;") == [
+        "Hate, harassment and discrimination", "Violence"]
+    assert parse_categories(["a", "a", "b"]) == ["a", "b"] and parse_categories("") == []
+    recs = [{"instruction": "x", "category": c} for c in ("A", "B", "A", None)]
+    assert {c: len(v) for c, v in records_by_category(recs).items()} == {"A": 2, "B": 1}
+    check_categories(["A"], recs)
+    with pytest.raises(RefusalError, match=r"Unknown category 'Z'.*'A' \(2\); 'B' \(1\)"):
+        check_categories(["Z"], recs)
+    with pytest.raises(RefusalError, match="no category left to release"):
+        check_categories(["A", "B"], recs)
+    with pytest.raises(RefusalError, match="no record of the harmful train split has a category"):
+        check_categories(["A"], [{"instruction": "x", "category": None}])
+
+
+def test_summary_has_per_category_rates_with_wilson_intervals():
+    recs = [{"refused": r, "category": c, "refusal_score": 0.0} for r, c in
+            [(True, "A"), (False, "A"), (True, "A"), (True, "B"), (False, None)]]
+    s = summarize({"harmful": {"baseline": recs}})
+    cats = s["results"]["harmful"]["baseline"]["by_category"]
+    assert list(cats) == ["A", "B", "(none)"]
+    assert cats["A"]["refusal"] == Rate.of(2, 3).to_json() and cats["A"]["non_refusal"] == Rate.of(1, 3).to_json()
+    assert cats["B"]["refusal"] == Rate.of(1, 1).to_json() and cats["(none)"]["refusal"]["n"] == 1
+    # no categories at all: no by_category
+    plain = [{**r, "category": None} for r in recs]
+    assert "by_category" not in summarize({"harmful": {"baseline": plain}})["results"]["harmful"]["baseline"]
+    assert by_category(plain) == {}
+
+
+def test_config_adds_and_drops_the_keep_refusal_condition(tmp_path):
+    cfg = resolve(None, {"select": {"keep_refusal": ["Violence"]}}, has_gpu=False)
+    conds = [(c.name, c.prompts, [(iv.op, iv.direction) for iv in c.interventions]) for c in cfg.generate.conditions]
+    assert conds[-1] == ("keep_refusal", "harmful", [("ablate", "kept")])
+    # resolving the saved config again adds nothing; turning the option off drops it
+    again = resolve(None, {**cfg.to_dict(), "preset": "cpu"}, has_gpu=False)
+    assert [c.name for c in again.generate.conditions].count("keep_refusal") == 1
+    off = resolve(None, {**cfg.to_dict(), "select": {**cfg.to_dict()["select"], "keep_refusal": []}}, has_gpu=False)
+    assert "keep_refusal" not in [c.name for c in off.generate.conditions]
+    assert "keep_refusal" not in [c.name for c in resolve(None, {}, has_gpu=False).generate.conditions]
+    p = tmp_path / "c.yaml"
+    p.write_text("select:\n  keep_refusal: Violence\n")
+    with pytest.raises(RefusalError, match="keep_refusal must be a list"):
+        resolve(p, has_gpu=False)
+
+
+# ---- a whole run with categories -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def categorised(tmp_path):
+    """A paper-style folder whose harmful records carry categories (the last one's name holds a comma)."""
+    d = tmp_path / "data"
+    (d / "splits").mkdir(parents=True)
+    harmful = builtin("harmful")
+    harmless = builtin("harmless")
+    for split, (lo, hi) in {"train": (0, 9), "val": (9, 12), "test": (12, 18)}.items():
+        rows = [{"instruction": r["instruction"], "category": CATS[i % 3]} for i, r in enumerate(harmful[lo:hi])]
+        (d / "splits" / f"harmful_{split}.json").write_text(json.dumps(rows))
+        (d / "splits" / f"harmless_{split}.json").write_text(json.dumps([r["instruction"] for r in harmless[lo:hi]]))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"n_train": 9, "n_val": 3, "n_test": 6, "filter": False},
+                                   "select": {"kl_threshold": 1e9, "induce_threshold": -1e9},
+                                   "generate": {"max_new_tokens": 3}, "evaluate": {"cross_entropy": []},
+                                   "device": "cpu", "preset": "paper"}))
+    return d, cfg
+
+
+def _args(model_dir, data, cfg, out, *extra):
+    return ["--model", str(model_dir), "--harmful", str(data), "--harmless", str(data), "--config", str(cfg),
+            "--output", str(out), *extra]
+
+
+def test_run_with_keep_refusal_end_to_end(model_dir, categorised, tmp_path):
+    from refusal.report import write_report
+
+    data, cfg = categorised
+    out = tmp_path / "runs"
+    keep = "Hate, harassment and discrimination;Sexual content"
+    r = runner.invoke(app, ["run", *_args(model_dir, data, cfg, out, "--keep-refusal", keep)])
+    assert r.exit_code == 0, r.output
+    run_dir = out / "tiny-qwen2"
+    s = io.read_json(run_dir / "summary.json")
+    assert s["keep_refusal"]["kept"] == list(CATS[1:]) and s["keep_refusal"]["released"] == ["Violence"]
+    assert s["keep_refusal"]["n_train"] == {c: 3 for c in CATS}
+    harmful = s["results"]["harmful"]
+    assert set(harmful) == {"baseline", "ablation", "actadd", "keep_refusal"}
+    for cond, m in harmful.items():  # every condition: a rate per test category, with its interval
+        assert set(m["by_category"]) == set(CATS), cond
+        for v in m["by_category"].values():
+            rate = v["refusal"]
+            assert rate["n"] == 2 and 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1
+        assert sum(v["refusal"]["count"] for v in m["by_category"].values()) == m["refusal"]["count"]
+    assert harmful["keep_refusal"]["kl_harmless"] is not None  # the KL of the keep-refusal condition
+    assert "by_category" not in s["results"]["harmless"]["baseline"]  # harmless records carry no category
+    # the direction: in the run's set as `kept`, orthogonal to the kept categories' directions
+    dirs = DirectionSet.load(run_dir / "directions.safetensors")
+    cats = DirectionSet.load(run_dir / "categories.safetensors")
+    kept = dirs["kept"]
+    assert kept.method == "keep_refusal" and kept.extra["kept"] == list(CATS[1:])
+    assert (kept.layer, kept.pos) == (dirs["selected"].layer, dirs["selected"].pos)
+    for c in CATS[1:]:
+        assert abs(float(kept.unit @ cats[c].unit)) < 1e-5
+    # the per-category directions average (by count) to the selected direction: same harmless mean, same prompts
+    glob = sum(cats[c].vector for c in CATS) / 3
+    torch.testing.assert_close(glob, dirs["selected"].vector, rtol=1e-3, atol=1e-3)
+    info = io.read_json(run_dir / "categories.json")
+    assert info["released"] == ["Violence"] and set(info["cosine_with_selected"]) == set(CATS)
+    assert "refusal rate per category" in r.output
+    html, md = write_report(run_dir)
+    for text in (html.read_text(), md.read_text()):
+        assert "Refusal per category" in text and "Hate, harassment and discrimination" in text
+    assert "released" in md.read_text() and "keep_refusal" in md.read_text()
+    assert 'alt="refusal rate per category (harmful prompts)"' in html.read_text()  # the figure, one panel each
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+    monkeypatch.setattr("refusal.runs.pipeline.load_model", boom)
+
+
+def test_unknown_category_is_refused_before_the_model_loads(no_model_load, model_dir, categorised, tmp_path):
+    data, cfg = categorised
+    r = runner.invoke(app, ["run", *_args(model_dir, data, cfg, tmp_path / "runs", "--keep-refusal",
+                                          "Sexual content,Nope")])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "Unknown category 'Nope'" in text and "'Violence' (3)" in text and "'Sexual content' (3)" in text
+    assert "separate them with ';'" in text  # a name there holds a comma
+    assert not (tmp_path / "runs").exists()
+    # from Python too: Run() checks the inputs before anything loads
+    from refusal.runs.pipeline import Run
+
+    c = resolve(cfg, {"model": str(model_dir), "data": {"harmful": str(data), "harmless": str(data)},
+                      "select": {"keep_refusal": ["Violence", "Sexual content", CATS[1]]}})
+    with pytest.raises(RefusalError, match="no category left to release"):
+        Run(c)
+
+
+def test_gpu_demo_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    """benchmarks/keep_refusal.py's plumbing (what the lead runs on the GPU), on a tiny random model and the built-in
+    categorised sets: the JSON has every condition's per-category rates with intervals, the KL, and the plot."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    sys.modules.pop("benchmarks.keep_refusal", None)
+    from benchmarks.keep_refusal import main
+
+    out = tmp_path / "kr" / "tiny.json"
+    res = main(["--tiny", "--data", str(tmp_path / "no-such-folder"), "--out", str(out), "--n-train", "16",
+                "--n-val", "3", "--n-test", "12"])
+    saved = json.loads(out.read_text())
+    assert saved["kept"] == ["violence_weapons"] and saved["tiny_random_model"] is True
+    assert set(saved["rates"]) == {"baseline", "ablation", "keep_refusal"}
+    assert set(saved["kl_harmless"]) >= {"baseline", "ablation", "keep_refusal"}
+    for cond in saved["rates"].values():
+        assert sum(v["refusal"]["n"] for v in cond["by_category"].values()) == cond["overall"]["n"] == 12
+    row = saved["table"][0]
+    assert {"category", "role", "n", "baseline", "ablation", "keep_refusal", "keep_in_baseline_ci"} <= set(row)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "| category |" in out.with_suffix(".md").read_text()
+    assert saved["command"].startswith("python -m benchmarks.keep_refusal --tiny") and res["date"] == saved["date"]
+
+
+def test_keep_refusal_turned_on_and_off_on_a_finished_run(model_dir, categorised, tmp_path):
+    """Given on a finished run, the option redoes select onwards (not extract); given empty, it drops the condition."""
+    data, cfg = categorised
+    out = tmp_path / "runs"
+    assert runner.invoke(app, ["run", *_args(model_dir, data, cfg, out)]).exit_code == 0
+    run_dir = out / "tiny-qwen2"
+    extracted = (run_dir / "extract.done.json").read_text()
+    r = runner.invoke(app, ["run", str(run_dir), "--keep-refusal", "Violence"])
+    assert r.exit_code == 0, r.output
+    assert (run_dir / "extract.done.json").read_text() == extracted  # the candidates are reused
+    s = io.read_json(run_dir / "summary.json")
+    assert "keep_refusal" in s["results"]["harmful"] and s["keep_refusal"]["kept"] == ["Violence"]
+    assert "kept" in DirectionSet.load(run_dir / "directions.safetensors")
+    r = runner.invoke(app, ["run", str(run_dir), "--keep-refusal", ""])
+    assert r.exit_code == 0, r.output
+    s = io.read_json(run_dir / "summary.json")
+    assert "keep_refusal" not in s["results"]["harmful"] and "keep_refusal" not in s
+    assert "kept" not in DirectionSet.load(run_dir / "directions.safetensors")
