@@ -73,16 +73,6 @@ def build_model(arch: str, vocab: int, n_layers: int = 4, seed: int = 0):
     return model
 
 
-@pytest.fixture(autouse=True)
-def _forget_batch_sizes():
-    """Each test starts with no batch size remembered from another test's (simulated) out-of-memory."""
-    from refusal.batching import reset_batch_memory
-
-    reset_batch_memory()
-    yield
-    reset_batch_memory()
-
-
 ARCHS = ["llama", "qwen2", "gemma"]
 
 
@@ -113,12 +103,3 @@ def _refusal_home(request, tmp_path_factory, monkeypatch):
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("REFUSAL_HOME", str(tmp_path_factory.getbasetemp() / "refusal-home"))
 
-
-@pytest.fixture(autouse=True)
-def _fresh_batch_memory():
-    """Batch sizes halved after a (simulated) out-of-memory error are remembered per process: not across tests."""
-    from refusal.batching import reset_batch_memory
-
-    reset_batch_memory()
-    yield
-    reset_batch_memory()

@@ -250,9 +250,6 @@ def test_benchmark_builds_and_times_a_split_model(tmp_path, monkeypatch):
     """The benchmark's --device-map path end to end on a tiny model split over the CPU and disk (the 70B run uses the
     same path with --device-map auto over the GPUs)."""
     bench = pytest.importorskip("benchmarks.pipeline")
-    from refusal import batching
-
-    monkeypatch.setattr(batching, "_quiet", batching._quiet)  # the benchmark silences progress bars: restored after
     out = tmp_path / "bench.json"
     res = bench.main(["--arch", "tiny", "--device-map", "cpu,disk", "--offload-folder", str(tmp_path / "off"),
                       "--out", str(out), "--n-train", "8", "--n-val", "3", "--extract-batch", "8",

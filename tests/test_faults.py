@@ -413,3 +413,285 @@ def test_refusal_error_is_not_swallowed_in_python(run_copy):
     (run_copy / "config.yaml").write_text("")
     with pytest.raises(RefusalError, match="config.yaml is damaged"):
         Run.open(run_copy)
+
+
+# ---- 7. a saved config cannot choose network destinations ------------------------------------------------------
+
+class _Reached(Exception):
+    """Raised by a stand-in for the first thing that would touch the network: the check let the command through."""
+
+
+def _let_through(args: list, env: dict | None = None) -> str:
+    """The output of a command that passed the checks and reached the stand-in (reported at the boundary)."""
+    r = runner.invoke(app, [str(a) for a in args], env=env)
+    assert "Unexpected _Reached" in r.output, (args, r.output)
+    return " ".join(r.output.split())
+
+
+def _edit_saved(run_dir: Path, edit, *, consistent: bool = True) -> None:
+    """Edit the run folder's config.yaml as a run made with that config would have written it (its digests and
+    manifests made to agree when ``consistent``)."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    edit(saved)
+    saved.pop("digests")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    if not consistent:
+        return
+    run = Run.open(run_dir, force=True, allow_network=True)  # computes the digests; contacts nothing
+    for s in STAGES:
+        m = io.read_json(run_dir / f"{s}.done.json")
+        io.write_json(run_dir / f"{s}.done.json", {**m, "digest": run.digests[s]})
+    io.write_yaml(run_dir / "config.yaml", {"digests": run.digests, **run.recorded_config()})
+
+
+def _judge_url(saved: dict) -> None:
+    saved["evaluate"]["judges"].append({"type": "openai", "url": "https://user:secret@judge.example/v1?k=s3cret",
+                                        "model": "gpt", "api_key_env": "OPENAI_API_KEY"})
+
+
+def _openai_backend(saved: dict) -> None:
+    saved["generate"]["backend"] = "openai"
+    saved["generate"]["openai"]["url"] = "http://generate.example:8000/v1"
+
+
+@pytest.mark.parametrize("edit, stage, shown", [
+    (_judge_url, "evaluate", "evaluate.judges[2].url = 'https://judge.example/v1'"),
+    (_openai_backend, "generate", "generate.openai.url = 'http://generate.example:8000/v1'"),
+], ids=["judge-url", "generate-backend-openai"])
+def test_saved_server_url_is_not_used_unless_named_now(run_copy, tmp_path, monkeypatch, edit, stage, shown):
+    from refusal.runs import stages
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-users-own-key")  # what a saved judge would send to its server
+    _edit_saved(run_copy, edit)
+    for s in STAGES[STAGES.index(stage):]:  # as if killed during that stage: resuming would run it
+        (run_copy / f"{s}.done.json").unlink()
+    before = _snapshot(run_copy)
+    msg = _error(["run", "--resume", run_copy])
+    assert shown in msg and "--allow-network" in msg and "config.yaml" in msg, msg
+    assert "secret" not in msg and "sk-the" not in msg  # what may be a credential in the URL is not echoed
+    assert _snapshot(run_copy) == before  # stopped before any work
+    assert shown in _error([stage, run_copy])  # the stage command alone too
+
+    def reached(run, started):
+        raise _Reached(stage)
+    monkeypatch.setattr(stages, stage, reached)
+    _let_through(["run", "--resume", run_copy, "--allow-network"])  # the stage itself started
+    own = tmp_path / "own.yaml"  # the user's own config file, given now, names the same server: allowed
+    own.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load((run_copy / "config.yaml").read_text()).items()
+                                   if k in ("generate", "evaluate")}))
+    _let_through(["run", "--resume", run_copy, "--config", own])
+
+
+def test_saved_server_url_of_a_finished_stage_is_not_a_reason_to_stop(run_copy, no_model_load, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-users-own-key")
+    _edit_saved(run_copy, _judge_url)  # evaluate finished: nothing will send anything to the judge
+    r = runner.invoke(app, ["run", "--resume", str(run_copy)])
+    assert r.exit_code == 0 and "evaluate: finished earlier, skipped" in " ".join(r.output.split()), r.output
+
+
+def test_saved_hub_ids_are_not_used_unless_named_now(run_copy, tmp_path, monkeypatch, no_model_load):
+    def hub(*a, **k):
+        raise _Reached("hub")
+    monkeypatch.setattr("refusal.runs.pipeline.check_hub_config", hub)
+    monkeypatch.setattr("refusal.models.loading.check_hub_config", hub)
+    from refusal.runs import pipeline
+
+    local = pipeline.load_source
+
+    def load_source(spec, kind):
+        if str(spec).startswith("hf:"):
+            raise _Reached(spec)
+        return local(spec, kind)
+    monkeypatch.setattr(pipeline, "load_source", load_source)
+    _edit_saved(run_copy, lambda s: s.update(model="someone/their-model"), consistent=False)
+    before = _snapshot(run_copy)
+    for args in (["run", "--resume", run_copy], ["evaluate", run_copy], ["sets", run_copy],
+                 ["control-vector", run_copy, "--out", tmp_path / "cv.gguf"],
+                 ["abliterate", run_copy, "--out", tmp_path / "abl"], ["chat", run_copy]):
+        msg = _error(args)
+        assert "model = 'someone/their-model' (a hub model" in msg and "--allow-network" in msg, (args, msg)
+        assert "HF_HUB_OFFLINE=1" in msg
+    assert _snapshot(run_copy) == before
+    # granted now: the same id on the command line, the user's own --config, --allow-network, or HF_HUB_OFFLINE=1
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"model": "someone/their-model"}))
+    for args, env in ((["--model", "someone/their-model"], {}), (["--config", str(own)], {}),
+                      (["--allow-network"], {}), ([], {"HF_HUB_OFFLINE": "1"})):
+        _let_through(["run", "--resume", run_copy, *args], env)
+    _let_through(["control-vector", run_copy, "--out", tmp_path / "cv.gguf", "--allow-network"])
+    # a hub data set in the saved config: the same rule
+    saved = yaml.safe_load((run_copy / "config.yaml").read_text())
+    saved["model"] = str(Path(saved["data"]["harmful"]).parent / "tiny")  # the local model again
+    saved["data"]["harmless"] = "hf:someone/their-data"
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    msg = _error(["run", "--resume", run_copy])
+    assert "data.harmless = 'hf:someone/their-data' (a hub data set)" in msg
+    assert "_Reached: hf:someone/their-data" in _let_through(["run", "--resume", run_copy, "--harmless",
+                                                               "hf:someone/their-data"])
+
+
+def test_network_settings_finds_every_destination():
+    from refusal.config import RunConfig
+    from refusal.runs.folder import network_settings, unnamed_destinations
+
+    d = RunConfig().to_dict()
+    assert network_settings(d) == []  # the defaults: a catalog model, built-in data, local judges and decoding
+    d["model"] = "org/model"
+    d["data"]["harmful_test"] = "hf:org/data"
+    d["evaluate"]["judges"] += [{"type": "openai", "url": "http://localhost:8000/v1", "model": "served-name"},
+                                {"type": "llm", "model": "org/judge"}]
+    d["evaluate"]["benchmarks"] = {"tasks": ["refusal_mmlu", "mmlu"], "data_dir": "x"}
+    d["select"]["objective"] = {"type": "guard", "model": "org/guard"}
+    found = {(x.path, x.value, x.stage) for x in network_settings(d)}
+    assert found == {(("model",), "org/model", None), (("data", "harmful_test"), "hf:org/data", None),
+                     (("evaluate", "judges", 2, "url"), "http://localhost:8000/v1", "evaluate"),
+                     (("evaluate", "judges", 3, "model"), "org/judge", "evaluate"),
+                     (("evaluate", "benchmarks", "tasks", 1), "mmlu", "evaluate"),
+                     (("select", "objective", "model"), "org/guard", "select")}
+    named_now = {"model": "org/model", "data": {"harmful_test": "hf:org/data"}, "tasks": ["mmlu"]}
+    assert {x.value for x in unnamed_destinations(d, named_now)} == {"http://localhost:8000/v1", "org/guard",
+                                                                      "org/judge"}
+
+
+# ---- 8. language codes and set-search limits at the door --------------------------------------------------------
+
+def test_unknown_language_code_is_refused_at_once(monkeypatch):
+    def started(*a, **k):
+        raise _Reached("the cross-lingual run")
+    monkeypatch.setattr("refusal.crosslingual.runs.Crosslingual.__init__", started)
+    msg = _error(["crosslingual", "--languages", "en,zz"])
+    assert "--languages: zz (" in msg and "--allow-unknown-language" in msg
+    _let_through(["crosslingual", "--languages", "en,zz", "--allow-unknown-language"])
+    _let_through(["crosslingual", "--languages", "en,fr"])
+
+
+def test_known_language_codes():
+    from refusal.cli.crosslingual import check_languages
+
+    check_languages("en,fr,pt-br,zh_CN,am,sw,yo")  # ISO 639-1, regional forms, the package's languages
+    with pytest.raises(RefusalError, match="qq"):
+        check_languages("en,qq")
+
+
+def test_language_a_given_source_holds_is_known(tmp_path):
+    from refusal.cli.crosslingual import check_languages
+
+    (tmp_path / "harmful_train_fil.json").write_text("[]")
+    check_languages("en,fil", polyrefuse=tmp_path)  # Filipino (no ISO 639-1 code): the folder has it
+    check_languages("en,yue", files=f"yue={tmp_path / 'x.json'}")
+    with pytest.raises(RefusalError, match="fil"):
+        check_languages("en,fil")
+
+
+def test_sets_caps_k_at_the_pool_and_shows_its_progress(run_copy):
+    r = runner.invoke(app, ["sets", str(run_copy), "--k", "1000", "--pool", "3", "--no-save"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    n = json.loads((run_copy / "sets.json").read_text())["settings"]["k_searched"]
+    assert 1 <= n <= 3
+    assert f"--k 1000 is capped at {n}" in out and f"sets of 1 to {n} are scored" in out
+    assert f"Set search (sizes 1-{n} of {n} directions, beam 1)" in out  # the search's own progress bar
+
+
+# ---- 9. killed at random points, resumed to the same result ----------------------------------------------------
+
+# the artifacts of a run in the order they appear, in three parts (extract; select; generate and evaluate): seed i
+# kills the run after an artifact of part i % 3 appears, plus a random delay (the kill may land anywhere after it,
+# or after the run ended: only the invariant is asserted, whatever the point)
+KILL_AFTER = (("config.yaml", "splits.json", "candidates.safetensors"),
+              ("extract.done.json", "scores.json", "rankings.json"),
+              ("select.done.json", "completions.partial.json", "completions.json", "generate.done.json",
+               "judgements.json"))
+TIMING = ("seconds", "finished_at", "stage_seconds")
+
+
+def _without_timing(x):
+    if isinstance(x, dict):
+        return {k: _without_timing(v) for k, v in x.items() if k not in TIMING}
+    if isinstance(x, list):
+        return [_without_timing(v) for v in x]
+    return x
+
+
+def _results(run_dir: Path) -> dict[str, object]:
+    """Every file a run leaves: JSON without its timing fields, config.yaml without the output root, safetensors as
+    their tensors' bytes and metadata, the rest (the plot) as bytes. The manifests' sha256 of summary.json (it holds
+    the timings) and of safetensors files are left out: a safetensors file's bytes differ from process to process
+    (the library writes its metadata in hash order); their content is compared instead."""
+    out: dict[str, object] = {}
+    for p in sorted(run_dir.iterdir()):
+        if p.name == ".lock":
+            continue
+        if p.suffix == ".json":
+            out[p.name] = _without_timing(json.loads(p.read_text()))
+            if p.name.endswith(".done.json"):
+                out[p.name]["sha256"] = {k: v for k, v in out[p.name].get("sha256", {}).items()
+                                         if not k.endswith(".safetensors") and k != "summary.json"}
+        elif p.suffix == ".safetensors":
+            tensors, meta = io.read_tensors(p)
+            out[p.name] = ({k: (str(t.dtype), tuple(t.shape), t.numpy().tobytes()) for k, t in tensors.items()}, meta)
+        elif p.name == "config.yaml":
+            out[p.name] = {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "output"}
+        else:
+            out[p.name] = p.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_run_killed_at_a_random_point_resumes_to_the_same_result(finished, tmp_path, seed):
+    import random
+    import signal
+    import time
+
+    rng = random.Random(seed)
+    after, delay = rng.choice(KILL_AFTER[seed % 3]), rng.uniform(0.0, 0.2)
+    model, reference = finished
+    root = model.parent
+    run_dir = tmp_path / "runs" / "run"
+    log = (tmp_path / "killed.log").open("w")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "refusal", "run", "--model", str(model), "--harmful", str(root / "harmful.json"),
+         "--harmless", str(root / "harmless.json"), "--config", str(root / "cfg.yaml"), "--output",
+         str(tmp_path / "runs"), "--name", "run"], stdout=log, stderr=log,
+        env={**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "400"})
+    try:
+        deadline = time.monotonic() + 240
+        while run.poll() is None and not (run_dir / after).exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
+        if run.poll() is None:
+            run.send_signal(signal.SIGKILL)
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        log.close()
+    assert (run_dir / "config.yaml").is_file(), (tmp_path / "killed.log").read_text()
+    r = _cli(["run", "--resume", run_dir], timeout=240)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    got, want = _results(run_dir), _results(reference)
+    assert not [n for n in got if n.startswith(".")], "temporary files were left behind"
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs after a kill -9 {delay:.3f} s after {after} and a resume"
+
+
+def test_safetensors_artifacts_are_byte_identical_across_processes(tmp_path):
+    """Equal tensors and metadata give equal bytes whatever process writes them (the library's header map is in hash
+    order), so two runs' artifacts compare by checksum."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pathlib import Path; from refusal import io; "
+            "io.write_tensors(Path(sys.argv[1]), {'b': torch.arange(6.).view(2, 3), 'a': torch.ones(3)}, "
+            "{f'k{i}': {'v': i} for i in range(12)})")
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for i, path in enumerate(paths):
+        env = {**os.environ, "PYTHONHASHSEED": str(i)}
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env)
+    blobs = [p.read_bytes() for p in paths]
+    assert blobs[0] == blobs[1] == blobs[2]
+    from refusal import io
+
+    tensors, meta = io.read_tensors(paths[0])
+    assert meta == {f"k{i}": {"v": i} for i in range(12)} and tensors["b"].tolist() == [[0, 1, 2], [3, 4, 5]]

@@ -13,7 +13,7 @@ import torch
 from conftest import build_model
 
 from refusal import extract, format_prompts, post_instruction_ids
-from refusal.batching import in_batches, reset_batch_memory
+from refusal.batching import Batching, in_batches
 from refusal.data import builtin
 from refusal.directions.diff_means import mean_activations
 from refusal.errors import RefusalError
@@ -23,13 +23,6 @@ from refusal.templates import check_prompts_end_with
 
 HARMFUL = [r["instruction"] for r in builtin("harmful")[:6]]
 HARMLESS = [r["instruction"] for r in builtin("harmless")[:6]]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_batch_memory():
-    reset_batch_memory()
-    yield
-    reset_batch_memory()
 
 
 @pytest.fixture(scope="module")
@@ -123,24 +116,39 @@ def test_in_batches_remembers_the_halved_batch_size():
             raise RuntimeError("CUDA out of memory (simulated)")
 
     items = list(range(20))
-    assert in_batches(fn, items, 16, "work") == 4
-    assert seen == [16, 8, 4, 4, 4, 4, 4]
+    batching = Batching()  # what the caller (a run) owns and passes down: no module state
+    assert in_batches(fn, items, 16, "work", batching=batching) == 4
+    assert seen == [16, 8, 4, 4, 4, 4, 4] and batching.sizes == {"work": 4}
     seen.clear()
-    assert in_batches(fn, items, 16, "work") == 4  # starts at the remembered size: no failed attempt
+    assert batching.run(fn, items, 16, "work") == 4  # starts at the remembered size: no failed attempt
     assert seen == [4] * 5
     seen.clear()
-    assert in_batches(fn, items, 2, "work") == 2  # never above what was asked for
+    assert in_batches(fn, items, 2, "work", batching=batching) == 2  # never above what was asked for
     assert seen == [2] * 10
     seen.clear()
-    in_batches(fn, items, 16, "shown differently", key="work")  # an explicit key shares the memory
+    in_batches(fn, items, 16, "shown differently", key="work", batching=batching)  # an explicit key shares it
     assert max(seen) == 4
     seen.clear()
-    in_batches(fn, items, 8, "other work")  # another key starts at its own size
+    in_batches(fn, items, 8, "other work", batching=batching)  # another key starts at its own size
     assert seen[0] == 8
-    reset_batch_memory()
     seen.clear()
-    in_batches(fn, items, 16, "work")
+    in_batches(fn, items, 16, "work")  # no Batching given: a fresh one, nothing remembered from the calls above
+    assert seen[:3] == [16, 8, 4]
+    seen.clear()
+    Batching().run(fn, items, 16, "work")  # another owner's Batching does not see this one's sizes
     assert seen[0] == 16
+    batching.forget()
+    seen.clear()
+    batching.run(fn, items, 16, "work")
+    assert seen[0] == 16
+
+
+def test_a_quiet_batching_draws_no_progress_bar(capsys):
+    """Quietness belongs to the Batching its owner passes down (the chat's is quiet), not to the process."""
+    Batching(quiet=True).run(lambda chunk: None, list(range(5)), 2, "Quiet work")
+    assert "Quiet work" not in capsys.readouterr().err
+    Batching().run(lambda chunk: None, list(range(5)), 2, "Shown work")
+    assert "Shown work" in capsys.readouterr().err
 
 
 # 5 -------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from refusal import format_prompts, post_instruction_ids
-from refusal.batching import reset_batch_memory
 from refusal.data import builtin
 from refusal.directions.diff_means import mean_activations
 from refusal.directions.inlp import (
@@ -36,13 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_batch_memory():
-    reset_batch_memory()
-    yield
-    reset_batch_memory()
 
 
 def planted(n: int, d: int, seed: int, a: float = 1.2, rho: float = 0.7):

@@ -260,3 +260,27 @@ def test_split_prefill_gives_the_same_tokens(model, tokenizer, tokens, monkeypat
     assert shared == whole
     torch.testing.assert_close(s_scores, w_scores, rtol=1e-4, atol=1e-4)
     assert shared[:3] != shared[6:9]  # the interventions act
+
+
+def test_hooks_around_generate_follow_its_token_phase(model, tokenizer):
+    """No module state: hooks a caller installs around generate read the model's TokenPhase, which generate sets
+    (the prompt during the prefill, generated after it), so they act as generate's own plan does; hooks given a
+    TokenPhase of their own follow only it."""
+    from refusal.interventions import TokenPhase, token_phase
+
+    torch.manual_seed(4)
+    d = torch.randn(find_parts(model).hidden_size) * 3
+    prompts = format_prompts(tokenizer, PROMPTS[:2])
+    iv = [addition(d, 4.0, layers=[1], tokens="generated")]
+    kw = dict(max_new_tokens=5, batch_size=2)
+    plain = generate(model, tokenizer, prompts, **kw)
+    want = generate(model, tokenizer, prompts, plan=Plan.rows(model, [iv, iv]), **kw)
+    assert want != plain  # the generated-token addition changes the text
+    with apply(model, iv):
+        assert generate(model, tokenizer, prompts, **kw) == want
+    assert token_phase(model).name == "prompt"  # generate leaves the phase as it found it
+    own = TokenPhase()  # nobody sets it to "generated": the generated-token edit never acts
+    with apply(model, iv, phase=own):
+        assert generate(model, tokenizer, prompts, **kw) == plain
+    with pytest.raises(ValueError, match="token phase"):
+        own.set("decode")

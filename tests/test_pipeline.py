@@ -44,6 +44,11 @@ def _args(model_dir, datasets, cfg_file, out, *extra):
 
 
 def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tmp_path, monkeypatch):
+    from refusal.evaluation import substring
+
+    matched: list[str] = []  # every substring match of the run: the substring judge runs once per completion
+    real = substring.is_refusal
+    monkeypatch.setattr(substring, "is_refusal", lambda text, phrases=None: matched.append(text) or real(text, phrases))
     out = tmp_path / "runs"
     r = runner.invoke(app, ["run", *_args(model_dir, datasets, cfg_file, out)])
     assert r.exit_code == 0, r.output
@@ -61,6 +66,8 @@ def test_run_writes_every_artifact_and_resumes(model_dir, datasets, cfg_file, tm
     m = s["results"]["harmless"]["actadd"]
     assert set(m["judges"]) == {"substring", "refusal_score"}  # every configured judge, side by side
     assert m["judges"]["substring"]["refusal"]["rate"] == m["refusal"]["rate"]
+    n_completions = sum(n for conds in s["n"].values() for n in conds.values())
+    assert len(matched) == n_completions == 15  # the configured substring judge's verdicts are the summary's refused
     ce = m["cross_entropy"]["own_completions"]
     assert ce["tokens"] > 0 and ce["loss"] > 0
     base = s["results"]["harmless"]["baseline"]["cross_entropy"]["own_completions"]

@@ -26,7 +26,7 @@ class DamagedFileError(RefusalError, ValueError):
     """A file that exists but cannot be read as what it should be: truncated, garbage, or another kind of file.
     ``path`` names it and ``why`` says what the reader found; a run folder's reader adds the stage that redoes it."""
 
-    def __init__(self, path, why: str, fix: str | None = None):
+    def __init__(self, path: object, why: str, fix: str | None = None):
         self.path, self.why = path, why
         super().__init__(f"{path} is damaged ({why}).",
                          fix or "Restore it from a copy, or redo the step that wrote it.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ def share(path: str | Path) -> None:
         os.chmod(path, FILE_MODE)
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: Path, write: Callable[[Any], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -65,7 +66,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda f: f.write(data))
 
 
-def png_bytes(fig) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     """A matplotlib figure as PNG bytes (110 dpi, every plot of a run); the figure is closed."""
     from io import BytesIO
 
@@ -77,7 +78,7 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def write_png(path: Path, fig) -> None:
+def write_png(path: Path, fig: Any) -> None:
     """Write a matplotlib figure as PNG, atomically (see :func:`png_bytes`)."""
     write_bytes(Path(path), png_bytes(fig))
 
@@ -121,7 +122,16 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda f: f.write(save(tensors, metadata=meta)))
+    _atomic(Path(path), lambda f: f.write(_canonical(save(tensors, metadata=meta))))
+
+
+def _canonical(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: the library writes the metadata map in hash
+    order, which differs from process to process, so equal tensors and metadata would not give equal bytes."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned, as the format asks
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -83,8 +83,8 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
 
     A prefix shorter than ``min_prefix`` tokens is not split off (running it separately costs an extra pass and a
     key/value cache). Buckets are as wide as their longest row: after a cached prefix the attention mask is then of
-    any width, which on an H100 cost nothing measurable, while padding to an aligned width cost more than the prefix
-    saved (benchmarks/prefix_attention.py)."""
+    any width, which costs less than padding the bucket to an aligned width (benchmarks/speed/prefix_attention.py
+    measures both)."""
     if not prompts:
         raise RefusalError("No prompts to lay out.", "Pass at least one prompt.")
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]

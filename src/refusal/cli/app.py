@@ -1,4 +1,4 @@
-"""The ``refusal`` command: a thin layer over :mod:`refusal.pipeline` and :mod:`refusal.catalog`."""
+"""The ``refusal`` command: a thin layer over :mod:`refusal.runs.pipeline` and :mod:`refusal.models.catalog`."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
         device: str = typer.Option(None, help="cuda, cuda:1, cpu, mps (default: best available)."),
         dtype: str = typer.Option(None, help="auto, bfloat16, float16, float32."),
         device_map: str = typer.Option(None, help="accelerate device map, e.g. auto for several GPUs."),
-        batch_size: int = typer.Option(None, help="Sequences per forward pass (default: from the device)."),
+        batch_size: int = typer.Option(None, help="Sequences per forward: sets extract.batch_size and "
+                                       "generate.batch_size where unset, and so select.batch_size (extract's, x64 on "
+                                       "a GPU); not evaluate.ce_batch_size (default: from the device)."),
         n_train: int = typer.Option(None, help="Train prompts per kind (paper: 128)."),
         n_val: int = typer.Option(None, help="Validation prompts per kind (paper: 32)."),
         n_test: int = typer.Option(None, help="Test prompts per kind (paper: 100)."),
@@ -81,6 +83,10 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
                                          "keep_refusal. \"\" turns it off."),
         force: bool = typer.Option(False, "--force", help="Redo every stage, even over another config."),
         from_stage: str = typer.Option(None, help="Redo this stage and the ones after it."),
+        allow_network: bool = typer.Option(False, "--allow-network",
+                                           help="Let a run folder's saved config name hub ids and servers (a hub "
+                                                "model, hf: data, a judge's URL, generate.backend: openai) that this "
+                                                "command line does not name again."),
     ):
         from ..config import load_yaml
         from ..runs.pipeline import Run
@@ -97,7 +103,7 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
                 raise RefusalError("Both RUN_DIR and --resume are given, and they differ.", "Give one of them.")
             if folder is not None:
                 run = Run.open(folder, {**(load_yaml(config) if config else {}), **flags}, force=force,
-                               from_stage=from_stage)
+                               from_stage=from_stage, allow_network=allow_network)
             else:
                 run = Run(resolve(config, flags))
             cfg = run.cfg
@@ -203,15 +209,16 @@ def models_pull(name: str) -> None:
 
 
 @app.command("config")
-def show_config(config: Path = typer.Option(None, "--config", "-c")) -> None:
-    """Print the resolved default config as YAML (a starting point for --config)."""
-    import yaml
+def show_config(config: Path = typer.Option(None, "--config", "-c", help="A config file to resolve and show.")) -> None:
+    """Print every setting as YAML, each under its description: the defaults, or the config resolved from --config
+    (a starting point for --config)."""
+    from ..config import documented_yaml
 
     try:
         cfg = resolve(config) if config else RunConfig()
     except RefusalError as exc:
         _fail(exc)
-    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    sys.stdout.write(documented_yaml(cfg))
 
 
 # ---- commands defined in their own modules (each module exposes ``register(app)``) ------------------------------

@@ -49,9 +49,10 @@ def load_directions(path: Path):
 
 
 def open_target(target: str, direction_file: Path | None, device: str | None, dtype: str | None,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, allow_network: bool = False):
     """``(model, tokenizer, directions, system prompt, description)`` for a run folder or a model spec.
-    ``trust_remote_code`` comes from the caller only, never from the run's saved config."""
+    ``trust_remote_code`` (and ``allow_network``, for a run's hub model) come from the caller only, never from the
+    run's saved config."""
     from ..directions.base import DirectionSet
     from ..models.loading import load_model
     from ..runs.folder import RunFolder, granted
@@ -60,7 +61,7 @@ def open_target(target: str, direction_file: Path | None, device: str | None, dt
     folder = Path(target)
     if folder.is_dir() and (folder / "config.yaml").is_file():
         rf = RunFolder(folder)
-        cfg = granted(rf, rf.read_config(complete=False), trust_remote_code)
+        cfg = granted(rf, rf.read_config(complete=False), trust_remote_code, allow_network=allow_network)
         path = direction_file or folder / "directions.safetensors"
         if direction_file is None and not path.is_file():
             raise RefusalError(f"The run in '{folder}' has no directions.safetensors: select has not run.",
@@ -115,22 +116,25 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option(None, help="auto, bfloat16, float16, float32."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                                help="Allow the model's own code (never taken from the run's config)."),
+        allow_network: bool = typer.Option(False, "--allow-network",
+                                           help="Let the run's saved config name a hub model or server (never "
+                                                "without this flag)."),
     ) -> None:
         """Chat with a model; switch refusal directions on and off between turns (/help lists the commands)."""
         from rich.console import Console
 
-        from ..batching import set_quiet
+        from ..batching import Batching
         from ..generation.session import ChatSession
 
         try:
             model, tok, dirs, run_system, what = open_target(target, direction_file, device, dtype,
-                                                             trust_remote_code)
-            session = ChatSession(model, tok, dirs, system if system is not None else run_system, max_new_tokens)
+                                                             trust_remote_code, allow_network)
+            session = ChatSession(model, tok, dirs, system if system is not None else run_system, max_new_tokens,
+                                  batching=Batching(quiet=True))  # no progress bars between the chat's lines
             if directions:
                 session.ablate(directions)
         except RefusalError as exc:
             _fail(exc)
-        set_quiet(True)
         console = Console(highlight=False)
         console.print(f"[bold]refusal chat[/] — {what}")
         console.print(f"directions: {', '.join(dirs) or 'none'}; greedy, up to {max_new_tokens} new tokens")

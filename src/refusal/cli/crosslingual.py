@@ -9,6 +9,49 @@ import typer
 
 from ..errors import RefusalError
 
+# ISO 639-1: every two-letter language code
+ISO_639_1 = frozenset("""
+aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz ee el en eo
+es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki
+kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr
+nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th
+ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu""".split())
+
+
+def known_languages(polyrefuse: Path | None = None, files: str | None = None) -> frozenset[str]:
+    """The language codes ``--languages`` takes without ``--allow-unknown-language``: ISO 639-1, the codes the
+    package's translation and phrase data know, and the languages the given sources hold (``--files`` keys, a
+    PolyRefuse folder's ``<kind>_<split>_<lang>.json``)."""
+    from ..crosslingual.inputs import parse_files
+    from ..translate import LANGUAGE_NAMES, PHRASE_LANGUAGES
+    from ..translate.checks import LANGUAGE_SCRIPTS
+
+    known = set(ISO_639_1) | set(LANGUAGE_NAMES) | set(PHRASE_LANGUAGES) | set(LANGUAGE_SCRIPTS)
+    if files:
+        known |= {lang.lower() for lang in parse_files(files)}
+    if polyrefuse is not None and Path(polyrefuse).is_dir():
+        known |= {p.stem.rsplit("_", 1)[-1].lower().replace("_", "-") for p in Path(polyrefuse).glob("*_*_*.json")}
+    return frozenset(known)
+
+
+def check_languages(languages: str | None, *, allow_unknown: bool = False, polyrefuse: Path | None = None,
+                    files: str | None = None) -> None:
+    """Refuse, before any work, a ``--languages`` code that is neither known (:func:`known_languages`; a regional
+    form such as ``pt-br`` counts by its base) nor allowed with ``--allow-unknown-language``."""
+    from ..crosslingual.inputs import parse_languages
+
+    codes = parse_languages(languages)
+    if not codes or allow_unknown:
+        return
+    known = known_languages(polyrefuse, files)
+    unknown = [c for c in codes if c not in known and c.split("-")[0] not in known]
+    if unknown:
+        raise RefusalError(
+            f"Unknown language code(s) in --languages: {', '.join(unknown)} (not ISO 639-1, and not a language the "
+            "package's data or the given sources know).",
+            "Correct the code (e.g. --languages en,fr,de,sw), or pass --allow-unknown-language to use it anyway "
+            "(it is then translated into and judged as given).")
+
 
 def _cell(c: dict | None) -> str:
     if not c or c.get("rate") is None:
@@ -107,6 +150,9 @@ def register(app: typer.Typer) -> None:
                                                 "missing (languages without a shipped list), all (every language, "
                                                 "shipped lists hidden) or never."),
         force: bool = typer.Option(False, "--force", help="Redo every stage."),
+        allow_unknown_language: bool = typer.Option(False, "--allow-unknown-language",
+                                                    help="Accept --languages codes that are not ISO 639-1 or known to "
+                                                         "the package's data."),
     ) -> None:
         """Find the refusal direction in every language, apply each to every other language's prompts, and compare
         the directions (heatmaps and JSON in the output folder)."""
@@ -114,6 +160,7 @@ def register(app: typer.Typer) -> None:
         from ..crosslingual.runs import Crosslingual
 
         try:
+            check_languages(languages, allow_unknown=allow_unknown_language, polyrefuse=polyrefuse, files=files)
             cfg = resolve(config, _overrides(model=model, output=output, name=name, device=device, dtype=dtype,
                                               filter=filter))
             run = Crosslingual(cfg, languages, polyrefuse=polyrefuse, paper=paper, files=files, translator=translator,
@@ -121,10 +168,7 @@ def register(app: typer.Typer) -> None:
                                echo_warnings=False, learn_openings=learn_openings)  # printed once, after the tables
             err.print(f"Cross-lingual run in [bold]{run.dir}[/] (model {cfg.model}; languages "
                       f"{', '.join(run.languages)})")
-            from ..runs.folder import RunFolder
-
-            with RunFolder(run.dir).lock():
-                result = run.run()
+            result = run.run()  # holds the folder's lock
             print_result(result, out)
         except RefusalError as exc:
             _fail(exc)

@@ -14,14 +14,14 @@ import typer
 from ..errors import RefusalError
 
 
-def _run_inputs(run_dir: Path, trust_remote_code: bool = False) -> tuple[dict, Any]:
+def _run_inputs(run_dir: Path, trust_remote_code: bool = False, allow_network: bool = False) -> tuple[dict, Any]:
     """The run's saved config (checked; ``trust_remote_code`` set to what this command line grants, never what the
-    file says) and its selected direction."""
+    file says; a hub model only with ``allow_network``) and its selected direction."""
     from ..directions.base import Direction
     from ..runs.folder import RunFolder, granted
 
     rf = RunFolder(run_dir)
-    cfg = granted(rf, rf.read_config(complete=False), trust_remote_code)
+    cfg = granted(rf, rf.read_config(complete=False), trust_remote_code, allow_network=allow_network)
     if not rf.file("direction.safetensors").is_file():
         raise RefusalError(f"'{rf.path}' has no direction.safetensors: no direction was selected yet.",
                            f"Run `refusal select {rf.path}` (or `refusal run --resume {rf.path}`) first.")
@@ -212,6 +212,9 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option(None, help="auto, bfloat16, float16, float32 (default: the run's)."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                                help="Allow the model's own code (never taken from the run's config)."),
+        allow_network: bool = typer.Option(False, "--allow-network",
+                                           help="Let the run's saved config name a hub model or server (never "
+                                                "without this flag)."),
     ) -> None:
         """Bake the run's refusal direction into the weights and save the edited model (or, with --adapter, the
         edit as a LoRA adapter for the base model)."""
@@ -220,7 +223,7 @@ def register(app: typer.Typer) -> None:
         try:
             _check_outputs(out_path, adapter_path, gguf, norm_preserving, overwrite)
             _check_export_out(out_path, ".gguf" if gguf else None, overwrite)
-            cfg, direction = _run_inputs(run_dir, trust_remote_code)
+            cfg, direction = _run_inputs(run_dir, trust_remote_code, allow_network)
             spec = str(cfg["model"])
             trust = bool(cfg.get("trust_remote_code") or False)
             source = _gguf_file(spec) if gguf else None
@@ -266,6 +269,9 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                                help="Allow the model's own code (never taken from the run's config)."),
+        allow_network: bool = typer.Option(False, "--allow-network",
+                                           help="Let the run's saved config name a hub model or server (never "
+                                                "without this flag)."),
     ) -> None:
         """Write the run's direction as a llama.cpp control vector (activation addition; use it with
         llama-cli --control-vector FILE). Ablation cannot be a control vector: use `refusal abliterate`."""
@@ -273,7 +279,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             _check_export_out(out_path, ".gguf", overwrite)
-            cfg, direction = _run_inputs(run_dir, trust_remote_code)
+            cfg, direction = _run_inputs(run_dir, trust_remote_code, allow_network)
             hint, n_layers, hidden = _model_shape(str(cfg["model"]), bool(cfg.get("trust_remote_code") or False))
             path = write_control_vector(direction, out_path, n_layers=n_layers, model_hint=hint, layer=layer,
                                         coeff=coeff, hidden_size=hidden, overwrite=overwrite)

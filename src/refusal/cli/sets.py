@@ -70,6 +70,9 @@ def register(app: typer.Typer) -> None:
         save: bool = typer.Option(True, "--save/--no-save", help="Add the best set to directions.safetensors."),
         device: str = typer.Option(None, help="cuda, cpu, ... (default: the run's, else best available)."),
         batch_size: int = typer.Option(None, help="Sequences per forward (default: from the device)."),
+        allow_network: bool = typer.Option(False, "--allow-network",
+                                           help="Let the run's saved config name a hub model or server (never "
+                                                "without this flag)."),
     ) -> None:
         """Find the set of a run's ranked directions whose joint ablation bypasses refusal best (beam search), or
         score given sets; writes sets.json, sets.png and the best set as "set" in directions.safetensors."""
@@ -85,12 +88,14 @@ def register(app: typer.Typer) -> None:
                                        "e.g. --k 3 --beam 4 --pool 16 (the defaults: 3, 1, 16).")
             run_dir = Path(run_dir)
             ranked, cands = ranked_candidates(run_dir)
-            if not directions and k > min(pool, len(cands)):
-                err.print(f"[yellow]Note:[/] --k {k} is more than the {min(pool, len(cands))} directions searched: "
-                          f"sets go up to {min(pool, len(cands))}.")
+            searched = min(pool, len(cands))
+            if not directions and k > searched:  # capped, and said so before the model loads
+                among = f"--pool {pool}" if pool <= len(cands) else f"all {len(cands)} directions the run ranks"
+                err.print(f"[yellow]Note:[/] --k {k} is capped at {searched}: a set holds at most the {searched} "
+                          f"directions searched ({among}), so sets of 1 to {searched} are scored.")
             given = [parse_ranks(spec, len(cands)) for spec in directions or []]
             overrides = {k_: v for k_, v in (("device", device), ("batch_size", batch_size)) if v is not None}
-            run = Run.open(run_dir, overrides)
+            run = Run.open(run_dir, overrides, allow_network=allow_network)
             splits = run.folder.read_json("splits.json", keys=("harmful", "harmless"))
             hv, bv = run.prompts(splits["harmful"]["val"]), run.prompts(splits["harmless"]["val"])
             s = run.cfg.select
@@ -99,7 +104,7 @@ def register(app: typer.Typer) -> None:
             if given:
                 res = score_sets(run.model, run.tokenizer, cands, given, hv, bv, run.refusal_ids(), **opts)
             else:
-                if pool > len(cands):
+                if pool > len(cands) and k <= searched:
                     err.print(f"The run ranks {len(cands)} directions: searching all of them (--pool {pool}).")
                 res = search_sets(run.model, run.tokenizer, cands, hv, bv, run.refusal_ids(), k_max=k, beam=beam,
                                   pool=pool, **opts)

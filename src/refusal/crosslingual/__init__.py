@@ -18,9 +18,10 @@ other language's prompts:
    learned from the model's own contrast on the language's train and val prompts (:mod:`refusal.evaluation.learned`),
    checked against the harmless completions, the prompts and the refusal score; with a translator named, the English
    list translated is a second source. They replace the language's refusal tokens and phrases in every stage below.
-2. **Per-language runs** (:mod:`.language_stage`): the main pipeline's extract and select stages on each language's
-   prompts, scored with that language's refusal-opening tokens; completions of the test prompts at baseline, with the
-   language's direction ablated (harmful) and added (harmless), judged with the language's own refusal phrases. Where a
+2. **Per-language runs** (:mod:`.language_stage`): a main-pipeline :class:`~refusal.runs.pipeline.Run` per language
+   in its own subfolder (extract, select, generate) on the language's prompts, scored with that language's
+   refusal-opening tokens; completions of the test prompts at baseline, with the language's direction ablated
+   (harmful) and added (harmless), judged with the language's own refusal phrases. Where a
    language's phrase list has low confidence (or none ships for it: English phrases are then used), its summary says so
    (``judgement_confidence``, ``warnings``): a refusal rate of 0 there is a lower bound, not a finding. A language in
    which no direction is found (the model does not refuse there) is recorded as such and stays a target of the transfer
@@ -31,15 +32,18 @@ other language's prompts:
    on B's harmless prompts and mean first-token refusal scores. All off-diagonal pairs decode together in one batched
    generation with a per-row intervention plan; the diagonal (A on A) is the language's own run's completions. A
    language without a direction has an empty row, and its baseline rates come from baseline rows of the same generation.
-4. **Similarity** (:mod:`.similarity_stage`, :mod:`.similarity`): cosine between the selected directions of every pair,
-   and per layer the cosine between the reference language's candidate (English, else the first language) at its
-   selected position and every other language's candidate at that position.
-5. **Plots** (:mod:`.plot_stage`, :mod:`.plots`): heatmaps with annotated cells, languages grouped by resource level
-   (high: en fr es; medium: de ru zh; low: th sw am; other codes after them) with separators, and the layer curves.
+4. **Similarity** (:mod:`.similarity`): cosine between the selected directions of every pair, and per layer the
+   cosine between the reference language's candidate (English, else the first language) at its selected position and
+   every other language's candidate at that position.
+5. **Plots** (:mod:`.plots`): heatmaps with annotated cells, languages grouped by resource level (high: en fr es;
+   medium: de ru zh; low: th sw am; other codes after them) with separators, and the layer curves.
 
-Every stage writes its files atomically and last a ``<stage>.done.json`` holding a digest of what it read; a stage
-whose manifest matches is skipped, so a killed run resumes where it stopped (a language whose four stages finished
-is skipped whole). Folder layout (``runs/<model>-crosslingual/`` by default, or ``--output ROOT --name NAME``)::
+The run (:class:`~refusal.crosslingual.runs.Crosslingual`) holds each language's state in a small
+:class:`~refusal.crosslingual.language_stage.Language` and calls the stages, plain functions over the run folder and
+the languages' folders. Every stage writes its files atomically and last a ``<stage>.done.json`` (through
+:class:`~refusal.runs.folder.RunFolder`) holding a digest of what it read and its outputs' sha256; a stage whose
+manifest matches is skipped, so a killed run resumes where it stopped (a language whose four stages finished is
+skipped whole). Folder layout (``runs/<model>-crosslingual/`` by default, or ``--output ROOT --name NAME``)::
 
     OUT/
       config.yaml                  resolved config and the cross-lingual settings
@@ -77,7 +81,8 @@ _EXPORTS = {
     "transfer_rows": "transfer", "generate_transfer": "transfer", "score_transfer": "transfer",
     "transfer_matrices": "transfer",
     "direction_similarity": "similarity", "layer_curves": "similarity",
-    "RESOURCE_LEVELS": "plots", "resource_order": "plots", "plot_all": "plots",
+    "RESOURCE_LEVELS": "plots", "resource_order": "plots", "plot_all": "plots", "PLOTS": "plots",
+    "Language": "language_stage", "PromptPlan": "pools", "plan_prompts": "pools",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,24 +1,55 @@
-"""Stage 2 of a cross-lingual run: one main-pipeline run per language (extract, select, generate) on that language's
-prompts and refusal tokens, then its evaluate stage, which judges the completions with the language's own refusal
-phrases; a language in which no direction is found is recorded as such and stays a target of the transfer.
+"""Stage 2 of a cross-lingual run: one main-pipeline :class:`~refusal.runs.pipeline.Run` per language (extract,
+select, generate) on that language's prompts and refusal tokens, in the subfolder ``<lang>/``, then its judging with
+the language's own refusal phrases (:func:`evaluate_language`); a language in which no direction is found is recorded
+as such and stays a target of the transfer.
+
+A language's state is a :class:`Language`: its code, the phrase entry that judges it (shipped, or learned by
+:mod:`.openings_stage`) and its prompts. Everything else here is a function of that state and the language's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import io
 from ..batching import console
 from ..config import Condition, InterventionSpec, RunConfig, digest
 from ..errors import NoDirectionError, RefusalError
+from ..runs.folder import RunFolder
 from ..runs.pipeline import Inputs, Run
 from .inputs import KINDS, SPLITS, content_sha
-from .openings_stage import OpeningsStage
 
 PER_LANGUAGE_STAGES = ("extract", "select", "generate")
+Warn = Callable[[str], None]
+
+
+@dataclass
+class Language:
+    """One language of a cross-lingual run: its code, its phrase entry (``phrases``, ``refusal_openings``,
+    ``confidence``, ``list``, ``note``; a learned one also ``source`` and ``agreement``), whether that entry is to be
+    learned, and its prompts (kind -> split -> records, after the prompts stage)."""
+
+    code: str
+    phrases: dict
+    learns: bool = False
+    sets: dict | None = None
+
+    @property
+    def phrase_source(self) -> str:
+        """Which list judges the language: ``shipped``, ``shipped:en`` (English's, none ships for it), ``learned`` or
+        ``translated+learned``."""
+        ph = self.phrases
+        return ph.get("source") or ("shipped" if ph["list"] == self.code.split("-")[0] else f"shipped:{ph['list']}")
+
+    def judging(self) -> dict:
+        """The summary's record of the list that judged the language."""
+        ph = self.phrases
+        return {"judgement_confidence": ph["confidence"], "phrase_list": ph["list"], "judgement_note": ph["note"],
+                "phrase_source": self.phrase_source, "phrase_agreement": ph.get("agreement")}
 
 
 def language_conditions() -> list[Condition]:
@@ -28,150 +59,150 @@ def language_conditions() -> list[Condition]:
             Condition("baseline", "harmless"), Condition("actadd", "harmless", [InterventionSpec("add", coeff=1.0)])]
 
 
-class _LanguageRun(Run):
-    """A main-pipeline run on one language's prompts, sharing the cross-lingual run's model."""
+class SharedModelRun(Run):
+    """A main-pipeline run whose model is another run's (loaded once, on first need, for every language)."""
 
-    def __init__(self, base: Run, cfg: RunConfig, inputs: Inputs, folder: Path):
+    def __init__(self, owner: Run, cfg: RunConfig, inputs: Inputs, folder: Path):
         super().__init__(cfg, inputs, folder)
-        self.base = base
+        self.owner = owner
 
     @property
     def model(self):
-        return self.base.model
+        return self.owner.model
 
     @property
     def tokenizer(self):
-        return self.base.tokenizer
+        return self.owner.tokenizer
 
 
-class LanguageStage(OpeningsStage):
-    """The per-language runs: :meth:`language` for one language, :meth:`sources` for the languages with a direction."""
+def language_config(cfg: RunConfig, lang: Language, root: Path) -> RunConfig:
+    """The config of ``lang``'s run: the cross-lingual config with the language's refusal tokens (the config's own
+    for English with a shipped list), its prompts named by their sha256, and the four conditions of
+    :func:`language_conditions`."""
+    sets = lang.sets
+    openings = cfg.refusal_tokens if lang.code == "en" and cfg.refusal_tokens and not lang.learns \
+        else lang.phrases["refusal_openings"]
+    data = dataclasses.replace(
+        cfg.data, harmful=f"crosslingual:{lang.code}:harmful:sha256:{content_sha(sets['harmful'])[:16]}",
+        harmless=f"crosslingual:{lang.code}:harmless:sha256:{content_sha(sets['harmless'])[:16]}",
+        harmful_test=None, harmless_test=None)
+    gen = dataclasses.replace(cfg.generate, conditions=language_conditions())
+    return dataclasses.replace(cfg, refusal_tokens=list(openings), data=data, generate=gen, name=lang.code,
+                               output=str(root))
 
-    def language_config(self, lang: str) -> RunConfig:
-        """The config of ``lang``'s run: the cross-lingual config with the language's refusal tokens, its prompts
-        named by their sha256, and the four conditions of :func:`language_conditions`."""
-        self.openings()  # learned refusal openings replace the language's tokens and phrases first
-        sets = self.prompt_sets[lang]
-        openings = self.cfg.refusal_tokens if lang == "en" and self.cfg.refusal_tokens and \
-            not self.needs_learning(lang) else self.phrases[lang]["refusal_openings"]
-        data = dataclasses.replace(
-            self.cfg.data, harmful=f"crosslingual:{lang}:harmful:sha256:{content_sha(sets['harmful'])[:16]}",
-            harmless=f"crosslingual:{lang}:harmless:sha256:{content_sha(sets['harmless'])[:16]}", harmful_test=None,
-            harmless_test=None)
-        gen = dataclasses.replace(self.cfg.generate, conditions=language_conditions())
-        return dataclasses.replace(self.cfg, refusal_tokens=list(openings), data=data, generate=gen, name=lang,
-                                   output=str(self.dir))
 
-    def language_run(self, lang: str) -> _LanguageRun:
-        sets = self.prompt_sets[lang]
-        splits = {kind: {s: list(sets[kind][s]) for s in SPLITS} for kind in KINDS}
-        return _LanguageRun(self.base, self.language_config(lang), Inputs(self.source, splits), self.dir / lang)
+def language_run(base: Run, lang: Language, root: Path) -> SharedModelRun:
+    """``lang``'s run in ``root/<lang>``, on ``base``'s model."""
+    splits = {kind: {s: list(lang.sets[kind][s]) for s in SPLITS} for kind in KINDS}
+    return SharedModelRun(base, language_config(base.cfg, lang, root), Inputs(base.inputs.source, splits),
+                          root / lang.code)
 
-    def _evaluate_digest(self, run: _LanguageRun, lang: str) -> str:
-        ph = self.phrases[lang]
-        return digest({"stage": "evaluate", "after": run.digests["evaluate"], "phrases": ph["phrases"],
-                       "confidence": ph["confidence"]})
 
-    def language(self, lang: str) -> dict:
-        """Run (or resume) ``lang``'s extract, select, generate and evaluate; returns its ``summary.json``."""
-        run = self.language_run(lang)
-        ev_done, ev_dig = run.dir / "evaluate.done.json", self._evaluate_digest(run, lang)
-        if not self.force and self._done(ev_done, ev_dig) and (
-                all(run.done(s) for s in PER_LANGUAGE_STAGES) or io.read_json(ev_done).get("no_direction")):
-            console.print(f"[dim]{lang}: finished earlier, skipped[/]")
-            summary = io.read_json(run.dir / "summary.json")
-            for w in summary.get("warnings", []):
-                self._warn(w)
-            return summary
-        console.rule(f"[bold]{lang}")
-        try:
-            run.run(PER_LANGUAGE_STAGES, force=self.force, resume=True)
-        except NoDirectionError as exc:  # the model does not refuse in this language: a target only
-            return self._no_direction(run, lang, exc, ev_done, ev_dig)
-        except RefusalError as exc:
-            raise RefusalError(f"Language '{lang}': {exc.problem}", exc.fix) from None
-        started = time.perf_counter()
-        summary = self._evaluate(run, lang)
-        self._finish(ev_done, "evaluate", ev_dig, time.perf_counter() - started, ["judgements.json", "summary.json"])
+def evaluate_digest(run: Run, lang: Language) -> str:
+    return digest({"stage": "evaluate", "after": run.digests["evaluate"], "phrases": lang.phrases["phrases"],
+                   "confidence": lang.phrases["confidence"]})
+
+
+def run_language(base: Run, lang: Language, root: Path, *, warn: Warn, force: bool) -> dict:
+    """Run (or resume) ``lang``'s extract, select, generate and evaluate; returns its ``summary.json``."""
+    run = language_run(base, lang, root)
+    folder, dig = run.folder, evaluate_digest(run, lang)
+    done = None if force else folder.manifest("evaluate", dig)
+    if done and (all(run.done(s) for s in PER_LANGUAGE_STAGES) or done.get("no_direction")):
+        console.print(f"[dim]{lang.code}: finished earlier, skipped[/]")
+        summary = folder.read_json("summary.json")
+        for w in summary.get("warnings", []):
+            warn(w)
         return summary
-
-    def _no_direction(self, run: _LanguageRun, lang: str, exc: NoDirectionError, done: Path, dig: str) -> dict:
-        """A language whose run found no direction: recorded (why, in its summary and the run's warnings) and kept
-        as a target of the transfer, whose baseline rows then give its refusal rates."""
-        ph = self.phrases[lang]
-        warning = (f"{lang}: no refusal direction ({exc.problem}); it is kept as a target only: other languages' "
-                   "directions are applied to its prompts, and its baseline rates come from the transfer run.")
-        self._warn(warning)
-        summary = {"language": lang, "model": self.cfg.model, "device": run.device_name(), "dtype": run.dtype,
-                   "selected": None, "no_direction": exc.problem, "results": None,
-                   "judgement_confidence": ph["confidence"], "phrase_list": ph["list"],
-                   "phrase_source": self.phrase_source(lang), "phrase_agreement": ph.get("agreement"),
-                   "judgement_note": ph["note"], "warnings": [warning], "stage_seconds": run.stage_seconds(),
-                   "digests": run.digests}
-        run.dir.mkdir(parents=True, exist_ok=True)
-        io.write_json(run.dir / "summary.json", summary)
-        self._finish(done, "evaluate", dig, 0.0, ["summary.json"], {"no_direction": exc.problem})
+    console.rule(f"[bold]{lang.code}")
+    try:
+        run.run(PER_LANGUAGE_STAGES, force=force, resume=True)
+    except NoDirectionError as exc:  # the model does not refuse in this language: a target only
+        summary = no_direction_summary(run, lang, exc, warn)
+        folder.write_manifest("evaluate", dig, 0.0, ["summary.json"], {"no_direction": exc.problem})
         return summary
+    except RefusalError as exc:
+        raise RefusalError(f"Language '{lang.code}': {exc.problem}", exc.fix) from None
+    started = time.perf_counter()
+    summary = evaluate_language(run, lang, warn)
+    folder.write_manifest("evaluate", dig, time.perf_counter() - started, ["judgements.json", "summary.json"])
+    return summary
 
-    def sources(self, summaries: Mapping[str, dict] | None = None) -> list[str]:
-        """The languages that have a direction (the transfer's sources; every language is a target)."""
-        out = []
-        for lang in self.languages:
-            s = (summaries or {}).get(lang)
-            if s is None:
-                p = self.dir / lang / "summary.json"
-                s = io.read_json(p) if p.is_file() else {}
-            if s.get("selected") is not None:
-                out.append(lang)
-        return out
 
-    def phrase_source(self, lang: str) -> str:
-        """Which list judges ``lang``: ``shipped``, ``shipped:en`` (English's, none ships for it), ``learned`` or
-        ``translated+learned``."""
-        ph = self.phrases[lang]
-        return ph.get("source") or ("shipped" if ph["list"] == lang.split("-")[0] else f"shipped:{ph['list']}")
+def evaluate_language(run: Run, lang: Language, warn: Warn) -> dict:
+    """Judge ``run``'s completions with the language's phrases; write ``judgements.json`` and ``summary.json``."""
+    from ..evaluation.substring import judge
+    from ..evaluation.summary import summarize
 
-    def _confidence_warnings(self, lang: str, results: dict) -> list[str]:
-        ph = self.phrases[lang]
-        if ph["confidence"] != "low":
-            return []
-        source = self.phrase_source(lang)
-        why = (ph["note"] if not source.startswith("shipped") else
-               f"no list ships for '{lang}', English phrases are used" if ph["list"] != lang.split("-")[0]
-               else f"refusal_phrases_{ph['list']}.json, see its notes")
-        out = [f"{lang}: refusals are judged with a low-confidence phrase list ({why}): a refusal it misses counts "
-               "as an answer, so its refusal rates are lower bounds and its non-refusal rates upper bounds."]
-        zero = [f"{kind} {cond}" for kind, conds in results.items() for cond, m in conds.items()
-                if m["refusal"]["count"] == 0 and m["refusal"]["n"]]
-        if zero:
-            out.append(f"{lang}: no completion matched a refusal phrase in {', '.join(zero)}; with a low-confidence "
-                       "list that is not evidence of no refusal: read the completions (judgements.json).")
-        return out
+    folder, ph = run.folder, lang.phrases
+    comps = folder.read_json("completions.json")
+    judged = {kind: {cond: judge(recs, ph["phrases"]) for cond, recs in conds.items()}
+              for kind, conds in comps.items()}
+    io.write_json(folder.file("judgements.json"), judged)
+    kl = folder.read_json("kl.json") if folder.file("kl.json").is_file() else None  # first-token KL (generate)
+    s = summarize(judged, kl)
+    sel = folder.read_json("scores.json", keys=("selected",))["selected"]
+    warnings = confidence_warnings(lang, s["results"])
+    for w in warnings:
+        warn(w)
+    summary = {
+        "language": lang.code, "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype,
+        "selected": {"pos": sel["pos"], "layer": sel["layer"]},
+        "selection_scores": {k: sel.get(k) for k in ("bypass", "induce", "kl")}, **s,
+        **lang.judging(),
+        "refusal_tokens": run.cfg.refusal_tokens, "warnings": warnings,
+        "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": run.stage_seconds(),
+        "digests": run.digests}
+    io.write_json(folder.file("summary.json"), summary)
+    return summary
 
-    def _evaluate(self, run: _LanguageRun, lang: str) -> dict:
-        from ..evaluation.substring import judge
-        from ..evaluation.summary import summarize
 
-        ph = self.phrases[lang]
-        comps = io.read_json(run.dir / "completions.json")
-        judged = {kind: {cond: judge(recs, ph["phrases"]) for cond, recs in conds.items()}
-                  for kind, conds in comps.items()}
-        io.write_json(run.dir / "judgements.json", judged)
-        kl_path = run.dir / "kl.json"  # each condition's first-token KL on the harmless prompts (generate)
-        s = summarize(judged, io.read_json(kl_path) if kl_path.is_file() else None)
-        scores = io.read_json(run.dir / "scores.json")
-        sel = scores["selected"]
-        warnings = self._confidence_warnings(lang, s["results"])
-        for w in warnings:
-            self._warn(w)
-        summary = {
-            "language": lang, "model": self.cfg.model, "device": run.device_name(), "dtype": run.dtype,
-            "selected": {"pos": sel["pos"], "layer": sel["layer"]},
-            "selection_scores": {k: sel.get(k) for k in ("bypass", "induce", "kl")}, **s,
-            "judgement_confidence": ph["confidence"], "phrase_list": ph["list"], "judgement_note": ph["note"],
-            "phrase_source": self.phrase_source(lang), "phrase_agreement": ph.get("agreement"),
-            "refusal_tokens": run.cfg.refusal_tokens, "warnings": warnings,
-            "max_new_tokens": self.cfg.generate.max_new_tokens, "stage_seconds": run.stage_seconds(),
-            "digests": run.digests}
-        io.write_json(run.dir / "summary.json", summary)
-        return summary
+def no_direction_summary(run: Run, lang: Language, exc: NoDirectionError, warn: Warn) -> dict:
+    """A language whose run found no direction: recorded (why, in its summary and the run's warnings) and kept as a
+    target of the transfer, whose baseline rows then give its refusal rates."""
+    warning = (f"{lang.code}: no refusal direction ({exc.problem}); it is kept as a target only: other languages' "
+               "directions are applied to its prompts, and its baseline rates come from the transfer run.")
+    warn(warning)
+    j = lang.judging()
+    summary = {"language": lang.code, "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype,
+               "selected": None, "no_direction": exc.problem, "results": None,
+               "judgement_confidence": j["judgement_confidence"], "phrase_list": j["phrase_list"],
+               "phrase_source": j["phrase_source"], "phrase_agreement": j["phrase_agreement"],
+               "judgement_note": j["judgement_note"], "warnings": [warning], "stage_seconds": run.stage_seconds(),
+               "digests": run.digests}
+    run.dir.mkdir(parents=True, exist_ok=True)
+    io.write_json(run.folder.file("summary.json"), summary)
+    return summary
+
+
+def confidence_warnings(lang: Language, results: dict) -> list[str]:
+    """What a low-confidence phrase list means for the language's rates (and for a zero among them)."""
+    ph, code = lang.phrases, lang.code
+    if ph["confidence"] != "low":
+        return []
+    source = lang.phrase_source
+    why = (ph["note"] if not source.startswith("shipped") else
+           f"no list ships for '{code}', English phrases are used" if ph["list"] != code.split("-")[0]
+           else f"refusal_phrases_{ph['list']}.json, see its notes")
+    out = [f"{code}: refusals are judged with a low-confidence phrase list ({why}): a refusal it misses counts "
+           "as an answer, so its refusal rates are lower bounds and its non-refusal rates upper bounds."]
+    zero = [f"{kind} {cond}" for kind, conds in results.items() for cond, m in conds.items()
+            if m["refusal"]["count"] == 0 and m["refusal"]["n"]]
+    if zero:
+        out.append(f"{code}: no completion matched a refusal phrase in {', '.join(zero)}; with a low-confidence "
+                   "list that is not evidence of no refusal: read the completions (judgements.json).")
+    return out
+
+
+def sources(languages: Sequence[str], root: Path, summaries: Mapping[str, dict] | None = None) -> list[str]:
+    """The languages that have a direction (the transfer's sources; every language is a target), from their
+    summaries (read from ``root/<lang>/summary.json`` where not given)."""
+    out = []
+    for lang in languages:
+        s = (summaries or {}).get(lang)
+        if s is None:
+            folder = RunFolder(root / lang)
+            s = folder.read_json("summary.json") if folder.file("summary.json").is_file() else {}
+        if s.get("selected") is not None:
+            out.append(lang)
+    return out

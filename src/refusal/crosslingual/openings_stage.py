@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import io
 from ..batching import console
 from ..config import digest
 from ..errors import RefusalError
+from ..runs.folder import RunFolder
+from ..runs.pipeline import Run
 from .inputs import content_sha
-from .prompt_stage import PromptStage
+
+if TYPE_CHECKING:
+    from ..evaluation.learned import LearnedOpenings
 
 LEARN_MODES = ("missing", "all", "never")
 
@@ -35,106 +42,91 @@ def check_learn_mode(mode: str) -> str:
     return mode
 
 
-class OpeningsStage(PromptStage):
-    """The openings stage: :meth:`openings` (run once per process, before any language's run)."""
+def needs_learning(mode: str, lang: str, phrases: dict) -> bool:
+    """Whether ``lang`` (whose shipped entry is ``phrases``) learns its openings under ``mode``."""
+    if mode == "never":
+        return False
+    return mode == "all" or phrases["list"] != lang.split("-")[0]
 
-    learn_mode: str
-    phrase_translator: object
-    _openings_ready: bool
 
-    def needs_learning(self, lang: str) -> bool:
-        if self.learn_mode == "never":
-            return False
-        return self.learn_mode == "all" or self.phrases[lang]["list"] != lang.split("-")[0]
+def _train_val(sets: dict) -> dict[str, list[str]]:
+    return {k: [r["instruction"] for r in sets[k]["train"] + sets[k]["val"]] for k in ("harmful", "harmless")}
 
-    def _openings_digest(self, lang: str) -> str:
-        from ..evaluation.learned import LearnSettings
-        from ..models.identity import model_identity
-        from ..translate.choice import translator_identity
 
-        sets = self.prompt_sets[lang]
-        t = self.phrase_translator if lang.split("-")[0] != "en" else None
-        return digest({"stage": "openings", "language": lang,
-                       "prompts": content_sha({k: sets[k]["train"] + sets[k]["val"] for k in ("harmful", "harmless")}),
-                       "model": model_identity(self.source, self.cfg.trust_remote_code), "dtype": self.base.dtype,
-                       "system_prompt": self.cfg.system_prompt, "max_new_tokens": self.cfg.generate.max_new_tokens,
-                       "settings": dataclasses.asdict(LearnSettings()),
-                       "translator": translator_identity(t, self.source, self.cfg.trust_remote_code)})
+def openings_digest(lang: str, sets: dict, base: Run, translator: Any) -> str:
+    """What learning ``lang``'s openings reads: its train and val prompts, the model and how it decodes, the
+    learning settings and the translator of the English list (``translator``: None for English)."""
+    from ..evaluation.learned import LearnSettings
+    from ..models.identity import model_identity
+    from ..translate.choice import translator_identity
 
-    def openings(self) -> dict[str, dict]:
-        """Learn (or read back) the refusal openings of every language that needs them; replaces their entries in
-        :attr:`phrases`. Returns ``{lang: openings.json}`` for those languages."""
-        if getattr(self, "_openings_ready", False):
-            return {lang: io.read_json(self.dir / lang / "openings.json") for lang in self.languages
-                    if self.needs_learning(lang) and (self.dir / lang / "openings.json").is_file()}
-        out = {}
-        for lang in self.languages:
-            if self.needs_learning(lang):
-                out[lang] = self._learn(lang)
-        self._openings_ready = True
-        return out
+    cfg = base.cfg
+    return digest({"stage": "openings", "language": lang,
+                   "prompts": content_sha({k: sets[k]["train"] + sets[k]["val"] for k in ("harmful", "harmless")}),
+                   "model": model_identity(base.inputs.source, cfg.trust_remote_code), "dtype": base.dtype,
+                   "system_prompt": cfg.system_prompt, "max_new_tokens": cfg.generate.max_new_tokens,
+                   "settings": dataclasses.asdict(LearnSettings()),
+                   "translator": translator_identity(translator, base.inputs.source, cfg.trust_remote_code)})
 
-    def _learn(self, lang: str) -> dict:
-        from ..evaluation.learned import LearnedOpenings, learn_from_model, translated_phrases
-        from ..translate.choice import build_translator
 
-        folder = self.dir / lang
-        path, done = folder / "openings.json", folder / "openings.done.json"
-        dig = self._openings_digest(lang)
-        if self._done(done, dig) and path.is_file():
-            console.print(f"[dim]{lang}: refusal openings learned earlier, read back[/]")
-            learned = LearnedOpenings.load(path)
-        else:
-            started = time.perf_counter()
-            sets = self.prompt_sets[lang]
-            harmful = [r["instruction"] for r in sets["harmful"]["train"] + sets["harmful"]["val"]]
-            harmless = [r["instruction"] for r in sets["harmless"]["train"] + sets["harmless"]["val"]]
-            translated = None
-            if self.phrase_translator is not None and lang.split("-")[0] != "en":
-                from ..translate import TranslationCache
+def learn_language(lang: str, folder: RunFolder, sets: dict, base: Run, *, translator: Any,
+                   translations: Path, force: bool) -> LearnedOpenings:
+    """``lang``'s learned openings (:class:`~refusal.evaluation.learned.LearnedOpenings`): read back from
+    ``folder/openings.json`` where they were learned for the same inputs, else learned from ``base``'s model on the
+    language's train and val prompts (``translator``: translates the English list as a second source, through the
+    cache ``translations``)."""
+    from ..evaluation.learned import LearnedOpenings, learn_from_model, translated_phrases
+    from ..translate.choice import build_translator
 
-                backend = build_translator(self.phrase_translator, lambda: (self.base.model, self.base.tokenizer),
-                                           device=self.base.device, dtype=self.cfg.dtype,
-                                           trust_remote_code=self.cfg.trust_remote_code,
-                                           batch_size=self.base.generate_batch_size)
-                translated = translated_phrases(backend, lang, TranslationCache(self.dir / "translations.json"))
-            console.rule(f"[bold]{lang}: learning refusal openings")
-            folder.mkdir(parents=True, exist_ok=True)
+    t = translator if lang.split("-")[0] != "en" else None
+    dig = openings_digest(lang, sets, base, t)
+    if not force and folder.manifest("openings", dig) and folder.file("openings.json").is_file():
+        console.print(f"[dim]{lang}: refusal openings learned earlier, read back[/]")
+        return folder.load("openings.json", LearnedOpenings.load)
+    started = time.perf_counter()
+    prompts = _train_val(sets)
+    translated = None
+    if t is not None:
+        from ..translate import TranslationCache
 
-            def save(hc, bc):
-                io.write_json(folder / "openings_completions.json",
-                              {"harmful": [{"instruction": i, "completion": c} for i, c in zip(harmful, hc)],
-                               "harmless": [{"instruction": i, "completion": c} for i, c in zip(harmless, bc)]})
+        backend = build_translator(t, lambda: (base.model, base.tokenizer), device=base.device, dtype=base.cfg.dtype,
+                                   trust_remote_code=base.cfg.trust_remote_code, batch_size=base.generate_batch_size)
+        translated = translated_phrases(backend, lang, TranslationCache(translations))
+    console.rule(f"[bold]{lang}: learning refusal openings")
+    folder.path.mkdir(parents=True, exist_ok=True)
 
-            base = self.base
-            learned = learn_from_model(
-                base.model, base.tokenizer, harmful, harmless, language=lang,
-                template=lambda xs: base.prompts([{"instruction": x} for x in xs]),
-                max_new_tokens=self.cfg.generate.max_new_tokens, batch_size=base.generate_batch_size,
-                score_batch_size=base.score_batch_size, translated=translated, on_completions=save)
-            learned.save(path)
-            self._finish(done, "openings", dig, time.perf_counter() - started,
-                         ["openings.json", "openings_completions.json"])
-        self.phrases[lang] = self._use(lang, learned)
-        return learned.to_json()
+    def save(hc, bc):
+        io.write_json(folder.file("openings_completions.json"),
+                      {kind: [{"instruction": i, "completion": c} for i, c in zip(prompts[kind], comps)]
+                       for kind, comps in (("harmful", hc), ("harmless", bc))})
 
-    def _use(self, lang: str, learned) -> dict:
-        """The language's phrase entry from a learned list (what it had, where nothing was learned)."""
-        before = self.phrases[lang]
-        a = learned.agreement
-        measured = ("no agreement measured" if not a else
-                    f"agreement with the refusal score {a['agree']['rate']:.2f} [{a['agree']['low']:.2f}, "
-                    f"{a['agree']['high']:.2f}] on {a['agree']['n']} rows, kappa "
-                    f"{'-' if a['kappa'] is None else format(a['kappa'], '.2f')}")
-        entry = {"phrases": learned.phrases, "refusal_openings": learned.refusal_openings,
-                 "confidence": learned.confidence, "list": learned.source, "source": learned.source,
-                 "agreement": a, "note": f"Learned from the model's completions ({measured}); openings.json holds "
-                                         "the evidence."}
-        if not learned.phrases:
-            self._warn(f"{lang}: no refusal phrase could be learned ({'; '.join(learned.notes)}); the "
-                       f"{before['list']} list is used.")
-            entry.update({k: before[k] for k in ("phrases", "confidence", "list", "note")})
-            entry["source"] = "shipped" if before["list"] == lang.split("-")[0] else f"shipped:{before['list']}"
-        if not learned.refusal_openings:
-            entry["refusal_openings"] = before["refusal_openings"]
-        return entry
+    learned = learn_from_model(
+        base.model, base.tokenizer, prompts["harmful"], prompts["harmless"], language=lang,
+        template=lambda xs: base.prompts([{"instruction": x} for x in xs]),
+        max_new_tokens=base.cfg.generate.max_new_tokens, batch_size=base.generate_batch_size,
+        score_batch_size=base.score_batch_size, translated=translated, on_completions=save)
+    learned.save(folder.file("openings.json"))
+    folder.write_manifest("openings", dig, time.perf_counter() - started,
+                          ["openings.json", "openings_completions.json"])
+    return learned
+
+
+def learned_entry(lang: str, before: dict, learned: LearnedOpenings, warn: Callable[[str], None]) -> dict:
+    """The language's phrase entry from a learned list (what it had, ``before``, where nothing was learned)."""
+    a = learned.agreement
+    measured = ("no agreement measured" if not a else
+                f"agreement with the refusal score {a['agree']['rate']:.2f} [{a['agree']['low']:.2f}, "
+                f"{a['agree']['high']:.2f}] on {a['agree']['n']} rows, kappa "
+                f"{'-' if a['kappa'] is None else format(a['kappa'], '.2f')}")
+    entry = {"phrases": learned.phrases, "refusal_openings": learned.refusal_openings,
+             "confidence": learned.confidence, "list": learned.source, "source": learned.source,
+             "agreement": a, "note": f"Learned from the model's completions ({measured}); openings.json holds "
+                                     "the evidence."}
+    if not learned.phrases:
+        warn(f"{lang}: no refusal phrase could be learned ({'; '.join(learned.notes)}); the {before['list']} list "
+             "is used.")
+        entry.update({k: before[k] for k in ("phrases", "confidence", "list", "note")})
+        entry["source"] = "shipped" if before["list"] == lang.split("-")[0] else f"shipped:{before['list']}"
+    if not learned.refusal_openings:
+        entry["refusal_openings"] = before["refusal_openings"]
+    return entry

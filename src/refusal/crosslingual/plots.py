@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .. import io
+from ..runs.folder import RunFolder
 
 RESOURCE_LEVELS: dict[str, tuple[str, ...]] = {"high": ("en", "fr", "es"), "medium": ("de", "ru", "zh"),
                                                "low": ("th", "sw", "am")}
@@ -196,3 +197,29 @@ def plot_layer_curves(similarity: Mapping, path: str | Path) -> Path:
     if order:
         ax.legend(fontsize=8, ncol=2)
     return _save(fig, Path(path))
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------
+
+PLOTS = ("transfer_ablation.png", "transfer_addition.png", "transfer_kl.png", "similarity.png", "layer_similarity.png")
+
+
+def plot_stage(root: RunFolder, *, force: bool) -> list[Path]:
+    """Stage 5 of a cross-lingual run: the heatmaps and layer curves (:data:`PLOTS`) from ``transfer.json`` and
+    ``similarity.json``, redrawn when either changed."""
+    import time
+
+    from ..batching import console
+    from ..config import digest
+    from .inputs import file_sha
+
+    dig = digest({"stage": "plots", "transfer": file_sha(root.file("transfer.json")),
+                  "similarity": file_sha(root.file("similarity.json"))})
+    paths = [root.file(p) for p in PLOTS]
+    if not force and root.manifest("plots", dig) and all(p.is_file() for p in paths):
+        console.print("[dim]plots: finished earlier, skipped[/]")
+        return paths
+    started = time.perf_counter()
+    paths = plot_all(root.path, root.read_json("transfer.json"), root.read_json("similarity.json"))
+    root.write_manifest("plots", dig, time.perf_counter() - started, [p.name for p in paths])
+    return paths

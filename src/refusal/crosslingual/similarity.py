@@ -11,13 +11,17 @@ direction: its cosine is ``None``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
 
+from .. import io
+from ..batching import console
 from ..directions.base import Direction, DirectionSet
 from ..directions.diff_means import Candidates
 from ..errors import RefusalError
+from ..runs.folder import RunFolder
 
 
 def _round(x: float, digits: int = 6) -> float | None:
@@ -81,4 +85,41 @@ def candidate_similarity(candidates: Mapping[str, Candidates], pos: int, layer: 
     out = []
     for i in range(len(langs)):
         out.append(_cosines(rows[i].expand_as(rows), rows))
+    return out
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------
+
+def reference_language(languages: list[str]) -> str:
+    """The language the layer curves compare with: English, else the first by resource level."""
+    from .plots import resource_order
+
+    return "en" if "en" in languages else resource_order(languages)[0][0]
+
+
+def similarity_stage(root: RunFolder, languages: list[str], *, force: bool) -> dict:
+    """Stage 4 of a cross-lingual run: the cosine matrix of the selected directions of ``languages`` (those with a
+    direction) and the layer curves against the reference language's candidates, from their folders
+    ``root/<lang>/``; writes ``similarity.json``."""
+    from ..config import digest
+    from .inputs import direction_sha, file_sha
+
+    folders = {lang: RunFolder(root.path / lang) for lang in languages}
+    reference = reference_language(languages)
+    inputs = {lang: {"direction": direction_sha(f.file("direction.safetensors")),
+                     "candidates": file_sha(f.file("candidates.safetensors"))} for lang, f in folders.items()}
+    dig = digest({"stage": "similarity", "languages": languages, "reference": reference, "inputs": inputs})
+    if not force and root.manifest("similarity", dig):
+        console.print("[dim]similarity: finished earlier, skipped[/]")
+        return root.read_json("similarity.json")
+    started = time.perf_counter()
+    dirs = {lang: f.load("direction.safetensors", Direction.load) for lang, f in folders.items()}
+    cands = {lang: f.load("candidates.safetensors", Candidates.load) for lang, f in folders.items()}
+    ref = dirs[reference]
+    out = direction_similarity(dirs)
+    out["layer_curves"] = layer_curves(cands, reference, ref.pos)
+    out["at_reference_candidate"] = {"reference": reference, "pos": ref.pos, "layer": ref.layer,
+                                     "cosine": candidate_similarity(cands, ref.pos, ref.layer)}
+    io.write_json(root.file("similarity.json"), out)
+    root.write_manifest("similarity", dig, time.perf_counter() - started, ["similarity.json"])
     return out

@@ -21,22 +21,7 @@ import torch
 
 from .. import io
 from ..errors import RefusalError
-
-
-def orthonormalize(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Orthonormal rows spanning ``rows`` (``(k, d)``, or ``(..., k, d)`` batched); rows that add nothing new (zero or
-    dependent) are dropped for a 2-D input and zeroed for a batched one, so a batch keeps its shape."""
-    r = rows.float()
-    if r.ndim == 1:
-        r = r[None]
-    q, upper = torch.linalg.qr(r.transpose(-1, -2))  # (..., d, k)
-    diag = upper.diagonal(dim1=-2, dim2=-1).abs()
-    scale = r.norm(dim=-1).amax(-1, keepdim=True).clamp_min(1e-30)
-    keep = diag > eps * scale
-    q = q.transpose(-1, -2) * keep[..., None]
-    if q.ndim == 2:
-        q = q[keep]
-    return q.contiguous()
+from ..linalg import orthonormalize
 
 
 @dataclass

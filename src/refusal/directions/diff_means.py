@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from ..batching import in_batches
+from ..batching import Batching, in_batches
 from ..layout import layout, run_decoder
 from ..models.norms import with_fused_norms
 from ..models.parts import find_parts, model_device
@@ -60,13 +60,15 @@ class Candidates:
 
 @torch.no_grad()
 def mean_activations(
-    model, tokenizer, prompts: Sequence[str], n_positions: int, batch_size: int = 32, description: str = "",
+    model, tokenizer, prompts: Sequence[str], n_positions: int, batch_size: int = 32, description: str = "", *,
+    batching: Batching | None = None,
 ) -> torch.Tensor:
     """Mean residual-stream input of every layer at the last ``n_positions`` positions: ``(n_pos, n_layers, d)``.
 
     Each chunk of prompts runs as a :func:`~refusal.layout.layout`: the template's opening that every prompt
     shares runs once and is cached, and the rest in right-padded length buckets, so neither the shared opening nor
-    most of the padding is recomputed per prompt (same activations as one left-padded batch, to float rounding)."""
+    most of the padding is recomputed per prompt (same activations as one left-padded batch, to float rounding).
+    ``batching``: the caller's :class:`~refusal.batching.Batching` (remembered batch sizes, quietness)."""
     parts = find_parts(model)
     dev = model_device(model)
     acc = torch.zeros(n_positions, parts.n_layers, parts.hidden_size, dtype=torch.float32, device=dev)
@@ -102,7 +104,7 @@ def mean_activations(
             run_decoder(model, lay, before)
             acc.add_(chunk_acc)
 
-        in_batches(run, list(prompts), batch_size, description)
+        in_batches(run, list(prompts), batch_size, description, batching=batching)
     finally:
         for h in handles:
             h.remove()
@@ -112,15 +114,17 @@ def mean_activations(
 @with_fused_norms
 def extract(
     model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], n_positions: int, *,
-    batch_size: int = 32, model_name: str = "",
+    batch_size: int = 32, model_name: str = "", batching: Batching | None = None,
 ) -> Candidates:
-    """Difference-in-means candidates at every layer and the last ``n_positions`` (post-instruction) positions."""
+    """Difference-in-means candidates at every layer and the last ``n_positions`` (post-instruction) positions.
+    ``batching``: the caller's :class:`~refusal.batching.Batching` (remembered batch sizes, quietness)."""
     if not harmful or not harmless:
         raise ValueError("extract needs at least one harmful and one harmless prompt")
     if getattr(tokenizer, "chat_template", None):  # the last positions must be the post-instruction tokens
         post = prompts_post_instruction_ids(tokenizer, list(harmful))  # the thinking mode they were formatted in
         check_prompts_end_with(tokenizer, list(harmful), post, "harmful prompt")
         check_prompts_end_with(tokenizer, list(harmless), post, "harmless prompt")
-    h = mean_activations(model, tokenizer, harmful, n_positions, batch_size, "Extracting (harmful)")
-    b = mean_activations(model, tokenizer, harmless, n_positions, batch_size, "Extracting (harmless)")
+    h = mean_activations(model, tokenizer, harmful, n_positions, batch_size, "Extracting (harmful)", batching=batching)
+    b = mean_activations(model, tokenizer, harmless, n_positions, batch_size, "Extracting (harmless)",
+                         batching=batching)
     return Candidates(h.cpu(), b.cpu(), list(range(-n_positions, 0)), model_name, len(harmful), len(harmless))

@@ -12,15 +12,45 @@ some records have one).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from .stats import Rate
 from .substring import judge
 
 HEADLINE = {"harmful": "non_refusal", "harmless": "refusal"}
 
 
-def judge_completions(completions: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, list[dict]]]:
-    """Substring judgements (``refused``) for every record of every prompt set and condition."""
-    return {kind: {cond: judge(recs) for cond, recs in conds.items()} for kind, conds in completions.items()}
+def paper_judge(specs: Sequence[Any]) -> str | None:
+    """The name of the configured judge whose verdicts are the summary's ``refused``: the substring judge with the
+    shipped phrase list (the paper's judge); None when none is configured (the summary then judges by itself)."""
+    from .judges import make_judge
+    from .judges.substring import SubstringJudge
+
+    for spec in specs:
+        j = make_judge(spec)  # builds no model: a spec is checked, backends load when they first judge
+        if type(j) is SubstringJudge and j.phrases is None:
+            return j.name
+    return None
+
+
+def judge_completions(completions: dict[str, dict[str, list[dict]]],
+                      verdicts: Mapping[str, Mapping[str, Mapping]] | None = None) -> dict[str, dict[str, list[dict]]]:
+    """Every record of every prompt set and condition with ``refused``: the paper's substring judgement.
+
+    ``verdicts``: that judge's results where a run has already judged the completions with it (one entry of
+    ``judges.json``, ``{prompt_set: {condition: {"items": [judgement, ...]}}}``, see :func:`paper_judge`): they are
+    reused, so the substring judge runs once. Without them the substring match runs here."""
+    if verdicts is None:
+        return {kind: {cond: judge(recs) for cond, recs in conds.items()} for kind, conds in completions.items()}
+    out: dict = {}
+    for kind, conds in completions.items():
+        for cond, recs in conds.items():
+            items = verdicts.get(kind, {}).get(cond, {}).get("items", [])
+            if len(items) != len(recs):
+                raise ValueError(f"{len(items)} verdicts for {len(recs)} completions of {kind}/{cond}")
+            out.setdefault(kind, {})[cond] = [{**r, "refused": v["label"] == "refusal"} for r, v in zip(recs, items)]
+    return out
 
 
 def summarize(judged: dict[str, dict[str, list[dict]]], kl: dict | None = None) -> dict:

@@ -19,7 +19,7 @@ the reversed, PyTorch order, which is exactly the layout transformers loads: ``t
 A tied output head (no ``output.weight``) would see the edited embedding; the untouched embedding is then
 added as ``output.weight`` (raw bytes, same type), which llama.cpp and transformers read as an untied head.
 llama.cpp's Gemma architectures always take the head from ``token_embd``; there the embedding is left unedited
-(reported in :attr:`GGUFExport.skipped`) unless ``edit_embedding=True``, which is refused.
+(reported in :attr:`~.gguf_write.GGUFExport.skipped`) unless ``edit_embedding=True``, which is refused.
 """
 
 from __future__ import annotations

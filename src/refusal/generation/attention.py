@@ -1,15 +1,11 @@
 """Grouped-query attention for generation: query heads grouped over their shared K/V head (no ``repeat_kv``
-copies), and, while decoding from a static cache, only the filled part of the cache read.
+copies).
 
 :func:`grouped_attention` swaps it in for a model's SDPA or eager attention and restores the model's own on exit,
 but only where it computes what the model's own attention computes: a probe forward records the keyword arguments
 every attention layer passes, and any argument that changes the attention's math and that :func:`gqa_attention`
 does not apply (gpt-oss's attention sinks ``s_aux``, Gemma-2's logit ``softcap``, anything unknown) leaves the whole
 model on its own attention code; :func:`grouped_attention_misfit` says why, for the run's record.
-The static decoder passes ``refusal_visible=L`` through the model's forward (transformers hands unknown keyword
-arguments down to the attention function): keys at cache positions ``>= L`` are not yet written, so they are left
-out instead of being read and masked. ``L`` is an int or the length of a 1-D tensor (which torch.compile can treat
-as a dynamic size from the first compile, so one compiled step serves every length).
 """
 
 from __future__ import annotations
@@ -21,14 +17,13 @@ import torch
 from .attention_kernel import KERNEL, decode_attention
 
 GQA = "refusal_gqa"
-VISIBLE = "refusal_visible"  # keyword argument: how many leading cache positions the attention reads
 PROBE = "refusal_gqa_probe"
 
 # keyword arguments that change nothing :func:`gqa_attention` computes: bookkeeping, or (``sliding_window``) what the
 # attention mask, built by transformers for this implementation with the window applied, already carries
 PASSIVE = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "output_router_logits",
                      "output_hidden_states", "return_dict", "past_key_values", "past_key_value", "layer_idx",
-                     "sliding_window", VISIBLE, KERNEL})
+                     "sliding_window", KERNEL})
 # arguments it applies itself (``dropout`` only as 0: generation runs in eval mode)
 HANDLED = frozenset({"scaling", "dropout"})
 
@@ -48,18 +43,13 @@ def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
     Same result as transformers' SDPA path; for decoding (one query token over a long static cache) it avoids
     materialising 4-8x copies of the cache every step. Inputs ``(batch, heads, q, dim)``; returns
-    ``(batch, q, heads, dim)`` as transformers' attention functions do. ``refusal_visible=L`` (an int or a 1-D tensor
-    of that length) reads only the first ``L`` key/value positions (the caller vouches that the rest are masked out
-    for every query). ``refusal_kernel=True`` runs the attention of one query position under a boolean mask as one
-    Triton kernel (:mod:`~refusal.generation.attention_kernel`; the caller checked that it can run).
+    ``(batch, q, heads, dim)`` as transformers' attention functions do. ``refusal_kernel=True`` runs the attention
+    of one query position under a boolean mask as one Triton kernel (:mod:`~refusal.generation.attention_kernel`; the
+    caller checked that it can run).
     """
     why = _misfit({"dropout": dropout, **kwargs})
     if why is not None:  # the probe let this model through, but this call differs: never approximate silently
         raise RuntimeError(f"grouped attention called on a layer it does not compute exactly ({why})")
-    visible = kwargs.get(VISIBLE)
-    if visible is not None:
-        n = visible if isinstance(visible, int) else visible.shape[0]
-        key, value = key[:, :, :n], value[:, :, :n]
     b, h, q, d = query.shape
     hkv, dv = key.shape[1], value.shape[-1]  # values may be narrower than queries and keys (MLA)
     g = h // hkv

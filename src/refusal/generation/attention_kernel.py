@@ -3,20 +3,17 @@
 :func:`~refusal.generation.attention.gqa_attention` runs decoding attention as three kernels (QK^T, softmax, PV)
 that read every slot of the cache, written or not. This kernel visits, for each row and K/V head, only the blocks of
 the span up to the row's last visible position (its loop ends there), with that head's query heads grouped (one K/V
-read serves them) and an online softmax, in one launch. On an H200 (Llama-3-8B shape, batch 64, cache of 256 with
-~130 positions visible) it takes 13.9 us a layer against 45 us for ``gqa_attention`` eager and 15.6 us for a kernel
-that only reads the same K/V. The 8B decode step went from 5.85 to 5.4 ms with the kernel, and 0.12-0.14 ms lower
-again (5.25 -> 5.12 ms on one H200) once its loop stopped at the span's end instead of running over every block of
-the cache with masked loads
-(``benchmarks/decode_attention.py`` says what was measured and which variants did not pay: flash-decoding splits,
-one program per query head, K loaded transposed).
+read serves them) and an online softmax, in one launch: slots past a row's span are never read, and no
+``(batch, heads, positions)`` score tensor is written between kernels. ``benchmarks/kernels/decode_attention.py``
+times it against ``gqa_attention`` and against a kernel that only reads the same K/V; its measurements, and the
+variants that did not pay (flash-decoding splits, one program per query head, K loaded transposed, extra programs
+bringing the next GEMM's weight into L2, programmatic dependent launch), are in ``docs/changelog.md``.
 
 It is a ``torch.library`` op with a fake version, so ``torch.compile`` keeps it inside a compiled step and CUDA
 graphs capture it. The static decoder asks for it through the ``refusal_kernel`` keyword argument of the model's
 forward (transformers hands it to the attention function); :func:`why_not` says when it cannot run. On a CPU it runs
 only in Triton's interpreter (``TRITON_INTERPRET=1``, for tests). The Triton code itself is in
-:mod:`refusal.generation._triton_decode`. Tried on the H200 and dropped (``docs/results.md``): extra programs of the
-same launch bringing the next GEMM's weight into L2, and programmatic dependent launch.
+:mod:`refusal.generation._triton_decode`.
 """
 
 from __future__ import annotations
@@ -28,7 +25,9 @@ from functools import cache
 import torch
 
 KERNEL = "refusal_kernel"  # keyword argument of the forward: decode attention with this kernel
-BLOCK_T, NUM_WARPS, NUM_STAGES = 32, 2, 2  # the fastest launch configuration of the H200 sweep (2026-12-02)
+# the launch configuration (positions per block, warps, pipeline stages): the fastest of
+# benchmarks/kernels/decode_attention.py's sweep at the 8B decode shape
+BLOCK_T, NUM_WARPS, NUM_STAGES = 32, 2, 2
 
 
 def interpreting() -> bool:

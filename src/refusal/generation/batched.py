@@ -13,8 +13,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from ..batching import console, in_batches, is_oom
-from ..interventions.hooks import Plan, apply, phase, set_phase
+from ..batching import Batching, console, in_batches, is_oom
+from ..interventions.hooks import Plan, TokenPhase, apply, token_phase
 from ..models.head import contiguous_head_input
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
@@ -28,13 +28,14 @@ from .static import StaticDecoder, one_device
 class _FirstLogits(LogitsProcessor):
     """Keeps the logits of the first generated position (for the refusal score) without storing the rest."""
 
-    def __init__(self):
+    def __init__(self, phase: TokenPhase):
         self.first: torch.Tensor | None = None
+        self.phase = phase
 
     def __call__(self, input_ids, scores):
         if self.first is None:
             self.first = scores.detach().clone()
-            set_phase("generated")  # called after the prefill forward: the next forwards generate
+            self.phase.set("generated")  # called after the prefill forward: the next forwards generate
         return scores
 
 
@@ -80,7 +81,7 @@ def generate(
     plan: Plan | None = None, rows: Sequence[int] | None = None,
     on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
     decoder: StaticDecoder | None = None, fallback: bool = False, report: dict | None = None,
-    keep_special: Sequence[int] = (),
+    keep_special: Sequence[int] = (), batching: Batching | None = None,
 ) -> list[str] | tuple[list[str], torch.Tensor]:
     """Greedy completions of already-templated prompts.
 
@@ -110,6 +111,9 @@ def generate(
     ``keep_special``: special token ids to keep in the decoded text (a reasoning model's markers, such as harmony's
     ``<|channel|>``; see :mod:`refusal.evaluation.reasoning`); every other special token is dropped, as before.
 
+    ``batching``: the caller's :class:`~refusal.batching.Batching` (the batch size remembered after out-of-memory
+    from one call to the next, quietness); none: a fresh one.
+
     With ``refusal_ids``, also returns each prompt's refusal score at the first generated position, read from the
     same forward pass that generates the first token.
     """
@@ -132,19 +136,20 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     active = [decoder]  # the static decoder, until it fails with fallback on
+    clock = token_phase(model)  # the phase every hook on the model reads, the caller's around this call included
 
     def run(chunk):
         decoder = active[0]
         sub = plan.take(list(chunk)) if plan is not None else None
-        # eager decoding: fused norms and grouped attention; the compiled static decoder sets its own attention and
-        # leaves the norms to the compiler, as when it was measured (7.04 ms/step on an H200)
+        # eager decoding: fused norms and grouped attention; the static decoder sets its own attention (and, compiled,
+        # leaves the norms to the compiler, which fuses them itself)
         eager = nullcontext() if decoder is not None else _eager_speedups(model)
         with eager:
             split = prefill(model, [token_ids[i] for i in chunk], sub, pad, dev) if split_prefill and not decoder \
                 else None
             b, cache = split if split is not None else (tokenize(tokenizer, [prompts[i] for i in chunk], dev), None)
             hooks = apply(model, sub) if sub is not None else nullcontext()
-            with hooks, phase("prompt"):
+            with hooks, clock.during("prompt"):
                 if decoder is not None:
                     try:
                         new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids,
@@ -160,7 +165,7 @@ def generate(
                         if report is not None:
                             report["fallback"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 else:
-                    keep = _FirstLogits()
+                    keep = _FirstLogits(clock)
                     extra = {} if cache is None else {cache_kwarg(model): cache}
                     seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, **extra,
                                          generation_config=gen_cfg, logits_processor=LogitsProcessorList([keep]))
@@ -176,7 +181,7 @@ def generate(
             on_batch(list(chunk), texts, scores)
 
     with decoder if decoder is not None else nullcontext():  # set up once for every batch
-        in_batches(run, order, batch_size, description)
+        in_batches(run, order, batch_size, description, batching=batching)
     if report is not None:
         report["decoder"] = active[0].describe() if active[0] is not None else "model.generate"
         report["attention"] = attention_path(model)

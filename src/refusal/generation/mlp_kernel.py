@@ -1,11 +1,11 @@
 """A gated MLP's gate and up projections and its activation·mul as one Triton kernel while decoding.
 
 In a decode step the MLP's input is a few rows, its gate/up weights are read once, and the activation is applied by a
-separate elementwise kernel to the GEMM's output (on an H200 at Llama-3-8B's shape, batch 64, in the compiled step:
-61 us for cuBLAS's fused gate/up GEMM, then 2.3 us for SiLU·mul, a launch of its own, every layer). Here one kernel
-computes both products for a block of output columns side by side and applies SiLU·mul before its one store: the
-intermediate ``(rows, 2 x intermediate)`` tensor is never written, and the activation costs no launch (61 us in all;
-the 8B step 0.07-0.1 ms faster; ``docs/results.md``).
+separate elementwise kernel to the GEMM's output, a launch of its own in every layer. Here one kernel computes both
+products for a block of output columns side by side and applies the activation·mul before its one store: the
+intermediate ``(rows, 2 x intermediate)`` tensor is never written, and the activation costs no launch
+(``benchmarks/kernels/mlp_kernel.py`` times it against cuBLAS's gate/up GEMM + SiLU·mul; numbers in
+``docs/changelog.md``).
 
 :func:`gated_mlp_kernel` swaps it into every MLP that has ``gate_proj``/``up_proj``/``down_proj`` linears without
 bias and for which a check on random input gives the same output as the module's own forward (to rounding) with
@@ -15,8 +15,7 @@ applies to inputs of at most ``max_rows`` rows (decode steps); a prefill runs th
 MLP module run as before (the check calls the module's forward without them); an MLP whose ``gate_proj``/``up_proj``
 carry hooks of their own is left alone (the kernel does not call them). Like the decoding attention it is a
 ``torch.library`` op that ``torch.compile`` keeps and CUDA graphs capture, and on a CPU it runs only in Triton's
-interpreter (tests). Measured on an H200 with SiLU (Llama-3-8B's shape); the GELU form differs only in the
-elementwise epilogue.
+interpreter (tests). The SiLU and GELU forms differ only in the elementwise epilogue.
 """
 
 from __future__ import annotations
@@ -30,11 +29,12 @@ from torch import nn
 
 from .attention_kernel import interpreting
 
-# the launch configuration (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of benchmarks/mlp_kernel.py's sweep
-# on an H200 (8B shape, 64 rows: 62.0 us against 66.6 for cuBLAS's gate/up GEMM + SiLU·mul); rows come in blocks of
-# up to 64
+# the launch configuration (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of benchmarks/kernels/mlp_kernel.py's
+# sweep at the 8B decode shape (64 rows); rows come in blocks of up to 64
 CONFIG = (32, 64, 4, 3)
-SHARED_MEMORY = 160_000  # bytes of tiles in flight the launch may plan for (an H100/H200 SM has 227 KB; an A100 164)
+# bytes of tiles in flight the launch may plan for: below the shared memory of one SM of compute capability 8.0 and
+# later (164 KB on 8.0, 227 KB on 9.0)
+SHARED_MEMORY = 160_000
 ACTIVATIONS = ("silu", "gelu_tanh")  # the kernel's ACT 0, 1; the check tries them in this order
 # above this many rows (a prefill, a large decode batch: closer to compute-bound, where cuBLAS's larger tiles win, and
 # not measured) the module's own forward runs

@@ -8,9 +8,9 @@
 
 The buckets' keys and values are then joined into one left-padded batch cache (padding between each row's prefix
 and its rest, masked out), so the rows decode together; decoding starts from each row's last prompt token, which is
-the last column of every row. Same tokens as running each padded row whole (tests), less prefill compute: on a
-2-core CPU the prefill of the default run's 60 prompts (5 conditions x 12) went from 107 s to 66 s with the shared
-prefix alone (``docs/results.md``, section 2).
+the last column of every row. Same tokens as running each padded row whole (tests), less prefill compute: the
+shared prefix is computed once per group instead of once per row, and no row is computed at the batch's longest
+width unless it is that long.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..interventions.hooks import Plan, apply, phase
+from ..interventions.hooks import Plan, apply, token_phase
 from ..layout import common_prefix, partition
 from ..models.parts import cache_kwarg, decoder
 from ..templates import Batch
@@ -40,7 +40,8 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
         groups, reps = torch.zeros(n, dtype=torch.long), [0]
     else:
         groups, reps = plan.row_groups("prompt")
-    with _hooks(model, plan, reps), phase("prompt"):
+    clock = token_phase(model)
+    with _hooks(model, plan, reps), clock.during("prompt"):
         shared = getattr(base(input_ids=torch.tensor([ids[0][:p]] * len(reps), device=device), use_cache=True), kw)
     if not hasattr(shared, "batch_select_indices") or not hasattr(shared, "layers"):
         return None  # a cache kind that cannot be shared out by row (e.g. a recurrent state)
@@ -69,7 +70,7 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
         past.batch_select_indices(groups[rows])  # CPU indices: a split model's layers sit on several devices
         mask = torch.cat([torch.ones(len(rows), p, dtype=torch.long), mask_b], 1).to(device)
         pos = (p + mask_b.cumsum(-1) - 1).clamp_min(0).to(device)
-        with _hooks(model, plan, rows), phase("prompt"):
+        with _hooks(model, plan, rows), clock.during("prompt"):
             base(input_ids=ids_b.to(device), attention_mask=mask, position_ids=pos, **{kw: past}, use_cache=True)
         for layer_idx, layer in enumerate(past.layers):
             if layer.keys.shape[-2] != p + w:  # a sliding-window layer dropped the start: not joinable here

@@ -41,16 +41,14 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..endpoints import MAX_SLEEP
+from ..endpoints import RETRY_STATUS as _RETRY_STATUS
+from ..endpoints import Secret as _Secret
+from ..endpoints import check_env_name as _check_env_name
+from ..endpoints import check_url as _check_url
+from ..endpoints import retry_after as _retry_after
+from ..endpoints import snippet as _snippet
 from ..errors import RefusalError
-from ..evaluation.judges.openai import (
-    _RETRY_STATUS,
-    MAX_SLEEP,
-    _check_env_name,
-    _check_url,
-    _retry_after,
-    _Secret,
-    _snippet,
-)
 
 log = logging.getLogger(__name__)
 

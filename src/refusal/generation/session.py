@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batching import Batching
 from ..directions.base import Direction, parse_ranks
 from ..errors import RefusalError
-from ..interventions.hooks import Plan, ablation, addition, apply, phase
+from ..interventions.hooks import Plan, ablation, addition, apply, token_phase
 from ..interventions.scopes import Intervention
 from ..models.head import keep_last
 from ..models.parts import cache_kwarg, find_parts, model_device
@@ -48,7 +49,7 @@ class ChatSession:
     """A conversation with one model, and the interventions currently on (at most one ablation, one addition)."""
 
     def __init__(self, model, tokenizer, directions: Mapping[str, Direction], system: str | None = None,
-                 max_new_tokens: int = 256):
+                 max_new_tokens: int = 256, *, batching: Batching | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise RefusalError("The tokenizer has no chat template, so this is not a chat model.",
                                "Use an instruction-tuned model.")
@@ -57,6 +58,7 @@ class ChatSession:
         self._names = list(directions)  # DirectionSet's `in` raises on a missing name: test against the names
         self.system = system
         self.max_new_tokens = int(max_new_tokens)
+        self.batching = batching if batching is not None else Batching()  # /compare's batch (an interactive CLI: quiet)
         self.messages: list[dict[str, str]] = []
         self._active: dict[str, Active] = {}
         parts = find_parts(model)
@@ -171,11 +173,12 @@ class ChatSession:
         new: list[int] = []
         shown = ""
         step_input, ph = ids, "prompt"
+        clock = token_phase(model)
         for _ in range(self.max_new_tokens):
             kwargs = {"use_cache": True, "logits_to_keep": keep_last(step_input.shape[1], dev)}
             if cache is not None:
                 kwargs[key] = cache
-            with apply(model, plan), phase(ph):
+            with apply(model, plan), clock.during(ph):
                 out = model(input_ids=step_input, **kwargs)
             cache = getattr(out, key)
             nxt = int(out.logits[0, -1].argmax())
@@ -204,5 +207,5 @@ class ChatSession:
         prompt = self.prompt(self.last_user_messages())
         plan = Plan.rows(self.model, [[], self.interventions])
         texts = generate(self.model, self.tokenizer, [prompt, prompt], max_new_tokens=self.max_new_tokens,
-                         batch_size=2, plan=plan, description="Comparing")
+                         batch_size=2, plan=plan, description="Comparing", batching=self.batching)
         return texts[0], texts[1]

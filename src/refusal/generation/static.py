@@ -1,11 +1,10 @@
 """Greedy decoding from a static KV cache with fixed shapes, so that one compiled step serves every token.
 
-On a GPU the step is compiled with ``torch.compile`` (or left eager, ``compile=False``) and captured
-``steps_per_graph`` steps at a time into a CUDA graph of our own: the whole step — the forward, the argmax, masking
-rows that have ended, writing the token, advancing the positions and the attention mask — lives on the device, so
-replays run with no host work between them, and the host checks for end of sequence every ``check_every`` steps.
-Optionally (``kv_bucket``) the attention reads only the part of the cache written so far, rounded up to a bucket,
-with one graph per bucket; on an H200 at 8B / batch 64 / 200 positions that did not pay, so it is off by default.
+On a GPU the step is compiled with ``torch.compile`` (or left eager, ``compile=False``) and captured into a CUDA
+graph of our own: the whole step — the forward, the argmax, masking rows that have ended, writing the token,
+advancing the positions and the attention mask — lives on the device, so replays run with no host work between
+them, and the host checks for end of sequence every ``check_every`` steps. (Variants that capture several steps per
+graph or read only the written part of the cache are benchmarks: ``benchmarks/speed/decoder_variants.py``.)
 
 A captured graph holds the addresses of the weights, the hooks' tensors and the decoder's buffers: graphs are
 kept (for later calls of the same shape) only while the model's parameters and hooks are the same objects, and
@@ -19,12 +18,12 @@ from contextlib import ExitStack, nullcontext
 import torch
 
 from ..errors import RefusalError
-from ..interventions.hooks import set_phase
+from ..interventions.hooks import token_phase
 from ..models.fused import fused_projections
 from ..models.head import keep_last
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, find_parts, model_device
-from .attention import VISIBLE, grouped_attention
+from .attention import grouped_attention
 from .attention_kernel import KERNEL, why_not
 from .mlp_kernel import MAX_ROWS, gated_mlp_kernel
 
@@ -88,12 +87,15 @@ class _Buffers:
         self.idx = torch.zeros(1, dtype=torch.long, device=dev)  # the column of tokens the next step writes
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
         self.tokens = torch.zeros(b, width, dtype=torch.long, device=dev)
-        self.probe = torch.empty(total, dtype=torch.int8, device=dev)  # slices of it carry the visible length
-        self.graphs: dict[int | None, torch.cuda.CUDAGraph] = {}
+        self.graph: torch.cuda.CUDAGraph | None = None  # one decode step, captured
         self.pool = None
         self.signature: tuple | None = None
         self.eos_ids: torch.Tensor | None = None
         self.pad: torch.Tensor | None = None
+
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs (and their memory pool): they read weights, hooks or stop tokens that changed."""
+        self.graph, self.pool = None, None
 
 
 class StaticDecoder:
@@ -101,31 +103,26 @@ class StaticDecoder:
     ended, checking once per graph replay (or every ``check_every`` steps without graphs): a check is a
     device-to-host sync.
 
-    ``compile`` compiles the step (``torch.compile`` with ``mode``; ``backend``: another than inductor, for
-    checks); ``graphs`` captures it, compiled or not, into CUDA graphs of ``steps_per_graph`` steps (a model on one
-    CUDA device only; by default with ``compile``);
-    ``kv_bucket`` (0: off) lets the attention read only the written part of the cache, rounded up to that many
-    positions; ``fuse`` runs the q/k/v and gate/up projections as one GEMM each during the call
-    (:func:`~refusal.models.fused.fused_projections`; by default with ``compile``); ``attention_kernel`` runs each
+    ``compile`` compiles the step (``torch.compile``; ``backend``: another than inductor, for checks; with inductor
+    on a GPU, its combo kernels fuse independent kernels horizontally); ``graphs`` captures it, compiled or not, into
+    a CUDA graph (a model on one CUDA device only; by default with ``compile``); ``fuse`` runs the q/k/v and gate/up
+    projections as one GEMM each during the call (:func:`~refusal.models.fused.fused_projections`; by default with
+    ``compile``); ``attention_kernel`` runs each
     decode step's attention as one Triton kernel per layer (:mod:`~refusal.generation.attention_kernel`; None: on a
     CUDA device when triton is there, True: required, an error where it cannot run; False: never); ``mlp_kernel``
     runs each gated MLP's gate/up projections and activation (SiLU or tanh-GELU) in decode steps as one Triton kernel
-    (:mod:`~refusal.generation.mlp_kernel`; None, True, False as ``attention_kernel``); ``combo_kernels`` has inductor
-    fuse independent kernels horizontally (None: with inductor's default mode on a GPU). Buffers and graphs of the
+    (:mod:`~refusal.generation.mlp_kernel`; None, True, False as ``attention_kernel``). Buffers and graphs of the
     last batch shape are kept for the next call; within a ``with decoder:`` block the model stays set up for decoding
     between calls, so they are also replayed (outside one, each call sets it up and the fused weights may land
     elsewhere, which captures anew).
     """
 
-    def __init__(self, model, compile: bool, *, graphs: bool | None = None, steps_per_graph: int = 1,
-                 kv_bucket: int = 0, fuse: bool | None = None, check_every: int = 16, round_to: int = 128,
-                 mode: str = "default", backend: str = "inductor", attention_kernel: bool | None = None,
-                 mlp_kernel: bool | None = None, combo_kernels: bool | None = None):
+    def __init__(self, model, compile: bool, *, graphs: bool | None = None, fuse: bool | None = None,
+                 check_every: int = 16, round_to: int = 128, backend: str = "inductor",
+                 attention_kernel: bool | None = None, mlp_kernel: bool | None = None):
         self.model = model
         self.check_every = check_every
         self.round_to = round_to  # cache lengths are rounded up so that few shapes (and compilations) occur
-        self.steps_per_graph = steps_per_graph
-        self.kv_bucket = kv_bucket
         # a captured graph records one device's stream: a model split over GPUs or offloaded by accelerate (whose
         # hooks move weights during the forward) runs the compiled step without graphs
         self.graphs = (compile and one_device(model)) if graphs is None else graphs
@@ -133,14 +130,10 @@ class StaticDecoder:
         self.buffers: tuple[tuple, _Buffers] | None = None
         self.cache_kw = cache_kwarg(model)  # looked up here, not in the compiled step
         self.compiled = compile  # (a bound method is a new object at each access: compare this, not self.step)
-        # inductor's horizontal fusion: a layer's q and k rotations and its two cache writes in one launch instead of
-        # three (on an H200 at 8B, batch 64: 0.05-0.11 ms of a 5.4 ms step); torch.compile takes a mode or options
-        on_gpu = model_device(model).type == "cuda"
-        self.combo_kernels = (compile and backend == "inductor" and mode in (None, "default") and on_gpu
-                              if combo_kernels is None else combo_kernels)
-        if self.combo_kernels and mode not in (None, "default"):
-            raise ValueError(f"combo_kernels go with torch.compile's default mode, not {mode!r}")
-        inductor = {"mode": mode} if not self.combo_kernels else {"options": {"combo_kernels": True}}
+        # inductor's horizontal fusion on a GPU: a layer's q and k rotations and its two cache writes in one launch
+        # instead of three (torch.compile takes either a mode or options: the options here, the default mode elsewhere)
+        self.combo_kernels = compile and backend == "inductor" and model_device(model).type == "cuda"
+        inductor = {"options": {"combo_kernels": True}} if self.combo_kernels else {"mode": "default"}
         self.step = torch.compile(self._step, **(inductor if backend == "inductor" else {}), backend=backend,
                                   fullgraph=False) if compile else self._step
         self._depth, self._stack, self._grouped = 0, None, False
@@ -167,8 +160,8 @@ class StaticDecoder:
                          "rows)")
         return ", ".join(parts)
 
-    def _forward(self, ids, position_ids, cache_position, mask, cache, visible=None, kernel=False):
-        extra = {} if visible is None else {VISIBLE: visible}
+    def _forward(self, ids, position_ids, cache_position, mask, cache, kernel=False, **extra):
+        """The model's last-position logits; ``extra`` keyword arguments go to its forward."""
         if kernel:
             extra[KERNEL] = True
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
@@ -176,12 +169,13 @@ class StaticDecoder:
                          **extra)
         return out.logits[:, -1, :]
 
-    def _step(self, s: _Buffers, eos_ids, pad, visible):
+    def _step(self, s: _Buffers, eos_ids, pad, **extra):
         """One decode step on the buffers: feed ``s.ids``, write the next token, advance. Under grouped attention the
         mask goes in as 4-D, which transformers passes through as it is: building it from the 2-D mask checks it on
-        the host (a sync, which a CUDA graph of the eager step could not capture)."""
+        the host (a sync, which a CUDA graph of the eager step could not capture). ``extra`` keyword arguments go to
+        the model's forward."""
         mask = s.mask[:, None, None, :].bool() if self._grouped else s.mask
-        logits = self._forward(s.ids, s.pos, s.cpos, mask, s.cache, visible, self.kernel)
+        logits = self._forward(s.ids, s.pos, s.cpos, mask, s.cache, self.kernel, **extra)
         nxt = torch.where(s.done, pad, logits.argmax(-1))
         s.tokens.index_copy_(1, s.idx, nxt[:, None])
         s.done |= torch.isin(nxt, eos_ids)
@@ -244,7 +238,6 @@ class StaticDecoder:
             raise RefusalError(f"Static-cache decoding cannot follow this model: {why}.",
                                "Decode with model.generate (generate.static_cache: false).")
         self.kernel = self._use_kernel(dev, grouped)
-        k = self.steps_per_graph if self.graphs else 1
         n_steps = max_new_tokens - 1  # forwards after the prefill
         total = _round_up(t + max_new_tokens + 1, self.round_to)
         s = self._buffers(b, total, max_new_tokens, dev, attention_mask.dtype)
@@ -252,7 +245,7 @@ class StaticDecoder:
         s.mask[:, :t] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         first = self._forward(input_ids, positions, torch.arange(t, device=dev), s.mask, s.cache)  # prefill, eager
-        set_phase("generated")
+        token_phase(self.model).set("generated")  # the steps after the prefill generate
         eos_ids = eos_ids.to(dev)
         pad = torch.tensor(pad_id, device=dev)
         nxt = first.argmax(-1)
@@ -266,29 +259,31 @@ class StaticDecoder:
         s.mask[:, t] = 1
         sig = (_signature(self.model), tuple(eos_ids.tolist()), pad_id) if self.graphs else None
         if sig is None or sig != s.signature:  # other weights, hooks or stop tokens: graphs captured before are stale
-            s.graphs.clear()
-            s.pool, s.signature = None, sig
+            s.drop_graphs()
+            s.signature = sig
             s.eos_ids, s.pad = eos_ids, pad  # what the steps (and graphs captured from now on) read
-        warm: set = set()  # buckets stepped once in this call (compiled, not captured), to compile before capturing
+        self._loop(s, n_steps)
+        return s.tokens[:, :max_new_tokens].clone(), first
+
+    def _loop(self, s: _Buffers, n_steps: int) -> None:
+        """The ``n_steps`` decode steps after the prefill, on the buffers. The first step of a call runs uncaptured,
+        compiling the step before a graph is captured; with graphs, the next is captured once and every later step
+        replays it."""
+        warm = False  # whether this call has run the step (so that it is compiled) before capturing
         steps = 0
         while steps < n_steps:
-            if steps and steps % self.check_every < k and bool(s.done.all()):
+            if steps and steps % self.check_every == 0 and bool(s.done.all()):
                 break
-            visible = min(total, _round_up(t + steps + k, self.kv_bucket)) if grouped and self.kv_bucket else None
-            if self.graphs and n_steps - steps >= k and (visible in warm or visible in s.graphs):
-                g = s.graphs.get(visible)
-                if g is None:
-                    g = self._capture_or_give_up(s, self._probe(s, visible), k)
-                    if g is not None:
-                        s.graphs[visible] = g
-                if g is not None:
-                    g.replay()
-                    steps += k
-            else:  # one step: on the CPU, for the tail of a call, or to compile and warm a bucket before capturing it
-                self.step(s, s.eos_ids, s.pad, self._probe(s, visible))
-                warm.add(visible)
+            if self.graphs and (warm or s.graph is not None):
+                if s.graph is None:
+                    s.graph = self._capture_or_give_up(s)
+                if s.graph is not None:
+                    s.graph.replay()
+                    steps += 1
+            else:  # one step: without graphs, or to compile the step before capturing it
+                self.step(s, s.eos_ids, s.pad)
+                warm = True
                 steps += 1
-        return s.tokens[:, :max_new_tokens].clone(), first
 
     def _use_kernel(self, dev: torch.device, grouped: bool) -> bool:
         return _choose(self.attention_kernel, dev.type == "cuda",  # (unasked: never in the interpreter on a CPU)
@@ -303,21 +298,13 @@ class StaticDecoder:
                        lambda: why_not(dev), "Triton MLP kernel",
                        "Leave mlp_kernel unset (or False) to decode with the model's own MLP.")
 
-    @staticmethod
-    def _probe(s: _Buffers, visible: int | None) -> torch.Tensor | None:
-        """The visible length as the size of a tensor, marked dynamic: compiled once for every length."""
-        if visible is None:
-            return None
-        probe = s.probe[:visible]
-        torch._dynamo.maybe_mark_dynamic(probe, 0)
-        return probe
-
-    def _capture_or_give_up(self, s: _Buffers, visible, k: int) -> torch.cuda.CUDAGraph | None:
-        """Capture the next graph; if this model's step cannot be captured (a forward that waits on the host, e.g.
-        a data-dependent branch), say so, stop using graphs in this decoder and return None: the steps then run
-        one by one, giving the same tokens. Running out of memory is raised (the caller halves the batch)."""
+    def _capture_or_give_up(self, s: _Buffers, *args) -> torch.cuda.CUDAGraph | None:
+        """Capture a graph (``args`` go to :meth:`_capture`); if this model's step cannot be captured (a forward that
+        waits on the host, e.g. a data-dependent branch), say so, stop using graphs in this decoder and return None:
+        the steps then run one by one, giving the same tokens. Running out of memory is raised (the caller halves the
+        batch)."""
         try:
-            return self._capture(s, visible, k)
+            return self._capture(s, *args)
         except Exception as exc:  # noqa: BLE001 -- reported; the uncaptured step is the same computation
             from ..batching import console, is_oom
 
@@ -328,15 +315,14 @@ class StaticDecoder:
                           "[/]")
             self.graphs = False
             self.graphs_given_up = f"{type(exc).__name__}: {str(exc)[:200]}"
-            s.graphs.clear()
-            s.pool = None
+            s.drop_graphs()
             return None
 
-    def _capture(self, s: _Buffers, visible, k: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, s: _Buffers) -> torch.cuda.CUDAGraph:
+        """One decode step captured into a CUDA graph (in the buffers' memory pool)."""
         g = torch.cuda.CUDAGraph()
         if s.pool is None:
             s.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(g, pool=s.pool):
-            for _ in range(k):
-                self.step(s, s.eos_ids, s.pad, visible)
+            self.step(s, s.eos_ids, s.pad)
         return g

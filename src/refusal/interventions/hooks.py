@@ -25,27 +25,63 @@ import torch
 from torch import nn
 
 from ..errors import RefusalError
+from ..linalg import orthonormalize, unit_rows
 from ..models.parts import find_parts, model_device, module_device
 from .operators import Add, Edit, ProjectOut, Reflect, apply_edit
 from .scopes import SITES, Intervention, Scope
 
 PHASES = ("prompt", "generated")
-_phase = ["prompt"]  # set by generation: "generated" once the prompt has been read
 
 
-@contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Mark the forwards inside the block as reading the prompt or generating (for token-scoped interventions)."""
-    old = _phase[0]
-    _phase[0] = name
-    try:
-        yield
-    finally:
-        _phase[0] = old
+class TokenPhase:
+    """Which positions a model's next forwards read: ``"prompt"`` (the prefill) or ``"generated"`` (decode steps).
+
+    Token-scoped interventions (``tokens: prompt`` or ``generated``) look it up at every forward. Each model has one
+    (:func:`token_phase`), which generation sets: to ``"prompt"`` around the prefill, ``"generated"`` once the prompt
+    has been read. The hooks :func:`apply` installs read the model's by default, so hooks a caller installs around
+    :func:`~refusal.generation.batched.generate` (``with apply(model, [...]): generate(...)``) follow its prefill and
+    decode steps exactly as the hooks generate installs itself. ``apply(..., phase=TokenPhase())`` gives hooks a phase
+    of their own, which only the caller sets."""
+
+    def __init__(self, name: str = "prompt"):
+        self.name = _checked(name)
+
+    def set(self, name: str) -> None:
+        self.name = _checked(name)
+
+    @contextmanager
+    def during(self, name: str) -> Iterator[TokenPhase]:
+        """The phase is ``name`` inside the block, and what it was before after it (also on error)."""
+        old, self.name = self.name, _checked(name)
+        try:
+            yield self
+        finally:
+            self.name = old
+
+    def __repr__(self) -> str:
+        return f"TokenPhase({self.name!r})"
 
 
-def set_phase(name: str) -> None:
-    _phase[0] = name
+def _checked(name: str) -> str:
+    if name not in PHASES:
+        raise ValueError(f"a token phase is one of {PHASES}, not {name!r}")
+    return name
+
+
+def token_phase(model: nn.Module) -> TokenPhase:
+    """The model's token phase (made on first use and kept with its decoder layers, so the causal-LM wrapper and
+    its inner model share one)."""
+    layers = find_parts(model).layers
+    ph = layers.__dict__.get("_refusal_token_phase")
+    if ph is None:
+        ph = layers.__dict__["_refusal_token_phase"] = TokenPhase()
+    return ph
+
+
+def phase(model: nn.Module, name: str):
+    """Context manager: ``model``'s forwards inside the block read the prompt (``"prompt"``) or generate
+    (``"generated"``), for token-scoped interventions; :meth:`TokenPhase.during` on :func:`token_phase`."""
+    return token_phase(model).during(name)
 
 
 # ---- constructors for the common interventions ----------------------------------------------------------------
@@ -75,7 +111,7 @@ def reflection(direction, alpha: float = 1.0, layers="source", tokens: str = "al
 def _vectors(direction):
     if isinstance(direction, torch.Tensor):
         return direction, None
-    return direction.vectors, direction.layer  # a refusal.directions.Direction
+    return direction.vectors, direction.layer  # a refusal.directions.base.Direction
 
 
 # ---- plans -------------------------------------------------------------------------------------------------------
@@ -233,9 +269,14 @@ def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
 
 
 @contextmanager
-def apply(model: nn.Module, plan: Plan | Sequence[Intervention]) -> Iterator[Plan]:
-    """Install a plan's hooks (a list of interventions means the same for every row); removed on exit."""
+def apply(model: nn.Module, plan: Plan | Sequence[Intervention], *,
+          phase: TokenPhase | None = None) -> Iterator[Plan]:
+    """Install a plan's hooks (a list of interventions means the same for every row); removed on exit.
+
+    Token-scoped steps act in the phase that ``phase`` names at each forward: by default the model's own
+    (:func:`token_phase`), which generation sets."""
     parts = find_parts(model)
+    clock = token_phase(model) if phase is None else phase
     if not isinstance(plan, Plan):
         plan = Plan.shared(model, list(plan))
     dtype = parts.embed.weight.dtype
@@ -256,11 +297,12 @@ def apply(model: nn.Module, plan: Plan | Sequence[Intervention]) -> Iterator[Pla
         local = {ph: plan_on(dev).steps[(layer, site, ph)] for ph in tables}
 
         def fn(x: torch.Tensor, local=local, dev=dev, key=(layer, site)) -> torch.Tensor:
-            st = local.get(_phase[0])
+            ph = clock.name
+            st = local.get(ph)
             if st is None:
                 return x
             if x.device != dev:  # a model split by a device map: a layer's input arrives from the previous device
-                st = plan_on(x.device).steps[(*key, _phase[0])]
+                st = plan_on(x.device).steps[(*key, ph)]
             for basis, coeffs, shift in st:
                 if basis is not None and basis.dtype != x.dtype:  # a forward in another dtype (rare)
                     basis, coeffs = basis.to(x.dtype), coeffs.to(x.dtype)
@@ -296,12 +338,10 @@ def ablate(model: nn.Module, direction: torch.Tensor, *, layers: Iterable[int] |
 
     ``direction`` is ``(d,)``, ``(k, d)`` (a subspace, orthonormalised here), or with ``per_row=True`` ``(B, d)``:
     one direction per batch row."""
-    from ..directions.base import orthonormalize
-
     parts = find_parts(model)
     d = direction.float()
     if per_row:
-        basis = (d / d.norm(dim=-1, keepdim=True).clamp_min(1e-30))[:, None, :]
+        basis = unit_rows(d)[:, None, :]
         step = (basis, torch.ones(basis.shape[:2], device=d.device), None)
     else:
         basis = orthonormalize(d)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..directions.base import orthonormalize
+from ..linalg import orthonormalize
 
 
 @dataclass(frozen=True)

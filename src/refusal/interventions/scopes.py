@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import RefusalError
+from ..names import SITES, TOKENS, check_scope
 
-SITES = ("input", "attn", "mlp")
-TOKENS = ("all", "prompt", "generated")
+__all__ = ["SITES", "TOKENS", "Intervention", "Scope"]
 
 
 @dataclass(frozen=True)
@@ -26,22 +26,9 @@ class Scope:
     tokens: str = "all"
 
     def __post_init__(self) -> None:
-        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        layers, sites = check_scope(self.layers, self.sites, self.tokens)  # the same checks config makes
+        object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "sites", sites)
-        bad = [s for s in sites if s not in SITES]
-        if bad or not sites:
-            raise RefusalError(f"Unknown intervention site(s) {bad or 'none'}.", f"Sites are: {', '.join(SITES)}.")
-        if self.tokens not in TOKENS:
-            raise RefusalError(f"Unknown token scope '{self.tokens}'.", f"Use one of: {', '.join(TOKENS)}.")
-        layers = self.layers
-        if isinstance(layers, dict):
-            top = layers.get("top")
-            if set(layers) != {"top"} or not isinstance(top, (int, float)) or not 0 < top <= 1:
-                raise RefusalError(f"Bad layer scope {layers}.", "Write the top share as {top: 0.5} (0 < top <= 1).")
-        elif isinstance(layers, str) and layers not in ("all", "source"):
-            raise RefusalError(f"Unknown layer scope '{layers}'.", "Use all, source, a list of layers or {top: p}.")
-        elif isinstance(layers, (list, tuple)):
-            object.__setattr__(self, "layers", tuple(int(x) for x in layers))
 
     def resolve_layers(self, n_layers: int, source: int | None = None,
                        ranking: Sequence[int] | None = None) -> list[int]:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import RefusalError
+from ..linalg import orthonormalize
 from ..models.parts import find_parts, module_device, resident_tensor
 from ..models.writers import Writer, residual_writers
 
@@ -42,8 +43,6 @@ __all__ = ["edit_matrix", "orthogonalize_", "orthogonalized", "prepare_bases"]
 
 
 def _orthonormal(rows: torch.Tensor) -> torch.Tensor:
-    from ..directions.base import orthonormalize
-
     return orthonormalize(rows)
 
 
@@ -192,8 +191,8 @@ def orthogonalize_(model: nn.Module, direction, *, norm_preserving: bool = False
     """Edit the weights in place so that no block can write ``direction`` into the residual stream.
 
     Every residual writer is projected (see the module doc for the options); a tied output embedding is untied
-    first so the logits do not change. With the defaults the result equals hook-based :func:`ablate` at all
-    layers."""
+    first so the logits do not change. With the defaults the result equals hook-based
+    :func:`~refusal.interventions.hooks.ablate` at all layers."""
     parts = find_parts(model)
     bases = prepare_bases(direction, parts.hidden_size, parts.n_layers, orthogonal_to_harmless)
     weights = _check_weights(layer_weights, parts.n_layers)

@@ -1,8 +1,8 @@
 """Fused input projections: the query/key/value projections of an attention block, and the gate/up projections of
 a gated MLP, run as one matrix multiply each while decoding.
 
-At a small batch a decode step reads every weight once, and several narrow GEMMs read theirs more slowly than one
-wide one (on an H200 at batch 64, Llama-3-8B's k/v projections ran at 1.4 TB/s against 3.6 TB/s for the MLP's). Inside
+At a small batch a decode step reads every weight once, and several narrow GEMMs read theirs at a lower bandwidth
+than one wide one (grouped-query attention's k/v projections are narrow). Inside
 :func:`fused_projections` each group's weights live in one ``(sum of outputs, in)`` tensor; the group's modules
 become views into it, and the first of them to see an input computes all outputs at once, which the others then
 take (same input object; any other input is computed on its own). On exit every module gets its own weight back.

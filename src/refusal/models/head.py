@@ -1,9 +1,8 @@
 """The output head's input when only the last position's logits are wanted: a contiguous copy, not a strided view.
 
 Given ``logits_to_keep=1``, transformers' causal LMs hand the head ``hidden_states[:, -1:, :]``, a view whose rows
-lie ``length x hidden`` elements apart. cuBLAS multiplies such an input far more slowly than a contiguous one: on an
-H200 (torch 2.11 + CUDA 13), Llama-3-8B's lm_head on 64 rows of a 72-position prefill took 15.7 ms from the view and
-0.28 ms from a contiguous copy (``docs/results.md``, eighth session), 55 times longer, in every prefill. Our own
+lie ``length x hidden`` elements apart. cuBLAS can multiply such an input far more slowly than a contiguous one
+(tens of times, for a large head on a long prefill; the measurement is in ``docs/changelog.md``). Our own
 forwards ask for the last position by index instead (:func:`keep_last`: transformers then gathers it into a
 contiguous tensor); ``model.generate``, which passes ``logits_to_keep=1`` itself, runs inside
 :func:`contiguous_head_input`.

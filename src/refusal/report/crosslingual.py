@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..crosslingual.plots import PLOTS  # the pictures a cross-lingual run draws (named where they are drawn)
 from .artifacts import Artifacts
 from .blocks import Image, Section, Sub, Table, Text
 from .json_tables import _heat_rows, generic_blocks
@@ -34,8 +35,6 @@ LANGUAGE_RATES = (
     ("harmless_baseline_refusal", "harmless: baseline refusal", "refusal"),
     ("harmless_actadd_refusal", "harmless: ActAdd refusal", "refusal"),
 )
-PLOTS = ("transfer_ablation.png", "transfer_addition.png", "transfer_kl.png", "similarity.png",
-         "layer_similarity.png")
 
 
 def is_crosslingual_run(summary: Any) -> bool:

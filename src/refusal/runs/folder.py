@@ -16,6 +16,9 @@ the cross-lingual run) goes through a :class:`RunFolder`:
 - :func:`widening_settings` finds what a saved config asks for that would widen what runs (``trust_remote_code``,
   at the top or in a judge's spec): only the user's command line or Python call may grant that, never a file in a
   folder someone shared.
+- :func:`network_settings` finds the network destinations a saved config names (hub ids, URLs):
+  :func:`unnamed_destinations` keeps those this invocation did not name itself, and :func:`check_network` stops the
+  command before any work unless ``--allow-network`` is given now.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import errno
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +126,7 @@ class RunFolder:
         """The stages (select onwards) whose digests, saved in ``config.yaml``, its settings no longer reproduce: the
         file was edited or cut since the run wrote it. (Extract's digest also covers the model's weights, which
         are checked when the stage is resumed.)"""
-        from ..config import STAGE_KEYS, digest
+        from ..config import STAGE_KEYS, digest, stage_config
 
         digests = saved.get("digests")
         if not isinstance(digests, dict):
@@ -132,7 +136,7 @@ class RunFolder:
         stale = []
         prev = digests.get("extract")
         for stage in STAGES[1:]:
-            own = {k: saved[k] for k in STAGE_KEYS[stage] if k in saved}
+            own = stage_config(saved, stage)
             if stage in digests and prev is not None and (
                     len(own) < len(STAGE_KEYS[stage])
                     or digest({"stage": stage, "config": own, "after": prev}) != digests[stage]):
@@ -227,6 +231,28 @@ class RunFolder:
         if name in (m.get("sha256") or {}):
             m["sha256"][name] = _sha256(self.file(name))
             io.write_json(p, m)
+
+    # ---- stage manifests -----------------------------------------------------------------------------------------
+
+    def manifest(self, stage: str, digest: str | None = None) -> dict | None:
+        """``<stage>.done.json`` (validated), or None where the stage has not finished (with ``digest``: not for
+        that digest)."""
+        name = f"{stage}.done.json"
+        if not self.file(name).is_file():
+            return None
+        m = self.read_json(name)
+        return m if digest is None or m.get("digest") == digest else None
+
+    def write_manifest(self, stage: str, digest: str, seconds: float, outputs: list[str],
+                       extra: dict | None = None) -> dict:
+        """Write ``<stage>.done.json``, last, after the stage's outputs: its digest, time, outputs and their sha256."""
+        from datetime import datetime, timezone
+
+        m = {"stage": stage, "digest": digest, "seconds": round(seconds, 2),
+             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "outputs": outputs,
+             **(extra or {}), "sha256": self.checksums(outputs)}
+        io.write_json(self.file(f"{stage}.done.json"), m)
+        return m
 
     # ---- the lock ------------------------------------------------------------------------------------------------
 
@@ -409,9 +435,12 @@ def path_name(path: tuple) -> str:
     return "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else str(k)) for i, k in enumerate(path))
 
 
-def granted(rf: RunFolder, saved: dict, trust_remote_code: bool) -> dict:
+def granted(rf: RunFolder, saved: dict, trust_remote_code: bool, *, allow_network: bool = False) -> dict:
     """``saved`` (a run's config.yaml) with every widening setting set to what this invocation grants: a saved
-    request that is not granted is reported (naming the file), not obeyed."""
+    request that is not granted is reported (naming the file), not obeyed. For the commands that only load the
+    run's model (export, chat): a hub model is downloaded only with ``allow_network`` (or ``HF_HUB_OFFLINE=1``)."""
+    check_network(rf, [d for d in unnamed_destinations(saved) if d.path == ("model",)], allow_network,
+                  can_name=False)
     asked = widening_settings(saved)
     if asked and not trust_remote_code:
         from ..batching import console
@@ -438,3 +467,140 @@ def holding_lock(param: str = "run_dir", *, read_only_ok: bool = False):
                 return fn(*args, **kwargs)
         return command
     return decorate
+
+
+# ---- network destinations a saved file may not choose --------------------------------------------------------------
+
+NETWORK_FLAG = "--allow-network"
+_URL = ("http://", "https://")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A place on the network a config names: a URL (a judge's server, ``generate.backend: openai``'s) or a hub id
+    (the model, a judge model, an ``hf:`` data set, an lm-eval task whose data comes from the hub)."""
+
+    path: tuple  # where in the config (keys and list indices)
+    value: str
+    what: str
+    hub: bool  # read from the Hugging Face hub (its local cache is enough under HF_HUB_OFFLINE=1)
+
+    @property
+    def stage(self) -> str | None:
+        """The stage that uses it (None: every command that reads the config: the model, the data sets)."""
+        return self.path[0] if self.path and self.path[0] in STAGES else None
+
+    def describe(self) -> str:
+        return f"{path_name(self.path)} = {_shown(self.value)} ({self.what})"
+
+
+def _shown(value: str) -> str:
+    """A URL without what may be a secret in it (user:password@, the query); other values as they are."""
+    if not value.startswith(_URL):
+        return repr(value)
+    import urllib.parse
+
+    p = urllib.parse.urlsplit(value)
+    host = p.hostname or ""
+    if p.port:
+        host += f":{p.port}"
+    return repr(urllib.parse.urlunsplit((p.scheme, host, p.path, "", "")))
+
+
+def _hub_model(spec: Any) -> bool:
+    if not isinstance(spec, str) or not spec:
+        return False
+    from ..models.loading import resolve_source
+
+    try:
+        return resolve_source(spec).kind == "hub"
+    except RefusalError:  # not a model spec at all: its own check reports it
+        return False
+
+
+def network_settings(cfg: Any) -> list[Destination]:
+    """Every network destination a config (a dict as in ``config.yaml``) names and a command may use: the model and
+    judge models that are hub ids, ``hf:`` data sets, lm-eval tasks that read the hub, every ``http(s)://`` URL (a
+    judge's), and ``generate.openai.url`` when ``generate.backend`` is ``openai`` (its default URL is saved in every
+    config, unused otherwise). Catalog names are not destinations: the package pins what they download."""
+    out: list[Destination] = []
+    if not isinstance(cfg, dict):
+        return out
+    if _hub_model(cfg.get("model")):
+        out.append(Destination(("model",), cfg["model"], "a hub model: its weights are downloaded", True))
+    g = cfg.get("generate")
+    if isinstance(g, dict) and g.get("backend") == "openai":
+        url = (g.get("openai") or {}).get("url") if isinstance(g.get("openai"), dict) else None
+        from ..config import OpenAIGenerateConfig
+
+        out.append(Destination(("generate", "openai", "url"), str(url or OpenAIGenerateConfig.url),
+                               "the server generate.backend: openai sends prompts to", False))
+    bench = (cfg.get("evaluate") or {}).get("benchmarks") if isinstance(cfg.get("evaluate"), dict) else None
+    if isinstance(bench, dict) and isinstance(bench.get("tasks"), list):
+        for i, t in enumerate(bench["tasks"]):
+            if isinstance(t, str) and not t.startswith("refusal_"):
+                out.append(Destination(("evaluate", "benchmarks", "tasks", i), t,
+                                       "an lm-eval task whose data comes from the hub", True))
+
+    def walk(node: Any, where: tuple) -> None:
+        if where in (("model",), ("generate", "openai")):
+            return
+        if isinstance(node, dict):
+            if node.get("type") not in (None, "openai") and _hub_model(node.get("model")):  # a local-model judge
+                out.append(Destination((*where, "model"), node["model"], "a hub model for a judge", True))
+            for k, v in node.items():
+                if k != "model" or node.get("type") is None:
+                    walk(v, (*where, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*where, i))
+        elif isinstance(node, str):
+            if node.startswith(_URL):
+                out.append(Destination(where, node, "a server the run sends prompts and completions to", False))
+            elif node.startswith("hf:"):
+                out.append(Destination(where, node, "a hub data set", True))
+
+    walk(cfg, ())
+    return out
+
+
+def _strings(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set().union(*(_strings(v) for v in node.values())) if node else set()
+    if isinstance(node, list):
+        return set().union(*(_strings(v) for v in node)) if node else set()
+    return {node} if isinstance(node, str) else set()
+
+
+def hub_offline() -> bool:
+    """Whether this process may only read the hub's local cache (``HF_HUB_OFFLINE``): hub ids reach no network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def unnamed_destinations(cfg: dict, named_now: Any = None) -> list[Destination]:
+    """The destinations of ``cfg`` (the config a command will use, read from a run folder) that this invocation did
+    not name itself: a value is named when it appears anywhere in ``named_now`` (the flags and the ``--config`` file
+    given now). Hub ids pass under ``HF_HUB_OFFLINE=1`` (only the local cache is read)."""
+    named = _strings(named_now or {})
+    offline = hub_offline()
+    return [d for d in network_settings(cfg) if d.value not in named and not (d.hub and offline)]
+
+
+def check_network(rf: RunFolder, dests: list[Destination], allow_network: bool, *, can_name: bool = True) -> None:
+    """Stop, before any work, if a saved config would make this command use a network destination the command line
+    did not name (``dests``, from :func:`unnamed_destinations`) and ``allow_network`` is off. ``can_name``: the
+    command takes the setting again (flags, ``--config``), so naming the same value is a second way to allow it."""
+    if not dests or allow_network:
+        return
+    fix = f"Nothing was changed. If you trust {'it' if len(dests) == 1 else 'them'}, pass {NETWORK_FLAG}"
+    if can_name:
+        fix += ("; or give the same value again on the command line (e.g. --model ID) or in the --config file you "
+                "pass" if any(d.path == ("model",) for d in dests) else "; or give the same value again in the "
+                "--config file you pass")
+    if all(d.hub for d in dests):
+        fix += "; or set HF_HUB_OFFLINE=1 to use only the hub's local cache"
+    raise RefusalError(
+        f"{rf.config_path} names network destinations this command line did not: "
+        + "; ".join(d.describe() for d in dests)
+        + ". A run folder's saved config cannot make a command download from the hub or send prompts (and an API "
+        "key) to a server: someone else may have written it.", fix + ".")

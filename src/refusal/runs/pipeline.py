@@ -30,13 +30,22 @@ import torch
 
 from .. import io
 from ..batching import console
-from ..config import STAGE_KEYS, RunConfig, digest, resolve
+from ..config import RunConfig, digest, resolve, stage_config
 from ..data import load_source, make_splits
 from ..errors import RefusalError
 from ..models.loading import ModelSource, check_hub_config, default_device, load_model, parse_dtype, resolve_source
 from ..scoring.refusal import refusal_token_ids
 from ..templates import format_prompts
-from .folder import STAGES, RunFolder, path_name, widening_settings, with_values
+from .folder import (
+    STAGES,
+    Destination,
+    RunFolder,
+    check_network,
+    path_name,
+    unnamed_destinations,
+    widening_settings,
+    with_values,
+)
 
 __all__ = ["STAGES", "Inputs", "Run", "RunFolder", "check_inputs", "check_plan"]
 
@@ -133,6 +142,10 @@ class Run:
         # saved (digests, config.yaml), not obeyed (see Run.open)
         self.recorded: dict[tuple, object] = {}
         self._verified: set[str] = set()  # finished stages whose artifacts matched their checksums
+        # network destinations the saved config names and this invocation did not (see Run.open): checked for the
+        # stages that will run, before any of them starts
+        self.unnamed_network: list[Destination] = []
+        self.allow_network = True
         self._model = None
         self._tok = None
         self.device = cfg.device or default_device()
@@ -142,13 +155,16 @@ class Run:
 
     @classmethod
     def open(cls, folder: str | Path, overrides: dict | None = None, *, force: bool = False,
-             from_stage: str | None = None) -> Run:
+             from_stage: str | None = None, allow_network: bool = False) -> Run:
         """The run in an existing folder, with its saved config (``overrides``: settings to change, e.g. from flags;
         only the stages that read them, and the ones after, are redone).
 
         The saved ``config.yaml`` is checked first (:meth:`RunFolder.read_config`; with neither ``force`` nor a
         ``from_stage`` early enough, it must reproduce its saved digests). ``trust_remote_code`` is taken from
-        ``overrides`` only: a saved config that asks for it is reported and recorded, not obeyed."""
+        ``overrides`` only: a saved config that asks for it is reported and recorded, not obeyed. Likewise a network
+        destination the saved config names (a hub id, a judge's or ``generate.backend: openai``'s URL) is used only
+        if ``overrides`` name the same value or ``allow_network``; otherwise a :class:`RefusalError` before any work
+        (the model and data sets here, a stage's own destinations when :meth:`run` is about to run it)."""
         rf = RunFolder(folder)
         saved = rf.read_config(complete=not force)
         rf.check_digests(saved, force=force, from_stage=from_stage)
@@ -170,7 +186,10 @@ class Run:
             base = resolve(None, _nested_merge(saved, overrides), has_gpu=None)
         except RefusalError as exc:
             raise RefusalError(f"{exc.problem} (in {rf.config_path} or the flags)", exc.fix) from None
+        unnamed = unnamed_destinations(base.to_dict(), overrides)
+        check_network(rf, [d for d in unnamed if d.stage is None], allow_network)  # before check_inputs reads them
         run = cls(base, folder=rf.path)
+        run.unnamed_network, run.allow_network = [d for d in unnamed if d.stage is not None], allow_network
         if "trust_remote_code" not in overrides:
             run.recorded = recorded
         else:
@@ -194,7 +213,7 @@ class Run:
             prev: str | None = None
             recorded = self.recorded_config()
             for stage in STAGES:
-                own = {k: recorded[k] for k in STAGE_KEYS[stage]}
+                own = stage_config(recorded, stage)
                 if stage == "extract":
                     own = {**own, "model_identity": model_identity(self.inputs.source, self.cfg.trust_remote_code),
                            "dtype": self.dtype}
@@ -260,24 +279,24 @@ class Run:
     @property
     def batch_size(self) -> int:
         """Sequences per forward when reading prompts (extraction)."""
-        return self.cfg.batch_size or (64 if self.on_gpu else 16)
+        return self.cfg.batch_sizes(self.on_gpu).extract
 
     @property
     def generate_batch_size(self) -> int:
         """Sequences decoded together: every condition's rows share batches, so they are large (halved on
         out-of-memory, and the halved size is kept)."""
-        return self.cfg.batch_size or (512 if self.on_gpu else 64)
+        return self.cfg.batch_sizes(self.on_gpu).generate
 
     @property
     def score_batch_size(self) -> int:
         """Sequences per scoring forward: only the last position's logits are kept, so larger batches fit."""
-        return self.batch_size * 64 if self.on_gpu else self.batch_size
+        return self.cfg.batch_sizes(self.on_gpu).select
 
     @property
     def ce_batch_size(self) -> int:
         """Sequences per cross-entropy forward: every position's logits are kept (about 0.1 GB per 330-token row of
         a 150k vocabulary in bf16), so smaller than the other batches."""
-        return self.cfg.evaluate.ce_batch_size or (32 if self.on_gpu else 8)
+        return self.cfg.batch_sizes(self.on_gpu).cross_entropy
 
     def prompts(self, records: list[dict]) -> list[str]:
         return format_prompts(self.tokenizer, [r["instruction"] for r in records], self.cfg.system_prompt,
@@ -309,6 +328,11 @@ class Run:
         from . import stages as impl
 
         fresh = not self.folder.has_finished()
+        if self.unnamed_network and not self.allow_network:  # the saved destinations of the stages about to run
+            redo = 0 if force else (STAGES.index(from_stage) if from_stage else len(STAGES))
+            first = next((i for i, s in enumerate(STAGES) if s in stages and not (i < redo and self.done(s))), None)
+            will_run = set() if first is None else {s for s in STAGES[first:] if s in stages}
+            check_network(self.folder, [d for d in self.unnamed_network if d.stage in will_run], False)
         if self._digests is None and self._model is None and fresh and "extract" in stages:
             self._load_while_fingerprinting()
         self.prepare(force=force, resume=resume or bool(from_stage))

@@ -7,12 +7,13 @@ import time
 
 from .. import io
 from ..batching import console
+from ..config import BenchmarksConfig, OverRefusalConfig
 from ..directions.base import Direction, DirectionSet
 from ..directions.diff_means import Candidates
 from ..directions.diff_means import extract as extract_candidates
 from ..errors import NoDirectionError, RefusalError
 from ..evaluation.reasoning import has_split, open_prefix, reasoning_format, split_completion, substring_parts
-from ..evaluation.summary import judge_completions, summarize
+from ..evaluation.summary import judge_completions, paper_judge, summarize
 from ..generation.batched import generate as generate_completions
 from ..interventions.hooks import Plan
 from ..interventions.specs import condition_interventions
@@ -316,13 +317,14 @@ def evaluate(run, started: float):
     comps = io.read_json(run.dir / "completions.json")
     split = any(has_split(r) for conds in comps.values() for recs in conds.values() for r in recs)
     # a reasoning model's completions: the answer is judged (refused) and, apart, the reasoning (refused_reasoning)
+    ev = run.cfg.evaluate
+    judges = _run_judges(comps, ev.judges)
+    # the configured substring judge's verdicts are the summary's refused: the substring judge runs once
     judged = {k: {c: substring_parts(rs) for c, rs in cs.items()} for k, cs in comps.items()} if split \
-        else judge_completions(comps)
+        else judge_completions(comps, judges.get(paper_judge(ev.judges) or ""))
     io.write_json(run.dir / "judgements.json", judged)
     kl = io.read_json(run.dir / "kl.json")
     outputs = ["judgements.json"]
-    ev = run.cfg.evaluate
-    judges = _run_judges(comps, ev.judges)
     if judges:
         io.write_json(run.dir / "judges.json", judges)
         outputs.append("judges.json")
@@ -426,28 +428,28 @@ def _condition_ivs(run) -> dict[str, list]:
             for c in run.cfg.generate.conditions}
 
 
-def _benchmarks(run, spec: dict) -> dict:
+def _benchmarks(run, spec: BenchmarksConfig) -> dict:
     """lm-eval accuracies under every condition: ``{"prompt_set/condition": {task: {acc, n, ...}}}``."""
     from ..evaluation.benchmarks import run_benchmarks
 
     out = {}
     for name, ivs in _condition_ivs(run).items():
         console.print(f"Benchmarks under {name}")
-        out[name] = run_benchmarks(run.model, run.tokenizer, list(spec["tasks"]), limit=spec.get("limit"),
-                                   interventions=ivs, data_dir=spec.get("data_dir"),
-                                   num_fewshot=spec.get("num_fewshot"), batch_size=spec.get("batch_size", 8))
+        out[name] = run_benchmarks(run.model, run.tokenizer, list(spec.tasks), limit=spec.limit,
+                                   interventions=ivs, data_dir=spec.data_dir,
+                                   num_fewshot=spec.num_fewshot, batch_size=spec.batch_size)
     return out
 
 
-def _over_refusal(run, spec: dict) -> dict:
+def _over_refusal(run, spec: OverRefusalConfig) -> dict:
     """Refusals on safe-looking prompts and compliance on unsafe ones, every condition in one generation."""
     from ..data.contrast import builtin_contrast, load_contrast
     from ..evaluation.over_refusal import over_refusal, to_json
 
-    src = spec.get("contrast", "builtin")
+    src = spec.contrast
     records = builtin_contrast() if src == "builtin" else load_contrast(src)
-    res = over_refusal(run.model, run.tokenizer, records, _condition_ivs(run), spec.get("judge", {"type": "substring"}),
-                       max_new_tokens=spec.get("max_new_tokens", 64), batch_size=run.generate_batch_size,
+    res = over_refusal(run.model, run.tokenizer, records, _condition_ivs(run), spec.judge,
+                       max_new_tokens=spec.max_new_tokens, batch_size=run.generate_batch_size,
                        system=run.cfg.system_prompt)
     return to_json(res)
 
@@ -500,10 +502,9 @@ def _cross_entropy(run, comps: dict, ev) -> dict:
             source, mode = [{"instruction": r["instruction"], "completion": r["completion"]} for r in base], \
                 "completion"
         else:
-            mode = spec.get("mode")
-        seqs = prepare(run.tokenizer, source, mode=mode, seq_len=spec.get("seq_len", 512),
-                       max_tokens=spec.get("max_tokens"), allow_fewer=spec.get("allow_fewer", source is not None),
-                       columns=spec.get("columns"), system=run.cfg.system_prompt)
+            mode = spec.mode
+        seqs = prepare(run.tokenizer, source, mode=mode, seq_len=spec.seq_len, max_tokens=spec.max_tokens,
+                       allow_fewer=spec.allow_fewer, columns=spec.columns, system=run.cfg.system_prompt)
         res = {}
         for c in conds:
             with apply(run.model, condition_interventions(c, directions, rankings)):

@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from ..batching import in_batches
+from ..batching import Batching, in_batches
 from ..directions.diff_means import Candidates
 from ..interventions.hooks import ablate, add
 from ..layout import Bucket, Layout, SharedPrefix, layout, prefix_cache
@@ -84,7 +84,7 @@ def kl_div(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 @with_fused_norms
 def refusal_scores(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 32,
-                   description: str = "") -> torch.Tensor:
+                   description: str = "", *, batching: Batching | None = None) -> torch.Tensor:
     """Per-prompt refusal score (log-odds of refusal tokens at the first generated position), in length buckets."""
     dev = model_device(model)
     ids = torch.tensor(list(refusal_ids), device=dev)
@@ -94,7 +94,7 @@ def refusal_scores(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequen
         lay = layout(tokenizer, list(chunk), dev)
         out.append(refusal_score(layout_logits(model, lay), ids).cpu())
 
-    in_batches(run, list(prompts), batch_size, description)
+    in_batches(run, list(prompts), batch_size, description, batching=batching)
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -104,7 +104,7 @@ def score_candidates(
     model, tokenizer, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
     refusal_ids: Sequence[int], *, layers: Sequence[int] | None = None, batch_size: int = 64,
     prune_induce_below: float | None = None, share_prefix: bool = True, min_prefix: int = 4,
-    max_buckets: int = 8, slack: float = 0.03,
+    max_buckets: int = 8, slack: float = 0.03, batching: Batching | None = None,
 ) -> Scores:
     """Bypass, induce and KL scores for every (position, layer) candidate in ``layers`` (default: all).
 
@@ -116,6 +116,9 @@ def score_candidates(
     candidate instead of once per prompt (``share_prefix``, when it is at least ``min_prefix`` tokens), and prompts
     are grouped into up to ``max_buckets`` length buckets so that padding adds at most ``slack`` of the tokens where
     that many buckets allow it.
+
+    ``batching``: the caller's :class:`~refusal.batching.Batching` (batch sizes remembered after out-of-memory from
+    one call to the next, quietness); none: a fresh one.
     """
     dev = model_device(model)
     n_pos, n_layers = len(candidates.positions), candidates.n_layers
@@ -206,11 +209,12 @@ def score_candidates(
     # A pass costs its rows times the layers from its lowest source layer up: candidates come in layer order, so
     # small packs (batch / 64 candidates, at least one layer's positions) start near their own layers.
     widest = max(len(b.rows) for b in harmless.buckets)
-    in_batches(run_induce, cand, max(1, min(batch_size // widest, max(n_pos, batch_size // 64))), "Scoring induce")
+    in_batches(run_induce, cand, max(1, min(batch_size // widest, max(n_pos, batch_size // 64))), "Scoring induce",
+               batching=batching)
     if prune_induce_below is not None:  # the filter would drop these anyway: skip their bypass and KL forwards
         cand = [(p, lay) for p, lay in cand if float(induce[p, lay]) > prune_induce_below]
     widest = max(len(b.rows) for b in both.buckets)
-    in_batches(run_ablation, cand, max(1, batch_size // widest), "Scoring bypass + KL")
+    in_batches(run_ablation, cand, max(1, batch_size // widest), "Scoring bypass + KL", batching=batching)
 
     def scored(t, which):
         mask = torch.zeros((n_pos, n_layers), dtype=torch.bool)

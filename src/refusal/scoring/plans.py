@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import in_batches
+from ..batching import Batching, in_batches
 from ..interventions.hooks import Plan, apply
 from ..interventions.scopes import Intervention
 from ..layout import layout, prefix_cache
@@ -44,7 +44,7 @@ class PlanScores:
 def score_interventions(model, tokenizer, prompts: Sequence[str], candidates: Sequence[Sequence[Intervention]],
                         refusal_ids: Sequence[int], *, batch_size: int = 64, description: str = "Scoring",
                         share_prefix: bool = True, min_prefix: int = 4, max_buckets: int = 8,
-                        slack: float = 0.03) -> PlanScores:
+                        slack: float = 0.03, batching: Batching | None = None) -> PlanScores:
     """Refusal score and KL from the baseline of every candidate on every prompt (already templated)."""
     dev = model_device(model)
     rids = torch.tensor(list(refusal_ids), device=dev)
@@ -75,7 +75,7 @@ def score_interventions(model, tokenizer, prompts: Sequence[str], candidates: Se
         idx = torch.as_tensor(list(chunk), device=dev)
         refusal[idx], kl[idx] = ref, div  # written only once every bucket is done (an OOM retry counts nothing twice)
 
-    in_batches(run, list(range(n_cand)), max(1, batch_size // widest), description)
+    in_batches(run, list(range(n_cand)), max(1, batch_size // widest), description, batching=batching)
     return PlanScores(refusal.cpu(), kl.cpu(), refusal_score(base_logits, rids).cpu())
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import io
+from ..batching import progress
 from ..directions.base import Direction, DirectionSet
 from ..errors import RefusalError
 from ..interventions.hooks import ablation, addition
@@ -234,25 +235,29 @@ def search_sets(model, tokenizer, candidates: Sequence[Direction], harmful_val, 
                     kl_weight, beam, {"k_max": k_max, "pool": n})
     seen: set[tuple[int, ...]] = set()
     frontier: list[tuple[int, ...]] = [()]
-    for size in range(1, min(k_max, n) + 1):
-        new = []
-        for base in frontier:
-            for c in range(n):
-                if c in base:
-                    continue
-                m = tuple(sorted(base + (c,)))
-                if m not in seen:
-                    seen.add(m)
-                    new.append(m)
-        if not new:
-            break
-        scored, bh, bl = _score(model, tokenizer, res.candidates, new, harmful_val, harmless_val, refusal_ids,
-                                kl_threshold=kl_threshold, induce_threshold=induce_threshold, batch_size=batch_size,
-                                step=f"{len(new)} sets of {size}")
-        res.baseline_harmful, res.baseline_harmless = bh, bl
-        res.sets += scored
-        frontier = [s.members for s in res.ordered(scored)[:beam]]
-        res.kept[size] = frontier
+    sizes = min(k_max, n)  # a set has at most the pool's n members: a larger k_max is capped (saved in the settings)
+    res.settings["k_searched"] = sizes
+    with progress(f"Set search (sizes 1-{sizes} of {n} directions, beam {beam})", sizes) as advance:
+        for size in range(1, sizes + 1):
+            new = []
+            for base in frontier:
+                for c in range(n):
+                    if c in base:
+                        continue
+                    m = tuple(sorted(base + (c,)))
+                    if m not in seen:
+                        seen.add(m)
+                        new.append(m)
+            if not new:
+                break
+            scored, bh, bl = _score(model, tokenizer, res.candidates, new, harmful_val, harmless_val, refusal_ids,
+                                    kl_threshold=kl_threshold, induce_threshold=induce_threshold,
+                                    batch_size=batch_size, step=f"{len(new)} sets of {size}")
+            res.baseline_harmful, res.baseline_harmless = bh, bl
+            res.sets += scored
+            frontier = [s.members for s in res.ordered(scored)[:beam]]
+            res.kept[size] = frontier
+            advance(1)
     return res
 
 

@@ -275,7 +275,7 @@ class Report:
 def _refusal_starts(target: str) -> list[str]:
     """Phrases that begin a refusal, in English and in the target language. Only the phrase lists: the openings
     ("As", "Ich bin", "作为") also begin ordinary prompts ("As a doctor, ...")."""
-    from . import PHRASE_LANGUAGES, refusal_phrases
+    from .phrases import PHRASE_LANGUAGES, refusal_phrases
 
     out = refusal_phrases("en")["phrases"]
     if _base(target) in PHRASE_LANGUAGES and _base(target) != "en":

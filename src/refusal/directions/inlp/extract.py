@@ -42,7 +42,8 @@ def inlp(
 
     Each class is split at random (``seed``) into ``heldout_fraction`` held out and the rest for training, the same
     prompts for every component. A round trains the classifier (``"logistic"`` or ``"svm"``, squared hinge; L2
-    strength ``l2`` on activations scaled to unit mean squared norm per component, see :func:`fit_linear`) and
+    strength ``l2`` on activations scaled to unit mean squared norm per component, see
+    :func:`~.classifier.fit_linear`) and
     measures its balanced accuracy on the held-out prompts (on the training ones if ``heldout_fraction == 0``). Its
     direction is accepted if that accuracy is at least ``min_accuracy`` and more than ``0.5 + margin`` (not within
     ``margin`` of chance). Otherwise the component stops: no direction is added, so the next round would see the

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...errors import RefusalError
+from ...names import judge_type
 from ..stats import Rate
 
 REFUSAL_LABELS = ("refusal", "compliance", "partial")
@@ -195,7 +196,8 @@ class Judge(ABC):
     """A judge: ``name`` (for reports), ``kind`` (``"refusal"`` or ``"safety"``), and :meth:`judge`."""
 
     type: ClassVar[str]
-    OPTIONS: ClassVar[dict[str, Option]] = {}
+    OPTIONS: ClassVar[dict[str, Option]] = {}  # a judge from outside the package: its options, checked here
+    SCHEMA: ClassVar[Any] = None  # a built-in judge: its typed spec in refusal.config (the one schema)
     name: str
     kind: str
 
@@ -210,6 +212,10 @@ class Judge(ABC):
     @classmethod
     def check_spec(cls, spec: Mapping) -> dict:
         """Validated options (no model work). Subclasses add checks that need several keys at once."""
+        if cls.SCHEMA is not None:
+            from ...config import parse_judge
+
+            return parse_judge(spec).options()
         return check_options(cls.type, spec, cls.OPTIONS)
 
     @classmethod
@@ -224,7 +230,7 @@ class Judge(ABC):
         return f"<{type(self).__name__} {self.name!r} ({self.kind})>"
 
 
-_BUILTIN = {
+_BUILTIN = {  # the types of refusal.names.JUDGES, each a module:class here
     "substring": "substring:SubstringJudge",
     "refusal_score": "refusal_score:RefusalScoreJudge",
     "guard": "guard:GuardJudge",
@@ -236,7 +242,10 @@ _REGISTERED: dict[str, type[Judge]] = {}
 
 def register(cls: type[Judge]) -> type[Judge]:
     """Class decorator: make ``{"type": cls.type}`` specs build ``cls`` (for judges outside this package)."""
+    from ...config import register_judge
+
     _REGISTERED[cls.type] = cls
+    register_judge(cls.type, cls.SCHEMA)  # config accepts the type (typed if the judge has a schema there)
     return cls
 
 
@@ -255,14 +264,7 @@ def judge_class(type_name: str) -> type[Judge]:
 
 
 def _spec_type(spec: Any) -> str:
-    if not isinstance(spec, Mapping):
-        raise RefusalError(f"A judge spec must be a mapping such as {{\"type\": \"substring\"}}, not {spec!r}.",
-                           f"Give a dict with a 'type' ({', '.join(judge_types())}).")
-    t = spec.get("type")
-    if not isinstance(t, str) or not t.strip():
-        raise RefusalError(f"The judge spec {dict(spec)!r} has no 'type'.",
-                           f"Add \"type\": one of {', '.join(judge_types())}.")
-    return t
+    return judge_type(spec, judge_types())
 
 
 def validate_spec(spec: Mapping) -> dict:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ...config import GUARD_FORMATS, GuardJudgeConfig
 from ...errors import RefusalError
-from .base import Judgement, NoneType, Option, as_items, positive
+from .base import Judgement, as_items
 from .llm import (
-    _LOCAL_OPTIONS,
     Answer,
     LocalModelJudge,
     check_dtype,
@@ -30,7 +30,7 @@ from .llm import (
     prob_at,
 )
 
-FORMATS = ("llama-guard", "wildguard")
+FORMATS = GUARD_FORMATS
 WILDGUARD_FIELDS = {"harmful request": "harmful_request", "response refusal": "response_refusal",
                     "harmful response": "harmful_response"}
 
@@ -125,16 +125,7 @@ class GuardJudge(LocalModelJudge):
     """A guard classifier run locally; a safety judge (or a refusal judge for WildGuard's refusal answer)."""
 
     type = "guard"
-    OPTIONS = {
-        "model": Option(str, help="path, hub id or catalog name of the guard model"),
-        "format": Option(str, "llama-guard", choices=FORMATS),
-        "label_from": Option((str, NoneType), None, choices=(None, "harmful_response", "response_refusal"),
-                             help="WildGuard only: the answer that gives the label"),
-        "max_new_tokens": Option((int, NoneType), None,
-                                 check=positive,
-                                 help="default: 10 for llama-guard, 32 for wildguard"),
-        **{**_LOCAL_OPTIONS, "batch_size": Option(int, 8, check=positive, help="prompts per generation batch")},
-    }
+    SCHEMA = GuardJudgeConfig
 
     def __init__(self, model, tokenizer=None, *, format: str = "llama-guard", label_from: str | None = None,
                  max_new_tokens: int | None = None, batch_size: int = 8, **kwargs):

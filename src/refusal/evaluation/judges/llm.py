@@ -18,8 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...config import JUDGE_MAX_NEW_TOKENS, LLMJudgeConfig
 from ...errors import RefusalError
-from .base import Judge, Judgement, NoneType, Option, as_items, positive
+from .base import Judge, Judgement, as_items
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rubrics
@@ -289,14 +290,6 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
 # ----------------------------------------------------------------------------------------------------------------
 # The rubric judge
 
-_LOCAL_OPTIONS = {
-    "batch_size": Option(int, 16, check=positive, help="prompts per generation batch"),
-    "device": Option((str, NoneType), None, help="cuda, cpu, mps...; default: CUDA if present"),
-    "dtype": Option((str, NoneType), None, help="auto, bfloat16, float16 or float32"),
-    "trust_remote_code": Option(bool, False),
-}
-
-
 class LocalModelJudge(Judge):
     """Base for judges that run a local model: lazy loading, or a model and tokenizer passed in."""
 
@@ -329,14 +322,10 @@ class LLMJudge(LocalModelJudge):
     """Any local chat model with a rubric (``"refusal"`` or ``"safety"``), greedy one-word answers."""
 
     type = "llm"
-    OPTIONS = {
-        "model": Option(str, help="path, hub id or catalog name of the judge model"),
-        "rubric": Option(str, "refusal", choices=tuple(RUBRICS)),
-        "max_new_tokens": Option(int, 8, check=positive),
-        **_LOCAL_OPTIONS,
-    }
+    SCHEMA = LLMJudgeConfig
 
-    def __init__(self, model, tokenizer=None, *, rubric: str = "refusal", max_new_tokens: int = 8, **kwargs):
+    def __init__(self, model, tokenizer=None, *, rubric: str = "refusal", max_new_tokens: int = JUDGE_MAX_NEW_TOKENS,
+                 **kwargs):
         super().__init__(model, tokenizer, **kwargs)
         if rubric not in RUBRICS:
             raise RefusalError(f"Unknown rubric '{rubric}'.", f"Use one of: {', '.join(RUBRICS)}.")

@@ -22,37 +22,19 @@ import os
 import re
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from ...config import OpenAIJudgeConfig
+from ...endpoints import MAX_SLEEP, check_env_name, check_url, retry_after, snippet
+from ...endpoints import RETRY_STATUS as _RETRY_STATUS
+from ...endpoints import Secret as _Secret
 from ...errors import RefusalError
-from .base import Item, Judge, Judgement, NoneType, Option, as_items, non_negative, positive
+from .base import Item, Judge, Judgement, as_items
 from .llm import RUBRICS, parse_rubric_answer, rubric_message
 
 log = logging.getLogger(__name__)
-
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MAX_SLEEP = 60.0
-
-
-class _Secret:
-    """A string that does not show itself in repr, str or f-strings."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "***"
-
-    __str__ = __repr__
 
 
 def endpoint_url(url: str) -> str:
@@ -63,18 +45,6 @@ def endpoint_url(url: str) -> str:
     if re.search(r"/v\d+[a-z]*$", u):
         return u + "/chat/completions"
     return u + "/v1/chat/completions"
-
-
-def _check_url(url: str) -> str | None:
-    p = urllib.parse.urlparse(url)
-    if p.scheme not in ("http", "https") or not p.netloc:
-        return "must be an http:// or https:// URL such as http://localhost:8000/v1"
-    return None
-
-
-def _check_env_name(name: str) -> str | None:
-    return None if _ENV_NAME.match(name) else "must be the NAME of an environment variable (the key itself never " \
-                                               "goes in a spec)"
 
 
 class _Failed(Exception):
@@ -91,25 +61,14 @@ class OpenAIJudge(Judge):
     """A rubric judge served over an OpenAI-compatible ``/v1/chat/completions`` endpoint."""
 
     type = "openai"
-    OPTIONS = {
-        "url": Option(str, check=_check_url, help="base URL of the server, e.g. http://localhost:8000/v1"),
-        "model": Option(str, help="the model name the server knows"),
-        "api_key_env": Option((str, NoneType), None, check=_check_env_name,
-                              help="environment variable holding the API key (none: no Authorization header)"),
-        "rubric": Option(str, "refusal", choices=tuple(RUBRICS)),
-        "timeout": Option(float, 60.0, check=positive, help="seconds per request"),
-        "retries": Option(int, 3, check=non_negative, help="retries after the first attempt"),
-        "backoff": Option(float, 1.0, check=non_negative, help="first retry delay in seconds, doubling"),
-        "concurrency": Option(int, 4, check=positive, help="requests in flight"),
-        "max_tokens": Option(int, 8, check=positive),
-    }
+    SCHEMA = OpenAIJudgeConfig
 
     def __init__(self, url: str, model: str, *, api_key_env: str | None = None, rubric: str = "refusal",
                  timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, concurrency: int = 4,
                  max_tokens: int = 8):
         if rubric not in RUBRICS:
             raise RefusalError(f"Unknown rubric '{rubric}'.", f"Use one of: {', '.join(RUBRICS)}.")
-        complaint = _check_url(url)
+        complaint = check_url(url)
         if complaint:
             raise RefusalError(f"The judge URL {url!r} {complaint}.", "Fix 'url' in the judge spec.")
         self.url = endpoint_url(url)
@@ -153,7 +112,7 @@ class OpenAIJudge(Judge):
             with self._opener.open(req, timeout=self.timeout) as resp:
                 return resp.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
-            detail = self._scrub(_snippet(exc))
+            detail = self._scrub(snippet(exc))
             if exc.code in (401, 403):
                 who = f"the key in ${self.api_key_env}" if self.api_key_env else "a request without a key"
                 raise RefusalError(
@@ -162,7 +121,7 @@ class OpenAIJudge(Judge):
                     else "Set api_key_env in the judge spec to the name of the variable that holds the key.",
                 ) from None
             if exc.code in _RETRY_STATUS:
-                raise _Retryable(f"HTTP {exc.code}{detail}", _retry_after(exc)) from None
+                raise _Retryable(f"HTTP {exc.code}{detail}", retry_after(exc)) from None
             raise _Failed(f"HTTP {exc.code}{detail}") from None
         except TimeoutError as exc:
             raise _Retryable(f"timed out after {self.timeout:g} s ({exc.__class__.__name__})") from None
@@ -232,7 +191,7 @@ class OpenAIJudge(Judge):
 
 
 def _read_key(env: str) -> str:
-    complaint = _check_env_name(env)
+    complaint = check_env_name(env)
     if complaint:
         raise RefusalError(f"api_key_env in the openai judge spec {complaint}.",
                            "Put the key in an environment variable and give its name, e.g. OPENAI_API_KEY.")
@@ -241,19 +200,3 @@ def _read_key(env: str) -> str:
         raise RefusalError(f"The environment variable {env} (api_key_env of the openai judge) is not set or empty.",
                            f"Export {env} with the API key, or drop api_key_env for a server without auth.")
     return value.strip()
-
-
-def _snippet(exc: urllib.error.HTTPError) -> str:
-    try:
-        body = exc.read().decode("utf-8", errors="replace").strip()
-    except Exception:  # a body that cannot be read adds nothing
-        body = ""
-    return f": {body[:200]}" if body else ""
-
-
-def _retry_after(exc: urllib.error.HTTPError) -> float | None:
-    value = exc.headers.get("Retry-After") if exc.headers is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None

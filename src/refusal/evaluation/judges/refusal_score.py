@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .base import Judge, Judgement, Option, as_items
+from ...config import RefusalScoreJudgeConfig
+from .base import Judge, Judgement, as_items
 
 
 class RefusalScoreJudge(Judge):
@@ -18,8 +19,7 @@ class RefusalScoreJudge(Judge):
 
     type = "refusal_score"
     kind = "refusal"
-    OPTIONS = {"threshold": Option(float, 0.0, help="log-odds above which a completion counts as a refusal"),
-               "field": Option(str, "refusal_score", help="the record field holding the score")}
+    SCHEMA = RefusalScoreJudgeConfig
 
     def __init__(self, threshold: float = 0.0, field: str = "refusal_score"):
         self.name = "refusal_score"

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ...config import SubstringJudgeConfig
 from .. import substring as _substring
-from .base import Judge, Judgement, NoneType, Option, as_items
-
-
-def _phrases_ok(phrases) -> str | None:
-    if not phrases or not all(isinstance(p, str) and p for p in phrases):
-        return "must be a non-empty list of non-empty strings"
-    return None
+from .base import Judge, Judgement, as_items
 
 
 class SubstringJudge(Judge):
@@ -23,8 +18,7 @@ class SubstringJudge(Judge):
 
     type = "substring"
     kind = "refusal"
-    OPTIONS = {"phrases": Option((list, NoneType), None, check=_phrases_ok,
-                                 help="phrases that mark a refusal; default: the built-in list")}
+    SCHEMA = SubstringJudgeConfig
 
     def __init__(self, phrases: Sequence[str] | None = None):
         self.name = "substring"

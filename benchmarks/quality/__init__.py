@@ -1,0 +1,1 @@
+"""What the methods achieve: weight-edit options and search, kept refusal, learned refusal openings, demos."""

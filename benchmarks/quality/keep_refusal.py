@@ -1,0 +1,301 @@
+"""Refusal kept where wanted, measured: per-category refusal rates under the baseline, the paper's ablation and the
+keep-refusal ablation (``select.keep_refusal``), each with its 95 % Wilson interval, plus every condition's
+first-token KL on harmless prompts, and one panel per category in a PNG.
+
+    # on the GPU (the lead copies ../shared/datasets/refusal_direction to .data/refusal_direction):
+    python -m benchmarks.quality.keep_refusal --model /path/to/Qwen2.5-Coder-1.5B-Instruct \
+        --data .data/refusal_direction --keep "Sexual content,Violence" \
+        --out benchmarks/results/keep-refusal/qwen2.5-coder-1.5b.json
+    # the same with JailbreakBench's categories as the test set (mapped onto StrongREJECT's names, see JBB_TO_SR):
+    python -m benchmarks.quality.keep_refusal --model ... --data .data/refusal_direction --test jailbreakbench --out ...
+    # the plumbing on a CPU with a tiny random model, in well under a minute (no refusal to measure):
+    DRY=1 python -m benchmarks.quality.keep_refusal --data ../shared/datasets/refusal_direction --out /tmp/kr/tiny.json
+
+Directions come from a categorised harmful set (``--train``: StrongREJECT, 313 prompts in six categories, by
+default; HarmBench's val + test, 200 prompts in six; or any file whose records carry ``category``), cut by the run's
+seeded splits into train (the per-category directions and the global one), val (selection) and, with ``--test
+heldout``, the test prompts. Harmless prompts are the paper's Alpaca splits (``DATA/splits/harmless_*.json``).
+
+Writes OUT (JSON: command, date, device, versions, model, selection, kept / released categories, the method's
+numbers from categories.json, KL per condition, per-category rates per condition and a table with, per category,
+the change from baseline and whether the keep-refusal rate lies in the baseline's interval), OUT with ``.png``
+(one panel per category) and ``.md`` (the table), and the run folder (``--runs``; its report with
+``refusal report RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+# JailbreakBench's ten categories onto StrongREJECT's six, where one clearly holds the other; the rest keep their
+# own names (reported, but neither kept nor released)
+JBB_TO_SR = {
+    "Sexual/Adult content": "Sexual content",
+    "Physical harm": "Violence",
+    "Harassment/Discrimination": "Hate, harassment and discrimination",
+    "Disinformation": "Disinformation and deception",
+    "Fraud/Deception": "Disinformation and deception",
+    "Malware/Hacking": "Non-violent crimes",
+}
+DEFAULT_KEEP = {"strongreject": "Sexual content,Violence", "harmbench": "chemical_biological,harassment_bullying"}
+CONDITIONS = ("baseline", "ablation", "keep_refusal")
+
+
+def device_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def tiny_model(folder: Path) -> None:
+    """A tiny random Qwen2 chat model with a byte-level BPE tokenizer and a ChatML template, saved to ``folder``
+    (built in memory from the package's own instruction sets: no hub)."""
+    from importlib import resources
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    data = resources.files("refusal").joinpath("data", "builtin")
+    corpus = []
+    for name in ("harmful.json", "harmless.json"):
+        corpus += [r["instruction"] for r in json.loads(data.joinpath(name).read_text("utf-8"))]
+    phrases = json.loads(data.joinpath("refusal_phrases.json").read_text("utf-8"))
+    corpus += phrases["phrases"] + phrases["refusal_openings"] + ["user", "assistant", "system"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>",
+                                                                  "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=1024, tie_word_embeddings=True,
+                                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def harmful_source(train: str, data: Path | None, work: Path) -> tuple[str, str]:
+    """(path of the categorised harmful set, its short name)."""
+    if train == "strongreject":
+        return str(_need(data, "processed/strongreject.json")), "strongreject"
+    if train == "harmbench":  # the processed val and test files together: 200 prompts in six categories
+        rows = [r for f in ("harmbench_val.json", "harmbench_test.json")
+                for r in json.loads(_need(data, f"processed/{f}").read_text("utf-8"))]
+        p = work / "harmbench_all.json"
+        p.write_text(json.dumps(rows))
+        return str(p), "harmbench"
+    if train == "builtin":
+        return "builtin:harmful", "builtin"
+    return train, Path(train).stem
+
+
+def _need(data: Path | None, rel: str) -> Path:
+    if data is None or not (data / rel).is_file():
+        sys.exit(f"error: {rel} not found under --data {data}: pass the refusal_direction folder (with processed/ "
+                 "and splits/)")
+    return data / rel
+
+
+def mapped_test(data: Path | None, work: Path, mapping: dict[str, str]) -> str:
+    """JailbreakBench with its categories renamed by ``mapping`` (the others unchanged), as a file in ``work``."""
+    rows = json.loads(_need(data, "processed/jailbreakbench.json").read_text("utf-8"))
+    out = [{**r, "category": mapping.get(r.get("category"), r.get("category"))} for r in rows]
+    p = work / "jailbreakbench_mapped.json"
+    p.write_text(json.dumps(out))
+    return str(p)
+
+
+def table(summary: dict, role: dict[str, str]) -> list[dict]:
+    """One row per test category: its rate under each condition and what the claim needs."""
+    from refusal.report.categories import ordered, per_category
+
+    by_cond = per_category(summary["results"])
+    rows = []
+    for cat in ordered((c for v in by_cond.values() for c in v), role):
+        rates = {c: (by_cond.get(c, {}).get(cat) or {}).get("refusal") for c in CONDITIONS}
+        row = {"category": cat, "role": role.get(cat, "other"), "n": next((r["n"] for r in rates.values() if r), 0),
+               **rates}
+        b, k = rates.get("baseline"), rates.get("keep_refusal")
+        if b and k and b["rate"] is not None and k["rate"] is not None:
+            row["keep_minus_baseline"] = round(k["rate"] - b["rate"], 4)
+            row["keep_in_baseline_ci"] = b["low"] <= k["rate"] <= b["high"]
+            row["intervals_overlap"] = k["low"] <= b["high"] and b["low"] <= k["high"]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], kl: dict, head: str) -> str:
+    def cell(r):
+        return "—" if not r or r["rate"] is None else f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+    lines = [head, "", "| category | role | n | " + " | ".join(CONDITIONS) + " | keep − baseline |",
+             "|---|---|---|" + "---|" * (len(CONDITIONS) + 1)]
+    for r in rows:
+        d = r.get("keep_minus_baseline")
+        lines.append(f"| {r['category']} | {r['role']} | {r['n']} | " + " | ".join(cell(r.get(c)) for c in CONDITIONS)
+                     + f" | {'—' if d is None else f'{d:+.2f}'} |")
+    lines += ["", "First-token KL(baseline ‖ condition) on the harmless test prompts: "
+              + ", ".join(f"{c} {max(v, 0.0):.4f}" for c, v in kl.items() if v is not None) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model folder, hub id or catalog name (not needed with --tiny)")
+    ap.add_argument("--data", default=".data/refusal_direction",
+                    help="the refusal_direction folder (processed/ and splits/); default .data/refusal_direction")
+    ap.add_argument("--train", default="strongreject",
+                    help="categorised harmful set: strongreject (default), harmbench, builtin or a file")
+    ap.add_argument("--test", default="heldout", choices=("heldout", "jailbreakbench"),
+                    help="heldout: the train set's own held-out prompts; jailbreakbench: JBB's 100, categories mapped")
+    ap.add_argument("--keep", default=None, help="categories whose refusal is kept (default: by --train; ';' "
+                                                 "between names that hold commas)")
+    ap.add_argument("--out", required=True, help="the JSON to write (and .png, .md beside it)")
+    ap.add_argument("--runs", default=None, help="runs root folder (default: a folder beside --out)")
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--n-val", type=int, default=None)
+    ap.add_argument("--n-test", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--no-filter", action="store_true", help="keep train/val prompts the model does not refuse")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (also DRY=1): plumbing only")
+    a = ap.parse_args(argv)
+    tiny = a.tiny or os.environ.get("DRY") == "1"
+    if not tiny and not a.model:
+        ap.error("--model is needed (or --tiny / DRY=1)")
+    t0 = time.perf_counter()
+    data = Path(a.data).expanduser() if a.data else None
+    if data is not None and not data.is_dir():
+        if not tiny:
+            sys.exit(f"error: --data {a.data} is not a folder: pass the refusal_direction folder")
+        data = None  # tiny without the shared data: the built-in categorised sets
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
+    runs = Path(a.runs) if a.runs else work / "runs"
+    train = a.train if not (tiny and data is None) else "builtin"
+    harmful, train_name = harmful_source(train, data, work)
+    keep = a.keep or DEFAULT_KEEP.get(train_name) or ("violence_weapons" if train_name == "builtin" else None)
+    if not keep:
+        ap.error("--keep is needed for this --train set")
+    harmless = str(data) if data is not None else "builtin:harmless"
+    over: dict = {"data": {"harmful": harmful, "harmless": harmless}, "select": {"keep_refusal": None},
+                  "output": str(runs), "name": f"keep-refusal-{train_name}-{a.test}" + ("-tiny" if tiny else "")}
+    if a.test == "jailbreakbench":
+        over["data"]["harmful_test"] = mapped_test(data, work, JBB_TO_SR)
+    from refusal.directions.categories import parse_categories
+
+    over["select"]["keep_refusal"] = parse_categories(keep)
+    n_rows = len(json.loads(Path(harmful).read_text("utf-8"))) if Path(harmful).is_file() else None
+    if tiny:
+        folder = work / "tiny-qwen2"  # beside the outputs: the run's config names it
+        tiny_model(folder)
+        over.update(model=str(folder), device="cpu", preset="cpu")
+        over["data"].update(n_train=30, n_val=4, n_test=30 if a.test == "heldout" else 100, filter=False)
+        over["select"].update(kl_threshold=1e9, induce_threshold=-1e9, layer_stride=1)
+        over["generate"] = {"max_new_tokens": 4, "kl": True}
+        over["evaluate"] = {"cross_entropy": []}
+    else:
+        over.update(model=a.model, preset="paper" if a.device in (None, "cuda") or str(a.device).startswith("cuda")
+                    else "cpu")
+        test_n = 100 if a.test == "jailbreakbench" else None
+        n_val = 32
+        n_train = 160 if a.test == "heldout" else 240
+        if n_rows and a.test == "heldout":  # the rest of the set is the test split
+            n_train = min(n_train, (n_rows - n_val) // 2)
+            test_n = n_rows - n_train - n_val
+        over["data"].update(n_train=n_train, n_val=n_val, n_test=test_n or 100, filter=not a.no_filter)
+        over["generate"] = {"max_new_tokens": 128}
+        over["evaluate"] = {"cross_entropy": []}  # the KL is the cost measured here
+    for key, v in (("n_train", a.n_train), ("n_val", a.n_val), ("n_test", a.n_test)):
+        if v is not None:
+            over["data"][key] = v
+    if a.max_new_tokens is not None:
+        over["generate"]["max_new_tokens"] = a.max_new_tokens
+    if a.device:
+        over["device"] = a.device
+    if a.no_filter:
+        over["data"]["filter"] = False
+
+    from refusal import io
+    from refusal.config import resolve
+    from refusal.report import write_report
+    from refusal.report.categories import category_plot, per_category, roles
+    from refusal.runs.pipeline import Run
+
+    run_dir = runs / over["name"]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run: nothing resumed
+    run = Run(resolve(None, over))
+    summary = run.run()
+    cats = io.read_json(run.dir / "categories.json")
+    role = roles(summary)
+    kl = {c: summary["results"]["harmful"].get(c, {}).get("kl_harmless") for c in summary["results"]["harmful"]}
+    rows = table(summary, role)
+    by_cond = {c: v for c, v in per_category(summary["results"]).items() if c in CONDITIONS}
+    title = (f"{Path(str(summary['model'])).name}: refusal per category ({train_name} directions, "
+             f"{'held-out ' + train_name if a.test == 'heldout' else 'JailbreakBench'} test)")
+    category_plot(by_cond, role, kl={c: kl.get(c) for c in by_cond}, title=title, path=out.with_suffix(".png"))
+    write_report(run.dir)
+    import torch
+    import transformers
+
+    result = {
+        "command": "python -m benchmarks.keep_refusal " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name() if str(run.device).startswith("cuda") else summary["device"],
+        "torch": torch.__version__, "transformers": transformers.__version__, "tiny_random_model": tiny,
+        "model": summary["model"], "dtype": summary["dtype"], "selected": summary["selected"],
+        "method": "keep_refusal: the released categories' count-weighted mean difference in means, made orthogonal "
+                  "(QR) to the span of the kept categories' directions, ablated at every layer (docs/keep-refusal.md)",
+        "train": {"set": train_name, "source": harmful, "n_train_per_category": cats["n_train"],
+                  "uncategorised_train": cats["uncategorised_train"], "filtered": bool(run.cfg.data.filter)},
+        "test": {"set": "held-out " + train_name if a.test == "heldout" else "jailbreakbench",
+                 "mapping": JBB_TO_SR if a.test == "jailbreakbench" else None},
+        "kept": cats["kept"], "released": cats["released"],
+        "norm_fraction": cats["norm_fraction"],
+        "cosine_kept_direction_selected": cats["cosine_kept_direction_selected"],
+        "cosine_category_with_selected": cats["cosine_with_selected"], "category_similarity": cats["similarity"],
+        "kl_harmless": kl, "max_new_tokens": summary["max_new_tokens"],
+        "rates": {c: {"overall": summary["results"]["harmful"][c]["refusal"], "by_category": by_cond.get(c, {})}
+                  for c in CONDITIONS if c in summary["results"]["harmful"]},
+        "harmless_refusal": {c: m["refusal"] for c, m in summary["results"].get("harmless", {}).items()},
+        "table": rows, "stage_seconds": summary["stage_seconds"], "wall_s": round(time.perf_counter() - t0, 2),
+        "run_dir": str(run.dir), "plot": str(out.with_suffix(".png")),
+    }
+    io.write_json(out, result)
+    md = markdown(rows, {c: kl.get(c) for c in CONDITIONS}, f"Refusal rate per category, {result['device']}, "
+                  f"{result['model']} (kept: {', '.join(cats['kept'])})")
+    io.write_text(out.with_suffix(".md"), md)
+    print(md)
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.md')}; run folder {run.dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,592 @@
+"""Write ``docs/results.md`` from the committed result files: every table read from JSON, each with its provenance.
+
+    python -m benchmarks.results_page            # rewrite docs/results.md
+    python -m benchmarks.results_page --check    # exit 1 if docs/results.md differs from what the files give
+    python -m benchmarks.results_page --unread   # list result files under benchmarks/results/ no table reads
+
+Each table names its source file and, from that file, the device, date, commit and command that made it; a field
+the file lacks is shown as "not recorded" (nothing is filled in from memory or prose). Files known to have been
+edited by hand are flagged where they are used, and figures that exist only in prose are listed as such. The page
+is a pure function of the files: no clock, no git, so regenerating it from the same files gives the same bytes.
+(The module is not ``benchmarks.results``: that name is the data folder ``benchmarks/results/``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "results.md"
+RESULTS = "benchmarks/results"
+NR = "not recorded"
+
+# Files whose content is not (only) what a script wrote. Shown wherever the file is used.
+HAND_EDITED = {
+    f"{RESULTS}/vs_heretic.json": (
+        "**Edited by hand** (`git log -p benchmarks/results/vs_heretic.json`): no script writes it; commit 05d48f7 "
+        "switched `beats_heretic` from false to true while the file's own notes say heretic is \"not beaten\" on its "
+        "criterion; its top-level `device` names the H100 although the refusal figures beside it were measured on "
+        "an H200 (`refusal_device`); and its `metric` says heretic's trial was scored by this repository's "
+        "re-implementation of heretic's evaluator, which (issue 28) it was not. Until `benchmarks/peers/` rewrites "
+        "it, read its numbers with these caveats and ignore `beats_heretic`."),
+    f"{RESULTS}/cpu-run.json": (
+        "**Written by hand** (`git log benchmarks/results/cpu-run.json`: added in aef77dd, extended in ac33338 and "
+        "0269211): no script in the repository writes it; its figures were copied from `/usr/bin/time` and the "
+        "runs' summaries. Not reproducible from a committed log."),
+}
+
+# Figures quoted in earlier versions of this page or the README that no committed file holds.
+PROSE_ONLY = [
+    ("The paper's own code (andyrdt/refusal_direction) on the paper run: 135.9 s on an H200",
+     "issue 9's figure; no log or JSON of that run is committed"),
+    ("The LLM judge agreeing with a reader on 15 / 20 items (strictly 10 / 20: PARTIAL counted as agreement)",
+     "the 20 items and their reading are not committed; replaced by the labelled set below "
+     "(`benchmarks/data/judge_labels.jsonl`, table \"Judges against labels\")"),
+    ("The 7-language cross-lingual run taking 144.7 s (\"145 s\") on an H200",
+     "the run folder `docs/runs/crosslingual-h200/` records per-stage seconds for each language but not the "
+     "run's wall time"),
+    ("CPU prefill of the 60 generation rows: 106.6 s (whole padded rows) -> 65.7 s (shared prefix) -> 41.7 s "
+     "(and length buckets)", "timed by hand in a session; no script or file records them"),
+    ("CPU run times before 2026-12-01 evening (12 min 2 s, 8 min 59 s, 6 min 55 s, 6 min 48 s, 7 min 1 s, "
+     "6 min 42 s)", "from `/usr/bin/time` in sessions; only `cpu-run.json`'s `before` block keeps two of them"),
+    ("The paper run on the H100 taking 137.8 s (sum of stage seconds, 2026-11-23)",
+     "stage seconds are in `docs/runs/qwen2.5-coder-1.5b/summary.json`; the wall time was not measured"),
+]
+
+# Published figures (Arditi et al. 2024, Table 1): not measured here.
+PAPER = [
+    ("qwen-1.8b-chat", "(−2, 15)", 0.30, 0.99, 0.97, 0.97, 0.02),
+    ("gemma-2b-it", "(−2, 10)", 0.09, 1.00, 0.98, 1.00, 0.00),
+    ("yi-6b-chat", "(−5, 20)", 0.38, 0.98, 0.98, 0.95, 0.12),
+    ("llama-2-7b-chat", "(−1, 14)", 0.03, 0.93, 0.97, 0.99, 0.00),
+    ("llama-3-8b-instruct", "(−5, 12)", 0.05, 1.00, 0.99, 0.99, 0.00),
+]
+
+
+class Page:
+    """Collects the page's lines and the files its tables read."""
+
+    def __init__(self, root: Path = ROOT):
+        self.root = root
+        self.lines: list[str] = []
+        self.read: set[str] = set()
+
+    def load(self, rel: str) -> Any:
+        self.read.add(rel)
+        return json.loads((self.root / rel).read_text(encoding="utf-8"))
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def table(self, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        self.add("| " + " | ".join(header) + " |", "|" + "---|" * len(header))
+        for row in rows:
+            self.add("| " + " | ".join(_cell(c) for c in row) + " |")
+        self.add("")
+
+    def source(self, rel: str, data: Mapping | None = None, extra: Mapping[str, str] | None = None) -> None:
+        """The provenance line of a table: file, device, date, commit, command (each from the file, or NR)."""
+        data = self.load(rel) if data is None else data
+        p = provenance(data)
+        if extra:
+            p.update(extra)
+        cmd = p["command"] if p["command"] == NR else f"`{p['command']}`"
+        self.add(f"Source: [`{rel}`]({_link(rel)}) · device: {p['device']} · date: {p['date']} · "
+                 f"commit: {p['commit']} · command: {cmd}", "")
+        if rel in HAND_EDITED:
+            self.add(f"> {HAND_EDITED[rel]}", "")
+
+    def text(self) -> str:
+        return "\n".join(self.lines).rstrip("\n") + "\n"
+
+
+def _link(rel: str) -> str:
+    return "../" + rel if not rel.startswith("docs/") else rel[len("docs/"):]
+
+
+def _cell(c: Any) -> str:
+    if c is None:
+        return "—"
+    if isinstance(c, float):
+        return f"{c:g}"
+    return str(c).replace("|", "\\|")
+
+
+def provenance(data: Mapping) -> dict[str, str]:
+    """Device, date, commit and command as the file records them (``"not recorded"`` where it does not)."""
+    def first(*keys: str) -> str:
+        for k in keys:
+            v = data.get(k)
+            if isinstance(v, str) and v.strip():
+                return v.strip()
+        return NR
+
+    command = first("command", "script")
+    if command.startswith("-m "):  # benchmarks/paper_run.py records the interpreter's arguments
+        command = "python " + command
+    return {"device": first("device_name", "device"), "date": first("measured_at", "timestamp", "date"),
+            "commit": first("commit", "git_commit"), "command": command}
+
+
+def rate(r: Mapping | None, digits: int = 2) -> str:
+    """``0.82 [0.73, 0.88] (82/100)`` from a stored rate (count, n, rate, low, high)."""
+    if not r:
+        return "—"
+    return f"{r['rate']:.{digits}f} [{r['low']:.{digits}f}, {r['high']:.{digits}f}] ({r['count']}/{r['n']})"
+
+
+def wilson_str(k: int, n: int) -> str:
+    from refusal.evaluation.stats import wilson
+
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {k / n:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def fisher_exact(a: int, n1: int, b: int, n2: int) -> float:
+    """Two-sided Fisher's exact test of ``a`` of ``n1`` against ``b`` of ``n2`` (sum of the tables no more likely
+    than the observed one, as scipy's ``fisher_exact`` does)."""
+    k = a + b
+    lo, hi = max(0, k - n2), min(k, n1)
+
+    def p(x: int) -> float:
+        return math.comb(n1, x) * math.comb(n2, k - x) / math.comb(n1 + n2, k)
+
+    observed = p(a)
+    return min(1.0, sum(p(x) for x in range(lo, hi + 1) if p(x) <= observed * (1 + 1e-7)))
+
+
+def _sel(s: Mapping | None) -> str:
+    return "—" if not s else f"({s['pos']}, {s['layer']})".replace("-", "−")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def fidelity(page: Page) -> None:
+    page.add("## Fidelity to the paper", "",
+             "Qwen2.5-Coder-1.5B-Instruct (the catalog's GGUF, dequantized to bf16) with the paper's splits, "
+             "JailbreakBench's 100 behaviours as harmful test and 100 `harmless_test` prompts, greedy, 256 new "
+             "tokens; `refusal run --preset paper`. As in the paper's Table 1, every rate column is the share of "
+             "completions that did **not** refuse (substring judge), so under ActAdd(+) on harmless prompts low is "
+             "the goal. Intervals are 95 % Wilson.", "")
+    rel = f"{RESULTS}/h200-run.json"
+    d = page.load(rel)
+    res = d["summary"]["results"]
+
+    def nonref(part: str, cond: str) -> str:
+        return rate(res[part][cond]["non_refusal"])
+
+    page.table(["run", "selected (pos, layer)", "harmful baseline", "harmful ablation", "harmful ActAdd(−)",
+                "harmless baseline", "harmless ActAdd(+)"],
+               [["latest paper run (H200)", _sel(d["selected"]), nonref("harmful", "baseline"),
+                 nonref("harmful", "ablation"), nonref("harmful", "actadd"), nonref("harmless", "baseline"),
+                 nonref("harmless", "actadd")]])
+    page.source(rel, d)
+    rel2 = "docs/runs/qwen2.5-coder-1.5b/summary.json"
+    s = page.load(rel2)
+    page.table(["run", "selected", "harmful baseline", "harmful ablation", "harmful ActAdd(−)",
+                "harmless baseline", "harmless ActAdd(+)", "n"],
+               [["earlier run (H100), rates without counts",
+                 _sel(s["selected"]), s["harmful"]["baseline"], s["harmful"]["ablation"], s["harmful"]["actadd"],
+                 round(1 - s["harmless"]["baseline"], 2), round(1 - s["harmless"]["actadd"], 2),
+                 f"{s['n_harmful']} + {s['n_harmless']}"]])
+    page.add("(This file stores harmless *refusal* rates; the table shows 1 − rate to match the paper's columns.)", "")
+    page.source(rel2, s)
+    page.add("Published figures for comparison (Arditi et al. 2024, Table 1; not measured here):", "")
+    page.table(["model (paper)", "selected", "harmful baseline", "harmful ablation", "harmful ActAdd(−)",
+                "harmless baseline", "harmless ActAdd(+)"], PAPER)
+
+
+def evaluation(page: Page) -> None:
+    page.add("## Evaluation", "",
+             "The paper run's five conditions judged by every configured judge, with cross-entropy and "
+             "over-refusal on the 217-prompt XSTest-style contrast set (116 safe, 101 unsafe). n = 100 per cell, "
+             "95 % Wilson intervals. The LLM judge here is the 1.5B model itself with the refusal rubric (no larger "
+             "model was available); its agreement with a reader is measured below, not assumed.", "")
+    rel = f"{RESULTS}/h200-2026-12-01/eval-summary.json"
+    d = page.load(rel)
+    rows = []
+    for part in ("harmful", "harmless"):
+        for cond, r in d["results"][part].items():
+            j = r.get("judges", {})
+            llm = j.get("llm_refusal", {})
+            orf = r.get("over_refusal", {})
+            rows.append([f"{part} / {cond}", rate(j.get("substring", {}).get("refusal")),
+                         rate(j.get("refusal_score", {}).get("refusal")), rate(llm.get("refusal")),
+                         rate(llm.get("partial")), rate(j.get("llm_safety", {}).get("unsafe")),
+                         rate(orf.get("over_refusal")), rate(orf.get("compliance"))])
+    page.table(["prompts / condition", "substring: refusal", "refusal score > 0", "LLM judge: refusal",
+                "LLM judge: partial", "LLM judge: unsafe", "over-refusal (safe contrast)",
+                "compliance (unsafe contrast)"], rows)
+    ce_rows = []
+    for part in ("harmful", "harmless"):
+        for cond, r in d["results"][part].items():
+            ce = r.get("cross_entropy", {})
+            ce_rows.append([f"{part} / {cond}"] + [
+                f"{ce[k]['loss']:.3f} ({ce[k]['tokens']:,} tokens)" if k in ce else "—"
+                for k in ("wikitext2", "truthfulqa_responses", "own_completions")])
+    page.add("Cross-entropy (nats per token):", "")
+    page.table(["prompts / condition", "WikiText-2", "TruthfulQA answers", "own completions"], ce_rows)
+    page.source(rel, d)
+
+    rel = f"{RESULTS}/h200-2026-12-01/lm-eval-benchmarks.json"
+    lm = page.load(rel)
+    tasks = [("refusal_mmlu", "MMLU"), ("refusal_arc_challenge", "ARC-Challenge"),
+             ("refusal_truthfulqa_mc1", "TruthfulQA MC1"), ("refusal_truthfulqa_mc2", "TruthfulQA MC2")]
+    page.add("lm-eval with each condition active (10 % of each task, zero-shot; accuracy ± standard error):", "")
+    page.table(["condition"] + [f"{name} (n)" for _, name in tasks],
+               [[cond] + [f"{t[k]['acc']:.3f} ± {t[k]['acc_stderr']:.3f} ({t[k]['n']})" for k, _ in tasks]
+                for cond, t in lm.items()])
+    page.source(rel, lm)
+
+    rel = f"{RESULTS}/h200-2026-12-01/magnitude.json"
+    m = page.load(rel)
+    page.add("The direction's magnitude as a refusal predictor (projection at the selected component):", "")
+    page.table(["prompts", "n", "Pearson vs refusal score", "Spearman", "ROC-AUC"],
+               [[k, v["n"], round(v["pearson"], 3), round(v["spearman"], 3), round(v["roc_auc"], 3)]
+                for k, v in m.items()])
+    page.source(rel, m)
+    judges_table(page)
+
+
+def judges_table(page: Page) -> None:
+    rel = f"{RESULTS}/judges.json"
+    page.add("### Judges against labels", "")
+    if not (page.root / rel).is_file():
+        page.add(f"`{rel}` is not there yet: run `python -m benchmarks.judges_agreement`.", "")
+        return
+    d = page.load(rel)
+    counts = ", ".join(f"{k} {v}" for k, v in d["label_counts"].items())
+    page.add(f"{d['n_rows']} completions read and labelled by the rules of [`judge-labels.md`](judge-labels.md) "
+             f"({counts}; from {', '.join(f'`{s}` ({n})' for s, n in d['sources'].items())}). Agreement is "
+             f"{d['agreement_rule']}.", "")
+    rows = []
+    for name, j in d["judges"].items():
+        b = j["binary_refusal"]
+        rows.append([name, ", ".join(j["labels"]), rate(j["accuracy"]), j["kappa"], j["failed"],
+                     f"{b['agree']}/{j['n']}, κ {b['kappa']}", rate(b["recall"]), rate(b["precision"])])
+    page.table(["judge", "its labels", "strict agreement", "Cohen's κ", "failed", "refusal or not",
+                "recall on refusals", "precision on refusals"], rows)
+    labels = [lab for lab in ("refusal", "partial", "compliance", "degenerate")]
+    for name, j in d["judges"].items():
+        cols = sorted({c for row in j["confusion"].values() for c in row})
+        page.add(f"Confusion, {name} (rows: the reader; columns: the judge):", "")
+        page.table(["reader \\ judge"] + cols,
+                   [[lab] + [j["confusion"][lab].get(c, 0) for c in cols] for lab in labels if lab in j["confusion"]])
+    page.source(rel, d)
+    if d["n_rows"] < 300:
+        page.add(f"Only {d['n_rows']} of the 300 rows issue 28 asks for: the paper run's five conditions and 50 "
+                 "cross-lingual completions need a GPU run that commits its completions. The LLM judge is not in "
+                 "the table until that run passes `--llm-model`.", "")
+
+
+def inlp(page: Page) -> None:
+    page.add("## INLP against diff-in-means", "",
+             "`refusal run --preset paper --config docs/configs/inlp-families.yaml`: every family × scope, "
+             "n = 100 per cell (95 % Wilson). KL: first-token KL(baseline ‖ condition) on the harmless test "
+             "prompts; CE: TruthfulQA best answers.", "")
+    rel = f"{RESULTS}/h200-2026-12-01/inlp-families-summary.json"
+    d = page.load(rel)
+    res = d["results"]
+    names = sorted(set(res["harmful"]) | set(res["harmless"]), key=lambda k: (k != "baseline", k))
+    rows = []
+    for k in names:
+        h, hl = res["harmful"].get(k), res["harmless"].get(k)
+        any_ = h or hl
+        ce = any_.get("cross_entropy", {}).get("truthfulqa_responses")
+        rows.append([k, rate(h["non_refusal"]) if h else "—", rate(hl["refusal"]) if hl else "—",
+                     round((h or hl)["kl_harmless"], 3), f"{ce['loss']:.3f}" if ce else "—"])
+    page.table(["condition", "harmful non-refusal", "harmless refusal", "KL (harmless)", "CE TruthfulQA"], rows)
+    page.add("Adding or subtracting the raw vector at many layers (`*_top50`, `*_all` of ActAdd / ActSub) breaks "
+             "the model (KL > 10): those zeros and ones measure broken text, not a bypass.", "")
+    page.source(rel, d)
+    rel = f"{RESULTS}/h200-2026-12-01/inlp.json"
+    i = page.load(rel)
+    page.add(f"INLP extraction at all {len(i['components'])} components took {i['seconds']} s "
+             f"(`inlp.json`, config {json.dumps(i['config'], sort_keys=True)}).", "")
+    page.source(rel, i)
+
+
+def edits(page: Page) -> None:
+    page.add("## Edits and export", "")
+    rel = f"{RESULTS}/h200-2026-12-01/export_check.json"
+    e = page.load(rel)
+    page.add("The exported (orthogonalized) model against hook ablation, heretic's metric (refusal markers in "
+             "greedy 100-token answers to JailbreakBench's 100; first-token KL on 100 harmless prompts):", "")
+    page.table(["model", "refusals", "KL"],
+               [["base", wilson_str(e["base_refusals"], e["n_harmful"]), "—"],
+                ["hooks", wilson_str(e["hooks"]["refusals"], e["n_harmful"]), e["hooks"]["kl"]],
+                ["exported folder", wilson_str(e["exported_model"]["refusals"], e["n_harmful"]),
+                 e["exported_model"]["kl"]]])
+    page.source(rel, e)
+    rel = f"{RESULTS}/cpu-gguf-check.json"
+    g = page.load(rel)
+    page.add("The catalog's GGUF edited in place (`refusal abliterate --gguf`) and loaded back:", "")
+    page.table(["quantity", "value"],
+               [["bytes before → after", f"{g['source_bytes']:,} → {g['edited_bytes']:,}"],
+                ["prompts", g["n_prompts"]],
+                ["relative logit difference, edited file vs hook ablation",
+                 f"{g['rel_logit_diff_edited_vs_hooks']:.4f}"],
+                ["relative logit difference, original vs hook ablation",
+                 f"{g['rel_logit_diff_original_vs_hooks']:.4f}"]])
+    page.source(rel, g)
+    rel = f"{RESULTS}/h200-2026-12-01/edit_options.json"
+    o = page.load(rel)
+    page.add("Edit options, first-token view (refusal = refusal score > 0) on the run's test prompts:", "")
+    page.table(["option", "refusals", "mean refusal score", "KL"],
+               [[x["option"], f"{x['refusals']}/{x['n_harmful']}", x["mean_refusal_score"], x["kl_mean"]]
+                for x in o["options"]])
+    page.source(rel, o)
+    rel = f"{RESULTS}/h200-2026-12-01/sets.json"
+    s = page.load(rel)
+    b = s["best"]
+    members = " + ".join(_sel(m) for m in b["members"])
+    page.add(f"Direction sets (`refusal sets --k 3 --beam 4`): best set {members} (ranks {b['ranks']}), bypass "
+             f"{b['bypass']:.2f}, induce {b['induce']:.2f}, KL {b['kl']:.3f}.", "")
+    page.source(rel, s)
+
+
+def crosslingual(page: Page) -> None:
+    page.add("## Cross-lingual", "",
+             "`refusal crosslingual --polyrefuse … --paper … --languages en,fr,es,de,ru,zh,th`, n = 100 test "
+             "prompts per language and kind, 64 new tokens, substring judge with each language's phrases "
+             "(German re-judged after its phrase list was fixed: `rejudged/`).", "")
+    rel = "docs/runs/crosslingual-h200/summary.json"
+    d = page.load(rel)
+    rows = []
+    for lang, s in d["languages_summary"].items():
+        rows.append([lang, _sel(s.get("selected")) if s.get("selected") else "no direction",
+                     s.get("judgement_confidence", "—"), rate(s.get("harmful_baseline_refusal")),
+                     rate(s.get("harmful_ablation_non_refusal")), rate(s.get("harmless_baseline_refusal")),
+                     rate(s.get("harmless_actadd_refusal"))])
+    page.table(["language", "selected", "judge confidence", "harmful baseline refusal",
+                "harmful ablation non-refusal", "harmless baseline refusal", "harmless ActAdd refusal"], rows)
+    page.add("(The language rows are the run's own judgement; German's cells moved when re-judged, see the "
+             "matrices below.)", "")
+    page.source(rel, d)
+    rel = "docs/runs/crosslingual-h200/rejudged/transfer.json"
+    t = page.load(rel)
+    for key, what in (("ablation_non_refusal", "Ablation → non-refusal on the target's harmful prompts"),
+                      ("addition_refusal", "Addition → refusal on the target's harmless prompts")):
+        page.add(f"{what} (rows: source language's direction; columns: target language):", "")
+        rows = []
+        for src, row in zip(t["sources"], t[key]):
+            if row is None:
+                continue
+            rows.append([src] + [f"{c['rate']:.2f}" if c else "—" for c in row])
+        page.table(["source \\ target"] + list(t["languages"]), rows)
+    page.source(rel, t)
+
+
+def performance(page: Page) -> None:
+    page.add("## Performance", "", "### The paper run end to end (H200)", "",
+             "`benchmarks/paper_run.py` (its path when these files were made): process start to exit of "
+             "`refusal run --preset paper` (imports, model "
+             "loading, the weights' digest included). Every committed run, oldest first; identical files listed "
+             "once. The code changed between runs, and whether a run was a machine's first is not recorded in the "
+             "files.", "")
+    files = sorted(p.relative_to(page.root).as_posix() for p in (page.root / RESULTS).rglob("*.json")
+                   if p.name.startswith(("h200-run", "m2-h200-run", "paper-run-grouped", "paper-run-before")))
+    seen: dict[str, str] = {}
+    copies: dict[str, list[str]] = {}
+    runs = []
+    for rel in files:
+        text = (page.root / rel).read_text(encoding="utf-8")
+        page.read.add(rel)
+        d = json.loads(text)
+        if "wall_s" not in d or not str(d.get("model", "")).startswith("/tmp/m/"):
+            continue
+        key = json.dumps({k: d[k] for k in ("measured_at", "wall_s")}, sort_keys=True)
+        if key in seen:
+            copies.setdefault(seen[key], []).append(rel.removeprefix(RESULTS + "/"))
+            continue
+        seen[key] = rel
+        runs.append((d.get("measured_at", NR), rel, d))
+    runs.sort(key=lambda x: (x[0], x[1]))
+    rows = []
+    for when, rel, d in runs:
+        st = d.get("stage_seconds", {})
+        same = "".join(f" (= `{c}`)" for c in copies.get(rel, []))
+        rows.append([f"[`{rel.removeprefix(RESULTS + '/')}`]({_link(rel)}){same}", when, d.get("device", NR),
+                     d["wall_s"], st.get("load_model"), st.get("extract"), st.get("select"), st.get("generate"),
+                     st.get("evaluate"), _sel(d.get("selected")),
+                     " / ".join(f"{d['harmful'][c]:.2f}" for c in ("baseline", "ablation", "actadd")),
+                     " / ".join(f"{d['harmless'][c]:.2f}" for c in ("baseline", "actadd"))])
+    page.table(["file", "measured at", "device", "wall s", "load", "extract", "select", "generate", "evaluate",
+                "selected", "harmful non-refusal base / abl / ActAdd−", "harmless refusal base / ActAdd+"], rows)
+    walls = [d["wall_s"] for _, _, d in runs]
+    latest = runs[-1]
+    page.add(f"{len(walls)} runs over several code versions, {min(walls):.1f}–{max(walls):.1f} s; the latest "
+             f"(`{latest[1].removeprefix(RESULTS + '/')}`) {latest[2]['wall_s']} s. "
+             f"Command of the latest run (each file records its own): `{provenance(latest[2])['command']}`; commit: "
+             "not recorded in any of these files. The paper's own code on the same task: 135.9 s, prose only "
+             "(see the last section).", "")
+
+    page.add("### Selection and decoding at the 8B shape", "",
+             "`python -m benchmarks.pipeline --arch llama3-8b` (and `qwen2.5-7b`; module names as they were when these "
+             "files were made): random bf16 weights of the "
+             "model's shape, 155 / 135 selection candidates, generation at batch 64 × 128 new tokens; the bound "
+             "is the weights read once per step at the GPU's HBM bandwidth.", "")
+    prows = []
+    pfiles = [f"{RESULTS}/h100.json", f"{RESULTS}/h100-qwen2.5-7b.json"] + sorted(
+        p.relative_to(page.root).as_posix() for p in (page.root / RESULTS / "h200-2026-12-02-ninth").glob(
+            "m*-pipeline-h200.json"))
+    for rel in pfiles:
+        d = page.load(rel)
+        ms, bound = d.get("generate_ms_per_step_b64"), d.get("generate_bound_ms_per_step")
+        prows.append([f"[`{rel.removeprefix(RESULTS + '/')}`]({_link(rel)})", d.get("device_name", NR),
+                      d.get("timestamp", NR), d["arch"], d["select_s"], f"{d['select_speedup_vs_naive']}×",
+                      d["select_tflops"], ms, bound,
+                      f"{100 * bound / ms:.1f} %" if ms and bound else "—", d.get("generate_tok_s_b64")])
+    page.table(["file", "device", "timestamp", "shape", "select s", "vs naive", "select TFLOP/s",
+                "ms / step (b64)", "bound ms", "of bound", "tok/s (b64)"], prows)
+    rel = f"{RESULTS}/h200.json"
+    same = (page.root / rel).read_bytes() == (page.root / pfiles[-2]).read_bytes()
+    page.read.add(rel)
+    page.add(("`h200.json` is byte for byte the m3 file. " if same else "")
+             + "Command and commit: not recorded in these files.", "")
+
+    rel = f"{RESULTS}/h100-select-real.json"
+    d = page.load(rel)
+    page.add("Selection on the real 1.5B model (`python -m benchmarks.select_real` at the time, 105 candidates):", "")
+    page.table(["variant", "seconds", "vs naive"],
+               [["naive loop (extrapolated from 16 candidates)", d["select_naive_s"], "1.00×"],
+                ["`score_candidates`, full sweep", d["select_full_s"], f"{d['speedup_full_vs_naive']}×"],
+                ["one right-padded batch per set", d["select_plain_s"],
+                 f"{d['select_naive_s'] / d['select_plain_s']:.2f}×"],
+                ["pruned (bypass and KL only where induce > 0)", d["select_pruned_s"],
+                 f"{d['speedup_pruned_vs_naive']}×"]])
+    page.source(rel, d)
+
+    page.add("### `refusal run` with no flags on the 2-core CPU", "")
+    rel = f"{RESULTS}/cpu-run.json"
+    c = page.load(rel)
+    rows = [["first", c.get("measured_at", NR), c.get("torch", NR), c["wall_s"], "—", "—",
+             c["stage_seconds"].get("load_model"), c["stage_seconds"].get("extract"), c["stage_seconds"].get("select"),
+             c["stage_seconds"].get("generate")]]
+    for label, r in c.get("rechecked", {}).items():
+        for run in r.get("runs", [r]):
+            st = run.get("stage_seconds", {})
+            rows.append(["recheck" + (f", pair {run['pair']}" if "pair" in run else ""), label.split(",")[0],
+                         run.get("venv", c.get("torch", NR)), run.get("wall_s"), run.get("cpu_percent"),
+                         run.get("user_s"), st.get("load_model"), st.get("extract"), st.get("select"),
+                         st.get("generate")])
+    page.table(["run", "measured at", "environment", "wall s", "CPU %", "user s", "load", "extract", "select",
+                "generate"], rows)
+    walls = [r[3] for r in rows if r[3] is not None]
+    page.add(f"{len(walls)} runs, {min(walls):.0f}–{max(walls):.0f} s; every run: selection "
+             f"{_sel(c['selected'])}, harmful non-refusal {c['harmful']['baseline']:.2f} → "
+             f"{c['harmful']['ablation']:.2f} / {c['harmful']['actadd']:.2f}, harmless refusal "
+             f"{c['harmless']['baseline']:.2f} → {c['harmless']['actadd']:.2f} (n = 12 each). The wall time "
+             "follows the share of the two cores the VM grants (the `CPU %` column).", "")
+    page.source(rel, c)
+
+
+def peers(page: Page) -> None:
+    page.add("## Peers: heretic", "")
+    rel = f"{RESULTS}/vs_heretic.json"
+    v = page.load(rel)
+    hp = v["refusal_heretic_protocol"]
+    n = 100
+    ho = hp["held_out"]
+    page.add("heretic 1.4.0 (40 of its default 200 trials, best trial) and refusal, both on Qwen2.5-Coder-1.5B-"
+             "Instruct, refusals by heretic's markers in greedy 100-token answers to JailbreakBench's 100, "
+             "first-token KL on 100 harmless prompts. Intervals: 95 % Wilson; p: two-sided Fisher's exact test "
+             "against heretic's count, computed here from the file's counts.", "")
+    h = v["heretic_refusals"]
+    rows = [["heretic 1.4.0, best of 40 trials (optimised on the test prompts)", v.get("device", NR),
+             v.get("date", NR), wilson_str(h, n), v["heretic_kl"], v["heretic_wall_s"], "—"],
+            ["refusal, exported model of the selected direction (held out: tuned on validation)",
+             v.get("refusal_device", NR), v.get("date", NR), wilson_str(v["refusal_refusals"], n), v["refusal_kl"],
+             v["refusal_wall_s"], f"{fisher_exact(v['refusal_refusals'], n, h, n):.2f}"],
+            ["refusal, edit search ranked on the test prompts (heretic's protocol)", hp.get("device", NR),
+             hp.get("measured_at", NR), wilson_str(hp["refusals"], n), hp["kl"], hp["wall_s"],
+             f"{fisher_exact(hp['refusals'], n, h, n):.2f}"]]
+    page.table(["tool / protocol", "device (as the file says)", "date (as the file says)", "refusals / 100", "KL",
+                "wall s", "Fisher p vs heretic"], rows)
+    page.add("The wall times measure different things: heretic's is its optimisation to a model; the exported "
+             "model's is the whole `refusal run` (`refusal_wall_note`); the search's is the run to the direction "
+             "plus the search.", "")
+    page.add(f"Held out (128 + 128 prompts no one tuned on): the heretic-protocol pick "
+             f"{wilson_str(ho['refusals'], ho['n_harmful'])} at KL {ho['kl']}, plain orthogonalization "
+             f"{wilson_str(ho['plain_refusals'], ho['n_harmful'])} at KL {ho['plain_kl']} (Fisher p "
+             f"{fisher_exact(ho['refusals'], ho['n_harmful'], ho['plain_refusals'], ho['n_harmful']):.2f}).", "")
+    page.add(f"**Reading: level within noise.** {hp['refusals']} against {h} refusals of 100 is p = "
+             f"{fisher_exact(hp['refusals'], n, h, n):.2f}, with intervals that overlap almost entirely; the times "
+             "come from different GPUs (heretic on an H100, refusal on an H200); the search ranked 120 options on "
+             "the prompts it is scored on against heretic's 40 trials; held out, the pick is no better than plain "
+             "orthogonalization. The file's `beats_heretic: true` is not supported by its own numbers.", "")
+    page.source(rel, v, {"date": v.get("date", NR)})
+
+
+def prose_only(page: Page) -> None:
+    page.add("## Prose only: not reproducible from a committed file", "",
+             "Figures that earlier versions of this page or the README quoted, which no committed result file "
+             "holds. They are kept here so that a reader can tell them from measured, recorded figures; none of "
+             "them is used in a table above.", "")
+    page.table(["figure", "why it is prose only"], PROSE_ONLY)
+
+
+SECTIONS = (fidelity, evaluation, inlp, edits, crosslingual, performance, peers, prose_only)
+
+
+def render(root: Path = ROOT) -> tuple[str, set[str]]:
+    """The page's text and the files it read (paths relative to ``root``)."""
+    page = Page(root)
+    page.add("# Results", "",
+             "<!-- Generated by `python -m benchmarks.results_page` from the committed result files; do not edit "
+             "by hand. -->", "",
+             "The current figures, by topic. Every table is read from a committed JSON file named under it, with "
+             "the device, date, commit and command that the file records (\"not recorded\" where it records none). "
+             "How the numbers moved over time: [`changelog.md`](changelog.md) and git history.", "",
+             "Contents: [fidelity to the paper](#fidelity-to-the-paper) · [evaluation](#evaluation) · "
+             "[INLP](#inlp-against-diff-in-means) · [edits and export](#edits-and-export) · "
+             "[cross-lingual](#cross-lingual) · [performance](#performance) · [peers](#peers-heretic) · "
+             "[prose only](#prose-only-not-reproducible-from-a-committed-file)", "")
+    for section in SECTIONS:
+        section(page)
+    return page.text(), page.read
+
+
+def unread(root: Path = ROOT, read: set[str] | None = None) -> list[str]:
+    """Files under ``benchmarks/results/`` that no table reads."""
+    if read is None:
+        read = render(root)[1]
+    return sorted(p.relative_to(root).as_posix() for p in (root / RESULTS).rglob("*")
+                  if p.is_file() and p.relative_to(root).as_posix() not in read)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(PAGE), help="where to write the page")
+    ap.add_argument("--check", action="store_true", help="only compare with the page on disk; exit 1 if stale")
+    ap.add_argument("--unread", action="store_true", help="list the result files that no table reads")
+    args = ap.parse_args(argv)
+    text, read = render()
+    if args.unread:
+        print("\n".join(unread(read=read)))
+        return 0
+    out = Path(args.out)
+    if args.check:
+        current = out.read_text(encoding="utf-8") if out.is_file() else ""
+        if current != text:
+            print(f"{out} is stale: run python -m benchmarks.results_page", file=sys.stderr)
+            return 1
+        print(f"{out} is up to date")
+        return 0
+    from refusal import io
+
+    io.write_text(out, text)
+    print(f"wrote {out} ({len(text.splitlines())} lines, {len(read)} files read)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""How fast the pipeline's stages run: stage timings against naive baselines, decode-step and selection profiles."""
