@@ -13,6 +13,7 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the "before" steps run from .before
 . benchmarks/gpu_step.sh
 if [ -z "${DRY:-}" ]; then
   if [ -f /tmp/m/part00 ] || [ -f /tmp/m/hf/config.json ]; then
@@ -27,14 +28,15 @@ else
   export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 fi
 D=.data/refusal_direction
+ROOT=$PWD
 NOW=$PYTHONPATH
-BEFORE=${NOW/$PWD\/src/$PWD/.before/src}
+BEFORE=${NOW/$PWD\/src:$PWD/$PWD/.before/src:$PWD/.before}  # the old package and the old benchmarks
 for part in "$@"; do
   case $part in
   step8b)  # the 8B decode step (random weights) with the code before the fidelity rule and with today's
     if [ -z "${DRY:-}" ]; then
-      PYTHONPATH=$BEFORE step step8b-before 240 python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 \
-        --variants default --kernels 0 --out "$OUT/step8b-before.json"
+      (cd .before && PYTHONPATH=$BEFORE step step8b-before 240 python3 -m benchmarks.profile_generate \
+        --arch llama3-8b --batch 64 --variants default --kernels 0 --out "$OUT/step8b-before.json")
       step step8b-after 240 python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 --variants default \
         --kernels 0 --out "$OUT/step8b-after.json"
     fi ;;
@@ -43,16 +45,16 @@ for part in "$@"; do
       # the first run on a fresh machine pays cold caches: it warms them, and is kept apart
       step paper-warm 200 python3 -m benchmarks.paper_run --model /tmp/m/hf --data $D --out "$OUT/paper-warmup.json"
       for i in ${PAIRS:-1}; do
-        PYTHONPATH=$BEFORE step paper-before-$i 200 python3 -m benchmarks.paper_run --model /tmp/m/hf --data $D \
-          --out "$OUT/paper-before-$i.json"
+        (cd .before && PYTHONPATH=$BEFORE step paper-before-$i 200 python3 -m benchmarks.paper_run --model /tmp/m/hf \
+          --data "$ROOT/$D" --out "$OUT/paper-before-$i.json")
         step paper-after-$i 200 python3 -m benchmarks.paper_run --model /tmp/m/hf --data $D \
           --out "$OUT/paper-after-$i.json"
       done
       cp /tmp/runs/paper/summary.json "$OUT/paper-after-summary.json"
       cp /tmp/runs/paper/completions.json "$OUT/paper-after-completions.json"
     else
-      PYTHONPATH=$BEFORE step step-before 300 python3 -m benchmarks.profile_generate --arch tiny --batch 2 \
-        --new-tokens 4 --variants default --kernels 0 --out "$OUT/step-before.json"
+      (cd .before && PYTHONPATH=$BEFORE step step-before 300 python3 -m benchmarks.profile_generate --arch tiny \
+        --batch 2 --new-tokens 4 --variants default --kernels 0 --out "$OUT/step-before.json")
       step step-after 300 python3 -m benchmarks.profile_generate --arch tiny --batch 2 --new-tokens 4 \
         --variants default --kernels 0 --out "$OUT/step-after.json"
     fi ;;
