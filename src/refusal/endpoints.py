@@ -5,8 +5,13 @@ itself, and the start of an error body. Standard library only, at the bottom of 
 from __future__ import annotations
 
 import re
+import time
 import urllib.error
 import urllib.parse
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_SLEEP = 60.0  # seconds: the longest wait before a retry, whatever the server's Retry-After says
@@ -60,3 +65,40 @@ def retry_after(exc: urllib.error.HTTPError) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+class Retryable(Exception):
+    """A failed request worth another try (a timeout, a dropped connection, a status in :data:`RETRY_STATUS`), with
+    the wait the server asked for, if it did."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RetriesExhausted(Exception):
+    """Every attempt failed with :class:`Retryable`; the message is the last error."""
+
+
+def retrying(attempt: Callable[[], T], *, retries: int, backoff: float, describe: Callable[[str], str] = str,
+             on_retry: Callable[[str, int, float], None] | None = None) -> T:
+    """``attempt()``, tried again up to ``retries`` times while it raises :class:`Retryable`: after exponential
+    backoff (``backoff * 2**n`` seconds), or the server's ``Retry-After`` if longer, never more than
+    :data:`MAX_SLEEP`. ``describe`` turns an error into what may be shown (a masked key); ``on_retry(error, n,
+    delay)`` hears of each retry. Any other exception passes through; when every attempt failed,
+    :class:`RetriesExhausted` carries the last error."""
+    error = "no attempt"
+    for n in range(retries + 1):
+        try:
+            return attempt()
+        except Retryable as exc:
+            error = describe(str(exc))
+            if n == retries:
+                break
+            delay = min(MAX_SLEEP, backoff * 2 ** n)
+            if exc.retry_after is not None:
+                delay = min(MAX_SLEEP, max(delay, exc.retry_after))
+            if on_retry is not None:
+                on_retry(error, n + 1, delay)
+            time.sleep(delay)
+    raise RetriesExhausted(error)

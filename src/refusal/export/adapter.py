@@ -38,7 +38,7 @@ from ..errors import RefusalError
 from ..interventions.weights import _check_weights, _resident, prepare_bases
 from ..models.parts import find_parts
 from ..models.writers import Writer, residual_writers
-from .hf import _atomic_save, _direction_info, _flatten, _fmt, _how, check_out_dir
+from .hf import _atomic_save, _direction_info, _fmt, _how, card_tail, check_out_dir
 
 __all__ = ["LoraFactor", "VLLM_RANKS", "export_adapter", "lora_factors", "peft_state_dict", "vllm_max_lora_rank"]
 
@@ -256,19 +256,7 @@ def adapter_card(base_model: str, how: Mapping[str, Any], *, rank: int, n_module
                   "harmless while the adapter is applied, but do not `merge_and_unload()` it, which would write the "
                   "embedding's change into the shared output head too. For a merged model use "
                   "`refusal abliterate RUN --out DIR`."]
-    if scores:
-        rows = _flatten(scores) if isinstance(scores, Mapping) else [("score", scores)]
-        lines += ["", "## Scores", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in rows]
-    if card:
-        lines += ["", "## Details", ""]
-        lines += [f"- **{_fmt(k)}**: {_fmt(v)}" for k, v in _flatten(card)]
-    if notes:
-        lines += ["", "## Notes", "", str(notes)]
-    lines += ["", "## Caveats", "",
-              "Removing the refusal direction makes the model comply with requests it was trained to refuse. "
-              "Its other behaviour can change too; evaluate it before use, and use it responsibly and lawfully."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + card_tail(scores, card, notes)) + "\n"
 
 
 def _merged_bytes(model: nn.Module) -> int:

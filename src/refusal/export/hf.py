@@ -98,6 +98,12 @@ def model_card(base_model: str, how: Mapping[str, Any], card: Mapping[str, Any] 
               "longer write the direction: `W ← W − w_l·B̂ᵀB̂W` along its output axis, `B̂` the orthonormal basis "
               "of the direction. With plain projection (no norm preservation, all layer weights 1) this equals "
               "ablating the direction from the residual stream at every layer with hooks."]
+    return "\n".join(lines + card_tail(scores, card, notes)) + "\n"
+
+
+def card_tail(scores: Any, card: Mapping[str, Any] | None, notes: Any) -> list[str]:
+    """The lines every model card ends with: the run's scores, its details, notes, and the caveats."""
+    lines: list[str] = []
     if scores:
         rows = _flatten(scores) if isinstance(scores, Mapping) else [("score", scores)]
         lines += ["", "## Scores", "", "| metric | value |", "| --- | --- |"]
@@ -110,7 +116,7 @@ def model_card(base_model: str, how: Mapping[str, Any], card: Mapping[str, Any] 
     lines += ["", "## Caveats", "",
               "Removing the refusal direction makes the model comply with requests it was trained to refuse. "
               "Its other behaviour can change too; evaluate it before use, and use it responsibly and lawfully."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _how(model, direction, writers, options: dict) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import json
 import logging
 import re
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,8 +40,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..endpoints import MAX_SLEEP
 from ..endpoints import RETRY_STATUS as _RETRY_STATUS
+from ..endpoints import RetriesExhausted, Retryable, retrying
 from ..endpoints import Secret as _Secret
 from ..endpoints import check_env_name as _check_env_name
 from ..endpoints import check_url as _check_url
@@ -216,10 +215,6 @@ def run_model_names(spec: str, source=None) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class CompletionServer:
@@ -275,44 +270,39 @@ class CompletionServer:
                                    "Check the key, and generate.openai.api_key_env (the NAME of the variable that "
                                    "holds it).") from None
             if exc.code in _RETRY_STATUS:
-                raise _Retryable(f"HTTP {exc.code}{detail}", _retry_after(exc)) from None
+                raise Retryable(f"HTTP {exc.code}{detail}", _retry_after(exc)) from None
             raise RefusalError(f"The generation server {where} answered HTTP {exc.code}{detail}.",
                                "Check generate.openai (model name, prompt_format: text for a server that takes no "
                                "token ids) and the server's own log.") from None
         except TimeoutError:
-            raise _Retryable(f"timed out after {self.timeout:g} s") from None
+            raise Retryable(f"timed out after {self.timeout:g} s") from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, TimeoutError):
-                raise _Retryable(f"timed out after {self.timeout:g} s") from None
-            raise _Retryable(f"cannot reach the server ({exc.reason})") from None
+                raise Retryable(f"timed out after {self.timeout:g} s") from None
+            raise Retryable(f"cannot reach the server ({exc.reason})") from None
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
-            raise _Retryable(f"connection failed ({exc.__class__.__name__}: {exc})") from None
+            raise Retryable(f"connection failed ({exc.__class__.__name__}: {exc})") from None
         try:
             obj = json.loads(payload)
         except ValueError:
-            raise _Retryable(f"the answer is not JSON: {self._scrub(payload[:200])!r}") from None
+            raise Retryable(f"the answer is not JSON: {self._scrub(payload[:200])!r}") from None
         if not isinstance(obj, dict):
-            raise _Retryable(f"the answer is not a JSON object: {self._scrub(payload[:200])!r}")
+            raise Retryable(f"the answer is not a JSON object: {self._scrub(payload[:200])!r}")
         return obj
 
     def call(self, path: str, body: dict | None = None) -> dict:
         """``GET`` (no body) or ``POST`` ``path`` under the base URL, retried as the module docs say."""
-        error = "no attempt"
-        for attempt in range(self.retries + 1):
-            try:
-                return self._attempt(path, body)
-            except _Retryable as exc:
-                error = self._scrub(str(exc))
-                if attempt == self.retries:
-                    break
-                delay = min(MAX_SLEEP, self.backoff * 2 ** attempt)
-                if exc.retry_after is not None:
-                    delay = min(MAX_SLEEP, max(delay, exc.retry_after))
-                with self._lock:
-                    self.retried += 1
-                log.warning("generation server %s%s: %s; retry %d of %d in %.2f s", self.shown, path, error,
-                            attempt + 1, self.retries, delay)
-                time.sleep(delay)
+        def told(error: str, n: int, delay: float) -> None:
+            with self._lock:
+                self.retried += 1
+            log.warning("generation server %s%s: %s; retry %d of %d in %.2f s", self.shown, path, error, n,
+                        self.retries, delay)
+
+        try:
+            return retrying(lambda: self._attempt(path, body), retries=self.retries, backoff=self.backoff,
+                            describe=self._scrub, on_retry=told)
+        except RetriesExhausted as exc:
+            error = str(exc)
         raise RefusalError(
             f"The generation server {self.shown}{path} failed {self.retries + 1} time(s): {error}.",
             "Check that it runs (curl " + self.shown + "/models) and can take the load (lower "

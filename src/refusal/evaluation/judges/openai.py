@@ -20,15 +20,22 @@ import json
 import logging
 import os
 import re
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ...config import OpenAIJudgeConfig
-from ...endpoints import MAX_SLEEP, check_env_name, check_url, retry_after, snippet
 from ...endpoints import RETRY_STATUS as _RETRY_STATUS
+from ...endpoints import (
+    RetriesExhausted,
+    Retryable,
+    check_env_name,
+    check_url,
+    retry_after,
+    retrying,
+    snippet,
+)
 from ...endpoints import Secret as _Secret
 from ...errors import RefusalError
 from .base import Item, Judge, Judgement, as_items
@@ -51,10 +58,6 @@ class _Failed(Exception):
     """A request that failed for good (no retry)."""
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class OpenAIJudge(Judge):
@@ -121,38 +124,30 @@ class OpenAIJudge(Judge):
                     else "Set api_key_env in the judge spec to the name of the variable that holds the key.",
                 ) from None
             if exc.code in _RETRY_STATUS:
-                raise _Retryable(f"HTTP {exc.code}{detail}", retry_after(exc)) from None
+                raise Retryable(f"HTTP {exc.code}{detail}", retry_after(exc)) from None
             raise _Failed(f"HTTP {exc.code}{detail}") from None
         except TimeoutError as exc:
-            raise _Retryable(f"timed out after {self.timeout:g} s ({exc.__class__.__name__})") from None
+            raise Retryable(f"timed out after {self.timeout:g} s ({exc.__class__.__name__})") from None
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, TimeoutError):
-                raise _Retryable(f"timed out after {self.timeout:g} s") from None
-            raise _Retryable(f"cannot reach the server ({reason})") from None
+                raise Retryable(f"timed out after {self.timeout:g} s") from None
+            raise Retryable(f"cannot reach the server ({reason})") from None
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
-            raise _Retryable(f"connection failed ({exc.__class__.__name__}: {exc})") from None
+            raise Retryable(f"connection failed ({exc.__class__.__name__}: {exc})") from None
 
     def _one(self, item: Item) -> Judgement:
-        error = "no attempt"
-        for attempt in range(self.retries + 1):
-            try:
-                payload = self._request(item)
-            except _Retryable as exc:
-                error = self._scrub(str(exc))
-                if attempt == self.retries:
-                    break
-                delay = min(MAX_SLEEP, self.backoff * 2 ** attempt)
-                if exc.retry_after is not None:
-                    delay = min(MAX_SLEEP, max(delay, exc.retry_after))
-                log.warning("judge %s: %s; retry %d of %d in %.2f s", self.url, error, attempt + 1, self.retries,
-                            delay)
-                time.sleep(delay)
-                continue
-            except _Failed as exc:
-                return Judgement.failure(self._scrub(str(exc)))
-            return self._parse(payload)
-        return Judgement.failure(f"{error} (after {self.retries + 1} attempt{'s' * (self.retries > 0)})")
+        def told(error: str, n: int, delay: float) -> None:
+            log.warning("judge %s: %s; retry %d of %d in %.2f s", self.url, error, n, self.retries, delay)
+
+        try:
+            payload = retrying(lambda: self._request(item), retries=self.retries, backoff=self.backoff,
+                               describe=self._scrub, on_retry=told)
+        except _Failed as exc:
+            return Judgement.failure(self._scrub(str(exc)))
+        except RetriesExhausted as exc:
+            return Judgement.failure(f"{exc} (after {self.retries + 1} attempt{'s' * (self.retries > 0)})")
+        return self._parse(payload)
 
     def _parse(self, payload: str) -> Judgement:
         try:
