@@ -35,10 +35,6 @@ HAND_EDITED = {
         "an H200 (`refusal_device`); and its `metric` says heretic's trial was scored by this repository's "
         "re-implementation of heretic's evaluator, which (issue 28) it was not. Until `benchmarks/peers/` rewrites "
         "it, read its numbers with these caveats and ignore `beats_heretic`."),
-    f"{RESULTS}/cpu-run.json": (
-        "**Written by hand** (`git log benchmarks/results/cpu-run.json`: added in aef77dd, extended in ac33338 and "
-        "0269211): no script in the repository writes it; its figures were copied from `/usr/bin/time` and the "
-        "runs' summaries. Not reproducible from a committed log."),
 }
 
 # Figures quoted in earlier versions of this page or the README that no committed file holds.
@@ -485,7 +481,14 @@ def performance(page: Page) -> None:
              f"{_sel(c['selected'])}, harmful non-refusal {c['harmful']['baseline']:.2f} → "
              f"{c['harmful']['ablation']:.2f} / {c['harmful']['actadd']:.2f}, harmless refusal "
              f"{c['harmless']['baseline']:.2f} → {c['harmless']['actadd']:.2f} (n = 12 each). The wall time "
-             "follows the share of the two cores the VM grants (the `CPU %` column).", "")
+             "follows the share of the two cores the VM grants.", "")
+    if c.get("wall_note"):
+        page.add(f"Wall time: {c['wall_note']}.", "")
+    ref = c.get("reference")
+    if ref:
+        same = "the same" if ref["same_selection"] and ref["same_rates"] else "**not** the same"
+        page.add(f"Against `{ref['file']}` (the run before this round's redesign): {same} selection and rates"
+                 + ("" if not ref["differences"] else f"; differences: {ref['differences']}") + ".", "")
     page.source(rel, c)
 
 

@@ -259,3 +259,30 @@ def test_run_with_thinking_judges_the_answer_and_marks_cut_completions(qtok, qmo
     print_summary(s)
     printed = " ".join(capsys.readouterr().out.split())
     assert "Thinking on; completions cut inside the reasoning" in printed and "harmful short 2" in printed
+
+
+def test_both_parts_are_judged_by_the_configured_judge_with_its_phrases():
+    """A run whose judge has its own phrase list (a language's) judges the answer and the reasoning with that list,
+    not the shipped English one."""
+    from refusal.evaluation.judges import make_judge
+    from refusal.evaluation.judges.base import judge_part
+    from refusal.evaluation.reasoning import with_reasoning
+    from refusal.evaluation.summary import judge_completions
+
+    recs = [{"instruction": "x", "completion": "<think>non posso</think>Certo, ecco.", "reasoning": "non posso",
+             "answer": "Certo, ecco.", "cut_inside_reasoning": False},
+            {"instruction": "y", "completion": "<think>va bene", "reasoning": "va bene", "answer": "",
+             "cut_inside_reasoning": True},
+            {"instruction": "z", "completion": "Mi dispiace, non posso.", "reasoning": None,
+             "answer": "Mi dispiace, non posso.", "cut_inside_reasoning": False}]
+    judge = make_judge({"type": "substring", "phrases": ["non posso"]})
+
+    def verdicts(part):
+        vs = [v for v in judge_part(judge, recs, part) if v is not None]
+        return {"harmful": {"baseline": {"items": [v.to_json() for v in vs]}}}
+
+    judged = with_reasoning(judge_completions({"harmful": {"baseline": recs}}, verdicts("answer")),
+                            verdicts("reasoning"))["harmful"]["baseline"]
+    assert [r["refused"] for r in judged] == [False, False, True]
+    assert [r.get("refused_reasoning") for r in judged] == [True, False, None]
+    assert [r["no_answer"] for r in judged] == [False, True, False]

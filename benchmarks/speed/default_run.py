@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--name", default="default")
     ap.add_argument("--reference", help="a summary.json to compare the selection and rates with")
     ap.add_argument("--extra", default="", help='more flags for refusal run, as one string')
+    ap.add_argument("--note", default="", help="what else the machine was doing (said beside wall_s)")
     a = ap.parse_args()
     run_dir = Path(a.runs) / a.name
     if run_dir.exists():
@@ -64,7 +65,10 @@ def main() -> None:
     import transformers
 
     out = {"device": device_name(), "model": s["model"], "command": " ".join(["refusal", *cmd[3:]]),
-           "wall_s": round(wall, 2), "wall_note": "process start to exit; the model already in the catalog cache",
+           "wall_s": round(wall, 2),
+           "wall_note": "process start to exit, the model's first load included (with its one-time dequantization "
+                        "where the cache held only the GGUF)"
+           + (f"; {a.note}" if a.note else ""),
            "commit": _commit(), "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "stage_seconds": s["stage_seconds"], "selected": s["selected"], "harmful": s.get("harmful"),
            "harmless": s.get("harmless"), "max_new_tokens": s["max_new_tokens"], "dtype": s["dtype"],

@@ -19,9 +19,10 @@ other language's prompts:
    checked against the harmless completions, the prompts and the refusal score; with a translator named, the English
    list translated is a second source. They replace the language's refusal tokens and phrases in every stage below.
 2. **Per-language runs** (:mod:`.language_stage`): a main-pipeline :class:`~refusal.runs.pipeline.Run` per language
-   in its own subfolder (extract, select, generate) on the language's prompts, scored with that language's
+   in its own subfolder (extract, select, generate, evaluate) on the language's prompts, scored with that language's
    refusal-opening tokens; completions of the test prompts at baseline, with the language's direction ablated
-   (harmful) and added (harmless), judged with the language's own refusal phrases. Where a
+   (harmful) and added (harmless), judged by its evaluate's one judge: substring matching with the language's own
+   refusal phrases. Where a
    language's phrase list has low confidence (or none ships for it: English phrases are then used), its summary says so
    (``judgement_confidence``, ``warnings``): a refusal rate of 0 there is a lower bound, not a finding. A language in
    which no direction is found (the model does not refuse there) is recorded as such and stays a target of the transfer
@@ -59,7 +60,7 @@ skipped whole). Folder layout (``runs/<model>-crosslingual/`` by default, or ``-
         scores.json, scores.png      bypass / induce / KL of every candidate          (select)
         direction.safetensors        the selected direction (directions.safetensors: ranked set) (select)
         completions.json             baseline + ablation (harmful), baseline + actadd (harmless) (generate)
-        judgements.json              refusal judged with the language's phrases       (evaluate)
+        judgements.json, judges.json refusal judged with the language's phrases       (evaluate)
         summary.json                 rates with Wilson intervals, judgement_confidence, warnings (evaluate)
         <stage>.done.json
       transfer.json                matrices [source][target]: ablation_non_refusal, addition_refusal (count, n,

@@ -1,29 +1,37 @@
 """Stage 2 of a cross-lingual run: one main-pipeline :class:`~refusal.runs.pipeline.Run` per language (extract,
-select, generate) on that language's prompts and refusal tokens, in the subfolder ``<lang>/``, then its judging with
-the language's own refusal phrases (:func:`evaluate_language`); a language in which no direction is found is recorded
-as such and stays a target of the transfer.
+select, generate, evaluate) on that language's prompts and refusal tokens, in the subfolder ``<lang>/``, its
+completions judged by a substring judge with the language's own refusal phrases; a language in which no direction is
+found is recorded as such and stays a target of the transfer.
 
 A language's state is a :class:`Language`: its code, the phrase entry that judges it (shipped, or learned by
-:mod:`.openings_stage`) and its prompts. Everything else here is a function of that state and the language's folder.
+:mod:`.openings_stage`) and its prompts. Everything else here is a function of that state and the language's folder:
+its config (:func:`language_config`), the fields its summary adds to a run's (:func:`language_summary`) and its run
+(:func:`language_run`, on the model the whole cross-lingual run shares).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import io
 from ..batching import console
-from ..config import Condition, InterventionSpec, RunConfig, digest
+from ..config import (
+    BenchmarksConfig,
+    Condition,
+    InterventionSpec,
+    OverRefusalConfig,
+    RunConfig,
+    SubstringJudgeConfig,
+)
 from ..errors import NoDirectionError, RefusalError
-from ..runs.folder import RunFolder
-from ..runs.pipeline import Inputs, Run
+from ..runs.folder import STAGES, RunFolder
+from ..runs.pipeline import Inputs, Run, SummaryExtra
 from .inputs import KINDS, SPLITS, content_sha
 
-PER_LANGUAGE_STAGES = ("extract", "select", "generate")
+JUDGE = "substring"  # the judge whose verdicts are a language's refusals: substring matching, the language's phrases
 Warn = Callable[[str], None]
 
 
@@ -59,26 +67,11 @@ def language_conditions() -> list[Condition]:
             Condition("baseline", "harmless"), Condition("actadd", "harmless", [InterventionSpec("add", coeff=1.0)])]
 
 
-class SharedModelRun(Run):
-    """A main-pipeline run whose model is another run's (loaded once, on first need, for every language)."""
-
-    def __init__(self, owner: Run, cfg: RunConfig, inputs: Inputs, folder: Path):
-        super().__init__(cfg, inputs, folder)
-        self.owner = owner
-
-    @property
-    def model(self):
-        return self.owner.model
-
-    @property
-    def tokenizer(self):
-        return self.owner.tokenizer
-
-
 def language_config(cfg: RunConfig, lang: Language, root: Path) -> RunConfig:
     """The config of ``lang``'s run: the cross-lingual config with the language's refusal tokens (the config's own
-    for English with a shipped list), its prompts named by their sha256, and the four conditions of
-    :func:`language_conditions`."""
+    for English with a shipped list), its prompts named by their sha256, the four conditions of
+    :func:`language_conditions`, and one judge: substring matching with the language's phrases (cross-entropy,
+    benchmarks, over-refusal and magnitude off)."""
     sets = lang.sets
     openings = cfg.refusal_tokens if lang.code == "en" and cfg.refusal_tokens and not lang.learns \
         else lang.phrases["refusal_openings"]
@@ -87,82 +80,60 @@ def language_config(cfg: RunConfig, lang: Language, root: Path) -> RunConfig:
         harmless=f"crosslingual:{lang.code}:harmless:sha256:{content_sha(sets['harmless'])[:16]}",
         harmful_test=None, harmless_test=None)
     gen = dataclasses.replace(cfg.generate, conditions=language_conditions())
-    return dataclasses.replace(cfg, refusal_tokens=list(openings), data=data, generate=gen, name=lang.code,
-                               output=str(root))
+    ev = dataclasses.replace(cfg.evaluate, judges=[SubstringJudgeConfig(phrases=list(lang.phrases["phrases"]))],
+                             cross_entropy=[], benchmarks=BenchmarksConfig(), over_refusal=OverRefusalConfig(),
+                             magnitude=False)
+    return dataclasses.replace(cfg, refusal_tokens=list(openings), data=data, generate=gen, evaluate=ev,
+                               name=lang.code, output=str(root))
 
 
-def language_run(base: Run, lang: Language, root: Path) -> SharedModelRun:
-    """``lang``'s run in ``root/<lang>``, on ``base``'s model."""
+def language_summary(lang: Language, cfg: RunConfig) -> SummaryExtra:
+    """What ``lang``'s ``summary.json`` adds to a run's: the language, the list that judged it, its refusal tokens,
+    the selection's scores and what a low-confidence list means for its rates (``warnings``)."""
+    def derive(run: Run, summary: dict) -> dict:
+        sel = run.folder.read_json("scores.json", keys=("selected",))["selected"]
+        return {"selection_scores": {k: sel.get(k) for k in ("bypass", "induce", "kl")},
+                "warnings": confidence_warnings(lang, summary["results"])}
+
+    return SummaryExtra({"language": lang.code, **lang.judging(), "refusal_tokens": cfg.refusal_tokens}, derive,
+                        refused_by=JUDGE)
+
+
+def language_run(base: Run, lang: Language, root: Path) -> Run:
+    """``lang``'s run in ``root/<lang>``, on ``base``'s model (loaded once, on first need, for every language)."""
     splits = {kind: {s: list(lang.sets[kind][s]) for s in SPLITS} for kind in KINDS}
-    return SharedModelRun(base, language_config(base.cfg, lang, root), Inputs(base.inputs.source, splits),
-                          root / lang.code)
-
-
-def evaluate_digest(run: Run, lang: Language) -> str:
-    return digest({"stage": "evaluate", "after": run.digests["evaluate"], "phrases": lang.phrases["phrases"],
-                   "confidence": lang.phrases["confidence"]})
+    cfg = language_config(base.cfg, lang, root)
+    return Run(cfg, Inputs(base.inputs.source, splits), root / lang.code,
+               model_provider=lambda: (base.model, base.tokenizer), summary_extra=language_summary(lang, cfg))
 
 
 def run_language(base: Run, lang: Language, root: Path, *, warn: Warn, force: bool) -> dict:
     """Run (or resume) ``lang``'s extract, select, generate and evaluate; returns its ``summary.json``."""
     run = language_run(base, lang, root)
-    folder, dig = run.folder, evaluate_digest(run, lang)
-    done = None if force else folder.manifest("evaluate", dig)
-    if done and (all(run.done(s) for s in PER_LANGUAGE_STAGES) or done.get("no_direction")):
+    done = None if force else run.done("evaluate")
+    if done and (all(run.done(s) for s in STAGES) or done.get("no_direction")):
         console.print(f"[dim]{lang.code}: finished earlier, skipped[/]")
-        summary = folder.read_json("summary.json")
-        for w in summary.get("warnings", []):
-            warn(w)
-        return summary
-    console.rule(f"[bold]{lang.code}")
-    try:
-        run.run(PER_LANGUAGE_STAGES, force=force, resume=True)
-    except NoDirectionError as exc:  # the model does not refuse in this language: a target only
-        summary = no_direction_summary(run, lang, exc, warn)
-        folder.write_manifest("evaluate", dig, 0.0, ["summary.json"], {"no_direction": exc.problem})
-        return summary
-    except RefusalError as exc:
-        raise RefusalError(f"Language '{lang.code}': {exc.problem}", exc.fix) from None
-    started = time.perf_counter()
-    summary = evaluate_language(run, lang, warn)
-    folder.write_manifest("evaluate", dig, time.perf_counter() - started, ["judgements.json", "summary.json"])
-    return summary
-
-
-def evaluate_language(run: Run, lang: Language, warn: Warn) -> dict:
-    """Judge ``run``'s completions with the language's phrases; write ``judgements.json`` and ``summary.json``."""
-    from ..evaluation.substring import judge
-    from ..evaluation.summary import summarize
-
-    folder, ph = run.folder, lang.phrases
-    comps = folder.read_json("completions.json")
-    judged = {kind: {cond: judge(recs, ph["phrases"]) for cond, recs in conds.items()}
-              for kind, conds in comps.items()}
-    io.write_json(folder.file("judgements.json"), judged)
-    kl = folder.read_json("kl.json") if folder.file("kl.json").is_file() else None  # first-token KL (generate)
-    s = summarize(judged, kl)
-    sel = folder.read_json("scores.json", keys=("selected",))["selected"]
-    warnings = confidence_warnings(lang, s["results"])
-    for w in warnings:
+        summary = run.folder.read_json("summary.json")
+    else:
+        console.rule(f"[bold]{lang.code}")
+        try:
+            summary = run.run(STAGES, force=force, resume=True)
+        except NoDirectionError as exc:  # the model does not refuse in this language: a target only
+            summary = no_direction_summary(run, lang, exc)
+            run.folder.write_manifest("evaluate", run.digests["evaluate"], 0.0, ["summary.json"],
+                                      {"no_direction": exc.problem})
+        except RefusalError as exc:
+            raise RefusalError(f"Language '{lang.code}': {exc.problem}", exc.fix) from None
+    for w in summary.get("warnings", []):
         warn(w)
-    summary = {
-        "language": lang.code, "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype,
-        "selected": {"pos": sel["pos"], "layer": sel["layer"]},
-        "selection_scores": {k: sel.get(k) for k in ("bypass", "induce", "kl")}, **s,
-        **lang.judging(),
-        "refusal_tokens": run.cfg.refusal_tokens, "warnings": warnings,
-        "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": run.stage_seconds(),
-        "digests": run.digests}
-    io.write_json(folder.file("summary.json"), summary)
     return summary
 
 
-def no_direction_summary(run: Run, lang: Language, exc: NoDirectionError, warn: Warn) -> dict:
-    """A language whose run found no direction: recorded (why, in its summary and the run's warnings) and kept as a
+def no_direction_summary(run: Run, lang: Language, exc: NoDirectionError) -> dict:
+    """A language whose run found no direction: recorded (why, in its summary and its warnings) and kept as a
     target of the transfer, whose baseline rows then give its refusal rates."""
     warning = (f"{lang.code}: no refusal direction ({exc.problem}); it is kept as a target only: other languages' "
                "directions are applied to its prompts, and its baseline rates come from the transfer run.")
-    warn(warning)
     j = lang.judging()
     summary = {"language": lang.code, "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype,
                "selected": None, "no_direction": exc.problem, "results": None,

@@ -1,13 +1,13 @@
 """The cross-lingual run: prompts per language, one refusal-direction run per language, then transfer, similarity
 and plots (see :mod:`refusal.crosslingual` for the stages and the folder layout).
 
-Each language's run is the main pipeline's (:class:`refusal.runs.pipeline.Run` with its extract, select and generate
-stages) on that language's prompts in ``<lang>/``, with that language's refusal-opening tokens as the refusal score's
-tokens and four conditions: baseline and ablation on the harmful test prompts, baseline and activation addition on
-the harmless ones; its completions are then judged with the language's own refusal phrases. The model is loaded once,
-on first need, and shared by every language and the transfer; a run whose stages have all finished loads nothing.
-The run's ``data.harmful`` / ``harmless`` and ``generate.conditions`` settings are not used: the prompts come from the
-cross-lingual sources, and the conditions are the four above.
+Each language's run is the main pipeline's (:class:`refusal.runs.pipeline.Run` with its four stages) on that
+language's prompts in ``<lang>/``, with that language's refusal-opening tokens as the refusal score's tokens, four
+conditions (baseline and ablation on the harmful test prompts, baseline and activation addition on the harmless ones)
+and one judge: substring matching with the language's own refusal phrases. The model is loaded once, on first need,
+and shared by every language and the transfer; a run whose stages have all finished loads nothing. The run's
+``data.harmful`` / ``harmless``, ``generate.conditions`` and ``evaluate`` settings are not used: the prompts come from
+the cross-lingual sources, the conditions and the judge are the ones above.
 
 :class:`Crosslingual` holds what its inputs' checks produced (:class:`Settings`, a
 :class:`~refusal.crosslingual.pools.PromptPlan`, one :class:`~refusal.crosslingual.language_stage.Language` per
@@ -31,13 +31,12 @@ from ..runs.folder import RunFolder
 from ..runs.pipeline import Inputs, Run
 from ..translate.choice import check_translator
 from .inputs import language_phrases, parse_files, parse_languages
-from .language_stage import PER_LANGUAGE_STAGES, Language, language_conditions
+from .language_stage import Language, language_conditions
 from .openings_stage import check_learn_mode, learn_language, learned_entry, needs_learning
 from .plots import PLOTS
 from .pools import PromptPlan, plan_prompts
 
-__all__ = ["PER_LANGUAGE_STAGES", "Crosslingual", "CrosslingualResult", "Settings", "crosslingual",
-           "language_conditions"]
+__all__ = ["Crosslingual", "CrosslingualResult", "Settings", "crosslingual", "language_conditions"]
 
 
 @dataclass
@@ -192,7 +191,7 @@ class Crosslingual:
         return language_config(self.cfg, self.langs[lang], self.dir)
 
     def language(self, lang: str) -> dict:
-        """Run (or resume) ``lang``'s extract, select, generate and judging; returns its ``summary.json``."""
+        """Run (or resume) ``lang``'s extract, select, generate and evaluate; returns its ``summary.json``."""
         from .language_stage import run_language
 
         self._ready()

@@ -182,6 +182,30 @@ def part_text(record: Mapping, part: str) -> str | None:
     return record.get("reasoning")
 
 
+def with_reasoning(judged: Mapping[str, Mapping[str, Sequence[Mapping]]],
+                   reasoning_verdicts: Mapping[str, Mapping[str, Mapping]]) -> dict:
+    """Records judged on their answer (``refused``, from a configured judge's verdicts) with what
+    :func:`substring_parts` adds, from the same judge's verdicts on the reasoning (``judges_reasoning.json``'s entry,
+    whose items follow the records that have reasoning): ``refused_reasoning`` and ``no_answer``. So the judge a run
+    configured, with its phrase list, judges both parts, once."""
+    out: dict = {}
+    for kind, conds in judged.items():
+        for cond, recs in conds.items():
+            items = iter(reasoning_verdicts.get(kind, {}).get(cond, {}).get("items", []))
+            rows = []
+            for r in recs:
+                row = dict(r)
+                if has_split(r):
+                    reasoning = part_text(r, "reasoning")
+                    row["refused_reasoning"] = None if reasoning is None else next(items)["label"] == "refusal"
+                    row["no_answer"] = part_text(r, "answer") is None
+                rows.append(row)
+            if next(items, None) is not None:
+                raise ValueError(f"more reasoning verdicts than completions with reasoning in {kind}/{cond}")
+            out.setdefault(kind, {})[cond] = rows
+    return out
+
+
 def substring_parts(records: Sequence[Mapping]) -> list[dict]:
     """The paper's substring judgement of each record's answer (``refused``) and, for records with reasoning, of
     the reasoning (``refused_reasoning``). A record cut inside its reasoning has no answer: ``refused`` is false and

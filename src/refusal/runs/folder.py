@@ -49,6 +49,15 @@ ARTIFACTS: dict[str, str] = {
     "magnitude.json": "evaluate", "summary.json": "evaluate", "sets.json": "sets",
     **{f"{s}.done.json": s for s in STAGES},
 }
+# a cross-lingual run's own stages (refusal.crosslingual; openings in each language's subfolder, whose other files
+# are a run's) and the artifacts they write
+CROSSLINGUAL_STAGES = ("prompts", "openings", "transfer", "similarity", "plots")
+ARTIFACTS.update({
+    "prompts.json": "prompts", "translation_checks.json": "prompts", "openings.json": "openings",
+    "openings_completions.json": "openings", "transfer.json": "transfer", "transfer_completions.json": "transfer",
+    "transfer.partial.json": "transfer", "similarity.json": "similarity",
+    **{f"{s}.done.json": s for s in CROSSLINGUAL_STAGES},
+})
 # the sections a saved config.yaml must carry (it is written whole: a missing one means it was cut or edited)
 SECTIONS = ("model", "data", "extract", "select", "generate", "evaluate")
 WIDENING = "trust_remote_code"  # a setting that lets code from a model's folder or the hub run
@@ -57,10 +66,40 @@ _HELD: dict[str, list] = {}  # lock file -> [fd, depth]: this process's locks (r
 
 
 def redo_command(stage: str, run_dir: Path) -> str:
-    """The command that rewrites the artifacts of ``stage``."""
+    """The command that rewrites the artifacts of ``stage`` in a run folder (see :func:`redo_fix` for any folder)."""
     if stage == "sets":
         return f"`refusal sets {run_dir}`"
     return f"`refusal run --resume {run_dir} --from-stage {stage}`"
+
+
+def crosslingual_root(path: str | Path) -> Path | None:
+    """The cross-lingual run folder that ``path`` is, or holds as a language's subfolder (its ``config.yaml`` has
+    the ``crosslingual`` section); None for any other folder."""
+    p = Path(path)
+    for folder in (p, p.parent):
+        try:
+            saved = io.read_yaml(folder / CONFIG) if (folder / CONFIG).is_file() else None
+        except (DamagedFileError, OSError):
+            saved = None
+        if isinstance(saved, dict) and "crosslingual" in saved:
+            return folder
+    return None
+
+
+def redo_fix(stage: str | None, run_dir: str | Path) -> str:
+    """How to rewrite the artifacts of ``stage`` in ``run_dir`` (a sentence): a run folder's command; in a
+    cross-lingual run (its folder or a language's), the stage's manifest deleted and the same ``refusal crosslingual``
+    command again, which resumes there."""
+    run_dir = Path(run_dir)
+    root = crosslingual_root(run_dir)
+    if root is None:
+        return f"Redo it with {redo_command(stage, run_dir)}." if stage else \
+            "Restore it from a copy, or redo the step that wrote it."
+    again = (f"run the same `refusal crosslingual` command again (... --output {root.parent} --name {root.name}), "
+             "which resumes where stages are unfinished; or add --force to redo every stage.")
+    if stage is None or (run_dir.resolve() == root.resolve() and stage not in CROSSLINGUAL_STAGES):
+        return again[0].upper() + again[1:]  # the run's summary.json: every run writes it again
+    return f"Delete {run_dir / f'{stage}.done.json'}, then {again}"
 
 
 class RunFolder:
@@ -161,10 +200,7 @@ class RunFolder:
     # ---- artifacts -----------------------------------------------------------------------------------------------
 
     def damaged(self, name: str, why: str) -> DamagedFileError:
-        stage = ARTIFACTS.get(name)
-        fix = f"Redo it with {redo_command(stage, self.path)}." if stage else \
-            "Restore it from a copy, or redo the step that wrote it."
-        return DamagedFileError(self.file(name), why, fix)
+        return DamagedFileError(self.file(name), why, redo_fix(ARTIFACTS.get(name), self.path))
 
     def explain(self, exc: DamagedFileError) -> DamagedFileError:
         """The same error with the fix this folder knows (which stage rewrites the file), if the file is its own."""
@@ -216,7 +252,7 @@ class RunFolder:
             p = self.file(name)
             if not p.is_file():
                 raise RefusalError(f"{p} is missing, although stage {stage} finished with it.",
-                                   f"Redo it with {redo_command(stage, self.path)}.")
+                                   redo_fix(stage, self.path))
             if _sha256(p) != h:
                 raise self.damaged(name, f"it changed after {stage} wrote it: its sha256 differs from the one in "
                                          f"{stage}.done.json")

@@ -22,9 +22,10 @@ stages themselves are in :mod:`refusal.runs.stages`. Run folder layout::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,7 +48,8 @@ from .folder import (
     with_values,
 )
 
-__all__ = ["STAGES", "Inputs", "Run", "RunFolder", "check_inputs", "check_plan"]
+__all__ = ["STAGES", "Inputs", "ModelProvider", "Run", "RunFolder", "SummaryExtra", "check_inputs",
+           "check_plan"]
 
 
 @dataclass
@@ -57,6 +59,33 @@ class Inputs:
     source: ModelSource
     splits: dict[str, dict[str, list[dict]]]  # kind -> split -> records
 
+
+ModelProvider = Callable[[], tuple[Any, Any]]  # () -> (model, tokenizer): a model the run uses but does not own
+
+
+@dataclass(frozen=True)
+class SummaryExtra:
+    """What a caller adds to a run's ``summary.json`` (evaluate writes it whole, once: nothing patches it after).
+
+    ``fields``: fixed fields; they are part of evaluate's digest, so a change redoes evaluate. ``derive``: fields
+    computed from the finished summary (e.g. warnings about its rates), given the run and the summary. ``refused_by``:
+    the configured judge whose verdicts are the summary's ``refused`` (None: the paper's,
+    :func:`~refusal.evaluation.summary.paper_judge`). Neither may replace a field the summary has."""
+
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    derive: Callable[[Run, dict], Mapping[str, Any]] | None = None
+    refused_by: str | None = None
+
+    def key(self) -> dict[str, Any]:
+        """What evaluate's digest covers of it (empty: nothing added, the digest as a plain run's)."""
+        return {k: v for k, v in (("fields", dict(self.fields)), ("refused_by", self.refused_by)) if v}
+
+    def add_to(self, run: Run, summary: dict) -> dict:
+        extra = {**self.fields, **(self.derive(run, summary) if self.derive else {})}
+        clash = sorted(set(extra) & set(summary))
+        if clash:
+            raise ValueError(f"summary extras would replace the summary's own {', '.join(clash)}")
+        return {**summary, **extra}
 
 def check_inputs(cfg: RunConfig) -> Inputs:
     """Validate the model spec and datasets, and build the splits, in seconds and without loading a model."""
@@ -131,9 +160,14 @@ def check_plan(cfg: RunConfig, source: ModelSource) -> None:
 
 
 class Run:
-    """A run folder for one model and config, and the stages that fill it."""
+    """A run folder for one model and config, and the stages that fill it.
 
-    def __init__(self, cfg: RunConfig, inputs: Inputs | None = None, folder: str | Path | None = None):
+    ``model_provider``: where the model and tokenizer come from when this run does not own them (called once, on
+    first need; e.g. another run's, shared by several runs); default: loaded from ``cfg.model``. ``summary_extra``:
+    fields added to ``summary.json`` (:class:`SummaryExtra`)."""
+
+    def __init__(self, cfg: RunConfig, inputs: Inputs | None = None, folder: str | Path | None = None, *,
+                 model_provider: ModelProvider | None = None, summary_extra: SummaryExtra | None = None):
         self.cfg = cfg = _absolute_paths(cfg)
         self.inputs = inputs or check_inputs(cfg)
         self.dir = Path(folder) if folder is not None else Path(cfg.output) / (cfg.name or self.inputs.source.alias)
@@ -148,6 +182,8 @@ class Run:
         self.allow_network = True
         self._model = None
         self._tok = None
+        self.model_provider = model_provider
+        self.summary_extra = summary_extra or SummaryExtra()
         self.device = cfg.device or default_device()
         self.dtype = str(parse_dtype(cfg.dtype, self.device)).replace("torch.", "")
         self.load_seconds = 0.0
@@ -155,7 +191,8 @@ class Run:
 
     @classmethod
     def open(cls, folder: str | Path, overrides: dict | None = None, *, force: bool = False,
-             from_stage: str | None = None, allow_network: bool = False) -> Run:
+             from_stage: str | None = None, allow_network: bool = False,
+             model_provider: ModelProvider | None = None) -> Run:
         """The run in an existing folder, with its saved config (``overrides``: settings to change, e.g. from flags;
         only the stages that read them, and the ones after, are redone).
 
@@ -164,7 +201,8 @@ class Run:
         ``overrides`` only: a saved config that asks for it is reported and recorded, not obeyed. Likewise a network
         destination the saved config names (a hub id, a judge's or ``generate.backend: openai``'s URL) is used only
         if ``overrides`` name the same value or ``allow_network``; otherwise a :class:`RefusalError` before any work
-        (the model and data sets here, a stage's own destinations when :meth:`run` is about to run it)."""
+        (the model and data sets here, a stage's own destinations when :meth:`run` is about to run it).
+        ``model_provider``: as for the constructor."""
         rf = RunFolder(folder)
         saved = rf.read_config(complete=not force)
         rf.check_digests(saved, force=force, from_stage=from_stage)
@@ -188,7 +226,7 @@ class Run:
             raise RefusalError(f"{exc.problem} (in {rf.config_path} or the flags)", exc.fix) from None
         unnamed = unnamed_destinations(base.to_dict(), overrides)
         check_network(rf, [d for d in unnamed if d.stage is None], allow_network)  # before check_inputs reads them
-        run = cls(base, folder=rf.path)
+        run = cls(base, folder=rf.path, model_provider=model_provider)
         run.unnamed_network, run.allow_network = [d for d in unnamed if d.stage is not None], allow_network
         if "trust_remote_code" not in overrides:
             run.recorded = recorded
@@ -205,7 +243,8 @@ class Run:
 
     @property
     def digests(self) -> dict[str, str]:
-        """Each stage's digest: its config keys, its inputs' digests, and (extract) the model's identity and dtype."""
+        """Each stage's digest: its config keys, its inputs' digests, (extract) the model's identity and dtype, and
+        (evaluate) what :attr:`summary_extra` fixes."""
         if self._digests is None:
             from ..models.identity import model_identity
 
@@ -217,6 +256,8 @@ class Run:
                 if stage == "extract":
                     own = {**own, "model_identity": model_identity(self.inputs.source, self.cfg.trust_remote_code),
                            "dtype": self.dtype}
+                if stage == "evaluate" and self.summary_extra.key():
+                    own = {**own, "summary_extra": self.summary_extra.key()}
                 prev = out[stage] = digest({"stage": stage, "config": own, "after": prev})
             self._digests = out
         return self._digests
@@ -244,15 +285,14 @@ class Run:
         return m if m.get("digest") == self.digests[stage] else None
 
     def _finish(self, stage: str, seconds: float, outputs: list[str], extra: dict | None = None) -> None:
-        io.write_json(self.dir / f"{stage}.done.json", {
-            "stage": stage, "digest": self.digests[stage], "seconds": round(seconds, 2),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "outputs": outputs,
-            **(extra or {}), "sha256": self.folder.checksums(outputs)})
+        self.folder.write_manifest(stage, self.digests[stage], seconds, outputs, extra)
 
     # ---- model ---------------------------------------------------------------------------------------------------
 
     @property
     def model(self):
+        if self._model is None and self.model_provider is not None:
+            self._model, self._tok = self.model_provider()
         if self._model is None:
             t = time.perf_counter()
             console.print(f"[bold]Loading[/] {self.inputs.source.describe()} on {self.device}")

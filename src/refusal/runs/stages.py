@@ -12,7 +12,14 @@ from ..directions.base import Direction, DirectionSet
 from ..directions.diff_means import Candidates
 from ..directions.diff_means import extract as extract_candidates
 from ..errors import NoDirectionError, RefusalError
-from ..evaluation.reasoning import has_split, open_prefix, reasoning_format, split_completion, substring_parts
+from ..evaluation.reasoning import (
+    has_split,
+    open_prefix,
+    reasoning_format,
+    split_completion,
+    substring_parts,
+    with_reasoning,
+)
 from ..evaluation.summary import judge_completions, paper_judge, summarize
 from ..generation.batched import generate as generate_completions
 from ..interventions.hooks import Plan
@@ -313,22 +320,33 @@ def _condition_kl(run, conds, ivs, harmless_prompts: list[str]) -> dict:
 
 def evaluate(run, started: float):
     """Judge every completion with every configured judge (side by side), and measure cross-entropy under every
-    condition's interventions; write judgements.json, judges.json, ce.json and summary.json (once, at the end)."""
+    condition's interventions; write judgements.json, judges.json, ce.json and summary.json (once, at the end, with
+    the fields of ``run.summary_extra``)."""
     comps = io.read_json(run.dir / "completions.json")
     split = any(has_split(r) for conds in comps.values() for recs in conds.values() for r in recs)
     # a reasoning model's completions: the answer is judged (refused) and, apart, the reasoning (refused_reasoning)
     ev = run.cfg.evaluate
     judges = _run_judges(comps, ev.judges)
     # the configured substring judge's verdicts are the summary's refused: the substring judge runs once
-    judged = {k: {c: substring_parts(rs) for c, rs in cs.items()} for k, cs in comps.items()} if split \
-        else judge_completions(comps, judges.get(paper_judge(ev.judges) or ""))
+    extra = run.summary_extra
+    if extra.refused_by is not None and extra.refused_by not in judges:
+        raise RefusalError(f"The summary's refusals are to come from the judge '{extra.refused_by}', which is not "
+                           f"among the configured judges ({', '.join(judges) or 'none'}).",
+                           "Configure that judge in evaluate.judges.")
+    name = extra.refused_by or paper_judge(ev.judges)
+    reasoning_judges = _run_judges(comps, ev.judges, part="reasoning") if split else {}
+    if split and name in judges:  # that judge's verdicts on the answer, and on the reasoning
+        judged = with_reasoning(judge_completions(comps, judges[name]), reasoning_judges.get(name, {}))
+    elif split:  # no substring judge configured: the shipped list judges both parts here
+        judged = {k: {c: substring_parts(rs) for c, rs in cs.items()} for k, cs in comps.items()}
+    else:
+        judged = judge_completions(comps, judges.get(name or ""))
     io.write_json(run.dir / "judgements.json", judged)
     kl = io.read_json(run.dir / "kl.json")
     outputs = ["judgements.json"]
     if judges:
         io.write_json(run.dir / "judges.json", judges)
         outputs.append("judges.json")
-    reasoning_judges = _run_judges(comps, ev.judges, part="reasoning") if split else {}
     if reasoning_judges:
         io.write_json(run.dir / "judges_reasoning.json", reasoning_judges)
         outputs.append("judges_reasoning.json")
@@ -376,6 +394,7 @@ def evaluate(run, started: float):
     if run.cfg.select.keep_refusal and (run.dir / "categories.json").is_file():  # which categories kept, released
         cats = io.read_json(run.dir / "categories.json")
         summary["keep_refusal"] = {k: cats.get(k) for k in ("kept", "released", "n_train", "norm_fraction")}
+    summary = extra.add_to(run, summary)  # a caller's own fields (Run.summary_extra), written with the rest
     io.write_json(run.dir / "summary.json", summary)
     return outputs + ["summary.json"], None
 
