@@ -11,6 +11,8 @@
 * ``ablation``: hook ablation against orthogonalized weights;
 * ``export_hf``: the exported Hugging Face folder, reloaded, against hook ablation (and, for multimodal wrappers, the
   vision tower byte-identical);
+* ``adapter``: the PEFT LoRA adapter of the same edit, loaded with ``PeftModel.from_pretrained`` on the saved base,
+  against hook ablation (so against the merged export), with its size beside the merged model's;
 * ``export_gguf``: the exported GGUF reloaded by transformers against hook ablation, or a clear error naming the
   architecture;
 * ``chat``: a :class:`~refusal.generation.session.ChatSession` against ``generate``, without and with an ablation.
@@ -50,7 +52,7 @@ from refusal.scoring.engine import kl_div, score_candidates  # noqa: E402
 from refusal.scoring.refusal import refusal_score, refusal_token_ids  # noqa: E402
 
 FAMILIES = list(archs.FAMILIES)
-STAGES = ("extract", "score", "generate", "generate_static", "ablation", "export_hf", "export_gguf", "chat")
+STAGES = ("extract", "score", "generate", "generate_static", "ablation", "export_hf", "adapter", "export_gguf", "chat")
 HARMFUL = [r["instruction"] for r in builtin("harmful")[:3]]
 HARMLESS = [r["instruction"] for r in builtin("harmless")[:3]]
 NEW_TOKENS = 5
@@ -421,6 +423,36 @@ def test_export_hf(family, zoo, matrix, tokenizer, tmp_path):
                     f"vision tensor {k} changed"
             assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)  # the text changed
             entry["path"] += f"; vision tower ({len(vision)} tensors) byte-identical"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter(family, zoo, matrix, tokenizer, tmp_path):
+    from refusal.export.adapter import export_adapter
+    from refusal.models.writers import residual_writers
+
+    with stage_of(zoo, matrix, family, "adapter") as (entry, refused):
+        model, tok = zoo.model(family), tokenizer
+        if refused is not None:
+            with pytest.raises(RefusalError):
+                export_adapter(model, torch.randn(model.get_input_embeddings().weight.shape[1]), tmp_path / "x")
+            return _refused(entry, refused)
+        peft = pytest.importorskip("peft")
+        prompts = format_prompts(tok, HARMFUL[:2])
+        d = zoo.direction(family)
+        hooked = _hook_logits(model, tok, prompts, d)
+        try:
+            out = export_adapter(model, d, tmp_path / "adapter")
+        except RefusalError as exc:  # experts fused into one 3-D parameter: no LoRA module to target, said so
+            assert "3-D parameter" in exc.problem and any(w.fused for w in residual_writers(model)), exc.problem
+            return _refused(entry, exc)
+        model.save_pretrained(tmp_path / "base")
+        base = _model_class_reload(model, tmp_path / "base")
+        with_adapter = peft.PeftModel.from_pretrained(base, out).eval()
+        _close(_logits(with_adapter, tok, prompts), hooked, "base + adapter vs hook ablation")
+        size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+        merged = sum(p.numel() * p.element_size() for p in model.parameters())
+        entry["path"] = (f"PEFT LoRA, rank {json.loads((Path(out) / 'adapter_config.json').read_text())['r']}: "
+                         f"{size / 1e3:.0f} kB against {merged / 1e6:.2f} MB of weights ({size / merged:.1%})")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -25,6 +25,7 @@ _STAGE_TEXT = {
     "generate_static": "the static decoder as a CPU runs it (static cache, no compile) vs `model.generate`",
     "ablation": "hook ablation vs orthogonalized weights (logits)",
     "export_hf": "exported Hugging Face folder reloaded vs hook ablation (multimodal: vision tower byte-identical)",
+    "adapter": "PEFT LoRA adapter of the same edit, base + adapter vs hook ablation, with its size",
     "export_gguf": "exported GGUF reloaded by transformers vs hook ablation, or a clear error naming the architecture",
     "chat": "a chat session's stream vs `generate`, without and with an ablation",
 }
