@@ -219,3 +219,104 @@ def test_cli_adapter_for_a_gguf_model(tmp_path, tokenizer):
     torch.testing.assert_close(_peft_logits(base, tmp_path / "lora", ids), want, atol=5e-5, rtol=1e-5)
     readme = " ".join((tmp_path / "lora" / "README.md").read_text().split())
     assert "dequantized by transformers" in readme and "gguf_file=NAME" in readme
+
+
+# ---- fused experts (transformers 5 MoE: one 3-D parameter for all experts) ----------------------------------------
+
+
+def _moe(family: str):
+    import archs
+
+    m = archs.build(family, VOCAB)
+    with torch.no_grad():  # gpt-oss: random biases on o_proj and the experts would (rightly) be refused
+        for name, p in m.named_parameters():
+            if name.endswith(("o_proj.bias", "down_proj_bias")):
+                p.zero_()
+    return m
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_fused_experts_adapter_equals_merged_export_and_hooks(family, tmp_path):
+    """Fused expert weights go through PEFT's target_parameters: base + adapter equals the merged export and hook
+    ablation. qwen3_moe has a dense first layer (its mlp.down_proj is a Linear that PEFT's v4→v5 MoE renaming would
+    drop from target_modules); gpt_oss stores its experts transposed (is_transposed, residual axis last)."""
+    from transformers import AutoModelForCausalLM
+
+    from refusal.interventions.hooks import ablate
+    from refusal.models.writers import residual_writers
+
+    m = _moe(family)
+    fused = [wr.name for wr in residual_writers(m) if wr.fused]
+    assert fused  # the layout this test is about
+    ids = _ids()
+    d = _dir(3, 2, HIDDEN)
+    base = m(ids).logits
+    with ablate(m, d):
+        hooked = m(ids).logits
+    ad = export_adapter(m, d, tmp_path / "adapter")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    assert set(fused) <= set(cfg["target_parameters"])
+    assert not any(t.endswith(("down_proj", "w2")) for t in cfg["target_modules"])
+    merged = export_hf(m, _NoTokenizer(), d, tmp_path / "merged")
+    want = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+    assert (want - base).abs().max() > 0.1  # the edit matters on this model
+    got = _peft_logits(m, ad, ids)
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(got, hooked, atol=5e-4, rtol=1e-4)
+    assert "target_parameters" in (ad / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_fused_keys_and_shapes_match_peft_own_save(family, tmp_path):
+    """PEFT's own ParamWrapper, built from our adapter_config, saves the same names and shapes (lora_A (E·r, in),
+    lora_B (out, r·E) for a fused parameter); and loading ours wraps exactly the parameters we name."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ad = export_adapter(_moe(family), _dir(3, 2, HIDDEN), tmp_path / "ours")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    ref = get_peft_model(_moe(family), LoraConfig(**{k: v for k, v in cfg.items() if k != "peft_type"}))
+    ref.save_pretrained(tmp_path / "peft")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = load_file(ad / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert any(v.shape[0] == 4 * 2 for k, v in ours.items() if "experts.lora_A" in k)  # 4 experts, rank 2
+    pm = PeftModel.from_pretrained(_moe(family), ad)
+    wrapped = {f"{n.removeprefix('base_model.model.')}.{mod.parameter_name}" for n, mod in pm.named_modules()
+               if type(mod).__name__ == "ParamWrapper"}
+    assert wrapped == set(cfg["target_parameters"])
+
+
+def test_fused_experts_when_peft_reads_the_other_axis_as_output(tmp_path):
+    """A fused weight whose module says is_transposed although its residual axis is 1: PEFT then treats the residual
+    axis as its input, and the factors swap roles (B_e = (B̂W_e)ᵀ, A_e = −s·B̂). Checked on the weights PEFT merges."""
+    from peft import PeftModel
+
+    from refusal.interventions.weights import orthogonalize_
+    from refusal.models.writers import residual_writers
+
+    m = _moe("mixtral")
+    fused = [wr for wr in residual_writers(m) if wr.fused]
+    assert all(wr.axis == 1 and tuple(wr.weight.shape) == (4, HIDDEN, 128) for wr in fused)
+    for wr in fused:
+        wr.module.is_transposed = True  # only PEFT's reading changes; the forward pass is not used here
+    d = _dir(5, 2, HIDDEN)
+    ad = export_adapter(m, d, tmp_path / "ad", layer_weights=[1.0, 0.5, 0.0, 2.0])
+    want = _moe("mixtral")
+    orthogonalize_(want, d, layer_weights=[1.0, 0.5, 0.0, 2.0])
+    merged = PeftModel.from_pretrained(m, ad).merge_and_unload()
+    for name, p in want.named_parameters():
+        if "experts.down_proj" in name:
+            torch.testing.assert_close(merged.get_parameter(name), p, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_expert_bias_along_the_direction_is_refused(tmp_path):
+    import archs
+
+    m = archs.build("gpt_oss", VOCAB)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("o_proj.bias"):
+                p.zero_()
+    with pytest.raises(RefusalError, match="bias of model.layers.0.mlp.experts"):
+        export_adapter(m, _dir(), tmp_path / "bias")
+    assert not (tmp_path / "bias").exists()

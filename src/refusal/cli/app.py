@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -20,16 +22,17 @@ models_app = typer.Typer(help="The offline model catalog (models shipped as GGUF
 app.add_typer(models_app, name="models")
 out = Console()
 err = Console(stderr=True)
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _fail(exc: RefusalError) -> None:
+def _fail(exc: RefusalError) -> NoReturn:
     from rich.markup import escape  # messages quote YAML such as [diff_means]: text, not markup
 
     err.print(f"[bold red]Error:[/] {escape(exc.problem)}" + (f"\n[bold]Fix:[/] {escape(exc.fix)}" if exc.fix else ""))
     raise typer.Exit(2)
 
 
-def _overrides(**flags) -> dict:
+def _overrides(**flags: Any) -> dict:
     """Nested dict of the CLI flags that were given (None = not given)."""
     mapping = {"harmful": "data.harmful", "harmless": "data.harmless", "harmful_test": "data.harmful_test",
                "harmless_test": "data.harmless_test", "n_train": "data.n_train", "n_val": "data.n_val",
@@ -48,7 +51,7 @@ def _overrides(**flags) -> dict:
     return o
 
 
-def _stage_command(stages: tuple[str, ...], help_text: str):
+def _stage_command(stages: tuple[str, ...], help_text: str) -> Callable[..., None]:
     def command(
         run_dir: Path = typer.Argument(None, help="An existing run folder: run on it with its saved config (flags "
                                                   "given change only what they name; stages that read it are redone)."),
@@ -87,7 +90,7 @@ def _stage_command(stages: tuple[str, ...], help_text: str):
                                            help="Let a run folder's saved config name hub ids and servers (a hub "
                                                 "model, hf: data, a judge's URL, generate.backend: openai) that this "
                                                 "command line does not name again."),
-    ):
+    ) -> None:
         from ..config import load_yaml
         from ..runs.pipeline import Run
 
@@ -263,14 +266,14 @@ def _passed_on() -> tuple[type[BaseException], ...]:
 _PASSED_ON = _passed_on()
 
 
-def _boundary(fn):
+def _boundary(fn: _F) -> _F:
     """Errors at the edge of the program: a :class:`RefusalError`, an ``OSError`` (permissions, a full disk, a file
     where a folder should be) or a library's error (JSON, YAML, safetensors, tokenizers) becomes one message with the
     path and the fix; the traceback only with ``--debug``."""
     import functools
 
     @functools.wraps(fn)
-    def command(*args, **kwargs):
+    def command(*args: Any, **kwargs: Any) -> Any:
         from ..errors import os_error
 
         try:
@@ -289,12 +292,13 @@ def _boundary(fn):
                                "Run it again with --debug for the traceback (refusal --debug COMMAND ...), and "
                                "report it if the input was valid."))
 
-    return command
+    return cast(_F, command)
 
 
-for _group in [app, *(g.typer_instance for g in app.registered_groups)]:
+for _group in [app, *(g.typer_instance for g in app.registered_groups if g.typer_instance is not None)]:
     for _info in _group.registered_commands:
-        _info.callback = _boundary(_info.callback)
+        if _info.callback is not None:
+            _info.callback = _boundary(_info.callback)
 
 
 def main() -> None:  # pragma: no cover

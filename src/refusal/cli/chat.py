@@ -10,10 +10,17 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..directions.base import DirectionSet
+    from ..generation.session import ChatSession
 
 HELP = """Commands:
   /ablate SPEC          project out the span of these directions at every layer (SPEC: 0-2, 0,3,5, selected, set)
@@ -27,7 +34,7 @@ HELP = """Commands:
   /quit                 leave (also Ctrl-D)"""
 
 
-def load_directions(path: Path):
+def load_directions(path: Path) -> DirectionSet:
     """A direction set file (``directions.safetensors``) or a single direction file (named ``selected`` and ``0``)."""
     from .. import io
     from ..directions.base import Direction, DirectionSet
@@ -49,7 +56,8 @@ def load_directions(path: Path):
 
 
 def open_target(target: str, direction_file: Path | None, device: str | None, dtype: str | None,
-                trust_remote_code: bool = False, allow_network: bool = False):
+                trust_remote_code: bool = False,
+                allow_network: bool = False) -> tuple[Any, Any, DirectionSet, str | None, str]:
     """``(model, tokenizer, directions, system prompt, description)`` for a run folder or a model spec.
     ``trust_remote_code`` (and ``allow_network``, for a run's hub model) come from the caller only, never from the
     run's saved config."""
@@ -143,7 +151,7 @@ def register(app: typer.Typer) -> None:
         err.print("bye")
 
 
-def repl(session, console) -> None:
+def repl(session: ChatSession, console: Console) -> None:
     """Read lines until /quit or end of input: messages are answered (streamed), commands change the session."""
     while True:
         try:
@@ -172,7 +180,7 @@ def repl(session, console) -> None:
         console.print(f"[dim]({session.status()})[/]")
 
 
-def command(session, console, line: str) -> bool:
+def command(session: ChatSession, console: Console, line: str) -> bool:
     """Run one /command; False means quit."""
     from rich.markup import escape
     from rich.table import Table

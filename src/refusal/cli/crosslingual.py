@@ -4,10 +4,16 @@ directions (see :mod:`refusal.crosslingual` for the stages and the output folder
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..crosslingual.runs import CrosslingualResult
 
 # ISO 639-1: every two-letter language code
 ISO_639_1 = frozenset("""
@@ -69,7 +75,7 @@ def _judging(summary: dict) -> str:
     return out
 
 
-def print_result(result, out) -> None:
+def print_result(result: CrosslingualResult, out: Console) -> None:
     from rich.table import Table
 
     from ..crosslingual.plots import resource_order
@@ -99,12 +105,12 @@ def print_result(result, out) -> None:
     low = {lang for lang, c in tr.get("judgement_confidence", {}).items() if c == "low"}
     for lang in order:
         m.add_column(f"{lang}*" if lang in low else lang, justify="right")
-    def rate(s, t):
+    def rate(s: str, t: str) -> str:
         c = tr["ablation_non_refusal"][idx[s]][idx[t]]
         return "—" if c is None or c["rate"] is None else f"{c['rate']:.2f}"
 
-    for s in order:
-        m.add_row(s, *(rate(s, t) for t in order))
+    for source in order:
+        m.add_row(source, *(rate(source, t) for t in order))
     out.print(m)
     if low:
         out.print("* judged with a low-confidence phrase list: non-refusal rates there are upper bounds.")

@@ -6,15 +6,21 @@ A run folder holds ``config.yaml`` (key ``model``: the model spec) and ``directi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import typer
 
-from ..errors import RefusalError
+from ..errors import DamagedFileError, RefusalError
+
+if TYPE_CHECKING:
+    from ..directions.base import Direction
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _run_inputs(run_dir: Path, trust_remote_code: bool = False, allow_network: bool = False) -> tuple[dict, Any]:
+def _run_inputs(run_dir: Path, trust_remote_code: bool = False, allow_network: bool = False) -> tuple[dict, Direction]:
     """The run's saved config (checked; ``trust_remote_code`` set to what this command line grants, never what the
     file says; a hub model only with ``allow_network``) and its selected direction."""
     from ..directions.base import Direction
@@ -58,7 +64,7 @@ def _check_export_out(out: Path | None, file_suffix: str | None, overwrite: bool
                            "Give an output path in a folder you can write.")
 
 
-def _locked(fn):
+def _locked(fn: _F) -> _F:
     """Hold the run folder's lock and the output's while an export runs (the folder is only read, so a read-only
     one is fine); sweep the temporary files interrupted exports to that output left; then give what was written
     the permissions of the user's umask."""
@@ -66,7 +72,7 @@ def _locked(fn):
     import functools
 
     @functools.wraps(fn)
-    def command(*args, **kwargs):
+    def command(*args: Any, **kwargs: Any) -> Any:
         from .. import io
         from ..runs.folder import RunFolder, output_lock
 
@@ -81,7 +87,7 @@ def _locked(fn):
             io.share(Path(out))
         return result
 
-    return command
+    return cast(_F, command)
 
 
 def _gguf_file(spec: str) -> Path | None:
@@ -104,9 +110,15 @@ def _model_shape(spec: str, trust_remote_code: bool = False) -> tuple[str, int, 
         import gguf
 
         reader = gguf.GGUFReader(g, "r")
-        arch = reader.get_field("general.architecture").contents()
-        return (arch, int(reader.get_field(f"{arch}.block_count").contents()),
-                int(reader.get_field(f"{arch}.embedding_length").contents()))
+
+        def field(key: str) -> Any:
+            f = reader.get_field(key)
+            if f is None:
+                raise DamagedFileError(g, f"it has no {key} field")
+            return f.contents()
+
+        arch = field("general.architecture")
+        return arch, int(field(f"{arch}.block_count")), int(field(f"{arch}.embedding_length"))
     from transformers import AutoConfig
 
     from ..models.loading import check_hub_config, resolve_source
@@ -124,7 +136,7 @@ def _model_shape(spec: str, trust_remote_code: bool = False) -> tuple[str, int, 
     return str(text.model_type).replace("_", ""), int(text.num_hidden_layers), int(text.hidden_size)
 
 
-def _card(run_dir: Path, spec: str, direction) -> dict:
+def _card(run_dir: Path, spec: str, direction: Direction) -> dict:
     from .. import io
 
     card: dict[str, Any] = {"base_model": spec, "run": str(run_dir.resolve().name)}
@@ -170,7 +182,7 @@ def _check_outputs(out_path: Path | None, adapter_path: Path | None, gguf: bool,
     check_out_dir(adapter_path, overwrite)
 
 
-def _write_adapter(model, spec: str, trust: bool, direction, run_dir: Path, adapter_path: Path,
+def _write_adapter(model: Any, spec: str, trust: bool, direction: Direction, run_dir: Path, adapter_path: Path,
                    overwrite: bool) -> Path:
     from ..export.adapter import export_adapter
     from ..models.identity import model_identity

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="A finished run folder (holds summary.json)."),
         out_dir: Path = typer.Option(None, "--out", "-o", help="Folder for report.html and report.md "
                                                                "(default: RUN_DIR/report)."),
-    ):
+    ) -> None:
         """Write the run's report: report.html (one file: tables, heatmaps, completions side by side) and report.md."""
         from ..report import write_report
 

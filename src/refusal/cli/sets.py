@@ -8,13 +8,20 @@ to ``directions.safetensors`` as ``"set"`` (a ``(k, d)`` basis; ``/ablate set`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import RefusalError
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-def ranked_candidates(run_dir: Path):
+    from ..directions.base import Direction
+    from ..scoring.sets import SetSearch
+
+
+def ranked_candidates(run_dir: Path) -> tuple[list[tuple[int, int]], list[Direction]]:
     """``(ranked [(pos, layer)], candidate Directions in rank order)`` of a run folder after ``select``."""
     from ..directions.base import Direction, DirectionSet
     from ..directions.diff_means import Candidates
@@ -99,8 +106,8 @@ def register(app: typer.Typer) -> None:
             splits = run.folder.read_json("splits.json", keys=("harmful", "harmless"))
             hv, bv = run.prompts(splits["harmful"]["val"]), run.prompts(splits["harmless"]["val"])
             s = run.cfg.select
-            opts = {"kl_threshold": s.kl_threshold, "induce_threshold": s.induce_threshold, "kl_weight": kl_weight,
-                    "batch_size": run.score_batch_size}
+            opts: dict[str, Any] = {"kl_threshold": s.kl_threshold, "induce_threshold": s.induce_threshold,
+                                    "kl_weight": kl_weight, "batch_size": run.score_batch_size}
             if given:
                 res = score_sets(run.model, run.tokenizer, cands, given, hv, bv, run.refusal_ids(), **opts)
             else:
@@ -125,7 +132,7 @@ def register(app: typer.Typer) -> None:
             _fail(exc)
 
 
-def print_sets(res, console, only_kept: bool = True) -> None:
+def print_sets(res: SetSearch, console: Console, only_kept: bool = True) -> None:
     """One row per set: the kept sets of each size (or every given set), best first within a size."""
     from rich.table import Table
 

@@ -14,7 +14,22 @@ with ``lora_B = −s·B̂ᵀ`` (``d × k``), ``lora_A = B̂W`` (``k × in``) and
 * heretic's norm-preserving variant rescales every row afterwards: not low rank, refused;
 * a bias with a component along the direction (``b' = b − s·B̂ᵀB̂b``): PEFT's ``lora_bias`` cannot be combined with
   an embedding LoRA, refused (zero or absent biases, the common case, are fine);
-* fused 3-D expert weights (one parameter for all experts) and writers that are not ``nn.Linear``: refused.
+* writers that are not ``nn.Linear`` (nor fused experts): refused.
+
+Fused experts (transformers 5 MoE: one 3-D ``nn.Parameter`` such as ``mlp.experts.down_proj`` for all experts) go
+through PEFT's ``target_parameters`` (PEFT >= 0.17, ``lora.ParamWrapper``). PEFT reads the parameter ``(E, n1, n2)``
+as ``(E, out, in)`` unless the module's ``is_transposed`` is set (then ``(E, in, out)``), keeps
+``lora_A`` ``(E·r, in)`` and ``lora_B`` ``(out, r·E)`` and adds, for expert ``e``, ``B_e A_e`` (``out × in``, stored
+transposed when ``is_transposed``) with ``A_e = lora_A[e·r:(e+1)·r]`` and ``B_e = lora_B[:, e::E]`` (column
+``j·E + e``). Every expert thus has its own rank-``r`` pair, and the per-expert edit ``−s·B̂ᵀ(B̂W_e)`` (``W_e`` with
+its residual axis first) is exact: ``B_e = −s·B̂ᵀ``, ``A_e = B̂W_e`` when PEFT's ``out`` axis is the residual one,
+else ``B_e = (B̂W_e)ᵀ``, ``A_e = −s·B̂``. A fused ``down_proj_bias`` is checked like any bias.
+
+In such a model the MLP-side Linear writers (a dense layer's or a shared expert's ``down_proj``) are targeted as
+parameters too (``<module>.weight``; PEFT's ``ParamWrapper`` on a 2-D weight adds ``lora_B lora_A`` like a Linear
+LoRA, under the same key names): on transformers 5, PEFT rewrites ``target_modules`` entries named like
+transformers-4 expert projections (``down_proj``, ``w2``, ...) of MoE families into fused-parameter targets, which
+would drop those Linear layers' LoRA silently.
 
 Layers whose bases have fewer rows than others get zero-padded factors (still exact), so the adapter has one rank
 ``r`` and needs no ``rank_pattern``. The folder holds ``adapter_config.json``, ``adapter_model.safetensors`` (PEFT's
@@ -52,13 +67,16 @@ class LoraFactor:
     an embedding."""
 
     module: str  # the module's qualified name in the model, e.g. "model.layers.3.self_attn.o_proj"
-    kind: str  # "linear" | "embedding"
-    a: torch.Tensor  # (k, in) or (k, vocab)
-    b: torch.Tensor  # (out, k) or (d, k)
+    kind: str  # "linear" | "embedding" | "experts"
+    a: torch.Tensor  # (k, in) or (k, vocab); experts: (E, k, in), PEFT's in/out (see the module doc)
+    b: torch.Tensor  # (out, k) or (d, k); experts: (E, out, k)
+    # the qualified name of the parameter PEFT targets through ``target_parameters`` (fused experts, e.g.
+    # "model.layers.3.mlp.experts.down_proj", and the MLP Linear weights of a model that has them); "" for a module
+    parameter: str = ""
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0]
+        return self.a.shape[-2]
 
 
 def _module_name(wr: Writer) -> str:
@@ -75,13 +93,8 @@ def _refuse_norm_preserving() -> None:
 
 
 def _check_writer(wr: Writer) -> None:
-    if wr.fused:
-        raise RefusalError(
-            f"{wr.name} holds all experts in one 3-D parameter {tuple(wr.weight.shape)}; a LoRA adapter targets "
-            "modules (nn.Linear, nn.Embedding), not such parameters.",
-            "Export this model merged (`refusal abliterate RUN --out DIR`), or use hook-based ablation.")
     want = nn.Embedding if wr.kind == "embedding" else nn.Linear
-    if not isinstance(wr.module, want):
+    if not wr.fused and not isinstance(wr.module, want):
         raise RefusalError(
             f"{_module_name(wr)} is a {type(wr.module).__name__}, not an {want.__name__}: PEFT's LoRA layout for it "
             "is not the plain one this export writes.",
@@ -89,6 +102,29 @@ def _check_writer(wr: Writer) -> None:
     if not wr.weight.is_floating_point() and wr.weight.device.type != "meta":
         raise RefusalError(f"{wr.name} is stored as {wr.weight.dtype} (a quantized model?).",
                            "Load the model in a float dtype (--dtype float32 or bfloat16) to write an adapter.")
+
+
+def _peft_out_axis(wr: Writer) -> int:
+    """The axis of a fused ``(E, n1, n2)`` parameter that PEFT's ``ParamWrapper`` treats as the output: 2 when the
+    module says ``is_transposed`` (PEFT reads the flag the same way), else 1."""
+    return 2 if getattr(wr.module, "is_transposed", False) else 1
+
+
+def _expert_factors(w: torch.Tensor, basis: torch.Tensor, s: float, axis: int, out_axis: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` ``(E, k, in)``, ``(E, out, k)`` in PEFT's orientation for the fused weight ``w`` whose residual
+    axis is ``axis``, computed in float32 an expert at a time."""
+    a, b = [], []
+    for e in range(w.shape[0]):
+        r = w[e].float()
+        proj = basis @ (r if axis == 1 else r.T)  # B̂W_e, (k, m)
+        if out_axis == axis:  # PEFT's output is the residual axis
+            a.append(proj.cpu())
+            b.append((-s * basis.T).cpu())
+        else:
+            a.append((-s * basis).cpu())
+            b.append(proj.T.cpu())
+    return torch.stack(a).contiguous(), torch.stack(b).contiguous()
 
 
 def _embedding_a(e: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -110,7 +146,9 @@ def lora_factors(model: nn.Module, direction, *, orthogonal_to_harmless: torch.T
     parts = find_parts(model)
     bases = prepare_bases(direction, parts.hidden_size, parts.n_layers, orthogonal_to_harmless)
     weights = _check_weights(layer_weights, parts.n_layers)
-    writers = [wr for wr in residual_writers(model) if weights[0 if wr.layer is None else wr.layer] != 0.0]
+    every = residual_writers(model)
+    has_fused = any(wr.fused for wr in every)
+    writers = [wr for wr in every if weights[0 if wr.layer is None else wr.layer] != 0.0]
     for wr in writers:
         _check_writer(wr)
     tensors = _resident(writers)  # a weight offloaded to disk is refused before any work
@@ -118,8 +156,8 @@ def lora_factors(model: nn.Module, direction, *, orthogonal_to_harmless: torch.T
         if bias is None:
             continue
         basis = bases[0 if wr.layer is None else wr.layer].to(bias.device)
-        b = bias.float()
-        if (basis @ b).norm() > 1e-6 * b.norm():  # exactly 0 for a zero bias
+        b = bias.float()  # (d,) or, for fused experts, (E, d)
+        if (b @ basis.T).norm() > 1e-6 * b.norm():  # exactly 0 for a zero bias
             raise RefusalError(
                 f"The bias of {_module_name(wr)} has a component along the direction, which the edit removes "
                 "(b' = b − B̂ᵀB̂b); a LoRA adapter on the weights cannot hold that, and PEFT's lora_bias does not "
@@ -130,10 +168,14 @@ def lora_factors(model: nn.Module, direction, *, orthogonal_to_harmless: torch.T
         i = 0 if wr.layer is None else wr.layer
         basis, s = bases[i].to(w.device), weights[i]
         b = (-s * basis.T).contiguous().cpu()  # (d, k)
-        if wr.kind == "embedding":
+        if wr.fused:
+            a, b = _expert_factors(w, basis, s, wr.axis, _peft_out_axis(wr))
+            out.append(LoraFactor(_module_name(wr), "experts", a, b, wr.name))
+        elif wr.kind == "embedding":
             out.append(LoraFactor(_module_name(wr), "embedding", _embedding_a(w, basis).contiguous(), b))
         else:
-            out.append(LoraFactor(_module_name(wr), "linear", (basis @ w.float()).contiguous().cpu(), b))
+            param = wr.name if has_fused and wr.kind in ("mlp", "expert", "shared_expert") else ""
+            out.append(LoraFactor(_module_name(wr), "linear", (basis @ w.float()).contiguous().cpu(), b, param))
     return out
 
 
@@ -149,12 +191,19 @@ def peft_state_dict(factors: Sequence[LoraFactor], rank: int | None = None,
                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The tensors of ``adapter_model.safetensors`` under PEFT's names (``base_model.model.<module>.lora_A.weight``,
     ``…lora_B.weight``; ``…lora_embedding_A`` / ``…lora_embedding_B`` for an embedding), each padded with zeros to
-    ``rank`` (default: the largest factor rank)."""
+    ``rank`` (default: the largest factor rank). Fused experts get PEFT's ``ParamWrapper`` layout on their module's
+    name: ``lora_A`` ``(E·r, in)`` expert-major, ``lora_B`` ``(out, r·E)`` expert-minor."""
     r = rank or max(f.rank for f in factors)
     out: dict[str, torch.Tensor] = {}
     for f in factors:
-        a, b = _pad(f.a, r, 0).to(dtype).contiguous(), _pad(f.b, r, 1).to(dtype).contiguous()
         key = f"base_model.model.{f.module}"
+        if f.kind == "experts":
+            a, b = _pad(f.a, r, 1), _pad(f.b, r, 2)  # (E, r, in), (E, out, r)
+            n = a.shape[0]
+            out[f"{key}.lora_A.weight"] = a.reshape(n * r, a.shape[2]).to(dtype).contiguous()
+            out[f"{key}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], r * n).to(dtype).contiguous()
+            continue
+        a, b = _pad(f.a, r, 0).to(dtype).contiguous(), _pad(f.b, r, 1).to(dtype).contiguous()
         if f.kind == "embedding":
             out[f"{key}.lora_embedding_A"], out[f"{key}.lora_embedding_B"] = a, b
         else:
@@ -173,8 +222,9 @@ def vllm_max_lora_rank(rank: int) -> int:
 
 def _peft_config(factors: Sequence[LoraFactor], rank: int, base_model: str, revision: str | None) -> dict[str, Any]:
     """A PEFT LoraConfig as JSON, with only the keys every PEFT version since 0.12 reads (an unknown key makes
-    PEFT warn on every load), and ``target_modules`` the exact module names."""
-    return {
+    PEFT warn on every load), and ``target_modules`` the exact module names. Fused expert parameters go in
+    ``target_parameters`` (PEFT >= 0.17), written only when there are any."""
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model or None,
@@ -183,7 +233,7 @@ def _peft_config(factors: Sequence[LoraFactor], rank: int, base_model: str, revi
         "r": rank,
         "lora_alpha": rank,  # scaling = lora_alpha / r = 1
         "lora_dropout": 0.0,
-        "target_modules": [f.module for f in factors],
+        "target_modules": [f.module for f in factors if not f.parameter],
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -195,6 +245,10 @@ def _peft_config(factors: Sequence[LoraFactor], rank: int, base_model: str, revi
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    params = [f.parameter for f in factors if f.parameter]
+    if params:
+        config["target_parameters"] = params
+    return config
 
 
 def _hub_revision(base_model: str, identity: str) -> str | None:
@@ -212,8 +266,11 @@ def _size(n: int) -> str:
 
 
 def adapter_card(base_model: str, how: Mapping[str, Any], *, rank: int, n_modules: int, has_embedding: bool,
-                 tied: bool, adapter_bytes: int, merged_bytes: int, card: Mapping[str, Any] | None = None) -> str:
-    """README.md text for the adapter folder: what it is, how it was made, how to load and serve it."""
+                 tied: bool, adapter_bytes: int, merged_bytes: int, card: Mapping[str, Any] | None = None,
+                 n_parameters: int = 0) -> str:
+    """README.md text for the adapter folder: what it is, how it was made, how to load and serve it.
+    ``n_parameters``: how many parameters the adapter targets through PEFT's ``target_parameters`` (a model with
+    fused experts)."""
     from .. import __version__
 
     card = dict(card or {})
@@ -245,6 +302,12 @@ def adapter_card(base_model: str, how: Mapping[str, Any], *, rank: int, n_module
               "Serving with vLLM (requests name the model `refusal`):", "", "```bash",
               f"vllm serve {base_ref} --enable-lora --lora-modules refusal=THIS_FOLDER "
               f"--max-lora-rank {vllm_max_lora_rank(rank)}", "```"]
+    if n_parameters:
+        lines += ["", f"The adapter also edits {n_parameters} parameters through PEFT's `target_parameters`: the fused "
+                  f"expert weights (one 3-D parameter for all experts of a layer, rank {rank} per expert) and the "
+                  "MLP output projections beside them. Loading it needs PEFT >= 0.17 (tested with 0.21 on "
+                  "transformers 5). Servers that load LoRA only on modules may refuse it: serve the merged export "
+                  "(`refusal abliterate RUN --out DIR`) there."]
     if has_embedding:
         lines += ["", "The adapter also edits the token embedding (`lora_embedding_A/B`). PEFT applies it (with the "
                   "embedding's scale, where a model has one, in recent PEFT versions); vLLM loads LoRA on the "
@@ -315,7 +378,8 @@ def export_adapter(
     adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     out_emb = model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight is find_parts(model).embed.weight
-    readme = adapter_card(base, how, rank=rank, n_modules=len(factors),
+    n_params = sum(bool(f.parameter) for f in factors)
+    readme = adapter_card(base, how, rank=rank, n_modules=len(factors) - n_params, n_parameters=n_params,
                           has_embedding=any(f.kind == "embedding" for f in factors), tied=tied,
                           adapter_bytes=adapter_bytes, merged_bytes=_merged_bytes(model), card=card)
 

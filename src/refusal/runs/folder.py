@@ -28,13 +28,15 @@ import copy
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from .. import io
 from ..errors import DamagedFileError, RefusalError
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 STAGES = ("extract", "select", "generate", "evaluate")
 CONFIG = "config.yaml"
@@ -204,12 +206,12 @@ class RunFolder:
 
     def explain(self, exc: DamagedFileError) -> DamagedFileError:
         """The same error with the fix this folder knows (which stage rewrites the file), if the file is its own."""
-        p = Path(exc.path)
+        p = Path(str(exc.path))
         if p.parent.resolve() == self.path.resolve() and p.name in ARTIFACTS:
             return self.damaged(p.name, exc.why)
         return exc
 
-    def read_json(self, name: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
+    def read_json(self, name: str, kind: type[Any] = dict, keys: tuple[str, ...] = ()) -> Any:
         """An artifact as JSON of the given ``kind`` with ``keys``; missing: :class:`FileNotFoundError`; truncated,
         garbage or of another shape: a :class:`DamagedFileError` naming the stage that redoes it."""
         p = self.file(name)
@@ -230,7 +232,7 @@ class RunFolder:
         except DamagedFileError as exc:
             raise self.damaged(name, exc.why) from None
 
-    def load(self, name: str, loader):
+    def load(self, name: str, loader: Callable[[Path], Any]) -> Any:
         """``loader(path)`` (e.g. ``Direction.load``), with a damaged file named and its fix given."""
         try:
             return loader(self.file(name))
@@ -489,19 +491,19 @@ def granted(rf: RunFolder, saved: dict, trust_remote_code: bool, *, allow_networ
     return out
 
 
-def holding_lock(param: str = "run_dir", *, read_only_ok: bool = False):
+def holding_lock(param: str = "run_dir", *, read_only_ok: bool = False) -> Callable[[_F], _F]:
     """A decorator for a command whose argument ``param`` is a run folder: the command runs holding its lock."""
     import functools
 
-    def decorate(fn):
+    def decorate(fn: _F) -> _F:
         @functools.wraps(fn)
-        def command(*args, **kwargs):
+        def command(*args: Any, **kwargs: Any) -> Any:
             folder = kwargs.get(param)
             if folder is None or not Path(folder).is_dir():
                 return fn(*args, **kwargs)
             with RunFolder(folder).lock(read_only_ok=read_only_ok):
                 return fn(*args, **kwargs)
-        return command
+        return cast(_F, command)
     return decorate
 
 

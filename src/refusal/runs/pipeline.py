@@ -22,10 +22,10 @@ stages themselves are in :mod:`refusal.runs.stages`. Run folder layout::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -210,7 +210,7 @@ class Run:
         overrides = overrides or {}
         granted = bool(overrides.get("trust_remote_code"))
         asked = widening_settings(saved)
-        recorded = {}
+        recorded: dict[tuple, object] = {}
         if asked and not granted:
             recorded = {p: True for p in asked}
             saved = with_values(saved, {p: False for p in asked})
@@ -290,7 +290,7 @@ class Run:
     # ---- model ---------------------------------------------------------------------------------------------------
 
     @property
-    def model(self):
+    def model(self) -> Any:
         if self._model is None and self.model_provider is not None:
             self._model, self._tok = self.model_provider()
         if self._model is None:
@@ -308,7 +308,7 @@ class Run:
         return self._model
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         self.model  # noqa: B018 (loads both)
         return self._tok
 
@@ -338,7 +338,7 @@ class Run:
         a 150k vocabulary in bf16), so smaller than the other batches."""
         return self.cfg.batch_sizes(self.on_gpu).cross_entropy
 
-    def prompts(self, records: list[dict]) -> list[str]:
+    def prompts(self, records: Sequence[Mapping]) -> list[str]:
         return format_prompts(self.tokenizer, [r["instruction"] for r in records], self.cfg.system_prompt,
                               self.cfg.data.thinking)
 
@@ -442,18 +442,21 @@ def _load_error(source: ModelSource, exc: Exception, refused_code: bool) -> Refu
                         "or give a catalog model or a .gguf file.")
 
 
+_MaybePath = TypeVar("_MaybePath", str, str | None)  # a config's path setting: str or, where optional, None
+
+
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local model and dataset paths made absolute, so the saved config works from any folder (``refusal select
     RUN_DIR`` run elsewhere) and names what was used."""
-    def fix(spec):
+    def fix(spec: _MaybePath) -> _MaybePath:
         if not spec or spec.startswith(("builtin", "hf:")):
             return spec
         p = Path(spec).expanduser()
         return str(p.resolve()) if p.exists() else spec
     cfg.model = fix(cfg.model)
     d = cfg.data
-    d.harmful, d.harmless, d.harmful_test, d.harmless_test = (fix(x) for x in (d.harmful, d.harmless, d.harmful_test,
-                                                                                d.harmless_test))
+    d.harmful, d.harmless = fix(d.harmful), fix(d.harmless)
+    d.harmful_test, d.harmless_test = fix(d.harmful_test), fix(d.harmless_test)
     return cfg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -13,8 +14,13 @@ from ..directions.base import Direction, DirectionSet
 from ..errors import RefusalError
 from ..generation.batched import generate as generate_completions
 
+if TYPE_CHECKING:
+    from ..directions.diff_means import Candidates
+    from ..scoring.selection import Scores
+    from .pipeline import Run
 
-def judge_objective(run, cands, top: list[tuple[int, int]], harmful_val: list[dict]) -> dict:
+
+def judge_objective(run: Run, cands: Candidates, top: list[tuple[int, int]], harmful_val: list[dict]) -> dict:
     """Judge short completions of the harmful validation prompts under each candidate's ablation (all candidates in
     one batched generation) and pick the lowest judged refusal rate (ties: the better refusal score, i.e. rank)."""
     from ..evaluation.judges import make_judge
@@ -27,14 +33,15 @@ def judge_objective(run, cands, top: list[tuple[int, int]], harmful_val: list[di
                            "Use a refusal judge (substring, refusal_score, llm or openai with the refusal rubric).")
     prompts = run.prompts(harmful_val)
     rows = [[ablation(cands.direction(p, la))] for p, la in top for _ in prompts]
-    texts, first = generate_completions(run.model, run.tokenizer, prompts * len(top),
-                                        max_new_tokens=run.cfg.select.judge_max_new_tokens,
-                                        batch_size=run.generate_batch_size, plan=Plan.rows(run.model, rows),
-                                        refusal_ids=run.refusal_ids(), description="Judging the best candidates")
+    # with refusal_ids, generate returns the texts and their first-token refusal scores
+    texts, first = cast(tuple[list[str], torch.Tensor], generate_completions(
+        run.model, run.tokenizer, prompts * len(top), max_new_tokens=run.cfg.select.judge_max_new_tokens,
+        batch_size=run.generate_batch_size, plan=Plan.rows(run.model, rows), refusal_ids=run.refusal_ids(),
+        description="Judging the best candidates"))
     items = [{"instruction": r["instruction"], "completion": t, "refusal_score": float(f)}
              for r, t, f in zip(harmful_val * len(top), texts, first.tolist())]
     verdicts = judge.judge(items)
-    out = []
+    out: list[dict[str, Any]] = []
     n = len(prompts)
     for j, (p, la) in enumerate(top):
         vs = verdicts[j * n:(j + 1) * n]
@@ -59,7 +66,7 @@ def _by_layer(bypass: dict[tuple[int, int], float]) -> list[int]:
 def _ranking_summary(comps: list[tuple[int, int]], local: list[float] | None, glob: list[float] | None) -> dict:
     from ..scoring.plans import spearman
 
-    main = glob if glob is not None else local
+    main = glob if glob is not None else local or []
     out = {"components": [{"pos": p, "layer": la} for p, la in comps],
            "layers": _by_layer({c: v for c, v in zip(comps, main)})}
     if local is not None:
@@ -71,7 +78,8 @@ def _ranking_summary(comps: list[tuple[int, int]], local: list[float] | None, gl
     return out
 
 
-def rank_diff_means(run, scores, cands, layers, hv, bv) -> dict:
+def rank_diff_means(run: Run, scores: Scores, cands: Candidates, layers: list[int], hv: list[str],
+                    bv: list[str]) -> dict:
     """The paper's (global) bypass of every candidate; with select.ranking local/both also its bypass when ablated
     at its source layer only, and the Spearman correlation of the two rankings."""
     from ..interventions.hooks import ablation
@@ -91,7 +99,7 @@ def rank_diff_means(run, scores, cands, layers, hv, bv) -> dict:
     return _ranking_summary(comps, local, glob if run.cfg.select.ranking != "local" else None)
 
 
-def rank_inlp(run, cands, hv, bv, ranked_set: DirectionSet) -> dict:
+def rank_inlp(run: Run, cands: Candidates, hv: list[str], bv: list[str], ranked_set: DirectionSet) -> dict:
     """Score every INLP component's nullspace projection (locally at its layer and/or globally at every layer),
     pick the one with the lowest bypass among KL < the threshold, and add to the direction set: ``inlp`` (its
     subspace) and ``inlp_first`` (its first classifier direction rescaled to the diff-in-means norm there)."""

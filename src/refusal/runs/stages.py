@@ -4,10 +4,12 @@ before it, and returns ``(outputs, manifest extras)``."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .. import io
 from ..batching import console
-from ..config import BenchmarksConfig, OverRefusalConfig
+from ..config import BenchmarksConfig, Condition, EvaluateConfig, OverRefusalConfig
 from ..directions.base import Direction, DirectionSet
 from ..directions.diff_means import Candidates
 from ..directions.diff_means import extract as extract_candidates
@@ -30,8 +32,15 @@ from ..scoring.selection import Selection, choose, plot_scores, ranked
 from ..templates import post_instruction_ids, post_instruction_text
 from . import rankings as picks
 
+if TYPE_CHECKING:
+    from ..interventions.scopes import Intervention
+    from .pipeline import Run
 
-def extract(run, started: float):
+StageResult = tuple[list[str], dict | None]  # (the files it wrote, its manifest's extra fields)
+SaveBatch = Callable[[list[int], list[str], list[float | None]], None]  # generate's on_batch: rows, texts, scores
+
+
+def extract(run: Run, started: float) -> StageResult:
     tok = run.tokenizer
     post = post_instruction_ids(tok, run.cfg.system_prompt, run.cfg.data.thinking)
     n_pos = len(post)
@@ -66,7 +75,7 @@ def extract(run, started: float):
     return outputs, {"kept_after_filter": kept, "thinking": thinking}
 
 
-def _extract_inlp(run, splits: dict, n_pos: int) -> list[str]:
+def _extract_inlp(run: Run, splits: dict, n_pos: int) -> list[str]:
     """INLP subspaces at every component (layer below the selection's depth limit x post-instruction position)."""
     from ..directions.inlp import extract_inlp, plot_accuracy
 
@@ -89,7 +98,7 @@ def _extract_inlp(run, splits: dict, n_pos: int) -> list[str]:
     return ["inlp.safetensors", "inlp.json", "inlp_accuracy.png"]
 
 
-def select(run, started: float):
+def select(run: Run, started: float) -> StageResult:
     splits = io.read_json(run.dir / "splits.json")
     cands = Candidates.load(run.dir / "candidates.safetensors")
     n_layers = cands.n_layers
@@ -101,8 +110,8 @@ def select(run, started: float):
         batch_size=run.score_batch_size, prune_induce_below=s.induce_threshold if s.prune else None)
     io.write_json(run.dir / "scores.json", scores.to_json())  # kept for diagnosis even if nothing passes
     title = f"{run.cfg.model}: candidate directions"
-    filters = {"n_layers": n_layers, "kl_threshold": s.kl_threshold, "induce_threshold": s.induce_threshold,
-               "max_layer_fraction": s.max_layer_fraction}
+    filters: dict[str, Any] = {"n_layers": n_layers, "kl_threshold": s.kl_threshold,
+                               "induce_threshold": s.induce_threshold, "max_layer_fraction": s.max_layer_fraction}
     try:
         sel = choose(scores, **filters)
     except RefusalError as exc:
@@ -154,7 +163,7 @@ def select(run, started: float):
     return outputs + kept, {"selected": {"pos": sel.pos, "layer": sel.layer}}
 
 
-def _keep_refusal(run, splits: dict, cands: Candidates, chosen: Direction, ranked_set: DirectionSet) -> list[str]:
+def _keep_refusal(run: Run, splits: dict, cands: Candidates, chosen: Direction, ranked_set: DirectionSet) -> list[str]:
     """``select.keep_refusal``: one direction per category of the harmful train split at the selected component
     (categories.safetensors, categories.json), and the others' direction made orthogonal to the kept ones' (``kept``
     in the ranked set; see refusal.directions.categories)."""
@@ -172,6 +181,7 @@ def _keep_refusal(run, splits: dict, cands: Candidates, chosen: Direction, ranke
     if not released:
         raise RefusalError(f"After filtering by baseline refusal only kept categories are left ({', '.join(keep)}).",
                            "Set data.filter: false (--no-filter), or raise data.n_train.")
+    assert chosen.pos is not None  # the selected direction was made at a position (select's direction())
     i = cands.positions.index(chosen.pos)
     dirs = category_directions(run.model, run.tokenizer, {c: run.prompts(r) for c, r in by_cat.items()},
                                cands.harmless_mean[i, chosen.layer], chosen.pos, chosen.layer,
@@ -200,12 +210,12 @@ def _keep_refusal(run, splits: dict, cands: Candidates, chosen: Direction, ranke
     return ["categories.safetensors", "categories.json"]
 
 
-def _layer_rankings(run) -> dict[str, list[int]]:
+def _layer_rankings(run: Run) -> dict[str, list[int]]:
     """Layers best first per method (for ``{top: p}`` scopes), from the select stage's rankings."""
     return {m: r["layers"] for m, r in io.read_json(run.dir / "rankings.json").items()}
 
 
-def generate(run, started: float):
+def generate(run: Run, started: float) -> StageResult:
     """Every condition's rows decode together in large batches, each row with its own interventions; finished
     batches are saved as they end (``completions.partial.json``), so a killed run loses only the batch in flight."""
     splits = io.read_json(run.dir / "splits.json")
@@ -236,7 +246,7 @@ def generate(run, started: float):
     if done:
         console.print(f"Resuming generation: {len(done)} of {len(rows)} completions were saved earlier")
 
-    def save(batch_rows, texts, scores):
+    def save(batch_rows: list[int], texts: list[str], scores: list[float | None]) -> None:
         for i, t, s in zip(batch_rows, texts, scores):
             done[str(i)] = {"completion": t, "refusal_score": None if s is None else round(float(s), 4)}
         io.write_json(partial_path, {"digest": key, "rows": done, **({"server": server} if server else {})})
@@ -281,7 +291,9 @@ def generate(run, started: float):
     return ["completions.json", "kl.json"], extras or None
 
 
-def _generate_on_server(run, conds, rows, prompts, budgets, todo, save, server: dict, decoding: dict) -> list[int]:
+def _generate_on_server(run: Run, conds: list[Condition], rows: list[tuple[int, int]], prompts: list[str],
+                        budgets: list[int], todo: list[int], save: SaveBatch, server: dict,
+                        decoding: dict) -> list[int]:
     """generate.backend openai: decode the rows of the conditions that are pure weights (no interventions) on the
     server, after checking that it serves the run's model; fill the record; return the rows left to decode here."""
     from ..generation.batched import greedy_config
@@ -305,7 +317,7 @@ def _generate_on_server(run, conds, rows, prompts, budgets, todo, save, server: 
     return [i for i in todo if rows[i][0] not in pure]
 
 
-def _condition_kl(run, conds, ivs, harmless_prompts: list[str]) -> dict:
+def _condition_kl(run: Run, conds: list[Condition], ivs: list[list[Intervention]], harmless_prompts: list[str]) -> dict:
     """Each condition's first-token KL(baseline || condition) on the harmless test prompts: what its interventions
     change on inputs that should not change (batched over conditions)."""
     from ..scoring.plans import score_interventions
@@ -318,7 +330,7 @@ def _condition_kl(run, conds, ivs, harmless_prompts: list[str]) -> dict:
     return out
 
 
-def evaluate(run, started: float):
+def evaluate(run: Run, started: float) -> StageResult:
     """Judge every completion with every configured judge (side by side), and measure cross-entropy under every
     condition's interventions; write judgements.json, judges.json, ce.json and summary.json (once, at the end, with
     the fields of ``run.summary_extra``)."""
@@ -379,7 +391,7 @@ def evaluate(run, started: float):
                 m["over_refusal"] = {k: over[f"{kind}/{cond}"][k] for k in ("over_refusal", "compliance")}
             if split:
                 m["reasoning"] = _reasoning_summary(judged[kind][cond], reasoning_judges, kind, cond)
-    budgets = {c.prompts: {} for c in run.cfg.generate.conditions}
+    budgets: dict[str, dict[str, int]] = {c.prompts: {} for c in run.cfg.generate.conditions}
     for c in run.cfg.generate.conditions:
         budgets[c.prompts][c.name] = c.max_new_tokens or run.cfg.generate.max_new_tokens
     summary = {
@@ -399,7 +411,7 @@ def evaluate(run, started: float):
     return outputs + ["summary.json"], None
 
 
-def _run_judges(comps: dict, specs: list[dict], part: str = "answer") -> dict:
+def _run_judges(comps: dict, specs: list[Any], part: str = "answer") -> dict:
     """``{judge name: {prompt set: {condition: {"n", "failed", "rates", "items"}}}}`` for every configured judge.
 
     ``part``: what is judged (:func:`~refusal.evaluation.judges.base.judge_part`): the final answer (the whole
@@ -439,7 +451,7 @@ def _reasoning_summary(judged: list[dict], reasoning_judges: dict, kind: str, co
                        for name, v in reasoning_judges.items() if cond in v.get(kind, {})}}
 
 
-def _condition_ivs(run) -> dict[str, list]:
+def _condition_ivs(run: Run) -> dict[str, list[Intervention]]:
     """``{"prompt_set/condition": interventions}`` for every configured condition."""
     directions = DirectionSet.load(run.dir / "directions.safetensors")
     rankings = _layer_rankings(run)
@@ -447,7 +459,7 @@ def _condition_ivs(run) -> dict[str, list]:
             for c in run.cfg.generate.conditions}
 
 
-def _benchmarks(run, spec: BenchmarksConfig) -> dict:
+def _benchmarks(run: Run, spec: BenchmarksConfig) -> dict:
     """lm-eval accuracies under every condition: ``{"prompt_set/condition": {task: {acc, n, ...}}}``."""
     from ..evaluation.benchmarks import run_benchmarks
 
@@ -460,7 +472,7 @@ def _benchmarks(run, spec: BenchmarksConfig) -> dict:
     return out
 
 
-def _over_refusal(run, spec: OverRefusalConfig) -> dict:
+def _over_refusal(run: Run, spec: OverRefusalConfig) -> dict:
     """Refusals on safe-looking prompts and compliance on unsafe ones, every condition in one generation."""
     from ..data.contrast import builtin_contrast, load_contrast
     from ..evaluation.over_refusal import over_refusal, to_json
@@ -473,7 +485,7 @@ def _over_refusal(run, spec: OverRefusalConfig) -> dict:
     return to_json(res)
 
 
-def _magnitude(run, comps: dict, judged: dict, over: dict) -> list[str]:
+def _magnitude(run: Run, comps: dict, judged: dict, over: dict) -> list[str]:
     """Projection of each test prompt (and contrast prompt) on the selected direction against its refusal."""
     from ..evaluation.magnitude import magnitude, plot_magnitude
 
@@ -500,7 +512,7 @@ def _magnitude(run, comps: dict, judged: dict, over: dict) -> list[str]:
     return files
 
 
-def _cross_entropy(run, comps: dict, ev) -> dict:
+def _cross_entropy(run: Run, comps: dict, ev: EvaluateConfig) -> dict:
     """``{source name: {"prompt_set/condition": {loss, perplexity, tokens, sequences}}}``: CE under every
     condition's interventions (the model's own baseline completions to harmless prompts by default)."""
     from ..evaluation.cross_entropy import evaluate as ce_evaluate
@@ -513,6 +525,7 @@ def _cross_entropy(run, comps: dict, ev) -> dict:
     out: dict = {}
     for spec in ev.cross_entropy:
         source = spec["source"]
+        mode: str | None
         if source == "completions":
             base = comps.get("harmless", {}).get("baseline")
             if not base:
