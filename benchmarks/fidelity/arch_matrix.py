@@ -55,6 +55,26 @@ def _reference(model, tok, prompts: list[str], n: int) -> list[str]:
     return out
 
 
+def _noise_floor(model, tok, prompts, want, n: int) -> dict:
+    """The model's own code against itself: ``model.generate`` with its other attention implementation (eager where
+    it ran SDPA, SDPA where it ran eager) against the reference. Where these differ too (bf16 rounding on near-tied
+    logits), a fast path's differences in the same cells are no evidence of a wrong computation."""
+    old = model.config._attn_implementation
+    other = "eager" if old != "eager" else "sdpa"
+    t = time.perf_counter()
+    try:
+        model.set_attn_implementation(other)
+        with torch.no_grad():
+            got = _reference(model, tok, prompts, n)
+    except Exception as exc:  # noqa: BLE001 -- a model with one implementation has no floor to show
+        return {"status": "n/a", "reason": f"{type(exc).__name__}: {str(exc)[:200]}", "seconds": 0.0}
+    finally:
+        model.set_attn_implementation(old)
+    differ = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    return {"status": "match" if not differ else "differs", "differ": differ, "decoder": f"model.generate, {other}",
+            "seconds": round(time.perf_counter() - t, 2)}
+
+
 def _one(model, tok, prompts, want, path: str, n: int) -> dict:
     from refusal.errors import RefusalError
     from refusal.generation.batched import generate
@@ -101,6 +121,9 @@ def run(families: list[str], dtypes: list[torch.dtype], paths: list[str], device
                 continue
             with torch.no_grad():
                 want = _reference(model, tok, prompts, n_new)
+            floor = _noise_floor(model, tok, prompts, want, n_new)
+            rows.append({**row, "path": "model's other attention", **floor})
+            print(fam, row["dtype"], "model's other attention", floor["status"], flush=True)
             for path in paths:
                 if path == "compiled" and fam not in compile_families:
                     continue
@@ -138,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (DRY=1)",
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "seconds": round(time.perf_counter() - t0, 1), "new_tokens": args.new_tokens,
-        "summary": {s: sum(r["status"] == s for r in result["rows"]) for s in
-                    ("match", "differs", "refused", "error")},
+        "summary": {s: sum(r["status"] == s for r in result["rows"] if r["path"] != "model's other attention")
+                    for s in ("match", "differs", "refused", "error")},
+        # the model's own two attention implementations against each other, per dtype: the rounding floor
+        "noise_floor": {f"{dt}: {s}": sum(r["status"] == s and r["dtype"] == dt for r in result["rows"]
+                                          if r["path"] == "model's other attention")
+                        for dt in ("bfloat16", "float32") for s in ("match", "differs", "n/a")},
     })
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
