@@ -200,6 +200,45 @@ def fidelity(page: Page) -> None:
                 "harmless baseline", "harmless ActAdd(+)"], PAPER)
 
 
+def model_families(page: Page) -> None:
+    """The architecture matrix's CUDA paths against ``model.generate``, with the model's own rounding floor."""
+    page.add("## Model families on CUDA", "",
+             "Every family of `tests/archs.py` (tiny random models; the CPU matrix is [`docs/models.md`](models.md)) "
+             "on a GPU: `refusal.generate` on each path against `model.generate`, greedy, 8 new tokens. The floor "
+             "row is the model's own code against itself (`model.generate` with its other attention "
+             "implementation, eager ↔ SDPA): where it differs too, a path's difference is rounding on near-tied "
+             "logits, not evidence of a wrong computation.", "")
+    base = f"{RESULTS}/h100-2026-12-06"
+    rel = f"{base}/arch-matrix-cuda-floor.json"
+    d = page.load(rel)
+    cells: dict = {}
+    for r in d["rows"]:
+        cells.setdefault((r["dtype"], r["path"]), []).append(r["status"])
+    rows = []
+    for dt in ("float32", "bfloat16"):
+        for path in ("model's other attention", "eager", "graphs", "compiled"):
+            st = cells.get((dt, path), [])
+            if st:
+                rows.append([dt, path, sum(x == "match" for x in st), sum(x == "differs" for x in st),
+                             sum(x in ("refused", "n/a") for x in st)])
+    page.table(["dtype", "path", "match", "differ", "refused / n/a"], rows)
+    floor = {(r["family"], r["dtype"]): r["status"] for r in d["rows"] if r["path"] == "model's other attention"}
+    odd = sorted({f"{r['family']} {r['dtype']} {r['path']}" for r in d["rows"] if r["status"] == "differs"
+                  and r["path"] != "model's other attention" and floor.get((r["family"], r["dtype"])) == "match"})
+    page.add("Fast-path differences in families whose own implementations agree: "
+             + (", ".join(odd) if odd else "none") + ".", "")
+    page.source(rel, {**d, "command": "bash benchmarks/gpu_round3.sh matrix (python -m benchmarks.arch_matrix)",
+                      "date": "2026-12-06", "commit": "07181bd, with arch_matrix.py of 3ba4be7"})
+    before, after = page.load(f"{base}/step8b-before.json"), page.load(f"{base}/step8b-after.json")
+    page.add("The 8B decode step before and after the fidelity rule (random Llama-3-8B shape, batch 64, 128 new "
+             "tokens, `python -m benchmarks.profile_generate --variants default`, the same machine in one call):", "")
+    page.table(["code", "ms per step", "greedy tokens vs a plain forward"],
+               [[label, x["ms_per_step"], x["variants"]["default"]["greedy_check"]["tokens_greedy"]]
+                for label, x in (("71497bc (before)", before), ("07181bd (after)", after))])
+    page.source(f"{base}/step8b-after.json", {**after, "command": "bash benchmarks/gpu_round3.sh step8b",
+                                                "date": "2026-12-06"})
+
+
 def evaluation(page: Page) -> None:
     page.add("## Evaluation", "",
              "The paper run's five conditions judged by every configured judge, with cross-entropy and "
@@ -537,7 +576,7 @@ def prose_only(page: Page) -> None:
     page.table(["figure", "why it is prose only"], PROSE_ONLY)
 
 
-SECTIONS = (fidelity, evaluation, inlp, edits, crosslingual, performance, peers, prose_only)
+SECTIONS = (fidelity, model_families, evaluation, inlp, edits, crosslingual, performance, peers, prose_only)
 
 
 def render(root: Path = ROOT) -> tuple[str, set[str]]:
