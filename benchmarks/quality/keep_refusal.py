@@ -60,42 +60,17 @@ def device_name() -> str:
 
 
 def tiny_model(folder: Path) -> None:
-    """A tiny random Qwen2 chat model with a byte-level BPE tokenizer and a ChatML template, saved to ``folder``
-    (built in memory from the package's own instruction sets: no hub)."""
+    """A tiny random Qwen2 (benchmarks/tiny.py) whose tokenizer knows the built-in sets and refusal phrases."""
     from importlib import resources
 
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from benchmarks.tiny import save_tiny_qwen2
 
     data = resources.files("refusal").joinpath("data", "builtin")
     corpus = []
     for name in ("harmful.json", "harmless.json"):
         corpus += [r["instruction"] for r in json.loads(data.joinpath(name).read_text("utf-8"))]
     phrases = json.loads(data.joinpath("refusal_phrases.json").read_text("utf-8"))
-    corpus += phrases["phrases"] + phrases["refusal_openings"] + ["user", "assistant", "system"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>",
-                                                                  "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=1024, tie_word_embeddings=True,
-                                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
+    save_tiny_qwen2(folder, corpus + phrases["phrases"] + phrases["refusal_openings"], max_positions=1024)
 
 
 def harmful_source(train: str, data: Path | None, work: Path) -> tuple[str, str]:

@@ -112,38 +112,12 @@ def evaluate_folder(folder: Path, languages: list[str] | None = None, use_scores
 
 def tiny_model(folder: Path) -> Path:
     """A tiny random Qwen2 with a byte-level BPE tokenizer and a ChatML template, saved as a HF folder (DRY)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
+    from benchmarks.tiny import save_tiny_qwen2
     from refusal.data import builtin
 
     if (folder / "config.json").is_file():
         return folder
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>",
-                                                                  "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([r["instruction"] for k in ("harmful", "harmless") for r in builtin(k)]
-                            + ["user", "assistant", "system"], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, eos_token_id=2, pad_token_id=3,
-                                         bos_token_id=1, tie_word_embeddings=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    return save_tiny_qwen2(folder, [r["instruction"] for k in ("harmful", "harmless") for r in builtin(k)])
 
 
 def _missing_harmless_tests(poly: Path, runs: Path, languages: list[str]) -> dict[str, str]:
