@@ -75,6 +75,22 @@ def _noise_floor(model, tok, prompts, want, n: int) -> dict:
             "seconds": round(time.perf_counter() - t, 2)}
 
 
+def _static_deficit(model, tok, prompts, kind, n: int) -> dict:
+    """The static decoder's own tokens for the batch, checked against one plain forward of the model over prompt +
+    tokens (:func:`benchmarks.speed.profile_generate.greedy_deficit`): per token, the largest logit minus the chosen
+    one's. Rounding on near ties gives deficits of a fraction of a logit; a wrong computation gives whole logits."""
+    from benchmarks.speed.profile_generate import greedy_deficit
+    from refusal.generation.batched import greedy_config, static_decoder
+    from refusal.templates import tokenize
+
+    b = tokenize(tok, prompts, model.device)
+    eos = greedy_config(model, tok, n).eos_token_id
+    eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=model.device)
+    with torch.no_grad():
+        tokens, _ = static_decoder(model, kind)(b.input_ids, b.attention_mask, n, eos_ids, tok.pad_token_id)
+        return greedy_deficit(model, b.input_ids, b.attention_mask, tokens)
+
+
 def _one(model, tok, prompts, want, path: str, n: int) -> dict:
     from refusal.errors import RefusalError
     from refusal.generation.batched import generate
@@ -91,8 +107,14 @@ def _one(model, tok, prompts, want, path: str, n: int) -> dict:
         return {"status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
                 "seconds": round(time.perf_counter() - t, 2)}
     differ = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    extra: dict = {}
+    if differ and kind:  # a static path that differs: is it rounding on near ties, or a wrong computation?
+        try:
+            extra["greedy_check"] = _static_deficit(model, tok, prompts, kind, n)
+        except Exception as exc:  # noqa: BLE001 -- recorded beside the row
+            extra["greedy_check"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return {"status": "match" if not differ else "differs", "differ": differ, "decoder": report.get("decoder", ""),
-            "attention": report.get("attention", ""), "seconds": round(time.perf_counter() - t, 2),
+            "attention": report.get("attention", ""), "seconds": round(time.perf_counter() - t, 2), **extra,
             **({"got": [got[i] for i in differ], "want": [want[i] for i in differ]} if differ else {})}
 
 
