@@ -171,6 +171,8 @@ def test_register_a_judge():
 
     j = make_judge({"type": "always_refusal"})
     assert [x.label for x in j.judge(ITEMS)] == ["refusal"] * 3
+    with pytest.raises(RefusalError, match="Unknown key"):  # the one schema checks registered judges too
+        make_judge({"type": "always_refusal", "threshold": 1})
 
 
 def test_not_a_causal_lm_or_no_chat_template(tmp_path, tokenizer):

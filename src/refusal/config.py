@@ -247,17 +247,17 @@ class OpenAIJudgeConfig(JudgeSpec):
     max_tokens: int = setting(JUDGE_MAX_NEW_TOKENS, "tokens of the judge's answer (a label)", check=positive)
 
 
-# type -> its schema; None: a judge registered from outside the package without one (its spec stays a plain
-# mapping, checked by the judge itself when it is built)
-JUDGE_SCHEMAS: dict[str, type[JudgeSpec] | None] = {
+# type -> its schema (a judge registered from outside the package without one takes no options: JudgeSpec)
+JUDGE_SCHEMAS: dict[str, type[JudgeSpec]] = {
     "substring": SubstringJudgeConfig, "refusal_score": RefusalScoreJudgeConfig, "guard": GuardJudgeConfig,
     "llm": LLMJudgeConfig, "openai": OpenAIJudgeConfig}
 assert set(JUDGE_SCHEMAS) == set(JUDGES)
 
 
 def register_judge(type_name: str, schema: type[JudgeSpec] | None = None) -> None:
-    """Make ``{type: type_name}`` a known judge type (:func:`refusal.evaluation.judges.register` calls this)."""
-    JUDGE_SCHEMAS[type_name] = schema
+    """Make ``{type: type_name}`` a known judge type, its specs checked against ``schema`` (default: no options;
+    :func:`refusal.evaluation.judges.register` calls this)."""
+    JUDGE_SCHEMAS[type_name] = schema if schema is not None else JudgeSpec
 
 
 def judge_types() -> list[str]:
@@ -279,14 +279,11 @@ def _type_names(t: Any) -> str:
 
 def parse_judge(spec: Any, where: str = "") -> Any:
     """A judge spec checked against its type's schema (keys, types, choices, ranges; no model loaded, no request
-    sent): a typed :class:`JudgeSpec` holding the keys given, or, for a judge registered without a schema, the
-    mapping as it is. A :class:`RefusalError` names the key and the fix."""
+    sent): a typed :class:`JudgeSpec` holding the keys given. A :class:`RefusalError` names the key and the fix."""
     if isinstance(spec, JudgeSpec):
         return spec
     key = _judge_type(spec)
     schema = JUDGE_SCHEMAS[key]
-    if schema is None:
-        return dict(spec)
     type_name = str(spec["type"])
     flds = {f.name: f for f in dataclasses.fields(schema) if f.name not in ("type", "name")}
     allowed = {"type", "name", *flds}

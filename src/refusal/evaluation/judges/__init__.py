@@ -20,7 +20,6 @@ from .base import (
     Item,
     Judge,
     Judgement,
-    Option,
     as_items,
     judge_class,
     judge_types,
@@ -31,5 +30,5 @@ from .base import (
     validate_spec,
 )
 
-__all__ = ["KINDS", "REFUSAL_LABELS", "SAFETY_LABELS", "Item", "Judge", "Judgement", "Option", "as_items",
+__all__ = ["KINDS", "REFUSAL_LABELS", "SAFETY_LABELS", "Item", "Judge", "Judgement", "as_items",
            "judge_class", "judge_types", "make_judge", "rate", "register", "summarize", "validate_spec"]

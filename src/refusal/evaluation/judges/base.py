@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -114,81 +114,6 @@ def as_items(items: Sequence) -> list[Item]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Spec validation
-
-_REQUIRED = object()
-NoneType = type(None)  # for option types (inside a Judge class body, ``type`` is the judge's type name)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One key of a judge spec: accepted types, default (absent: required), allowed values, extra check."""
-
-    types: type | tuple[type, ...]
-    default: Any = _REQUIRED
-    choices: tuple | None = None
-    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None if the value is fine
-    help: str = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is _REQUIRED
-
-
-def positive(x) -> str | None:
-    return None if x > 0 else "must be > 0"
-
-
-def non_negative(x) -> str | None:
-    return None if x >= 0 else "must be >= 0"
-
-
-def _type_names(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
-
-
-def check_options(type_name: str, spec: Mapping, options: Mapping[str, Option]) -> dict:
-    """The spec's options with defaults filled in; a :class:`RefusalError` for any unknown, missing or bad key."""
-    allowed = {"type", "name", *options}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise RefusalError(f"Unknown key(s) {', '.join(map(repr, unknown))} in the '{type_name}' judge spec.",
-                           f"Allowed keys: {', '.join(sorted(allowed))}.")
-    out: dict = {}
-    for key, opt in options.items():
-        if key not in spec:
-            if opt.required:
-                raise RefusalError(f"The '{type_name}' judge spec needs '{key}'"
-                                   f"{f' ({opt.help})' if opt.help else ''}.",
-                                   f"Add \"{key}\" to the spec.")
-            out[key] = opt.default
-            continue
-        value = spec[key]
-        types = opt.types if isinstance(opt.types, tuple) else (opt.types,)
-        bad_bool = isinstance(value, bool) and bool not in types  # bool is an int, but not a count
-        if bad_bool or not isinstance(value, types):
-            if float in types and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            else:
-                raise RefusalError(f"'{key}' in the '{type_name}' judge spec is {value!r}; expected "
-                                   f"{_type_names(opt.types)}.", f"Fix '{key}' in the spec.")
-        if opt.choices is not None and value not in opt.choices:
-            raise RefusalError(f"'{key}' in the '{type_name}' judge spec is {value!r}.",
-                               f"Use one of: {', '.join(map(str, opt.choices))}.")
-        if opt.check is not None and value is not None:
-            complaint = opt.check(value)
-            if complaint:
-                raise RefusalError(f"'{key}' in the '{type_name}' judge spec is {value!r}: {complaint}.",
-                                   f"Fix '{key}' in the spec.")
-        out[key] = value
-    name = spec.get("name")
-    if name is not None and not (isinstance(name, str) and name.strip()):
-        raise RefusalError(f"'name' in the '{type_name}' judge spec is {name!r}.", "Use a non-empty string.")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Judges and the registry
 
 
@@ -196,8 +121,9 @@ class Judge(ABC):
     """A judge: ``name`` (for reports), ``kind`` (``"refusal"`` or ``"safety"``), and :meth:`judge`."""
 
     type: ClassVar[str]
-    OPTIONS: ClassVar[dict[str, Option]] = {}  # a judge from outside the package: its options, checked here
-    SCHEMA: ClassVar[Any] = None  # a built-in judge: its typed spec in refusal.config (the one schema)
+    # its typed spec (a refusal.config.JudgeSpec subclass: the one schema, built-in judges and registered ones
+    # alike); a registered judge without one takes no options
+    SCHEMA: ClassVar[Any] = None
     name: str
     kind: str
 
@@ -212,11 +138,9 @@ class Judge(ABC):
     @classmethod
     def check_spec(cls, spec: Mapping) -> dict:
         """Validated options (no model work). Subclasses add checks that need several keys at once."""
-        if cls.SCHEMA is not None:
-            from ...config import parse_judge
+        from ...config import parse_judge
 
-            return parse_judge(spec).options()
-        return check_options(cls.type, spec, cls.OPTIONS)
+        return parse_judge(spec).options()
 
     @classmethod
     def from_spec(cls, spec: Mapping) -> Judge:
@@ -245,7 +169,7 @@ def register(cls: type[Judge]) -> type[Judge]:
     from ...config import register_judge
 
     _REGISTERED[cls.type] = cls
-    register_judge(cls.type, cls.SCHEMA)  # config accepts the type (typed if the judge has a schema there)
+    register_judge(cls.type, cls.SCHEMA)  # config accepts the type and checks its specs
     return cls
 
 
