@@ -59,7 +59,9 @@ def loaded(run_dir):
     from refusal.models.loading import load_model
 
     model, tok = load_model(str(run_dir.parent.parent / "tiny-qwen2"), device="cpu")
-    return model, tok, DirectionSet.load(run_dir / "directions.safetensors")
+    from refusal.runs.folder import RunFolder
+
+    return model, tok, RunFolder(run_dir).directions()
 
 
 def _no_hooks(model) -> bool:

@@ -219,7 +219,9 @@ def test_run_with_keep_refusal_end_to_end(model_dir, categorised, tmp_path):
     assert harmful["keep_refusal"]["kl_harmless"] is not None  # the KL of the keep-refusal condition
     assert "by_category" not in s["results"]["harmless"]["baseline"]  # harmless records carry no category
     # the direction: in the run's set as `kept`, orthogonal to the kept categories' directions
-    dirs = DirectionSet.load(run_dir / "directions.safetensors")
+    from refusal.runs.folder import RunFolder
+
+    dirs = RunFolder(run_dir).directions()  # "selected" read from direction.safetensors, the ranked set beside it
     cats = DirectionSet.load(run_dir / "categories.safetensors")
     kept = dirs["kept"]
     assert kept.method == "keep_refusal" and kept.extra["kept"] == list(CATS[1:])

@@ -373,8 +373,10 @@ def test_inlp_families_and_scopes_from_the_shipped_config(model_dir, datasets, t
     assert rank["inlp"]["selected"]["rank"] >= 1 and (run_dir / "inlp_accuracy.png").exists()
     assert (run_dir / "inlp_selected_accuracy.png").exists()  # the chosen component's rounds, from select
     from refusal.directions.base import DirectionSet
+    from refusal.runs.folder import RunFolder
 
-    ds = DirectionSet.load(run_dir / "directions.safetensors")
+    assert "selected" not in DirectionSet.load(run_dir / "directions.safetensors")  # kept once: direction.safetensors
+    ds = RunFolder(run_dir).directions()
     assert ds["inlp"].method == "inlp" and ds["inlp_first"].k == 1
     sel = ds["selected"]
     dm_there = ds["inlp_first"].vector.norm()

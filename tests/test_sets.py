@@ -16,6 +16,7 @@ from refusal.cli import app
 from refusal.data import builtin
 from refusal.directions.base import Direction, DirectionSet
 from refusal.errors import RefusalError
+from refusal.runs.folder import RunFolder
 from refusal.scoring.engine import kl_div, last_logits
 from refusal.scoring.refusal import refusal_score, refusal_token_ids
 from refusal.scoring.sets import ScoredSet, SetSearch, add_to_directions, plot_pareto, score_sets, search_sets
@@ -215,7 +216,7 @@ def test_sets_command_searches_writes_and_saves(run_dir):
     assert [c["layer"] for c in j["candidates"]] == [x["layer"] for x in ranked[:4]]
     assert sum(s["size"] == 1 for s in j["sets"]) == 4 and j["best"] is not None and j["pareto"]
     assert (run_dir / "sets.png").read_bytes()[:4] == b"\x89PNG"
-    ds = DirectionSet.load(run_dir / "directions.safetensors")
+    ds = RunFolder(run_dir).directions()  # the saved set is its own artifact (sets.safetensors), read with the rest
     assert "selected" in ds and "0" in ds and ds["set"].method == "set"
     assert ds["set"].k == len(j["best"]["ranks"])
     assert [m["rank"] for m in ds["set"].extra["members"]] == j["best"]["ranks"]

@@ -24,7 +24,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from benchmarks.peers import heretic_metric as hm
-    from refusal.directions.base import DirectionSet
     from refusal.interventions import apply
     from refusal.interventions.hooks import ablation
     from refusal.runs.pipeline import Run
@@ -40,7 +39,7 @@ def main() -> None:
     a = ap.parse_args()
     run = Run.open(a.run_dir)
     model, tok = run.model, hm.prepare_tokenizer(run.tokenizer)
-    d = DirectionSet.load(run.dir / "directions.safetensors")["selected"]
+    d = run.folder.selected_direction()
     harmful = [r["instruction"] for r in json.loads(Path(a.harmful_test).read_text())][: a.n]
     harmless = [r["instruction"] for r in json.loads(Path(a.harmless_test).read_text())][: a.n]
     kw = {"batch_size": a.batch_size}

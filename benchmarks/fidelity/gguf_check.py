@@ -23,7 +23,6 @@ import torch
 
 def main() -> None:
     from refusal import io
-    from refusal.directions.base import DirectionSet
     from refusal.interventions import apply
     from refusal.interventions.hooks import ablation
     from refusal.layout import layout
@@ -45,7 +44,7 @@ def main() -> None:
         raise SystemExit(f"{run.cfg.model} is not a GGUF model; use benchmarks.fidelity.export_check for a folder.")
     source = Path(src.path) if src.kind == "gguf" else catalog.pull(src.path)
     splits = io.read_json(run.dir / "splits.json")
-    d = DirectionSet.load(run.dir / "directions.safetensors")["selected"]
+    d = run.folder.selected_direction()
     harmful = [r["instruction"] for r in splits["harmful"]["test"][: a.n]]
     harmless = [r["instruction"] for r in splits["harmless"]["test"][: a.n]]
     model, tok = run.model, run.tokenizer

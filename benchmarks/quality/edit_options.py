@@ -28,7 +28,6 @@ def kernel(n_layers: int, peak: int, width: float) -> list[float]:
 
 def main() -> None:
     from refusal import io
-    from refusal.directions.base import DirectionSet
     from refusal.directions.diff_means import Candidates
     from refusal.interventions import apply
     from refusal.interventions.hooks import ablation
@@ -47,7 +46,7 @@ def main() -> None:
     run = Run.open(a.run_dir)
     model, tok = run.model, run.tokenizer
     splits = io.read_json(run.dir / "splits.json")
-    d = DirectionSet.load(run.dir / "directions.safetensors")["selected"]
+    d = run.folder.selected_direction()
     cands = Candidates.load(run.dir / "candidates.safetensors")
     harmless_mean = cands.harmless_mean[cands.positions.index(d.pos), d.layer]
     n_layers = find_parts(model).n_layers

@@ -75,7 +75,6 @@ def _sizes(objective: str, harmful_val, harmless_val, harmful_test, harmless_tes
 def main() -> None:
     from benchmarks.peers import heretic_metric as hm
     from refusal import io
-    from refusal.directions.base import DirectionSet
     from refusal.directions.diff_means import Candidates
     from refusal.interventions.weights import orthogonalized
     from refusal.models.parts import find_parts
@@ -125,7 +124,7 @@ def main() -> None:
                             a.n_val, harmful_test)
         harmless_val = _grow(harmless_val, splits, "harmless", Path(a.val_pool), ("harmless_val",), a.n_val,
                              harmless_test)
-    dset = DirectionSet.load(run.dir / "directions.safetensors")
+    dset = run.folder.directions()  # selected, ranks
     cands = Candidates.load(run.dir / "candidates.safetensors")
     n_layers = find_parts(model).n_layers
     rids = torch.tensor(run.refusal_ids())

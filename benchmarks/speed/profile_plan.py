@@ -7,16 +7,16 @@ import torch
 
 from refusal import load_model
 from refusal.config import default_conditions
-from refusal.directions.base import DirectionSet
 from refusal.generation.batched import generate
 from refusal.interventions import Plan
 from refusal.interventions.specs import condition_interventions
+from refusal.runs.folder import RunFolder
 from refusal.templates import format_prompts
 
 run = sys.argv[1]
 model, tok = load_model("/tmp/m/hf", device="cuda")
 splits = json.load(open(f"{run}/splits.json"))
-ds = DirectionSet.load(f"{run}/directions.safetensors")
+ds = RunFolder(run).directions()
 by = {k: format_prompts(tok, [r["instruction"] for r in splits[k]["test"]]) for k in ("harmful", "harmless")}
 prompts, rows = [], []
 for c in default_conditions():

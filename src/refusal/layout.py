@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -77,8 +78,8 @@ def common_prefix(ids: list[list[int]], min_prefix: int = 4) -> int:
     return p if p >= min_prefix else 0
 
 
-def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, min_prefix: int = 4,
-           max_buckets: int = 4, slack: float = 0.1) -> Layout:
+def layout(tokenizer: Any, prompts: list[str], device: torch.device | str, *, share_prefix: bool = True,
+           min_prefix: int = 4, max_buckets: int = 4, slack: float = 0.1) -> Layout:
     """Split already-templated prompts into a shared prefix and at most ``max_buckets`` length buckets.
 
     A prefix shorter than ``min_prefix`` tokens is not split off (running it separately costs an extra pass and a
@@ -112,8 +113,9 @@ def layout(tokenizer, prompts: list[str], device, *, share_prefix: bool = True, 
     return Layout(prefix, buckets, len(ids), sum(len(x) for x in ids))
 
 
-def prefix_cache(model, lay: Layout, reps: int):
+def prefix_cache(model: Any, lay: Layout, reps: int) -> DynamicCache:
     """The key/value cache of the layout's shared prefix, ``reps`` rows (under whatever hooks are active)."""
+    assert lay.prefix is not None, "prefix_cache needs a layout with a shared prefix"
     ids = lay.prefix[None].expand(reps, -1)
     base = decoder(model)  # no output head
     return getattr(base(input_ids=ids, use_cache=True), cache_kwarg(base))
@@ -123,12 +125,13 @@ class SharedPrefix(DynamicCache):
     """A prefix's key/value cache, each of its rows seen by ``reps`` consecutive batch rows, and only read: a
     forward joins it to the new keys and values without copying it per bucket or storing what it adds."""
 
-    def __init__(self, prefix, reps: int):
+    def __init__(self, prefix: DynamicCache, reps: int) -> None:
         super().__init__()
         self.layers, self.reps = prefix.layers, reps
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer: Any = self.layers[layer_idx]  # an attention layer's keys and values (transformers' union of kinds)
         return _join(layer.keys, key_states, self.reps), _join(layer.values, value_states, self.reps)
 
 
@@ -144,7 +147,7 @@ def _join(past: torch.Tensor, new: torch.Tensor, reps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_decoder(model, lay: Layout, before: Callable[[Bucket | None], None]) -> None:
+def run_decoder(model: Any, lay: Layout, before: Callable[[Bucket | None], None]) -> None:
     """Run the decoder (no output head) over a layout: the shared prefix once, then every bucket after the cached
     prefix. ``before`` is called with ``None`` before the prefix pass and with each bucket before its pass, so that
     hooks know which rows and positions they are seeing."""

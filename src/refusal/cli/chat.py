@@ -74,7 +74,7 @@ def open_target(target: str, direction_file: Path | None, device: str | None, dt
         if direction_file is None and not path.is_file():
             raise RefusalError(f"The run in '{folder}' has no directions.safetensors: select has not run.",
                                f"Run `refusal select {folder}` (or `refusal run {folder}`) first.")
-        directions = load_directions(path) if direction_file else rf.load("directions.safetensors", load_directions)
+        directions = load_directions(path) if direction_file else rf.directions()  # selected, ranks, set
         spec = str(cfg["model"])
         err.print(f"Loading [bold]{spec}[/] (run {folder}) ...")
         model, tok = load_model(spec, device=device or cfg.get("device"), dtype=dtype or cfg.get("dtype"),

@@ -23,7 +23,6 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _run_inputs(run_dir: Path, trust_remote_code: bool = False, allow_network: bool = False) -> tuple[dict, Direction]:
     """The run's saved config (checked; ``trust_remote_code`` set to what this command line grants, never what the
     file says; a hub model only with ``allow_network``) and its selected direction."""
-    from ..directions.base import Direction
     from ..runs.folder import RunFolder, granted
 
     rf = RunFolder(run_dir)
@@ -31,7 +30,7 @@ def _run_inputs(run_dir: Path, trust_remote_code: bool = False, allow_network: b
     if not rf.file("direction.safetensors").is_file():
         raise RefusalError(f"'{rf.path}' has no direction.safetensors: no direction was selected yet.",
                            f"Run `refusal select {rf.path}` (or `refusal run --resume {rf.path}`) first.")
-    return cfg, rf.load("direction.safetensors", Direction.load)
+    return cfg, rf.selected_direction()  # the vector, its scores from the selection (scores.json)
 
 
 def _check_export_out(out: Path | None, file_suffix: str | None, overwrite: bool) -> None:

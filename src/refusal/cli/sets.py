@@ -1,8 +1,10 @@
 """``refusal sets``: search (or score) sets of a run's ranked directions, ablated together.
 
 Reads a run folder after ``select``: the ranked candidates (``scores.json`` "ranked", vectors from
-``candidates.safetensors``) and the validation splits; writes ``sets.json`` and ``sets.png`` and adds the best set
-to ``directions.safetensors`` as ``"set"`` (a ``(k, d)`` basis; ``/ablate set`` in ``refusal chat`` uses it).
+``candidates.safetensors``) and the validation splits; writes ``sets.json`` and ``sets.png`` (the search) and saves
+the best set as the run's direction ``"set"`` (a ``(k, d)`` basis; ``/ablate set`` in ``refusal chat``, conditions
+that name ``set``) in its own artifact, ``sets.safetensors``, with its own manifest ``sets.done.json`` (its options
+and the extract and select manifests it read: a select run again makes it stale). Select's files are only read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
 def ranked_candidates(run_dir: Path) -> tuple[list[tuple[int, int]], list[Direction]]:
     """``(ranked [(pos, layer)], candidate Directions in rank order)`` of a run folder after ``select``."""
-    from ..directions.base import Direction, DirectionSet
+    from ..directions.base import Direction
     from ..directions.diff_means import Candidates
     from ..runs.folder import RunFolder
 
@@ -31,17 +33,18 @@ def ranked_candidates(run_dir: Path) -> tuple[list[tuple[int, int]], list[Direct
     rf = RunFolder(run_dir)
     rf.read_config(complete=False)
     scores = rf.read_json("scores.json") if rf.file("scores.json").is_file() else {}
-    have = all((run_dir / f).is_file() for f in ("candidates.safetensors", "directions.safetensors",
+    have = all((run_dir / f).is_file() for f in ("candidates.safetensors", "direction.safetensors",
                                                   "select.done.json"))
     if not have or "ranked" not in scores:
         raise RefusalError(f"The run in '{run_dir}' has no finished select stage (no ranked directions).",
                            f"Run `refusal select {run_dir}` (or `refusal run {run_dir}`) first.")
+    rf.verify("select", rf.manifest("select") or {})  # what it reads of select's is what select wrote
     ranked = [(int(r["pos"]), int(r["layer"])) for r in scores["ranked"]]
     if not ranked:
         raise RefusalError(f"No candidate of the run in '{run_dir}' passed the selection filters.",
                            "Loosen select.kl_threshold / select.induce_threshold and redo select.")
     cands = rf.load("candidates.safetensors", Candidates.load)
-    selected = rf.load("directions.safetensors", DirectionSet.load)["selected"]
+    selected = rf.selected_direction()
     positions = scores.get("positions") or cands.positions
     out = []
     for pos, layer in ranked:
@@ -74,7 +77,8 @@ def register(app: typer.Typer) -> None:
         directions: list[str] = typer.Option(None, "--directions", "-d",
                                              help="Only score this set of ranks (0-2, 0,3,5); repeat for more sets."),
         kl_weight: float = typer.Option(0.0, help="Objective: bypass + KL_WEIGHT x KL (the paper: 0)."),
-        save: bool = typer.Option(True, "--save/--no-save", help="Add the best set to directions.safetensors."),
+        save: bool = typer.Option(True, "--save/--no-save",
+                                  help="Save the best set as the run's direction 'set' (sets.safetensors)."),
         device: str = typer.Option(None, help="cuda, cpu, ... (default: the run's, else best available)."),
         batch_size: int = typer.Option(None, help="Sequences per forward (default: from the device)."),
         allow_network: bool = typer.Option(False, "--allow-network",
@@ -82,11 +86,13 @@ def register(app: typer.Typer) -> None:
                                                 "without this flag)."),
     ) -> None:
         """Find the set of a run's ranked directions whose joint ablation bypasses refusal best (beam search), or
-        score given sets; writes sets.json, sets.png and the best set as "set" in directions.safetensors."""
+        score given sets; writes sets.json, sets.png and the best set as "set" in sets.safetensors."""
+        import time
+
         from .. import io
         from ..directions.base import parse_ranks
         from ..runs.pipeline import Run
-        from ..scoring.sets import add_to_directions, plot_pareto, score_sets, search_sets
+        from ..scoring.sets import plot_pareto, score_sets, search_sets
 
         try:
             for flag, v in (("--k", k), ("--beam", beam), ("--pool", pool)):
@@ -108,6 +114,7 @@ def register(app: typer.Typer) -> None:
             s = run.cfg.select
             opts: dict[str, Any] = {"kl_threshold": s.kl_threshold, "induce_threshold": s.induce_threshold,
                                     "kl_weight": kl_weight, "batch_size": run.score_batch_size}
+            started = time.perf_counter()
             if given:
                 res = score_sets(run.model, run.tokenizer, cands, given, hv, bv, run.refusal_ids(), **opts)
             else:
@@ -123,10 +130,13 @@ def register(app: typer.Typer) -> None:
                 err.print(f"[yellow]No set passed the filters (KL < {s.kl_threshold}, induce > "
                           f"{s.induce_threshold}); nothing saved.[/]")
             elif save:
-                add_to_directions(run_dir / "directions.safetensors", res.direction(best))
-                run.folder.record("select", "directions.safetensors")  # changed on purpose: resume trusts it
+                options = {"k": k, "beam": beam, "pool": pool, "directions": [list(g) for g in given] or None,
+                           "kl_weight": kl_weight, "kl_threshold": s.kl_threshold,
+                           "induce_threshold": s.induce_threshold}
+                run.folder.write_sets(res.direction(best), options, res.to_json()["best"],
+                                      time.perf_counter() - started)
                 out.print(f"Saved ranks {{{', '.join(map(str, best.members))}}} as [bold]set[/] in "
-                          f"{run_dir / 'directions.safetensors'} (refusal chat {run_dir} then /ablate set)")
+                          f"{run.folder.file('sets.safetensors')} (refusal chat {run_dir} then /ablate set)")
             out.print(f"Wrote {run_dir / 'sets.json'} and {run_dir / 'sets.png'}")
         except RefusalError as exc:
             _fail(exc)

@@ -75,6 +75,7 @@ skipped whole). Folder layout (``runs/<model>-crosslingual/`` by default, or ``-
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 _EXPORTS = {
     "crosslingual": "runs", "Crosslingual": "runs", "CrosslingualResult": "runs", "DEFAULT_LANGUAGES": "inputs",
@@ -89,7 +90,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'refusal.crosslingual' has no attribute '{name}'")

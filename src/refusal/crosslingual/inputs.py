@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from .. import io
 from ..errors import RefusalError
@@ -23,6 +23,14 @@ LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(?:-[a-z0-9]{2,8})?")
 
 
 # ---- parsing user input ----------------------------------------------------------------------------------------
+
+@overload
+def parse_languages(spec: None) -> None: ...
+
+
+@overload
+def parse_languages(spec: str | Sequence[str]) -> list[str]: ...
+
 
 def parse_languages(spec: str | Sequence[str] | None) -> list[str] | None:
     """``"en,fr, de"`` or ``["en", "fr"]`` → ``["en", "fr", "de"]`` (lower case, duplicates dropped); ``None`` stays

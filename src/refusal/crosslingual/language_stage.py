@@ -47,6 +47,12 @@ class Language:
     sets: dict | None = None
 
     @property
+    def prompt_sets(self) -> dict:
+        """``sets``, which the prompts stage fills in before anything reads them."""
+        assert self.sets is not None, f"the prompts of '{self.code}' are not made yet"
+        return self.sets
+
+    @property
     def phrase_source(self) -> str:
         """Which list judges the language: ``shipped``, ``shipped:en`` (English's, none ships for it), ``learned`` or
         ``translated+learned``."""
@@ -72,7 +78,7 @@ def language_config(cfg: RunConfig, lang: Language, root: Path) -> RunConfig:
     for English with a shipped list), its prompts named by their sha256, the four conditions of
     :func:`language_conditions`, and one judge: substring matching with the language's phrases (cross-entropy,
     benchmarks, over-refusal and magnitude off)."""
-    sets = lang.sets
+    sets = lang.prompt_sets
     openings = cfg.refusal_tokens if lang.code == "en" and cfg.refusal_tokens and not lang.learns \
         else lang.phrases["refusal_openings"]
     data = dataclasses.replace(
@@ -101,7 +107,7 @@ def language_summary(lang: Language, cfg: RunConfig) -> SummaryExtra:
 
 def language_run(base: Run, lang: Language, root: Path) -> Run:
     """``lang``'s run in ``root/<lang>``, on ``base``'s model (loaded once, on first need, for every language)."""
-    splits = {kind: {s: list(lang.sets[kind][s]) for s in SPLITS} for kind in KINDS}
+    splits = {kind: {s: list(lang.prompt_sets[kind][s]) for s in SPLITS} for kind in KINDS}
     cfg = language_config(base.cfg, lang, root)
     return Run(cfg, Inputs(base.inputs.source, splits), root / lang.code,
                model_provider=lambda: (base.model, base.tokenizer), summary_extra=language_summary(lang, cfg))

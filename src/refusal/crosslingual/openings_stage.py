@@ -95,7 +95,7 @@ def learn_language(lang: str, folder: RunFolder, sets: dict, base: Run, *, trans
     console.rule(f"[bold]{lang}: learning refusal openings")
     folder.path.mkdir(parents=True, exist_ok=True)
 
-    def save(hc, bc):
+    def save(hc: list[str], bc: list[str]) -> None:
         io.write_json(folder.file("openings_completions.json"),
                       {kind: [{"instruction": i, "completion": c} for i, c in zip(prompts[kind], comps)]
                        for kind, comps in (("harmful", hc), ("harmless", bc))})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import io
 from ..runs.folder import RunFolder
@@ -37,7 +38,7 @@ def resource_order(languages: Sequence[str]) -> tuple[list[str], list[int]]:
     levels = [*RESOURCE_LEVELS, "other"]
     canon = [c for codes in RESOURCE_LEVELS.values() for c in codes]
 
-    def key(item):
+    def key(item: tuple[int, str]) -> tuple[int, int, int]:
         i, lang = item
         b = _base(lang)
         return levels.index(resource_level(lang)), canon.index(b) if b in canon else len(canon), i
@@ -47,7 +48,7 @@ def resource_order(languages: Sequence[str]) -> tuple[list[str], list[int]]:
     return ordered, breaks
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Any, path: Path) -> Path:
 
     io.write_png(path, fig)
     return Path(path)
@@ -71,9 +72,10 @@ def heatmap(values: Sequence[Sequence[float | None]], rows: Sequence[str], cols:
     width = max(5.5, 2.2 + 0.85 * n_c)
     fig, ax = plt.subplots(figsize=(width, 1.9 + 0.6 * n_r + (0.4 if footnote else 0)), constrained_layout=True)
     cm = matplotlib.colormaps[cmap].with_extremes(bad="#d9d9d9")
-    norm = PowerNorm(gamma, vmin=vmin, vmax=vmax) if gamma is not None else None
-    im = ax.imshow(np.ma.masked_invalid(data), cmap=cm, aspect="auto", norm=norm,
-                   **({} if norm is not None else {"vmin": vmin, "vmax": vmax}))
+    if gamma is not None:
+        im = ax.imshow(np.ma.masked_invalid(data), cmap=cm, aspect="auto", norm=PowerNorm(gamma, vmin=vmin, vmax=vmax))
+    else:
+        im = ax.imshow(np.ma.masked_invalid(data), cmap=cm, aspect="auto", norm=None, vmin=vmin, vmax=vmax)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     if cbar_label:
         cbar.set_label(cbar_label)

@@ -120,6 +120,7 @@ def translate(folder: RunFolder, plan: PromptPlan, todo: dict[str, list[str]], s
             f"{' '.join(e.problem for e in failures)} The per-item flags are in {checks}.",
             f"{failures[0].fix} (--max-flagged SHARE raises the allowed share; --allow-flagged goes on anyway; "
             f"fixed entries in {cache.path} are used as they are.)")
+    assert made is not None  # made for the first language of todo (never empty here)
     return {"backend": made.name, "cache": "translations.json", "cache_digest": cache.digest(backend=made.name),
             "languages": per_language, "checks": "translation_checks.json"}
 

@@ -29,6 +29,7 @@ from ..config import RunConfig
 from ..errors import RefusalError
 from ..runs.folder import RunFolder
 from ..runs.pipeline import Inputs, Run
+from ..translate import Translator
 from ..translate.choice import check_translator
 from .inputs import language_phrases, parse_files, parse_languages
 from .language_stage import Language, language_conditions
@@ -148,7 +149,7 @@ class Crosslingual:
         dig = prompts_digest(self.plan, translator_identity(s.translator, base.inputs.source,
                                                             self.cfg.trust_remote_code), quality)
 
-        def backend():
+        def backend() -> Translator:
             return build_translator(s.translator, lambda: (base.model, base.tokenizer), device=base.device,
                                     dtype=self.cfg.dtype, trust_remote_code=self.cfg.trust_remote_code,
                                     batch_size=base.generate_batch_size)
@@ -176,7 +177,7 @@ class Crosslingual:
         learners = {code: lang for code, lang in self.langs.items() if lang.learns}
         if not self._learned:
             for code, lang in learners.items():
-                learned = learn_language(code, RunFolder(self.dir / code), lang.sets, self.base,
+                learned = learn_language(code, RunFolder(self.dir / code), lang.prompt_sets, self.base,
                                          translator=self.settings.phrase_translator,
                                          translations=self.folder.file("translations.json"), force=self.force)
                 lang.phrases = learned_entry(code, lang.phrases, learned, self._warn)

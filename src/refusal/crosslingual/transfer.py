@@ -18,11 +18,12 @@ direction's ablation and addition the candidates, once per target language.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from ..evaluation.stats import Rate
 from ..evaluation.substring import is_refusal
 from ..generation.batched import generate
-from ..interventions import Plan, ablation, addition
+from ..interventions import Intervention, Plan, ablation, addition
 
 Row = tuple[str, str, str, int]  # (kind, source, target, prompt index)
 BASELINE = "-"  # the source of a row without intervention (a target language that has no direction of its own)
@@ -41,7 +42,8 @@ TRANSFER_METRICS = {
 
 
 def transfer_rows(languages: Sequence[str], directions: Mapping, harmful: Mapping[str, Sequence[str]],
-                  harmless: Mapping[str, Sequence[str]], skip: Collection[tuple[str, str]] = ()):
+                  harmless: Mapping[str, Sequence[str]], skip: Collection[tuple[str, str]] = ()
+                  ) -> tuple[list[Row], list[str], list[list[Intervention]]]:
     """Every (source, target) pair's rows: ``(rows, prompts, per_row_interventions)``. Sources are the languages
     with a direction in ``directions``; every language is a target. Harmful rows of target B carry the ablation of
     A's direction, harmless rows its addition; pairs in ``skip`` are left out. A language without a direction also
@@ -52,7 +54,7 @@ def transfer_rows(languages: Sequence[str], directions: Mapping, harmful: Mappin
     ad = {s: [addition(directions[s], 1.0)] for s in sources}
     rows: list[Row] = []
     prompts: list[str] = []
-    per_row: list[list] = []
+    per_row: list[list[Intervention]] = []
     pairs = [(s, t, ab[s], ad[s]) for s in sources for t in languages if (s, t) not in skip]
     pairs += [(BASELINE, t, [], []) for t in languages if t not in directions]
     for s, t, ab_s, ad_s in pairs:
@@ -64,9 +66,9 @@ def transfer_rows(languages: Sequence[str], directions: Mapping, harmful: Mappin
     return rows, prompts, per_row
 
 
-def generate_transfer(model, tokenizer, languages: Sequence[str], directions: Mapping,
+def generate_transfer(model: Any, tokenizer: Any, languages: Sequence[str], directions: Mapping,
                       harmful: Mapping[str, Sequence[str]], harmless: Mapping[str, Sequence[str]], *,
-                      max_new_tokens: int, batch_size: int, static_cache: bool = False,
+                      max_new_tokens: int, batch_size: int, static_cache: bool | str = False,
                       skip: Collection[tuple[str, str]] = (), done: Mapping[int, str] | None = None,
                       on_batch: Callable[[list[int], list[str]], None] | None = None) -> dict[Row, str]:
     """Greedy completions of every pair's rows in one batched generation (rows already in ``done``, by index into
@@ -75,7 +77,7 @@ def generate_transfer(model, tokenizer, languages: Sequence[str], directions: Ma
     out = dict(done or {})
     todo = [i for i in range(len(rows)) if i not in out]
     if todo:
-        def save(batch_rows, texts, _scores):
+        def save(batch_rows: list[int], texts: list[str], _scores: list[float | None]) -> None:
             for i, t in zip(batch_rows, texts):
                 out[i] = t
             if on_batch is not None:
@@ -88,7 +90,7 @@ def generate_transfer(model, tokenizer, languages: Sequence[str], directions: Ma
     return {row: out[i] for i, row in enumerate(rows)}
 
 
-def score_transfer(model, tokenizer, languages: Sequence[str], directions: Mapping,
+def score_transfer(model: Any, tokenizer: Any, languages: Sequence[str], directions: Mapping,
                    harmful: Mapping[str, Sequence[str]], harmless: Mapping[str, Sequence[str]],
                    refusal_ids: Mapping[str, Sequence[int]], *, batch_size: int = 64) -> dict:
     """First-token matrices ``[source][target]``: ``ablation_kl`` (mean KL on the target's harmless prompts, with the
@@ -104,9 +106,9 @@ def score_transfer(model, tokenizer, languages: Sequence[str], directions: Mappi
     candidates = ([[ablation(directions[languages[i]])] for i in sources]
                   + [[addition(directions[languages[i]], 1.0)] for i in sources])
     m = len(sources)
-    kl = [[None] * n for _ in range(n)]
-    bypass = [[None] * n for _ in range(n)]
-    induce = [[None] * n for _ in range(n)]
+    kl: list[list[dict | None]] = [[None] * n for _ in range(n)]
+    bypass: list[list[dict | None]] = [[None] * n for _ in range(n)]
+    induce: list[list[dict | None]] = [[None] * n for _ in range(n)]
     baseline: dict[str, dict] = {}
     for j, t in enumerate(languages):
         ful, less = list(harmful[t]), list(harmless[t])
@@ -155,7 +157,7 @@ def transfer_matrices(languages: Sequence[str], completions: Mapping[Row, str], 
 
     sources = {s for (_, s, _) in counts}
 
-    def cell(kind, s, t):
+    def cell(kind: str, s: str, t: str) -> dict | None:
         if s not in sources:  # a language without a direction is a target only
             return None
         k, n = counts.get((kind, s, t), (0, 0))

@@ -27,7 +27,7 @@ def transfer_digest(base: Run, langs: Mapping[str, Language], root: RunFolder, j
     have = sources(list(langs), root.path)
     inputs = {code: {"direction": direction_sha(root.path / code / "direction.safetensors") if code in have else None,
                      "own_completions": own_completions_sha(root.path / code),
-                     "test_prompts": content_sha({k: lang.sets[k]["test"] for k in KINDS}),
+                     "test_prompts": content_sha({k: lang.prompt_sets[k]["test"] for k in KINDS}),
                      "refusal_tokens": language_config(base.cfg, lang, root.path).refusal_tokens,
                      **({"phrases": content_sha(lang.phrases["phrases"])} if judging else {})}
               for code, lang in langs.items()}
@@ -72,8 +72,8 @@ def generate_and_score(base: Run, langs: Mapping[str, Language], root: RunFolder
         raise NoDirectionError("No language has a refusal direction, so there is nothing to transfer.",
                                "Check each language's summary.json (no_direction) and the selection filters.")
     dirs = {c: RunFolder(root.path / c).load("direction.safetensors", Direction.load) for c in have}
-    harmful = {c: base.prompts(lang.sets["harmful"]["test"]) for c, lang in langs.items()}  # = splits.json's
-    harmless = {c: base.prompts(lang.sets["harmless"]["test"]) for c, lang in langs.items()}
+    harmful = {c: base.prompts(lang.prompt_sets["harmful"]["test"]) for c, lang in langs.items()}  # = splits.json's
+    harmless = {c: base.prompts(lang.prompt_sets["harmless"]["test"]) for c, lang in langs.items()}
 
     partial_path = root.file("transfer.partial.json")
     partial = io.read_json(partial_path) if partial_path.exists() else {}
@@ -81,7 +81,7 @@ def generate_and_score(base: Run, langs: Mapping[str, Language], root: RunFolder
     if saved:
         console.print(f"Resuming the transfer generation: {len(saved)} completions were saved earlier")
 
-    def save(rows, texts):
+    def save(rows: list[int], texts: list[str]) -> None:
         saved.update(zip(rows, texts))
         io.write_json(partial_path, {"digest": gen_dig, "rows": {str(k): v for k, v in saved.items()}})
 

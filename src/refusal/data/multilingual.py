@@ -25,9 +25,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import RefusalError
 from .sources import SPLITS, builtin, load_file
+
+if TYPE_CHECKING:
+    from ..translate import TranslationCache, Translator
 
 KINDS = ("harmful", "harmless")
 _LANG_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?")
@@ -86,7 +90,7 @@ class MultilingualSet:
                 "without pairing items.",
             )
         originals = {lang: [_original(r, lang) for r in rows] for lang, rows in sets.items()}
-        known = {lang: o for lang, o in originals.items() if all(x is not None for x in o)}
+        known = {lang: [x for x in o if x is not None] for lang, o in originals.items() if None not in o}
         if len(known) > 1:
             (ref_lang, ref), *rest = known.items()
             for lang, o in rest:
@@ -228,7 +232,8 @@ def load_back_translations(folder: str | Path, lang: str, kind: str = "harmful",
 
 
 def translate_builtin(
-    translator, languages: Sequence[str], cache=None, *, kinds: Sequence[str] = KINDS, source: str = "en",
+    translator: Translator | str, languages: Sequence[str], cache: TranslationCache | str | Path | None = None, *,
+    kinds: Sequence[str] = KINDS, source: str = "en",
 ) -> MultilingualSet:
     """The built-in harmful and harmless sets in each language, translated through ``cache`` (a
     :class:`refusal.translate.TranslationCache`, a path to its file, or ``None`` for memory only).

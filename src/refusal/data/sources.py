@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from ..errors import RefusalError
 
@@ -24,7 +25,7 @@ SPLITS = ("train", "val", "test")
 
 
 def _records(rows: list, where: str) -> list[dict]:
-    out = []
+    out: list[dict] = []
     for i, r in enumerate(rows):
         if isinstance(r, str):
             out.append({"instruction": r, "category": None})
@@ -82,7 +83,7 @@ def load_file(path: str | Path) -> list[dict]:
     return _records(rows, f"'{path}'")
 
 
-def hub_dataset(spec: str, instead: str = "a local file"):
+def hub_dataset(spec: str, instead: str = "a local file") -> Any:  # a datasets.Dataset
     """The hub dataset ``hf:ORG/NAME[:split]`` (needs the optional ``datasets`` package); clear errors otherwise."""
     name, _, split = spec[3:].partition(":")
     try:
@@ -173,7 +174,7 @@ def make_splits(source: Source, sizes: dict[str, int], seed: int, kind: str,
             out[s] = rows[i:i + n]
             i += n
     if test_source is not None and "test" in sizes:
-        test_rows = test_source.splits.get("test") or test_source.splits.get("all")
+        test_rows = test_source.splits.get("test") or test_source.splits.get("all") or []
         out["test"] = test_rows[: sizes["test"]] if len(test_rows) >= sizes["test"] else take(
             test_rows, sizes["test"], seed, f"{kind} test")
     return out

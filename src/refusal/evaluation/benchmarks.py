@@ -190,8 +190,9 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _metrics(row: dict) -> dict[str, float | None]:
-    out = {}
+def _metrics(row: dict) -> dict[str, Any]:
+    """A task's metrics (float or None), in a row to which the callers add ``n``, subtasks and samples."""
+    out: dict[str, Any] = {}
     for key, value in row.items():
         if "," not in key:
             continue

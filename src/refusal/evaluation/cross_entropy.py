@@ -232,9 +232,9 @@ def pair_sequences(tokenizer, records: Sequence[Mapping], *, field: str = "respo
         raise RefusalError(f"{where} holds no records.", "Give at least one instruction/response pair.")
     ins_col = find_column(records, "instruction", columns, where)
     out_col = find_column(records, field, columns, where)
-    pairs = [(r.get(ins_col), r.get(out_col)) for r in records]
-    skipped = sum(not (isinstance(a, str) and a.strip() and isinstance(b, str) and b.strip()) for a, b in pairs)
-    pairs = [(a, b) for a, b in pairs if isinstance(a, str) and a.strip() and isinstance(b, str) and b.strip()]
+    raw = [(r.get(ins_col), r.get(out_col)) for r in records]
+    skipped = sum(not (isinstance(a, str) and a.strip() and isinstance(b, str) and b.strip()) for a, b in raw)
+    pairs = [(a, b) for a, b in raw if isinstance(a, str) and a.strip() and isinstance(b, str) and b.strip()]
     if not pairs:
         raise RefusalError(f"{where} has no record with both a non-empty '{ins_col}' and '{out_col}'.",
                            "Check the columns (or the column mapping).")

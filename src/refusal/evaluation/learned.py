@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -523,13 +523,16 @@ def learn_openings(
     used instead of the learned tokens' scores where no first-token distributions are given."""
     settings.check()
     _check_inputs(harmful_prompts, harmful, harmless_prompts, harmless, harmful_first, harmless_first)
-    given = harmful_first is None and harmful_scores is not None and harmless_scores is not None
-    if given and (len(harmful_scores) != len(harmful) or len(harmless_scores) != len(harmless)):
-        raise RefusalError("Refusal scores must have one value per completion.", "Pass them in the rows' order.")
+    given: tuple[list[float], list[float]] | None = None  # the scores given, where no first-token scores are
+    if harmful_first is None and harmful_scores is not None and harmless_scores is not None:
+        if len(harmful_scores) != len(harmful) or len(harmless_scores) != len(harmless):
+            raise RefusalError("Refusal scores must have one value per completion.", "Pass them in the rows' order.")
+        given = [float(x) for x in harmful_scores], [float(x) for x in harmless_scores]
     notes: list[str] = []
-    hl = bl = None
+    hl: torch.Tensor | None = None
+    bl: torch.Tensor | None = None
     cand_tokens: list[tuple[int, float, float]] = []
-    if harmful_first is not None:
+    if harmful_first is not None and harmless_first is not None:  # both or neither (checked above)
         hl, bl = _as_logprobs(harmful_first), _as_logprobs(harmless_first)
         cand_tokens = contrast_tokens(hl, bl, settings.max_tokens, settings.min_token_diff)
         if not cand_tokens:
@@ -537,9 +540,9 @@ def learn_openings(
                          f"{settings.min_token_diff}: the model's openings do not tell the two apart")
     ids0 = [i for i, _, _ in cand_tokens]
     scores0 = row_scores(hl, ids0) if hl is not None and ids0 else None
-    scores0_b = row_scores(bl, ids0) if hl is not None and ids0 else None
-    if given:
-        scores0, scores0_b = [float(x) for x in harmful_scores], [float(x) for x in harmless_scores]
+    scores0_b = row_scores(bl, ids0) if bl is not None and ids0 else None
+    if given is not None:
+        scores0, scores0_b = given
 
     mode = "chars" if is_unspaced(list(harmful) + list(harmless)) else "words"
     rows = _rows(harmful_prompts, harmful, harmless, scores0, scores0_b)
@@ -574,7 +577,7 @@ def learn_openings(
     verdict_b = [any(p in t for p in phrases) for t in rows.harmless]
     tokens: list[TokenEvidence] = []
     ids: list[int] = []
-    if hl is not None:
+    if hl is not None and bl is not None:
         allp = torch.cat([hl, bl]).exp()
         verdict = torch.tensor(verdict_h + verdict_b)
         for i, hp, bp in cand_tokens:
@@ -593,8 +596,8 @@ def learn_openings(
         language, phrases, ids, [t.text for t in tokens if t.kept and t.text is not None], mode, len(harmful),
         len(harmless), _order(evidence, phrases), tokens, None, sources,
         {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}, notes)
-    scores = row_scores(torch.cat([hl, bl]), ids) if hl is not None and ids else \
-        scores0 + scores0_b if given else None
+    scores = row_scores(torch.cat([hl, bl]), ids) if hl is not None and bl is not None and ids else \
+        given[0] + given[1] if given is not None else None
     if scores is not None:
         result.agreement = agreement(verdict_h + verdict_b, [s > 0 for s in scores], ("phrases", "refusal_score"))
     return result
@@ -675,8 +678,9 @@ def learn_from_model(model, tokenizer, harmful: Sequence[str], harmless: Sequenc
 
     fmt = template or (lambda xs: format_prompts(tokenizer, xs, system))
     hp, bp = fmt(list(harmful)), fmt(list(harmless))
-    texts = generate(model, tokenizer, hp + bp, max_new_tokens=max_new_tokens, batch_size=batch_size, fallback=True,
-                     description=f"Completions to learn {language or 'the'} refusal openings from")
+    texts = cast(list[str], generate(  # no refusal_ids: the texts alone
+        model, tokenizer, hp + bp, max_new_tokens=max_new_tokens, batch_size=batch_size, fallback=True,
+        description=f"Completions to learn {language or 'the'} refusal openings from"))
     hc, bc = texts[:len(hp)], texts[len(hp):]
     if on_completions is not None:
         on_completions(hc, bc)

@@ -220,7 +220,8 @@ def plot_magnitude(result: dict, path: str | Path, title: str = "") -> None:
     kind_list = list(dict.fromkeys(kinds))
     for j, k in enumerate(kind_list):
         for lab in ((True, False) if labels is not None else (None,)):
-            m = np.array([kk == k and (lab is None or labels[i] == lab) for i, kk in enumerate(kinds)])
+            m = np.array([kk == k and (lab is None or (labels is not None and labels[i] == lab))
+                          for i, kk in enumerate(kinds)])
             if m.any():
                 ax.scatter(proj[m], score[m], c=colour[lab], marker=_MARKERS[j % len(_MARKERS)], s=28, alpha=0.75,
                            edgecolors="none")
@@ -243,4 +244,4 @@ def plot_magnitude(result: dict, path: str | Path, title: str = "") -> None:
     ax.set_xlabel("projection onto the refusal direction")
     ax.set_ylabel("refusal score (log-odds)")
     ax.grid(alpha=0.3)
-    io.write_png(path, fig)
+    io.write_png(Path(path), fig)

@@ -142,7 +142,9 @@ def _split_harmony(text: str) -> Split:
     ch, msg, start = HARMONY["channel"], HARMONY["message"], HARMONY["start"]
     if ch not in text:
         return Split(None, text.strip())
-    answer, reasoning, has_final = [], [], False
+    answer: list[str] = []
+    reasoning: list[str] = []
+    has_final = False
     for seg in text.split(start):
         if ch not in seg:
             if seg.strip() and not reasoning and not answer:  # text before any message: part of the answer

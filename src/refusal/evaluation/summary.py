@@ -62,7 +62,7 @@ def summarize(judged: dict[str, dict[str, list[dict]]], kl: dict | None = None) 
             n = len(recs)
             k = sum(bool(r["refused"]) for r in recs)
             scores = [r["refusal_score"] for r in recs if r.get("refusal_score") is not None]
-            m = {"refusal": Rate.of(k, n).to_json(), "non_refusal": Rate.of(n - k, n).to_json(),
+            m: dict[str, Any] = {"refusal": Rate.of(k, n).to_json(), "non_refusal": Rate.of(n - k, n).to_json(),
                  "refusal_score_positive": Rate.of(sum(s > 0 for s in scores), len(scores)).to_json(),
                  "mean_refusal_score": round(sum(scores) / len(scores), 4) if scores else None,
                  "kl_harmless": ((kl or {}).get(kind, {}).get(cond) or {}).get("kl_harmless")}

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..errors import RefusalError
-from ..interventions.weights import _check_weights, _resident, prepare_bases
+from ..interventions.weights import EditOptions, _check_weights, _resident, prepare_bases
 from ..models.parts import find_parts
 from ..models.writers import Writer, residual_writers
 from .hf import _atomic_save, _direction_info, _fmt, _how, card_tail, check_out_dir
@@ -224,7 +224,7 @@ def _peft_config(factors: Sequence[LoraFactor], rank: int, base_model: str, revi
     """A PEFT LoraConfig as JSON, with only the keys every PEFT version since 0.12 reads (an unknown key makes
     PEFT warn on every load), and ``target_modules`` the exact module names. Fused expert parameters go in
     ``target_parameters`` (PEFT >= 0.17), written only when there are any."""
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model or None,
@@ -257,7 +257,7 @@ def _hub_revision(base_model: str, identity: str) -> str | None:
     return m.group(2) if m and m.group(1) == base_model else None
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -365,7 +365,7 @@ def export_adapter(
     identity = identity or getattr(direction_or_subspace, "model", "") or ""
     tensors = peft_state_dict(factors, rank, dtype)
     config = _peft_config(factors, rank, base, _hub_revision(base, identity))
-    options = {"norm_preserving": False, "orthogonal_to_harmless": orthogonal_to_harmless,
+    options: EditOptions = {"norm_preserving": False, "orthogonal_to_harmless": orthogonal_to_harmless,
                "layer_weights": layer_weights}
     how = _how(model, direction_or_subspace, residual_writers(model), options)
     how.pop("direction model", None)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..interventions.weights import _check_weights, orthogonalized, prepare_bases
+from ..interventions.weights import EditOptions, _check_weights, orthogonalized, prepare_bases
 from .gguf_edit import edit_gguf
 from .gguf_from_hf import _hf_arch, write_gguf
 from .gguf_write import GGUFExport, _check_out
@@ -51,7 +51,7 @@ def export_gguf(
     quantization kept; ``model`` and ``tokenizer`` may be None); else the Hugging Face ``model`` is orthogonalized
     for the duration of the write and written with :func:`write_gguf` (llama / qwen2). ``dtype`` is the type of the
     edited tensors (:func:`edit_gguf`'s ``edited_type``) or of all matrices (:func:`write_gguf`)."""
-    options = {"norm_preserving": norm_preserving, "orthogonal_to_harmless": orthogonal_to_harmless,
+    options: EditOptions = {"norm_preserving": norm_preserving, "orthogonal_to_harmless": orthogonal_to_harmless,
                "layer_weights": layer_weights}
     if source_gguf is not None:
         return edit_gguf(source_gguf, direction, out, overwrite=overwrite, edited_type=dtype, **options)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import RefusalError
-from ..interventions.weights import _check_weights, orthogonalize_, orthogonalized, prepare_bases
+from ..interventions.weights import EditOptions, _check_weights, orthogonalize_, orthogonalized, prepare_bases
 from ..models.loading import clear_quantizer
 from ..models.parts import find_parts
 from ..models.writers import residual_writers
@@ -119,7 +119,7 @@ def card_tail(scores: Any, card: Mapping[str, Any] | None, notes: Any) -> list[s
     return lines
 
 
-def _how(model, direction, writers, options: dict) -> dict[str, Any]:
+def _how(model, direction, writers, options: EditOptions) -> dict[str, Any]:
     kinds = Counter(w.kind for w in writers)
     n_experts = sum(w.n_experts for w in writers if w.kind == "expert")
     n_shared = sum(w.n_experts for w in writers if w.kind == "shared_expert")
@@ -191,7 +191,7 @@ def export_hf(
     prepare_bases(direction_or_subspace, parts.hidden_size, parts.n_layers, orthogonal_to_harmless)  # checks
     _check_weights(layer_weights, parts.n_layers)
     writers = residual_writers(model)
-    options = {"norm_preserving": norm_preserving, "orthogonal_to_harmless": orthogonal_to_harmless,
+    options: EditOptions = {"norm_preserving": norm_preserving, "orthogonal_to_harmless": orthogonal_to_harmless,
                "layer_weights": layer_weights}
     base = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
     readme = model_card(base, _how(model, direction_or_subspace, writers, options), card)

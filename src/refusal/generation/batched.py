@@ -119,73 +119,106 @@ def generate(
     """
     if plan is not None and plan.n_rows is not None and plan.n_rows != len(prompts):
         raise ValueError(f"the plan has {plan.n_rows} rows for {len(prompts)} prompts")
-    dev = model_device(model)
+    wanted, token_ids, order = _by_length(tokenizer, prompts, rows)
+    if decoder is None and static_cache:
+        decoder = static_decoder(model, static_cache)
+    job = _Batches(model, tokenizer, prompts, token_ids, plan=plan, decoder=decoder, max_new_tokens=max_new_tokens,
+                   refusal_ids=refusal_ids, split_prefill=split_prefill, fallback=fallback, report=report,
+                   keep_special=keep_special, on_batch=on_batch)
+    with decoder if decoder is not None else nullcontext():  # set up once for every batch
+        in_batches(job.run, order, batch_size, description, batching=batching)
+    if report is not None:
+        report["decoder"] = job.decoder.describe() if job.decoder is not None else "model.generate"
+        report["attention"] = attention_path(model)
+    texts = [job.out[i] for i in wanted]
+    if refusal_ids is None:
+        return texts
+    return texts, torch.tensor([job.first[i] for i in wanted])
+
+
+def _by_length(tokenizer, prompts: Sequence[str], rows: Sequence[int] | None
+               ) -> tuple[list[int], dict[int, list[int]], list[int]]:
+    """The prompt indices wanted (``rows``, default all), their token ids, and the indices shortest first."""
     wanted = list(range(len(prompts))) if rows is None else list(rows)
     token_ids = dict(zip(wanted, tokenizer([prompts[i] for i in wanted], add_special_tokens=False)["input_ids"]))
     length = {i: len(x) for i, x in token_ids.items()}
-    if decoder is None and static_cache:
-        decoder = static_decoder(model, static_cache)
-    order = sorted(wanted, key=lambda i: length[i])
-    out: dict[int, str] = {}
-    first: dict[int, float | None] = {}
-    gen_cfg = greedy_config(model, tokenizer, max_new_tokens)
-    rids = None if refusal_ids is None else torch.tensor(list(refusal_ids), device=dev)
+    return wanted, token_ids, sorted(wanted, key=lambda i: length[i])
 
-    eos = gen_cfg.eos_token_id
-    eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=dev)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    active = [decoder]  # the static decoder, until it fails with fallback on
-    clock = token_phase(model)  # the phase every hook on the model reads, the caller's around this call included
+class _Batches:
+    """The batches of one :func:`generate` call: :meth:`run` decodes a chunk of prompt indices (with the static
+    decoder, or ``model.generate``) and records each prompt's text and first-position refusal score."""
 
-    def run(chunk):
-        decoder = active[0]
-        sub = plan.take(list(chunk)) if plan is not None else None
+    def __init__(self, model, tokenizer, prompts: Sequence[str], token_ids: dict[int, list[int]], *,
+                 plan: Plan | None, decoder: StaticDecoder | None, max_new_tokens: int,
+                 refusal_ids: Sequence[int] | None, split_prefill: bool, fallback: bool, report: dict | None,
+                 keep_special: Sequence[int],
+                 on_batch: Callable[[list[int], list[str], list[float | None]], None] | None) -> None:
+        self.model, self.tokenizer, self.prompts, self.token_ids, self.plan = model, tokenizer, prompts, token_ids, plan
+        self.decoder = decoder  # the static decoder, until it fails with fallback on
+        self.max_new_tokens, self.split_prefill, self.fallback, self.report = (max_new_tokens, split_prefill,
+                                                                               fallback, report)
+        self.keep_special, self.on_batch = keep_special, on_batch
+        self.dev = dev = model_device(model)
+        self.gen_cfg = greedy_config(model, tokenizer, max_new_tokens)
+        self.rids = None if refusal_ids is None else torch.tensor(list(refusal_ids), device=dev)
+        eos = self.gen_cfg.eos_token_id
+        self.eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=dev)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.clock = token_phase(model)  # the phase every hook on the model reads, the caller's around this call too
+        self.out: dict[int, str] = {}
+        self.first: dict[int, float | None] = {}
+
+    def run(self, chunk: Sequence[int]) -> None:
+        decoded = self._decode(chunk)
+        if decoded is None:  # the static decoder failed (fallback): again, with model.generate, hooks left first
+            return self.run(chunk)
+        new_tokens, first_logits = decoded
+        texts = [t.strip() for t in decode_keeping(self.tokenizer, new_tokens, self.keep_special)]
+        scores: list[float | None] = [None] * len(chunk)
+        if self.rids is not None:  # first_logits is None only if model.generate made no token (then this fails)
+            scores = refusal_score(first_logits, self.rids).tolist()  # type: ignore[arg-type]
+        for i, t, s in zip(chunk, texts, scores):
+            self.out[i] = t
+            self.first[i] = s
+        if self.on_batch is not None:
+            self.on_batch(list(chunk), texts, scores)
+        return None
+
+    def _decode(self, chunk: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The new tokens and first-position logits of ``chunk`` under its interventions; None when the static
+        decoder failed and was dropped (fallback)."""
+        model, decoder, sub = self.model, self.decoder, self.plan.take(list(chunk)) if self.plan is not None else None
         # eager decoding: fused norms and grouped attention; the static decoder sets its own attention (and, compiled,
         # leaves the norms to the compiler, which fuses them itself)
         eager = nullcontext() if decoder is not None else _eager_speedups(model)
         with eager:
-            split = prefill(model, [token_ids[i] for i in chunk], sub, pad, dev) if split_prefill and not decoder \
-                else None
-            b, cache = split if split is not None else (tokenize(tokenizer, [prompts[i] for i in chunk], dev), None)
+            split = prefill(model, [self.token_ids[i] for i in chunk], sub, self.pad, self.dev) \
+                if self.split_prefill and not decoder else None
+            b, cache = split if split is not None else (tokenize(self.tokenizer, [self.prompts[i] for i in chunk],
+                                                                 self.dev), None)
             hooks = apply(model, sub) if sub is not None else nullcontext()
-            with hooks, clock.during("prompt"):
+            with hooks, self.clock.during("prompt"):
                 if decoder is not None:
-                    try:
-                        new_tokens, first_logits = decoder(b.input_ids, b.attention_mask, max_new_tokens, eos_ids,
-                                                           pad)
-                    except Exception as exc:  # noqa: BLE001 -- reported, and the batch is decoded again below
-                        if not fallback or is_oom(exc):
-                            raise
-                        console.print(f"[yellow]Static-cache decoding failed on this model ({type(exc).__name__}: "
-                                      f"{str(exc)[:200]}); decoding with model.generate instead (same tokens, "
-                                      "slower). Set generate.static_cache: false to skip the attempt.[/]")
-                        active[0] = None
-                        new_tokens = None
-                        if report is not None:
-                            report["fallback"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                else:
-                    keep = _FirstLogits(clock)
-                    extra = {} if cache is None else {cache_kwarg(model): cache}
-                    seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, **extra,
-                                         generation_config=gen_cfg, logits_processor=LogitsProcessorList([keep]))
-                    new_tokens, first_logits = seq[:, b.input_ids.shape[1]:], keep.first
-        if new_tokens is None:  # the static decoder failed (fallback): again, with model.generate, hooks left first
-            return run(chunk)
-        texts = [t.strip() for t in decode_keeping(tokenizer, new_tokens, keep_special)]
-        scores = refusal_score(first_logits, rids).tolist() if rids is not None else [None] * len(chunk)
-        for i, t, s in zip(chunk, texts, scores):
-            out[i] = t
-            first[i] = s
-        if on_batch is not None:
-            on_batch(list(chunk), texts, scores)
+                    return self._static(decoder, b)
+                keep = _FirstLogits(self.clock)
+                extra = {} if cache is None else {cache_kwarg(model): cache}
+                seq = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, **extra,
+                                     generation_config=self.gen_cfg, logits_processor=LogitsProcessorList([keep]))
+                return seq[:, b.input_ids.shape[1]:], keep.first
 
-    with decoder if decoder is not None else nullcontext():  # set up once for every batch
-        in_batches(run, order, batch_size, description, batching=batching)
-    if report is not None:
-        report["decoder"] = active[0].describe() if active[0] is not None else "model.generate"
-        report["attention"] = attention_path(model)
-    texts = [out[i] for i in wanted]
-    if refusal_ids is None:
-        return texts
-    return texts, torch.tensor([first[i] for i in wanted])
+    def _static(self, decoder: StaticDecoder, b) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decode with the static decoder; with ``fallback``, a failure other than out-of-memory is said, recorded
+        and answered with None (the decoder is dropped for the rest of the call)."""
+        try:
+            return decoder(b.input_ids, b.attention_mask, self.max_new_tokens, self.eos_ids, self.pad)
+        except Exception as exc:  # noqa: BLE001 -- reported, and the batch is decoded again by the caller
+            if not self.fallback or is_oom(exc):
+                raise
+            console.print(f"[yellow]Static-cache decoding failed on this model ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); decoding with model.generate instead (same tokens, "
+                          "slower). Set generate.static_cache: false to skip the attempt.[/]")
+            self.decoder = None
+            if self.report is not None:
+                self.report["fallback"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            return None

@@ -20,9 +20,10 @@ interpreter (tests). The SiLU and GELU forms differ only in the elementwise epil
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import cache
+from typing import cast
 
 import torch
 from torch import nn
@@ -97,21 +98,28 @@ def gate_up_act(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activ
     return _gate_up_act_op(x, w_gate, w_up, ACTIVATIONS.index(activation))
 
 
-def _forward(mlp: nn.Module, max_rows: int, activation: str):
+def _projections(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """A candidate's gate, up and down projections (:func:`_candidate` checked that they are ``nn.Linear``)."""
+    return cast(nn.Linear, mlp.gate_proj), cast(nn.Linear, mlp.up_proj), cast(nn.Linear, mlp.down_proj)
+
+
+def _forward(mlp: nn.Module, max_rows: int, activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     own = type(mlp).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > max_rows:
             return own(mlp, x)
-        h = gate_up_act(x.reshape(rows, x.shape[-1]), mlp.gate_proj.weight, mlp.up_proj.weight, activation)
-        return mlp.down_proj(h.view(*x.shape[:-1], h.shape[-1]))
+        gate, up, down = _projections(mlp)
+        h = gate_up_act(x.reshape(rows, x.shape[-1]), gate.weight, up.weight, activation)
+        return down(h.view(*x.shape[:-1], h.shape[-1]))
     return forward
 
 
 def _candidate(mlp: nn.Module) -> bool:
-    lins = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(m, nn.Linear) and m.bias is None for m in lins) or "forward" in vars(mlp):
+    found = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    lins = [m for m in found if isinstance(m, nn.Linear)]
+    if len(lins) != len(found) or any(m.bias is not None for m in lins) or "forward" in vars(mlp):
         return False
     gate, up, _ = lins
     return (gate.weight.shape == up.weight.shape and gate.weight.dtype == up.weight.dtype
@@ -123,7 +131,7 @@ def _candidate(mlp: nn.Module) -> bool:
 def _activation(mlp: nn.Module) -> str | None:
     """The first of :data:`ACTIVATIONS` with which the kernel's forward gives the module's output (to rounding) on
     random rows of varied scale; None if neither does."""
-    w = mlp.gate_proj.weight
+    w = _projections(mlp)[0].weight
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(2, 3, w.shape[1], generator=g) * torch.tensor([0.5, 2.0, 8.0])[None, :, None]
     x = x.to(device=w.device, dtype=w.dtype)
@@ -151,7 +159,7 @@ def gated_mlp_kernel(mlps: list[nn.Module], max_rows: int = MAX_ROWS) -> Iterato
     the kernel can run on their device (:func:`~refusal.generation.attention_kernel.why_not`)."""
     swapped = []
     for m in mlps:
-        activation = _activation(m) if _candidate(m) and (m.gate_proj.weight.is_cuda or interpreting()) else None
+        activation = _activation(m) if _candidate(m) and (_projections(m)[0].weight.is_cuda or interpreting()) else None
         if activation is not None:
             swapped.append((m, activation))
     try:

@@ -51,8 +51,8 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
     cuts = partition([len(rests[r]) for r in order], max(1, min(max_buckets, n)), slack)
     width = max(len(x) for x in rests)
     n_layers = len(shared.layers)
-    keys = [None] * n_layers
-    values = [None] * n_layers
+    keys: list[torch.Tensor | None] = [None] * n_layers
+    values: list[torch.Tensor | None] = [None] * n_layers
     start = 0
     for end in cuts:
         rows = order[start:end]
@@ -75,13 +75,15 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
         for layer_idx, layer in enumerate(past.layers):
             if layer.keys.shape[-2] != p + w:  # a sliding-window layer dropped the start: not joinable here
                 return None
-            if keys[layer_idx] is None:
+            k, v = keys[layer_idx], values[layer_idx]
+            if k is None or v is None:  # both made at once, on the first group
                 shape = (n, layer.keys.shape[1], width, layer.keys.shape[-1])
-                keys[layer_idx] = layer.keys.new_zeros(shape)
-                values[layer_idx] = layer.values.new_zeros((n, layer.values.shape[1], width, layer.values.shape[-1]))
+                k = keys[layer_idx] = layer.keys.new_zeros(shape)
+                v = values[layer_idx] = layer.values.new_zeros(
+                    (n, layer.values.shape[1], width, layer.values.shape[-1]))
             idx = torch.tensor(rows)
-            keys[layer_idx][idx, :, width - w:] = layer.keys[:, :, p:]
-            values[layer_idx][idx, :, width - w:] = layer.values[:, :, p:]
+            k[idx, :, width - w:] = layer.keys[:, :, p:]
+            v[idx, :, width - w:] = layer.values[:, :, p:]
 
     shared.batch_select_indices(groups)  # the prefix, one copy per row; then the joined rests after it
     if width:

@@ -1,6 +1,6 @@
 """An interactive chat with a model whose refusal directions can be switched on and off between turns.
 
->>> chat = ChatSession(model, tok, DirectionSet.load("runs/x/directions.safetensors"), max_new_tokens=128)
+>>> chat = ChatSession(model, tok, RunFolder("runs/x").directions(), max_new_tokens=128)  # selected, 0, 1, ..., set
 >>> for piece in chat.send("How do I pick a lock?"):     # streamed, greedy
 ...     print(piece, end="", flush=True)
 >>> chat.ablate("0-2")           # project out the span of ranked directions 0, 1, 2 at every layer
@@ -93,6 +93,10 @@ class ChatSession:
             part = part.strip()
             if part in self._names:
                 names = [part]
+            elif part == "set":  # the run's saved set (sets.safetensors): only after `refusal sets`
+                raise RefusalError(f"No direction named 'set' (have: {', '.join(self._names) or 'none'}): no set "
+                                   "was saved for this run's selection.",
+                                   "Run `refusal sets RUN_DIR` (it saves the best set), then start the chat again.")
             elif part and not part.replace("-", "").isdigit():
                 raise RefusalError(f"No direction named '{part}' (have: {', '.join(self._names) or 'none'}).",
                                    "Name ranks like 0-2, or one of those names.")

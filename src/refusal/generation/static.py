@@ -14,6 +14,7 @@ are captured anew otherwise; dynamo's guards, which a replay skips, still see ev
 from __future__ import annotations
 
 from contextlib import ExitStack, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from ..models.parts import cache_kwarg, find_parts, model_device
 from .attention import grouped_attention
 from .attention_kernel import KERNEL, why_not
 from .mlp_kernel import MAX_ROWS, gated_mlp_kernel
+
+if TYPE_CHECKING:
+    from torch.cuda.graphs import _POOL_HANDLE  # what torch.cuda.graph_pool_handle returns
 
 
 def _round_up(x: int, to: int) -> int:
@@ -88,7 +92,7 @@ class _Buffers:
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
         self.tokens = torch.zeros(b, width, dtype=torch.long, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None  # one decode step, captured
-        self.pool = None
+        self.pool: _POOL_HANDLE | None = None
         self.signature: tuple | None = None
         self.eos_ids: torch.Tensor | None = None
         self.pad: torch.Tensor | None = None
@@ -136,7 +140,8 @@ class StaticDecoder:
         inductor = {"options": {"combo_kernels": True}} if self.combo_kernels else {"mode": "default"}
         self.step = torch.compile(self._step, **(inductor if backend == "inductor" else {}), backend=backend,
                                   fullgraph=False) if compile else self._step
-        self._depth, self._stack, self._grouped = 0, None, False
+        self._depth, self._grouped = 0, False
+        self._stack: ExitStack | None = None
         self.graphs_given_up: str | None = None  # why capturing failed, if it did (graphs are then off)
         self.attention_kernel = attention_kernel
         self.kernel = False  # whether the steps of the last call ran the Triton attention kernel
@@ -218,6 +223,7 @@ class StaticDecoder:
         self._depth -= 1
         if self._depth == 0:
             stack, self._stack = self._stack, None
+            assert stack is not None  # made by the outermost __enter__
             stack.close()
 
     @torch.no_grad()

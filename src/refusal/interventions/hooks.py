@@ -17,9 +17,10 @@ compiled decode step sees the same hooks whatever the interventions are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from ..linalg import orthonormalize, unit_rows
 from ..models.parts import find_parts, model_device, module_device
 from .operators import Add, Edit, ProjectOut, Reflect, apply_edit
 from .scopes import SITES, Intervention, Scope
+
+if TYPE_CHECKING:
+    from ..directions.base import Direction
 
 PHASES = ("prompt", "generated")
 
@@ -78,7 +82,7 @@ def token_phase(model: nn.Module) -> TokenPhase:
     return ph
 
 
-def phase(model: nn.Module, name: str):
+def phase(model: nn.Module, name: str) -> AbstractContextManager[TokenPhase]:
     """Context manager: ``model``'s forwards inside the block read the prompt (``"prompt"``) or generate
     (``"generated"``), for token-scoped interventions; :meth:`TokenPhase.during` on :func:`token_phase`."""
     return token_phase(model).during(name)
@@ -87,13 +91,14 @@ def phase(model: nn.Module, name: str):
 # ---- constructors for the common interventions ----------------------------------------------------------------
 
 
-def ablation(direction, layers="all", tokens: str = "all") -> Intervention:
+def ablation(direction: torch.Tensor | Direction, layers: Any = "all", tokens: str = "all") -> Intervention:
     """Directional ablation (the paper): project out at the input and both block outputs of every layer."""
     vecs, source = _vectors(direction)
     return Intervention(ProjectOut(vecs), Scope(layers, SITES, tokens), source)
 
 
-def addition(direction, coeff: float = 1.0, layers="source", tokens: str = "all") -> Intervention:
+def addition(direction: torch.Tensor | Direction, coeff: float = 1.0, layers: Any = "source",
+             tokens: str = "all") -> Intervention:
     """Activation addition of the raw vector at the input of its source layer (the paper), or other layers."""
     vecs, source = _vectors(direction)
     if vecs.ndim != 1 and vecs.shape[0] != 1:
@@ -102,13 +107,14 @@ def addition(direction, coeff: float = 1.0, layers="source", tokens: str = "all"
     return Intervention(Add(vecs.reshape(-1), coeff), Scope(layers, ("input",), tokens), source)
 
 
-def reflection(direction, alpha: float = 1.0, layers="source", tokens: str = "all") -> Intervention:
+def reflection(direction: torch.Tensor | Direction, alpha: float = 1.0, layers: Any = "source",
+               tokens: str = "all") -> Intervention:
     """Counterfactual reflection across the hyperplane orthogonal to the direction (or subspace)."""
     vecs, source = _vectors(direction)
     return Intervention(Reflect(vecs, alpha), Scope(layers, ("input",), tokens), source)
 
 
-def _vectors(direction):
+def _vectors(direction: torch.Tensor | Direction) -> tuple[torch.Tensor, int | None]:
     if isinstance(direction, torch.Tensor):
         return direction, None
     return direction.vectors, direction.layer  # a refusal.directions.base.Direction
@@ -116,7 +122,8 @@ def _vectors(direction):
 
 # ---- plans -------------------------------------------------------------------------------------------------------
 
-Step = tuple  # (basis | None, coeffs | None, shift | None), each with a leading row dim when per row
+# (basis | None, coeffs | None, shift | None), each with a leading row dim when per row
+Step = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclass
@@ -127,7 +134,7 @@ class Plan:
     n_rows: int | None = None
 
     @classmethod
-    def shared(cls, model, interventions: Sequence[Intervention]) -> Plan:
+    def shared(cls, model: nn.Module, interventions: Sequence[Intervention]) -> Plan:
         """The same interventions on every row."""
         n_layers = find_parts(model).n_layers
         steps: dict = {}
@@ -138,7 +145,7 @@ class Plan:
         return cls(steps, None)
 
     @classmethod
-    def rows(cls, model, rows: Sequence[Sequence[Intervention]]) -> Plan:
+    def rows(cls, model: nn.Module, rows: Sequence[Sequence[Intervention]]) -> Plan:
         """One list of interventions per batch row (an empty list: no intervention on that row)."""
         parts = find_parts(model)
         n, d = len(rows), parts.hidden_size
@@ -180,19 +187,19 @@ class Plan:
             return torch.zeros(self.n_rows, dtype=torch.long), [0]
         rows = torch.cat([t.reshape(self.n_rows, -1).float().cpu() for t in seen.values()], 1)
         _, groups = torch.unique(rows, dim=0, return_inverse=True)
-        first = {}
+        first: dict[int, int] = {}
         for r, g in enumerate(groups.tolist()):
             first.setdefault(g, r)
         return groups, [first[g] for g in range(len(first))]
 
-    def to(self, device, dtype) -> Plan:
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Plan:
         return self._map(lambda t: t.to(device=device, dtype=dtype), self.n_rows)
 
-    def _map(self, fn, n_rows: int | None) -> Plan:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], n_rows: int | None) -> Plan:
         """``fn`` applied to every tensor once (tables shared between sites stay shared)."""
         memo: dict[int, torch.Tensor] = {}
 
-        def one(t):
+        def one(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is not None and id(t) not in memo:
                 memo[id(t)] = fn(t)
             return None if t is None else memo[id(t)]
@@ -220,16 +227,20 @@ def _stack(by_row: dict[int, list[Edit]], n: int, d: int) -> list[Step]:
     for j in range(depth):
         here = {r: es[j] for r, es in by_row.items() if len(es) > j}
         k = max((e.basis.shape[0] for e in here.values() if e.basis is not None), default=0)
-        basis = coeffs = shift = None
+        basis: torch.Tensor | None = None
+        coeffs: torch.Tensor | None = None
+        shift: torch.Tensor | None = None
         if k:
             basis, coeffs = torch.zeros(n, k, d), torch.zeros(n, k)
         if any(e.shift is not None for e in here.values()):
             shift = torch.zeros(n, d)
         for r, e in here.items():
             if e.basis is not None:
+                assert basis is not None and coeffs is not None and e.coeffs is not None  # k > 0 here
                 basis[r, :e.basis.shape[0]] = e.basis
                 coeffs[r, :e.basis.shape[0]] = e.coeffs
             if e.shift is not None:
+                assert shift is not None  # made above: a row has a shift here
                 shift[r] = e.shift
         out.append((basis, coeffs, shift))
     return out
@@ -238,13 +249,14 @@ def _stack(by_row: dict[int, list[Edit]], n: int, d: int) -> list[Step]:
 # ---- installing hooks ------------------------------------------------------------------------------------------
 
 
-def _edit_output(output, fn):
+def _edit_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(output, tuple):
         return (fn(output[0]),) + tuple(output[1:])
     return fn(output)
 
 
-def _edit_input(args, kwargs, fn):
+def _edit_input(args: tuple, kwargs: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple[tuple, dict[str, Any]]:
     if args:
         return (fn(args[0]),) + tuple(args[1:]), kwargs
     kwargs = dict(kwargs)
@@ -296,15 +308,17 @@ def apply(model: nn.Module, plan: Plan | Sequence[Intervention], *,
         dev = _device_of(parts.layers[layer], fallback)
         local = {ph: plan_on(dev).steps[(layer, site, ph)] for ph in tables}
 
-        def fn(x: torch.Tensor, local=local, dev=dev, key=(layer, site)) -> torch.Tensor:
+        def fn(x: torch.Tensor, local: dict[str, list[Step]] = local, dev: torch.device = dev,
+               key: tuple[int, str] = (layer, site)) -> torch.Tensor:
             ph = clock.name
             st = local.get(ph)
             if st is None:
                 return x
             if x.device != dev:  # a model split by a device map: a layer's input arrives from the previous device
-                st = plan_on(x.device).steps[(*key, ph)]
+                st = plan_on(x.device).steps[key + (ph,)]
             for basis, coeffs, shift in st:
                 if basis is not None and basis.dtype != x.dtype:  # a forward in another dtype (rare)
+                    assert coeffs is not None  # a step's basis has its coefficients
                     basis, coeffs = basis.to(x.dtype), coeffs.to(x.dtype)
                 if shift is not None and shift.dtype != x.dtype:
                     shift = shift.to(x.dtype)
@@ -333,28 +347,32 @@ def _layer_list(n: int, layers: int | Iterable[int] | None) -> list[int]:
 
 
 def ablate(model: nn.Module, direction: torch.Tensor, *, layers: Iterable[int] | None = None,
-           per_row: bool = False):
+           per_row: bool = False) -> AbstractContextManager[Plan]:
     """Directional ablation at the input and both block outputs of the given layers (default: all).
 
     ``direction`` is ``(d,)``, ``(k, d)`` (a subspace, orthonormalised here), or with ``per_row=True`` ``(B, d)``:
     one direction per batch row."""
     parts = find_parts(model)
     d = direction.float()
+    step: Step
     if per_row:
         basis = unit_rows(d)[:, None, :]
         step = (basis, torch.ones(basis.shape[:2], device=d.device), None)
     else:
         basis = orthonormalize(d)
         step = (basis, torch.ones(basis.shape[0], device=d.device), None)
-    steps = {(i, s, ph): [step] for i in _layer_list(parts.n_layers, layers) for s in SITES for ph in PHASES}
+    steps: dict[tuple[int, str, str], list[Step]] = {
+        (i, s, ph): [step] for i in _layer_list(parts.n_layers, layers) for s in SITES for ph in PHASES}
     return apply(model, Plan(steps, len(d) if per_row else None))
 
 
-def add(model: nn.Module, vector: torch.Tensor, layer: int, *, coeff: float = 1.0, per_row: bool = False):
+def add(model: nn.Module, vector: torch.Tensor, layer: int, *, coeff: float = 1.0,
+        per_row: bool = False) -> AbstractContextManager[Plan]:
     """Activation addition: ``coeff * vector`` added at the input of ``layer``, every position (the raw vector, as
     in Arditi et al.). With ``per_row=True`` ``vector`` is ``(B, d)``: one vector per batch row."""
     v = coeff * vector.float()
-    steps = {(layer, "input", ph): [(None, None, v)] for ph in PHASES}
+    step: Step = (None, None, v)
+    steps: dict[tuple[int, str, str], list[Step]] = {(layer, "input", ph): [step] for ph in PHASES}
     return apply(model, Plan(steps, len(v) if per_row else None))
 
 

@@ -108,6 +108,7 @@ def apply_edit(x: torch.Tensor, basis: torch.Tensor | None, coeffs: torch.Tensor
     batch row (``(B, k, d)``, ``(B, k)``, ``(B, d)``). A single direction costs a dot product and a fused
     multiply-subtract, not a matmul with an inner dimension of one."""
     if basis is not None:
+        assert coeffs is not None, "an edit with a basis has its coefficients"
         per_row = basis.ndim == 3
         if basis.shape[-2] == 1:
             u = basis[..., 0, :]

@@ -23,10 +23,12 @@ def from_spec(spec: InterventionSpec, directions: Mapping[str, Direction],
         raise RefusalError(f"The intervention names the direction '{spec.direction}', which the run does not have "
                            f"(it has: {', '.join(directions)}).", "Name one of those directions.")
     d = directions[spec.direction]
-    ranking = rankings
+    ranking: Sequence[int] | None
     if isinstance(rankings, Mapping):
         method = "inlp" if d.method.startswith("inlp") else "diff_means"
         ranking = rankings.get(method)
+    else:
+        ranking = rankings
     layers = spec.layers if spec.layers is not None else _DEFAULT_LAYERS[spec.op]
     make = {"ablate": lambda: ablation(d, layers, spec.tokens),
             "add": lambda: addition(d, spec.coeff, layers, spec.tokens),

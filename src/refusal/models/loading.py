@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ def resolve_source(spec: str) -> ModelSource:
 _GGUF_HEADER = 24  # magic "GGUF", uint32 version, uint64 tensor count, uint64 metadata count
 
 
-def _bad_gguf(path, why: str) -> RefusalError:
+def _bad_gguf(path: str | Path, why: str) -> RefusalError:
     return RefusalError(
         f"The file '{path}' is not a valid, complete GGUF model file ({why}).",
         "Download it again (an interrupted download leaves a truncated file), or use a catalog model, which "
@@ -161,12 +162,13 @@ def max_memory_map(fraction: float = MAX_MEMORY_FRACTION, *, cpu: bool = True) -
     return out
 
 
-def _max_memory(device_map, max_memory: dict | float | None, fraction: float) -> dict | None:
+def _max_memory(device_map: str | dict | None, max_memory: dict | float | None, fraction: float) -> dict | None:
     """The ``max_memory`` to give ``from_pretrained``: an explicit dict as given, else for a spreading device map
     (``"auto"``, ``"balanced"``, ...) the free memory of each device times ``fraction`` (or ``max_memory`` when that
     is a number); None for an explicit map."""
     if isinstance(max_memory, float):
-        max_memory, fraction = None, max_memory
+        fraction = max_memory
+        max_memory = None
     if max_memory is not None:
         if not isinstance(max_memory, dict) or not max_memory:
             raise RefusalError(f"max_memory must be a dict of device to bytes (or a size such as '70GiB'), not "
@@ -187,7 +189,7 @@ def load_model(
     max_memory_fraction: float = MAX_MEMORY_FRACTION,
     offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
-):
+) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from any spec, in eval mode, with a left-padding tokenizer.
 
     ``device_map`` (for example ``"auto"``) spreads a model over several GPUs through accelerate; otherwise the
@@ -242,7 +244,7 @@ def load_model(
     return model, tokenizer
 
 
-def _auto_class(path: str, kwargs: dict):
+def _auto_class(path: str, kwargs: dict) -> Any:  # a transformers auto class
     """``AutoModelForCausalLM``, or for a multimodal checkpoint that transformers maps only as image-text-to-text
     (Mistral3, Qwen2.5-VL, ...) ``AutoModelForImageTextToText``: its ``...ForConditionalGeneration`` runs text-only
     (layers, norms and head are its language model's). Decided from the config alone."""
@@ -266,7 +268,7 @@ def _auto_class(path: str, kwargs: dict):
     return AutoModelForCausalLM
 
 
-def prepare_tokenizer(tokenizer, folder: str | Path | None = None) -> None:
+def prepare_tokenizer(tokenizer: Any, folder: str | Path | None = None) -> None:
     """Left padding (so the last positions line up across a batch) and a pad token. A tokenizer without a chat
     template takes the one a multimodal checkpoint keeps for its processor (``chat_template.jinja`` or
     ``chat_template.json`` in ``folder``)."""
@@ -316,7 +318,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, dtype: torch.dtype = torch.b
     return Path(out)
 
 
-def clear_quantizer(model) -> None:
+def clear_quantizer(model: Any) -> None:
     """A model loaded from GGUF is marked as quantized although its weights are plain tensors; save_pretrained
     would then refuse or write a quantization config that loading cannot honour."""
     if getattr(model, "hf_quantizer", None) is not None:
@@ -328,7 +330,7 @@ def clear_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def save_plain(model, tokenizer, out: Path) -> None:
+def save_plain(model: Any, tokenizer: Any, out: Path) -> None:
     """``save_pretrained`` into ``out`` atomically; clears the GGUF quantizer marker (weights are plain tensors)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

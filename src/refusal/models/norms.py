@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 
-def _eps(module: nn.Module):
+def _eps(module: nn.Module) -> Any:  # the module's epsilon attribute, whatever it holds
     return getattr(module, "variance_epsilon", getattr(module, "eps", None))
 
 
-def _rms_norm_forward(module: nn.Module, eps: float):
-    shape = tuple(module.weight.shape)
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A candidate norm's weight (:func:`fused_norms` checked that it is a tensor)."""
+    return cast(torch.Tensor, module.weight)
+
+
+def _rms_norm_forward(module: nn.Module, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    shape = tuple(_weight(module).shape)
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(hidden_states, shape, module.weight, eps)
+        return torch.nn.functional.rms_norm(hidden_states, shape, _weight(module), eps)
     return forward
 
 
@@ -26,7 +32,7 @@ def _rms_norm_forward(module: nn.Module, eps: float):
 def _same_as_rms_norm(module: nn.Module, eps: float) -> bool:
     """Whether ``module`` computes ``rms_norm(x) * weight`` (normalised in float32, rounded to the input's dtype, then
     scaled), checked on random inputs with a non-zero mean and spread-out scales."""
-    w = module.weight
+    w = _weight(module)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(3, 5, w.shape[0], generator=g) * torch.tensor([0.5, 4.0, 60.0])[:, None, None] + 1.0)
     x = x.to(device=w.device, dtype=w.dtype)
@@ -67,10 +73,10 @@ def fused_norms(model: nn.Module) -> Iterator[int]:
             m.__dict__.pop("forward", None)
 
 
-def with_fused_norms(fn):
+def with_fused_norms(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: run ``fn(model, ...)`` under :func:`fused_norms`."""
     @functools.wraps(fn)
-    def wrapper(model, *args, **kwargs):
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         with fused_norms(model):
             return fn(model, *args, **kwargs)
     return wrapper

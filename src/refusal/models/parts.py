@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,19 +32,25 @@ class ModelParts:
     def n_layers(self) -> int:
         return len(self.layers)
 
-    def attn_out_proj(self, i: int) -> nn.Module:
+    def attn_out_proj(self, i: int) -> nn.Linear:
         return _out_proj(self.attn[i], _ATTN_OUT, self.hidden_size, f"attention block of layer {i}")
 
-    def mlp_out_proj(self, i: int) -> nn.Module:
+    def mlp_out_proj(self, i: int) -> nn.Linear:
         return _out_proj(self.mlp[i], _MLP_OUT, self.hidden_size, f"MLP block of layer {i}")
 
 
-def text_config(model):
+def output_embeddings(model: Any) -> nn.Module | None:
+    """The model's output head: ``get_output_embeddings`` of a transformers model (a method ``nn.Module`` lacks)."""
+    head: nn.Module | None = model.get_output_embeddings()
+    return head
+
+
+def text_config(model: Any) -> Any:  # the transformers config (untyped)
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def find_parts(model) -> ModelParts:
+def find_parts(model: Any) -> ModelParts:
     """Find the decoder layers and their attention/MLP blocks from the module tree."""
     cached = getattr(model, "_refusal_parts", None)
     if cached is not None:
@@ -105,7 +113,7 @@ def _check_no_other_writer(layer: nn.Module, i: int, children: dict[str, nn.Modu
             )
 
 
-def _out_proj(block: nn.Module, names: tuple[str, ...], hidden: int, what: str) -> nn.Module:
+def _out_proj(block: nn.Module, names: tuple[str, ...], hidden: int, what: str) -> nn.Linear:
     children = dict(block.named_children())
     for k in names:
         m = children.get(k)
@@ -120,7 +128,7 @@ def _out_proj(block: nn.Module, names: tuple[str, ...], hidden: int, what: str) 
     )
 
 
-def _as_device(dev) -> torch.device:
+def _as_device(dev: torch.device | int | str) -> torch.device:
     if isinstance(dev, torch.device):
         return dev
     if isinstance(dev, int):  # accelerate's accelerator index
@@ -155,7 +163,7 @@ def module_device(module: nn.Module, fallback: torch.device | str = "cpu") -> to
     return _as_device(fallback)
 
 
-def layer_devices(model) -> list[torch.device]:
+def layer_devices(model: Any) -> list[torch.device]:
     """The device each decoder layer computes on (one per layer; several distinct ones for a model split by a device
     map). A layer's forward pre-hooks still see its input on the previous layer's device: accelerate moves inputs
     inside the forward, after them."""
@@ -164,7 +172,7 @@ def layer_devices(model) -> list[torch.device]:
     return [module_device(layer, fallback) for layer in parts.layers]
 
 
-def model_device(model) -> torch.device:
+def model_device(model: Any) -> torch.device:
     """The device inputs go to: where the input embedding computes (accelerate's execution device for a model split
     or offloaded by a device map, whose embedding weight may be on ``meta``)."""
     embed = find_parts(model).embed
@@ -176,7 +184,7 @@ def model_device(model) -> torch.device:
     return module_device(model)
 
 
-def is_dispatched(model) -> bool:
+def is_dispatched(model: Any) -> bool:
     """Whether accelerate placed the model with a device map or offloading (hooks move tensors between devices)."""
     return bool(getattr(model, "hf_device_map", None)) or any(
         hasattr(m, "_hf_hook") for m in model.modules())
@@ -211,7 +219,7 @@ def resident_tensor(module: nn.Module, name: str, what: str | None = None) -> to
     )
 
 
-def decoder(model):
+def decoder(model: Any) -> Any:
     """The model without its output head (the stack of layers that returns hidden states and the cache)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
@@ -219,13 +227,14 @@ def decoder(model):
 _CACHE_KWARG: dict[type, str] = {}
 
 
-def cache_kwarg(model) -> str:
+def cache_kwarg(model: Any) -> str:
     """The name under which ``model``'s forward takes (and its output returns) the key/value cache: ``"cache"``
     in newer transformers (which warn that ``past_key_values`` is deprecated), else ``"past_key_values"``.
     Looked up once per model class."""
     cls = type(model)
     name = _CACHE_KWARG.get(cls)
     if name is None:
+        params: Mapping[str, inspect.Parameter]
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import RefusalError
-from .parts import _MLP_OUT, find_parts
+from .parts import _MLP_OUT, ModelParts, find_parts
 
 __all__ = ["Writer", "residual_writers"]
 
@@ -96,7 +96,7 @@ def _expert_kind(qual: str) -> str:
     return "shared_expert" if "shared" in qual.lower() else "expert"
 
 
-def _mlp_writers(block: nn.Module, block_name: str, hidden: int, layer: int, parts, names: dict[int, str]
+def _mlp_writers(block: nn.Module, block_name: str, hidden: int, layer: int, parts: ModelParts, names: dict[int, str]
                  ) -> list[Writer]:
     children = dict(block.named_children())
     for k in _MLP_OUT:  # a dense MLP: its own output projection

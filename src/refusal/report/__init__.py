@@ -43,11 +43,15 @@ is a table; ``{count, n, rate, low, high}`` is a rate with its interval). The ex
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .blocks import Report
 
 __all__ = ["build_report", "write_report"]
 
 
-def build_report(run_dir: str | Path):
+def build_report(run_dir: str | Path) -> Report:
     """The report's content (:class:`refusal.report.blocks.Report`), before it is rendered."""
     from .sections import build
 

@@ -3,6 +3,7 @@ unreadable one listed as a problem (shown at the end of the report) rather than 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ class Artifacts:
     def yaml(self, name: str) -> Any:
         return self._read(name, io.read_yaml)
 
-    def _read(self, name: str, read) -> Any:
+    def _read(self, name: str, read: Callable[[Path], Any]) -> Any:
         p = self.dir / name
         if not p.is_file():
             return None

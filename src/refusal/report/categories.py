@@ -8,6 +8,7 @@ beside the table.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,15 @@ def per_category(results: dict, kind: str = "harmful") -> dict[str, dict[str, di
 
 def roles(summary: dict) -> dict[str, str]:
     """``{category: "kept" | "released"}`` from the summary's ``keep_refusal`` (empty without it)."""
-    keep = summary.get("keep_refusal") if isinstance(summary.get("keep_refusal"), dict) else {}
+    keep = summary.get("keep_refusal")
+    if not isinstance(keep, dict):
+        keep = {}
     out = {str(c): "released" for c in keep.get("released") or []}
     out.update({str(c): "kept" for c in keep.get("kept") or []})
     return out
 
 
-def ordered(categories, role: dict[str, str] | None = None) -> list[str]:
+def ordered(categories: Iterable[str], role: dict[str, str] | None = None) -> list[str]:
     """Categories in order of first appearance, released ones first, then kept ones, then the rest."""
     rank = {"released": 0, "kept": 1}
     cats = list(dict.fromkeys(categories))
@@ -42,7 +45,7 @@ def ordered(categories, role: dict[str, str] | None = None) -> list[str]:
 
 
 def category_plot(by_cond: dict[str, dict[str, dict]], role: dict[str, str] | None = None, *, title: str = "",
-                  kl: dict[str, float | None] | None = None, path=None) -> bytes | None:
+                  kl: dict[str, float | None] | None = None, path: str | Path | None = None) -> bytes | None:
     """PNG: one panel per category, one bar per condition (its refusal rate, with the 95 % Wilson interval as an
     error bar); a kept category's panel title says so. ``kl``: each condition's first-token KL on harmless prompts,
     written under its name. Written to ``path`` too, if given. None if there is nothing to draw."""

@@ -58,7 +58,9 @@ def crosslingual_section(a: Artifacts, summary: dict) -> Section | None:
             data = a.json(f"crosslingual/{p.name}")
             if data is None:
                 continue
-            title = data.get("title") if isinstance(data, dict) and isinstance(data.get("title"), str) else p.stem
+            title = data.get("title") if isinstance(data, dict) else None
+            if not isinstance(title, str):
+                title = p.stem
             s.blocks += [Sub(title)] + generic_blocks(data)
         for p in sorted(folder.glob("*.png")):
             png = a.png(f"crosslingual/{p.name}")

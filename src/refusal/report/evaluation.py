@@ -74,7 +74,8 @@ def _results_section(results: dict) -> Section:
         "position."))
     s.blocks.append(Text("Red: the model refuses; green: it complies. The bar under each rate is its interval.",
                          "legend"))
-    rows, groups = [], []
+    rows: list[list[Any]] = []
+    groups: list[int] = []
     for kind, conds in conditions_of(results):
         groups.append(len(rows))
         for c in conds:

@@ -257,9 +257,9 @@ def _described(text: str | None) -> str:
 def completions_html(c: Completions) -> str:
     counts = []
     for j, cond in enumerate(c.conditions):
-        judged = [r[2][j] for r in c.rows if r[2][j] is not None and r[2][j].refused is not None]
+        judged = [v.refused for r in c.rows for v in (r[2][j],) if v is not None and v.refused is not None]
         if judged:
-            counts.append(f"{esc(cond)}: {sum(v.refused for v in judged)} / {len(judged)} refused")
+            counts.append(f"{esc(cond)}: {sum(judged)} / {len(judged)} refused")
     out = [f'<h3 id="completions-{esc(c.prompt_set)}">{esc(c.prompt_set)} prompts ({len(c.rows)})</h3>']
     if counts:
         out.append(f'<p class="counts">{" · ".join(counts)}</p>')

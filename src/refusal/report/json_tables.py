@@ -4,7 +4,7 @@ lists of records as tables, matrices as colour-coded grids and ``{count, n, rate
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeGuard
 
 from .blocks import Heat, RateCell, Sub, Table, Text
 from .values import _leaf, _num, _points_to_refusal, is_rate
@@ -20,7 +20,7 @@ def _depth(x: Any) -> int:
     return 1
 
 
-def _matrix(x: Any) -> bool:
+def _matrix(x: Any) -> TypeGuard[list[list[Any]]]:
     return (isinstance(x, list) and bool(x) and all(isinstance(r, list) and r for r in x)
             and all(_num(v) is not None or v is None for r in x for v in r))
 

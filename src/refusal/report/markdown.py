@@ -62,9 +62,9 @@ def completions_md(c: Completions) -> str:
     out = [f"### {esc(c.prompt_set)} prompts ({len(c.rows)})"]
     counts = []
     for j, cond in enumerate(c.conditions):
-        judged = [r[2][j] for r in c.rows if r[2][j] is not None and r[2][j].refused is not None]
+        judged = [v.refused for r in c.rows for v in (r[2][j],) if v is not None and v.refused is not None]
         if judged:
-            counts.append(f"{esc(cond)}: {sum(v.refused for v in judged)} / {len(judged)} refused")
+            counts.append(f"{esc(cond)}: {sum(judged)} / {len(judged)} refused")
     if counts:
         out.append("; ".join(counts) + ".")
     lines = ["| instruction | " + " | ".join(esc(cond) for cond in c.conditions) + " |",

@@ -71,6 +71,7 @@ def score_heatmaps(scores: dict, *, kl_threshold: float | None = None, induce_th
         data = grids[key][:, layers]
         cmap = plt.get_cmap(cmap_name).with_extremes(bad="#e6e6e6")
         finite = data[np.isfinite(data)]
+        norm: Normalize
         if key == "kl":
             top = float(finite.max()) if finite.size else 1.0
             norm = SymLogNorm(linthresh=0.01, vmin=0.0, vmax=max(top, 0.02))

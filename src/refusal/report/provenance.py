@@ -8,7 +8,7 @@ from typing import Any
 
 from .artifacts import Artifacts
 from .blocks import Code, Section, Sub, Table, Text
-from .values import _dig, _num, _scalar
+from .values import _dig, _num, _scalar, as_dict
 
 
 def _total_seconds(summary: dict) -> str | None:
@@ -24,7 +24,7 @@ def _total_seconds(summary: dict) -> str | None:
 
 def _config_section(a: Artifacts, summary: dict, config: dict) -> Section:
     s = Section("config", "Configuration and provenance")
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    data = as_dict(config.get("data"))
     rows: list[list[Any]] = []
     for label, v in (("model", config.get("model") or summary.get("model")),
                      ("preset", config.get("preset") or summary.get("preset")),
@@ -77,9 +77,8 @@ def _config_section(a: Artifacts, summary: dict, config: dict) -> Section:
             crows.append([c.get("prompts"), c.get("name"), desc])
         s.blocks += [Sub("Conditions"), Table(["prompt set", "condition", "interventions"], crows)]
 
-    digests = config.get("digests") if isinstance(config.get("digests"), dict) else {}
-    digests = digests or (summary.get("digests") if isinstance(summary.get("digests"), dict) else {})
-    secs = summary.get("stage_seconds") if isinstance(summary.get("stage_seconds"), dict) else {}
+    digests = as_dict(config.get("digests")) or as_dict(summary.get("digests"))
+    secs = as_dict(summary.get("stage_seconds"))
     stages = list(dict.fromkeys([*digests, *(k for k in secs if k != "load_model")]))
     if stages:
         drows = []

@@ -1,5 +1,7 @@
-"""The sections of the direction's selection: the selected candidate and the direction file beside the best
-candidates (``scores.json``, ``direction.safetensors``), and the selection scores drawn as heatmaps."""
+"""The sections of the direction's selection: the selected candidate (``scores.json``'s ``selected``, the one
+place a run stores it; an older run's summary otherwise), the direction file (``direction.safetensors``, which
+refers to it) beside the best candidates and the set ``refusal sets`` saved (``sets.safetensors``, its manifest
+``sets.done.json``), and the selection scores drawn as heatmaps."""
 
 from __future__ import annotations
 
@@ -51,9 +53,13 @@ def _direction_section(a: Artifacts, summary: dict, scores: dict | None, config:
             if d.k == 1 and not d.per_layer:
                 frows.append(["norm ‖r‖", float(d.vector.norm())])
             frows += [["model identity", Code(d.model or "—")], ["data digest", Code(d.data_digest or "—")]]
+            ref = d.extra.get("selection")
+            if isinstance(ref, dict):  # the file refers to the selection instead of copying it
+                frows.append(["selection", _reference_text(a, ref)])
         except Exception as exc:  # noqa: BLE001 (a broken optional file is reported, not fatal)
             a.problems.append(f"direction.safetensors: {exc}")
     left = [Sub("Candidate"), Table(["", ""], rows, kind="kv")] if rows else []
+    left += _saved_set(a)
     right = [Sub("Direction file"), Table(["", ""], frows, kind="kv")] if frows else []
     ranked = (scores or {}).get("ranked")
     if isinstance(ranked, list) and ranked and scores:
@@ -74,6 +80,44 @@ def _direction_section(a: Artifacts, summary: dict, scores: dict | None, config:
     if parts:
         s.blocks.append(Row(parts))
     return s
+
+
+def _reference_text(a: Artifacts, ref: dict) -> str:
+    """``scores.json#selected (sha256 0123abcd…)``, and whether the file it names still has that sha256."""
+    from ..runs.folder import RunFolder
+
+    name, sha = str(ref.get("file")), str(ref.get("sha256") or "")
+    try:
+        same = (a.dir / name).is_file() and RunFolder(a.dir).selection_reference().get("sha256") == sha
+    except OSError:
+        same = False
+    return f"{name}#{ref.get('key', 'selected')} (sha256 {sha[:12]}…, " + \
+        ("the file as it is now)" if same else "not the file there now: it was rewritten since)")
+
+
+def _saved_set(a: Artifacts) -> list[Any]:
+    """The set `refusal sets` saved (its manifest's best row and options), and whether it is still this selection's."""
+    from ..runs.folder import RunFolder
+
+    rf = RunFolder(a.dir)
+    try:
+        state = rf.sets_state()
+        m = rf.manifest("sets") if state != "none" else None
+    except Exception as exc:  # noqa: BLE001 (a broken optional file is reported, not fatal)
+        a.problems.append(f"sets.done.json: {exc}")
+        return []
+    if state == "none":
+        return []
+    best = (m or {}).get("best") or {}
+    opts = (m or {}).get("options") or {}
+    members = " ".join(f"({x.get('pos')}, {x.get('layer')})" for x in best.get("members") or [])
+    rows: list[list[Any]] = [
+        ["state", "made from this selection" if state == "fresh" else
+         "stale: select ran again since (redo `refusal sets`); not used"],
+        ["ranks", ", ".join(map(str, best.get("ranks") or [])) or None], ["(pos, layer)", members or None],
+        *([k, best.get(k)] for k in ("bypass", "induce", "kl") if k in best),
+        ["search", ", ".join(f"{k} {v}" for k, v in opts.items() if v is not None) or None]]
+    return [Sub("Saved set (refusal sets)"), Table(["", ""], [r for r in rows if r[1] is not None], kind="kv")]
 
 
 def _scores_section(a: Artifacts, scores: dict | None, config: dict) -> Section:

@@ -4,12 +4,17 @@ which way a rate points (towards refusal or away from it)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from .blocks import RateCell
 
 
-def is_rate(x: Any) -> bool:
+def as_dict(x: Any) -> dict:
+    """``x`` if it is a JSON object, else an empty one."""
+    return x if isinstance(x, dict) else {}
+
+
+def is_rate(x: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(x, dict) and "rate" in x and isinstance(x.get("rate"), (int, float))
 
 

@@ -10,6 +10,15 @@ the cross-lingual run) goes through a :class:`RunFolder`:
   names the file and the fix, and nothing is deleted.
 - :meth:`RunFolder.read_json` and :meth:`RunFolder.read_tensors` turn a truncated or foreign artifact into
   "RUN/scores.json is damaged (...); redo it with ..." naming the stage that writes it.
+- The selection is stored once, in ``scores.json`` (its ``"selected"``, written by
+  :meth:`RunFolder.write_selection`); :meth:`RunFolder.selection` reads it. ``direction.safetensors`` holds the
+  selected vector and a reference to it (file and sha256), not a copy: :meth:`RunFolder.selected_direction` gives
+  the vector with the selection's scores; :meth:`RunFolder.directions` every named direction (``selected``, the
+  ranked set of ``directions.safetensors``, and ``set``). ``summary.json``'s ``"selected"`` (pos, layer) is derived
+  from it by evaluate.
+- ``refusal sets`` saves its set in its own artifact (:meth:`RunFolder.write_sets`: ``sets.safetensors`` and the
+  manifest ``sets.done.json``, which records the extract and select manifests it read); a select run again makes it
+  stale (:meth:`RunFolder.sets_state`) and a stale set is not used. Select's files are never rewritten.
 - :meth:`RunFolder.lock` holds an exclusive ``flock`` on ``RUN/.lock`` (the holder's pid written in it): a second
   process stops at once with "another refusal process (pid N) is using RUN"; a lock file left by a process that
   died is taken over with a note, and the temporary files of interrupted writes are swept.
@@ -31,10 +40,13 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import io
 from ..errors import DamagedFileError, RefusalError
+
+if TYPE_CHECKING:
+    from ..directions.base import Direction, DirectionSet
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -48,9 +60,18 @@ ARTIFACTS: dict[str, str] = {
     "directions.safetensors": "select", "rankings.json": "select", "completions.json": "generate",
     "completions.partial.json": "generate", "kl.json": "generate", "judgements.json": "evaluate",
     "judges.json": "evaluate", "ce.json": "evaluate", "benchmarks.json": "evaluate", "over_refusal.json": "evaluate",
-    "magnitude.json": "evaluate", "summary.json": "evaluate", "sets.json": "sets",
-    **{f"{s}.done.json": s for s in STAGES},
+    "magnitude.json": "evaluate", "summary.json": "evaluate", "sets.json": "sets", "sets.safetensors": "sets",
+    **{f"{s}.done.json": s for s in (*STAGES, "sets")},
 }
+# the one artifact that stores the selection (its "selected" entry: pos, layer, bypass, induce, kl, n_passing); the
+# other files refer to it (direction.safetensors by its sha256) or are derived from it (summary.json's "selected")
+SELECTION = "scores.json"
+DIRECTION = "direction.safetensors"  # the selected vector (its scores: read from SELECTION)
+DIRECTIONS = "directions.safetensors"  # the ranked set ("0", "1", ..., "kept", "inlp", ...)
+# `refusal sets`: a stage outside `refusal run` that reads extract's and select's outputs; its own artifact is the saved
+# set (SETS, the direction "set") with its manifest sets.done.json; sets.json and sets.png report its last search
+SETS = "sets.safetensors"
+SETS_AFTER = ("extract", "select")
 # a cross-lingual run's own stages (refusal.crosslingual; openings in each language's subfolder, whose other files
 # are a run's) and the artifacts they write
 CROSSLINGUAL_STAGES = ("prompts", "openings", "transfer", "similarity", "plots")
@@ -260,8 +281,8 @@ class RunFolder:
                                          f"{stage}.done.json")
 
     def record(self, stage: str, name: str) -> None:
-        """Record the new checksum of ``name`` in ``stage``'s manifest, after a command outside the stage graph
-        (``refusal sets``) rewrote it on purpose."""
+        """Record the new checksum of ``name`` in ``stage``'s manifest, after something outside the stage graph
+        rewrote it on purpose (``refusal sets`` before it had its own artifact did so with directions.safetensors)."""
         p = self.file(f"{stage}.done.json")
         if not p.is_file():
             return
@@ -269,6 +290,111 @@ class RunFolder:
         if name in (m.get("sha256") or {}):
             m["sha256"][name] = _sha256(self.file(name))
             io.write_json(p, m)
+
+    # ---- the selection (owned by scores.json) -------------------------------------------------------------------
+
+    def write_selection(self, scores: dict, selected: dict | None = None, **extra: Any) -> dict | None:
+        """Write ``scores.json`` (once per select): the candidates' scores and, when a candidate passed,
+        ``selected`` (the selection, stored here only) and ``extra`` (``ranked``, the judge objective's fields).
+        Returns the reference the other files keep to the selection (:meth:`selection_reference`), or None."""
+        io.write_json(self.file(SELECTION), scores if selected is None else {**scores, "selected": selected, **extra})
+        return None if selected is None else self.selection_reference()
+
+    def selection(self) -> dict:
+        """The selected candidate: ``scores.json``'s ``"selected"`` (``pos``, ``layer``, ``bypass``, ``induce``,
+        ``kl``, ``n_passing``), the one place a run stores it."""
+        sel = self.read_json(SELECTION, keys=("selected",))["selected"]
+        if not isinstance(sel, dict) or not isinstance(sel.get("pos"), int) or not isinstance(sel.get("layer"), int):
+            raise self.damaged(SELECTION, "its 'selected' entry has no integer pos and layer")
+        return sel
+
+    def selection_reference(self) -> dict:
+        """What a file derived from the selection keeps instead of a copy: the owner's name, key and sha256."""
+        return {"file": SELECTION, "key": "selected", "sha256": _sha256(self.file(SELECTION))}
+
+    def selected_direction(self) -> Direction:
+        """``direction.safetensors``, the selected vector, with the selection's scores read from ``scores.json``
+        (the file refers to it: ``extra["selection"]``; its position and layer must be the selection's). A file
+        without that reference (older runs, a hand-made file) is returned as saved."""
+        from ..directions.base import Direction
+
+        d: Direction = self.load(DIRECTION, Direction.load)
+        if not isinstance(d.extra.get("selection"), dict):
+            return d
+        sel = self.selection()
+        if (sel["pos"], sel["layer"]) != (d.pos, d.layer):
+            raise self.damaged(DIRECTION, f"it holds position {d.pos}, layer {d.layer}, but {SELECTION} selected "
+                                          f"position {sel['pos']}, layer {sel['layer']}: they come from different "
+                                          "select runs")
+        d.scores = {k: float(sel[k]) for k in ("bypass", "induce", "kl") if isinstance(sel.get(k), (int, float))}
+        return d
+
+    def directions(self) -> DirectionSet:
+        """Every direction of the run by name: ``selected`` (:meth:`selected_direction`), the ranked set of
+        ``directions.safetensors`` (``0``, ``1``, ..., ``kept``, ``inlp``, ...) and ``set``, the set ``refusal
+        sets`` saved (``sets.safetensors``), when it was made from this select's outputs (:meth:`sets_state`)."""
+        from ..directions.base import Direction, DirectionSet
+
+        ranked: DirectionSet = self.load(DIRECTIONS, DirectionSet.load)
+        out = DirectionSet()
+        if self.file(DIRECTION).is_file():
+            out["selected"] = self.selected_direction()
+        elif "selected" in ranked:  # an older folder's copy of it
+            out["selected"] = ranked["selected"]
+        for name, d in ranked.items():
+            if name != "selected":
+                out[name] = d
+        if self.sets_state() == "fresh":
+            self.verify("sets", self.manifest("sets") or {})
+            out["set"] = self.load(SETS, Direction.load)
+        return out
+
+    # ---- the saved set of `refusal sets` -------------------------------------------------------------------------
+
+    def sets_after(self) -> dict:
+        """What ``refusal sets`` reads, identified: each stage of :data:`SETS_AFTER` by its digest and the sha256
+        of its manifest (which holds its outputs' sha256, and is rewritten whenever the stage runs again)."""
+        out = {}
+        for stage in SETS_AFTER:
+            m = self.manifest(stage)
+            if m is None:
+                raise RefusalError(f"Stage {stage} has not finished in {self.path}: there is no set to search.",
+                                   f"Run `refusal run --resume {self.path}` (or `refusal {stage} {self.path}`) first.")
+            out[stage] = {"digest": m.get("digest"), "manifest_sha256": _sha256(self.file(f"{stage}.done.json"))}
+        return out
+
+    def write_sets(self, direction: Direction, options: dict, best: dict, seconds: float = 0.0) -> dict:
+        """Save ``direction`` as the run's ``set`` (``sets.safetensors``), then its manifest ``sets.done.json``:
+        its digest (its options and the stages it read), the stages it read (:meth:`sets_after`), its options, the
+        best set's row and the file's sha256. Nothing of select's is written."""
+        from ..config import digest
+
+        after = self.sets_after()
+        self.file("sets.done.json").unlink(missing_ok=True)  # a kill between the two writes leaves it stale
+        direction.save(self.file(SETS))
+        return self.write_manifest("sets", digest({"stage": "sets", "options": options, "after": after}), seconds,
+                                   [SETS], {"after": after, "options": options, "best": best})
+
+    def sets_state(self) -> str:
+        """``"none"`` (no saved set), ``"fresh"`` (saved from the extract and select outputs now in the folder) or
+        ``"stale"`` (one of those stages ran again since, or its manifest is gone)."""
+        if not self.file(SETS).is_file():
+            return "none"
+        m = self.manifest("sets")
+        if m is None:
+            return "stale"
+        try:
+            return "fresh" if m.get("after") == self.sets_after() else "stale"
+        except RefusalError:  # a stage it read has no manifest now (being redone)
+            return "stale"
+
+    def set_reference(self) -> dict | None:
+        """What a stage that used the direction ``set`` records (and is redone when it changes): the saved set's
+        sha256 and digest; None when no fresh set is saved."""
+        if self.sets_state() != "fresh":
+            return None
+        m = self.manifest("sets") or {}
+        return {"file": SETS, "sha256": _sha256(self.file(SETS)), "digest": m.get("digest")}
 
     # ---- stage manifests -----------------------------------------------------------------------------------------
 

@@ -11,12 +11,22 @@ stages themselves are in :mod:`refusal.runs.stages`. Run folder layout::
       config.yaml                resolved config (with each stage's digest)
       splits.json                the prompts of every split, after filtering         (extract)
       candidates.safetensors     harmful and harmless means, (positions, layers, d)   (extract)
-      scores.json, scores.png    bypass / induce / KL for every candidate, the pick   (select)
-      direction.safetensors      the selected direction with its provenance          (select)
-      directions.safetensors     the ranked set (selected = rank 0)                   (select)
+      scores.json, scores.png    bypass / induce / KL for every candidate; "selected":
+                                 the selection, stored only here                      (select)
+      direction.safetensors      the selected vector, refers to scores.json (sha256)  (select)
+      directions.safetensors     the ranked set "0", "1", ... (rank 0 = the selection)  (select)
       completions.json           completions and refusal scores per condition        (generate)
       judgements.json            per-prompt refusal judgements                       (evaluate)
-      summary.json               rates per prompt set x condition x metric           (evaluate)
+      summary.json               rates per prompt set x condition x metric; its
+                                 "selected" (pos, layer) is derived from scores.json  (evaluate)
+      sets.safetensors           the set `refusal sets` saved ("set"), with its
+                                 manifest sets.done.json; sets.json, sets.png: its
+                                 last search                                          (sets)
+
+The selection has one owner, ``scores.json``; read it, the selected direction and every named direction through
+:class:`RunFolder` (``selection()``, ``selected_direction()``, ``directions()``). ``refusal sets`` never writes
+select's files: its manifest records the extract and select manifests it read, so a select run again makes the saved
+set stale, and a stage that used ``set`` is redone when the saved set changes.
 """
 
 from __future__ import annotations
@@ -278,11 +288,17 @@ class Run:
         io.write_yaml(cfg_path, {"digests": self.digests, **self.recorded_config()})
 
     def done(self, stage: str) -> dict | None:
+        """``stage``'s manifest if it finished for the current digests (and, where it used the direction ``set``,
+        for the set `refusal sets` saves now: a set saved again, or made stale by a new select, redoes it)."""
         name = f"{stage}.done.json"
         if not self.folder.file(name).exists():
             return None
         m = self.folder.read_json(name)
-        return m if m.get("digest") == self.digests[stage] else None
+        if m.get("digest") != self.digests[stage]:
+            return None
+        if "sets" in m and m["sets"] != self.folder.set_reference():
+            return None
+        return m
 
     def _finish(self, stage: str, seconds: float, outputs: list[str], extra: dict | None = None) -> None:
         self.folder.write_manifest(stage, self.digests[stage], seconds, outputs, extra)

@@ -108,13 +108,13 @@ def select(run: Run, started: float) -> StageResult:
     scores = score_candidates(
         run.model, run.tokenizer, cands, hv, bv, run.refusal_ids(), layers=layers,
         batch_size=run.score_batch_size, prune_induce_below=s.induce_threshold if s.prune else None)
-    io.write_json(run.dir / "scores.json", scores.to_json())  # kept for diagnosis even if nothing passes
     title = f"{run.cfg.model}: candidate directions"
     filters: dict[str, Any] = {"n_layers": n_layers, "kl_threshold": s.kl_threshold,
                                "induce_threshold": s.induce_threshold, "max_layer_fraction": s.max_layer_fraction}
     try:
         sel = choose(scores, **filters)
     except RefusalError as exc:
+        run.folder.write_selection(scores.to_json())  # the scores without a selection, for diagnosis
         plot_scores(scores, None, run.dir / "scores.png", title=title)
         raise type(exc)(f"{exc.problem} The scores are in {run.dir / 'scores.json'} and scores.png.",
                            exc.fix) from None
@@ -128,8 +128,9 @@ def select(run: Run, started: float) -> StageResult:
         sel = Selection(p, la, float(scores.bypass[i, la]), float(scores.induce[i, la]), float(scores.kl[i, la]),
                         sel.n_passing)
         order = [(p, la)] + [c for c in order if c != (p, la)]
-    io.write_json(run.dir / "scores.json", {**scores.to_json(), "selected": sel.__dict__, **extra,
-                                            "ranked": [{"pos": p, "layer": la} for p, la in order]})
+    # the selection is stored here, once; direction.safetensors refers to it
+    reference = run.folder.write_selection(scores.to_json(), sel.__dict__, **extra,
+                                           ranked=[{"pos": p, "layer": la} for p, la in order])
     plot_scores(scores, sel, run.dir / "scores.png", title=title)
     from ..config import digest
     from ..models.identity import model_identity
@@ -146,7 +147,9 @@ def select(run: Run, started: float) -> StageResult:
                           "kl": float(scores.kl[i, layer])}, data)
 
     chosen = direction(sel.pos, sel.layer)
-    chosen.save(run.dir / "direction.safetensors")
+    # the vector, with a reference to the selection instead of a copy of its scores (RunFolder.selected_direction)
+    Direction(chosen.vectors, chosen.layer, chosen.pos, chosen.model, chosen.method, {}, chosen.data_digest,
+              {"selection": reference}).save(run.dir / "direction.safetensors")
     ranked_set = DirectionSet([("selected", chosen)] + [(str(r), direction(p, la)) for r, (p, la) in
                                                         enumerate(order[:16])])
     console.print(f"Selected position {sel.pos}, layer {sel.layer} (bypass {sel.bypass:.3f}, induce "
@@ -156,11 +159,12 @@ def select(run: Run, started: float) -> StageResult:
         ranks["inlp"] = picks.rank_inlp(run, cands, hv, bv, ranked_set)
     io.write_json(run.dir / "rankings.json", ranks)
     kept = _keep_refusal(run, splits, cands, chosen, ranked_set) if s.keep_refusal else []
-    ranked_set.save(run.dir / "directions.safetensors")
+    # the ranked set; "selected" is direction.safetensors (RunFolder.directions adds it), not a copy here
+    DirectionSet([(n, d) for n, d in ranked_set.items() if n != "selected"]).save(run.dir / "directions.safetensors")
     outputs = ["scores.json", "scores.png", "direction.safetensors", "directions.safetensors", "rankings.json"]
     if "inlp" in ranks:
         outputs.append("inlp_selected_accuracy.png")
-    return outputs + kept, {"selected": {"pos": sel.pos, "layer": sel.layer}}
+    return outputs + kept, None
 
 
 def _keep_refusal(run: Run, splits: dict, cands: Candidates, chosen: Direction, ranked_set: DirectionSet) -> list[str]:
@@ -219,7 +223,8 @@ def generate(run: Run, started: float) -> StageResult:
     """Every condition's rows decode together in large batches, each row with its own interventions; finished
     batches are saved as they end (``completions.partial.json``), so a killed run loses only the batch in flight."""
     splits = io.read_json(run.dir / "splits.json")
-    directions = DirectionSet.load(run.dir / "directions.safetensors")
+    directions = run_directions(run)
+    used_set = set_used(run)  # the saved set's reference, where a condition names it: recorded in the manifest
     conds = run.cfg.generate.conditions
     rankings = _layer_rankings(run)
     rows: list[tuple[int, int]] = []  # (condition index, prompt index)
@@ -238,7 +243,7 @@ def generate(run: Run, started: float) -> StageResult:
     plan = Plan.rows(run.model, per_row)
 
     partial_path = run.dir / "completions.partial.json"
-    key = run.digests["generate"]
+    key = run.digests["generate"] + (f"+set:{used_set['sha256'][:16]}" if used_set else "")
     partial = io.read_json(partial_path) if partial_path.exists() else {}
     done = partial.get("rows", {}) if partial.get("digest") == key else {}
     server: dict = dict(partial.get("server") or {}) if partial.get("digest") == key else {}  # generate.backend openai
@@ -284,11 +289,35 @@ def generate(run: Run, started: float) -> StageResult:
         out.setdefault(c.prompts, {}).setdefault(c.name, []).append(rec)
     io.write_json(run.dir / "completions.json", out)
     partial_path.unlink(missing_ok=True)
-    extras = {"decoding": decoding} if decoding else {}
+    extras: dict[str, Any] = {"decoding": decoding} if decoding else {}
+    if used_set:
+        extras["sets"] = used_set  # Run.done: generate is redone when the saved set changes
     if fmt is not None:
         extras["reasoning"] = {"format": fmt.to_json(), "thinking": run.cfg.data.thinking,
                                "prompt_opens_reasoning": bool(prefix), "cut_inside_reasoning": cut}
     return ["completions.json", "kl.json"], extras or None
+
+
+def uses_set(conditions: list[Condition]) -> bool:
+    """Whether a condition names the direction ``set`` (the one `refusal sets` saves)."""
+    return any(iv.direction == "set" for c in conditions for iv in c.interventions)
+
+
+def set_used(run: Run) -> dict | None:
+    """The reference of the saved set (:meth:`RunFolder.set_reference`) when a condition names it, else None."""
+    return run.folder.set_reference() if uses_set(run.cfg.generate.conditions) else None
+
+
+def run_directions(run: Run) -> DirectionSet:
+    """The run's directions by name (:meth:`RunFolder.directions`); a condition that names ``set`` needs the set
+    `refusal sets` saved from this run's current select outputs."""
+    directions = run.folder.directions()
+    if "set" not in directions and uses_set(run.cfg.generate.conditions):
+        why = ("was saved from an earlier select (select ran again since)" if run.folder.sets_state() == "stale"
+               else "has not been saved")
+        raise RefusalError(f"A condition names the direction 'set', but the set of `refusal sets` {why} in "
+                           f"{run.dir}.", f"Run `refusal sets {run.dir}` (it saves the best set), then resume.")
+    return directions
 
 
 def _generate_on_server(run: Run, conds: list[Condition], rows: list[tuple[int, int]], prompts: list[str],
@@ -376,7 +405,7 @@ def evaluate(run: Run, started: float) -> StageResult:
         outputs.append("over_refusal.json")
     if ev.magnitude:
         outputs += _magnitude(run, comps, judged, over)
-    scores = io.read_json(run.dir / "scores.json")
+    selection = run.folder.selection()
     seconds = run.stage_seconds()
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
     summary = summarize(judged, kl)
@@ -396,7 +425,7 @@ def evaluate(run: Run, started: float) -> StageResult:
         budgets[c.prompts][c.name] = c.max_new_tokens or run.cfg.generate.max_new_tokens
     summary = {
         "model": run.cfg.model, "device": run.device_name(), "dtype": run.dtype, "preset": run.cfg.preset,
-        "selected": {"pos": scores["selected"]["pos"], "layer": scores["selected"]["layer"]},
+        "selected": {"pos": selection["pos"], "layer": selection["layer"]},  # derived from scores.json, the owner
         **summary, "max_new_tokens": run.cfg.generate.max_new_tokens, "stage_seconds": seconds,
         "max_new_tokens_per_condition": budgets,
         "thinking": (run.done("extract") or {}).get("thinking", {"mode": run.cfg.data.thinking}),
@@ -453,7 +482,7 @@ def _reasoning_summary(judged: list[dict], reasoning_judges: dict, kind: str, co
 
 def _condition_ivs(run: Run) -> dict[str, list[Intervention]]:
     """``{"prompt_set/condition": interventions}`` for every configured condition."""
-    directions = DirectionSet.load(run.dir / "directions.safetensors")
+    directions = run_directions(run)
     rankings = _layer_rankings(run)
     return {f"{c.prompts}/{c.name}": condition_interventions(c, directions, rankings)
             for c in run.cfg.generate.conditions}
@@ -489,7 +518,7 @@ def _magnitude(run: Run, comps: dict, judged: dict, over: dict) -> list[str]:
     """Projection of each test prompt (and contrast prompt) on the selected direction against its refusal."""
     from ..evaluation.magnitude import magnitude, plot_magnitude
 
-    d = DirectionSet.load(run.dir / "directions.safetensors")["selected"]
+    d = run.folder.selected_direction()
     recs = [(kind, r) for kind in ("harmful", "harmless") for r in judged.get(kind, {}).get("baseline", [])]
     if not recs:
         raise RefusalError("evaluate.magnitude needs the baseline conditions of the harmful and harmless prompts.",
@@ -519,7 +548,7 @@ def _cross_entropy(run: Run, comps: dict, ev: EvaluateConfig) -> dict:
     from ..evaluation.cross_entropy import prepare
     from ..interventions.hooks import apply
 
-    directions = DirectionSet.load(run.dir / "directions.safetensors")
+    directions = run_directions(run)
     rankings = _layer_rankings(run)
     conds = run.cfg.generate.conditions
     out: dict = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 
@@ -124,107 +125,138 @@ def score_candidates(
     n_pos, n_layers = len(candidates.positions), candidates.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     diffs = candidates.diffs.to(dev)
-    units = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    rids = torch.tensor(list(refusal_ids), device=dev)
-    norms = diffs.norm(dim=-1).cpu()
-    # a zero difference (e.g. layer 0, where every prompt has the same post-instruction tokens) has no direction
-    cand = [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
+    all_cand = _with_direction(diffs, n_pos, layers)
     nh, nb = len(harmful_val), len(harmless_val)
-    opts = {"share_prefix": share_prefix, "min_prefix": min_prefix, "max_buckets": max_buckets, "slack": slack}
+    opts: dict[str, Any] = {"share_prefix": share_prefix, "min_prefix": min_prefix, "max_buckets": max_buckets,
+                            "slack": slack}
     both = layout(tokenizer, list(harmful_val) + list(harmless_val), dev, **opts)
     harmless = layout(tokenizer, list(harmless_val), dev, **opts)
-
-    base_logits = layout_logits(model, both)
-    base_scores = refusal_score(base_logits, rids)
-    base_logp = torch.log_softmax(base_logits[nh:].float(), -1)
-    is_harmful = torch.arange(nh + nb, device=dev) < nh
-
-    zeros = torch.zeros((n_pos, n_layers), device=dev)
-    bypass, induce, kl = zeros.clone(), zeros.clone(), zeros.clone()
-
-    def index(chunk):
-        return (torch.tensor([p for p, _ in chunk], device=dev), torch.tensor([lay for _, lay in chunk], device=dev))
-
-    # Chunks of candidates, each run over every bucket: a shared prefix runs once per candidate, and a chunk's
-    # scores are written only once all its buckets are done (so an out-of-memory retry cannot count one twice).
-    ablation_buckets = []
-    for bucket in both.buckets:
-        harm = is_harmful[bucket.rows].cpu()
-        h_idx, b_idx = harm.nonzero()[:, 0].to(dev), (~harm).nonzero()[:, 0].to(dev)  # no device syncs per chunk
-        ablation_buckets.append((bucket, h_idx, b_idx, base_logp[bucket.rows[b_idx] - nh]))
-
-    def run_ablation(chunk):
-        c = len(chunk)
-        pi, li = index(chunk)
-        dirs = units[pi, li]
-        prefix = None
-        if both.prefix is not None:
-            with ablate(model, dirs, per_row=True):
-                prefix = prefix_cache(model, both, c)
-        b_sum, k_sum = torch.zeros(c, device=dev), torch.zeros(c, device=dev)
-        for bucket, h_idx, b_idx, logp_base in ablation_buckets:
-            n = len(bucket.rows)
-            with ablate(model, dirs.repeat_interleave(n, 0), per_row=True):
-                logits = _bucket_logits(model, bucket, c, prefix).view(c, n, -1)
-            b_sum += refusal_score(logits[:, h_idx], rids).sum(1)
-            k_sum += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, b_idx].float(), -1)).sum(1)
-        bypass[pi, li], kl[pi, li] = b_sum / nh, k_sum / nb
-
-    # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
-    # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
-    induce_buckets = []
-    base_prefix = prefix_cache(model, harmless, 1) if harmless.prefix is not None else None
-    for bucket in harmless.buckets:
-        layer_inputs, returns_tuple = _layer_inputs(
-            model, lambda b=bucket: _bucket_logits(model, b, 1, base_prefix))
-        induce_buckets.append((bucket, layer_inputs, returns_tuple))
-
-    def adding(pi, li, vecs, reps):
-        stack = ExitStack()
-        for layer in sorted(set(li.tolist())):
-            rows = (li == layer).to(vecs.dtype)[:, None] * vecs  # zero for candidates of other layers
-            stack.enter_context(add(model, rows.repeat_interleave(reps, 0), layer, per_row=True))
-        return stack
-
-    def run_induce(chunk):
-        c = len(chunk)
-        pi, li = index(chunk)
-        vecs = diffs[pi, li]
-        start = min(lay for _, lay in chunk)
-        prefix = None
-        if harmless.prefix is not None:  # the prefix runs at full depth, so the cache holds every layer
-            with adding(pi, li, vecs, 1):
-                prefix = prefix_cache(model, harmless, c)
-        total = torch.zeros(c, device=dev)
-        for bucket, layer_inputs, returns_tuple in induce_buckets:
-            n = len(bucket.rows)
-            with ExitStack() as stack:
-                stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
-                stack.enter_context(adding(pi, li, vecs, n))
-                logits = _bucket_logits(model, bucket, c, prefix)
-            total += refusal_score(logits.view(c, n, -1), rids).sum(1)
-        induce[pi, li] = total / nb
+    shape = (n_pos, n_layers)
+    passes = _Passes(model, diffs, torch.tensor(list(refusal_ids), device=dev), both, harmless, nh, nb, shape)
+    base_scores = passes.prepare()
 
     # candidates are packed into each forward pass; on out-of-memory the pack halves (down to one candidate)
     # A pass costs its rows times the layers from its lowest source layer up: candidates come in layer order, so
     # small packs (batch / 64 candidates, at least one layer's positions) start near their own layers.
     widest = max(len(b.rows) for b in harmless.buckets)
-    in_batches(run_induce, cand, max(1, min(batch_size // widest, max(n_pos, batch_size // 64))), "Scoring induce",
-               batching=batching)
+    in_batches(passes.induce_pass, all_cand, max(1, min(batch_size // widest, max(n_pos, batch_size // 64))),
+               "Scoring induce", batching=batching)
+    cand = all_cand
     if prune_induce_below is not None:  # the filter would drop these anyway: skip their bypass and KL forwards
-        cand = [(p, lay) for p, lay in cand if float(induce[p, lay]) > prune_induce_below]
+        cand = [(p, lay) for p, lay in cand if float(passes.induce[p, lay]) > prune_induce_below]
     widest = max(len(b.rows) for b in both.buckets)
-    in_batches(run_ablation, cand, max(1, batch_size // widest), "Scoring bypass + KL", batching=batching)
+    in_batches(passes.ablation_pass, cand, max(1, batch_size // widest), "Scoring bypass + KL", batching=batching)
 
-    def scored(t, which):
-        mask = torch.zeros((n_pos, n_layers), dtype=torch.bool)
-        for p, lay in which:
-            mask[p, lay] = True
-        return torch.where(mask, t.cpu(), torch.full_like(mask, float("nan"), dtype=torch.float32))
-
-    all_cand = [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
-    return Scores(list(candidates.positions), scored(bypass, cand), scored(induce, all_cand), scored(kl, cand),
+    return Scores(list(candidates.positions), _scored(passes.bypass, cand, shape),
+                  _scored(passes.induce, all_cand, shape), _scored(passes.kl, cand, shape),
                   float(base_scores[:nh].mean()), float(base_scores[nh:].mean()))
+
+
+def _with_direction(diffs: torch.Tensor, n_pos: int, layers: list[int]) -> list[tuple[int, int]]:
+    """The (position, layer) candidates of ``layers``, in layer order, whose difference is not zero (a zero
+    difference, e.g. at layer 0 where every prompt has the same post-instruction tokens, has no direction)."""
+    norms = diffs.norm(dim=-1).cpu()
+    return [(p, layer) for layer in layers for p in range(n_pos) if norms[p, layer] > 1e-6 * norms.max()]
+
+
+def _scored(t: torch.Tensor, which: list[tuple[int, int]], shape: tuple[int, int]) -> torch.Tensor:
+    """``t`` on the CPU at the candidates ``which``, NaN elsewhere."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for p, lay in which:
+        mask[p, lay] = True
+    return torch.where(mask, t.cpu(), torch.full_like(mask, float("nan"), dtype=torch.float32))
+
+
+class _Passes:
+    """The forward passes of :func:`score_candidates`, sharing the baseline computed once by :meth:`prepare`.
+
+    :meth:`ablation_pass` and :meth:`induce_pass` each take a chunk of candidates and run it over every bucket (a
+    shared prefix runs once per candidate); a chunk's scores are written into ``bypass`` / ``kl`` / ``induce`` only
+    once all its buckets are done, so an out-of-memory retry cannot count one twice."""
+
+    def __init__(self, model, diffs: torch.Tensor, rids: torch.Tensor, both: Layout, harmless: Layout,
+                 nh: int, nb: int, shape: tuple[int, int]) -> None:
+        self.model, self.diffs, self.rids, self.both, self.harmless = model, diffs, rids, both, harmless
+        self.dev = diffs.device
+        self.units = diffs / diffs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.nh, self.nb = nh, nb
+        zeros = torch.zeros(shape, device=self.dev)
+        self.bypass, self.induce, self.kl = zeros.clone(), zeros.clone(), zeros.clone()
+        self.ablation_buckets: list = []
+        self.induce_buckets: list = []
+
+    def prepare(self) -> torch.Tensor:
+        """The baseline pass (returns every prompt's refusal score), each bucket's harmful and harmless rows and
+        baseline log-probabilities, and the harmless prompts' input to every layer."""
+        model, both, nh, dev = self.model, self.both, self.nh, self.dev
+        base_logits = layout_logits(model, both)
+        base_scores = refusal_score(base_logits, self.rids)
+        base_logp = torch.log_softmax(base_logits[nh:].float(), -1)
+        is_harmful = torch.arange(nh + self.nb, device=dev) < nh
+        for bucket in both.buckets:
+            harm = is_harmful[bucket.rows].cpu()
+            h_idx, b_idx = harm.nonzero()[:, 0].to(dev), (~harm).nonzero()[:, 0].to(dev)  # no device syncs per chunk
+            self.ablation_buckets.append((bucket, h_idx, b_idx, base_logp[bucket.rows[b_idx] - nh]))
+        # Induce adds at the source layer only, so below it every candidate sees the baseline residual stream:
+        # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
+        base_prefix = prefix_cache(model, self.harmless, 1) if self.harmless.prefix is not None else None
+        for bucket in self.harmless.buckets:
+            layer_inputs, returns_tuple = _layer_inputs(
+                model, lambda b=bucket: _bucket_logits(model, b, 1, base_prefix))
+            self.induce_buckets.append((bucket, layer_inputs, returns_tuple))
+        return base_scores
+
+    def _index(self, chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor([p for p, _ in chunk], device=self.dev),
+                torch.tensor([lay for _, lay in chunk], device=self.dev))
+
+    def ablation_pass(self, chunk) -> None:
+        """Bypass (harmful rows) and KL (harmless rows) of the candidates of ``chunk``, ablated at every layer."""
+        model, both, rids, dev = self.model, self.both, self.rids, self.dev
+        c = len(chunk)
+        pi, li = self._index(chunk)
+        dirs = self.units[pi, li]
+        prefix = None
+        if both.prefix is not None:
+            with ablate(model, dirs, per_row=True):
+                prefix = prefix_cache(model, both, c)
+        b_sum, k_sum = torch.zeros(c, device=dev), torch.zeros(c, device=dev)
+        for bucket, h_idx, b_idx, logp_base in self.ablation_buckets:
+            n = len(bucket.rows)
+            with ablate(model, dirs.repeat_interleave(n, 0), per_row=True):
+                logits = _bucket_logits(model, bucket, c, prefix).view(c, n, -1)
+            b_sum += refusal_score(logits[:, h_idx], rids).sum(1)
+            k_sum += kl_div(logp_base.unsqueeze(0), torch.log_softmax(logits[:, b_idx].float(), -1)).sum(1)
+        self.bypass[pi, li], self.kl[pi, li] = b_sum / self.nh, k_sum / self.nb
+
+    def _adding(self, pi: torch.Tensor, li: torch.Tensor, vecs: torch.Tensor, reps: int) -> ExitStack:
+        stack = ExitStack()
+        for layer in sorted(set(li.tolist())):
+            rows = (li == layer).to(vecs.dtype)[:, None] * vecs  # zero for candidates of other layers
+            stack.enter_context(add(self.model, rows.repeat_interleave(reps, 0), layer, per_row=True))
+        return stack
+
+    def induce_pass(self, chunk) -> None:
+        """Induce of the candidates of ``chunk`` on the harmless rows, each added at its source layer; the pass
+        starts at the chunk's lowest source layer."""
+        model, harmless = self.model, self.harmless
+        c = len(chunk)
+        pi, li = self._index(chunk)
+        vecs = self.diffs[pi, li]
+        start = min(lay for _, lay in chunk)
+        prefix = None
+        if harmless.prefix is not None:  # the prefix runs at full depth, so the cache holds every layer
+            with self._adding(pi, li, vecs, 1):
+                prefix = prefix_cache(model, harmless, c)
+        total = torch.zeros(c, device=self.dev)
+        for bucket, layer_inputs, returns_tuple in self.induce_buckets:
+            n = len(bucket.rows)
+            with ExitStack() as stack:
+                stack.enter_context(_start_at(model, start, layer_inputs[start], c, returns_tuple))
+                stack.enter_context(self._adding(pi, li, vecs, n))
+                logits = _bucket_logits(model, bucket, c, prefix)
+            total += refusal_score(logits.view(c, n, -1), self.rids).sum(1)
+        self.induce[pi, li] = total / self.nb
 
 
 @torch.no_grad()

@@ -18,7 +18,11 @@ be nearly parallel, so that the pair removes little more than rank 0 alone. :fun
 
 >>> result = search_sets(model, tok, ranked_directions, harmful_val, harmless_val, refusal_ids, k_max=3, beam=4)
 >>> result.best, result.pareto()
->>> plot_pareto(result, "sets.png"); add_to_directions("runs/x/directions.safetensors", result.direction())
+>>> plot_pareto(result, "sets.png"); RunFolder("runs/x").write_sets(result.direction(), options, best_row)
+
+In a run folder the best set is the run's own artifact, ``sets.safetensors`` with its manifest
+(:meth:`~refusal.runs.folder.RunFolder.write_sets`, what ``refusal sets`` does); :func:`add_to_directions` adds a set
+to a direction-set file of your own.
 """
 
 from __future__ import annotations
@@ -263,7 +267,8 @@ def search_sets(model, tokenizer, candidates: Sequence[Direction], harmful_val, 
 
 def add_to_directions(path: str | Path, direction: Direction, name: str = "set") -> DirectionSet:
     """Add (or replace) ``name`` in the direction set file at ``path``, keeping the other entries; written
-    atomically."""
+    atomically. Not for a run folder's ``directions.safetensors`` (select's, checked against its manifest): there
+    the set is saved apart, with :meth:`~refusal.runs.folder.RunFolder.write_sets`."""
     path = Path(path)
     if not path.is_file():
         raise RefusalError(f"No direction set at '{path}'.", "Run 'refusal select' on the run first.")

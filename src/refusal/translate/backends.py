@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from ..errors import RefusalError
 
@@ -109,7 +110,7 @@ def clean_output(text: str, source: str = "") -> str:
     return out
 
 
-def _model_id(model) -> str:
+def _model_id(model: Any) -> str:
     """The model's hub id, or its folder's name when loaded from a local folder, or its class name."""
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "").rstrip("/")
     if not name:
@@ -124,8 +125,8 @@ class LocalModelTranslator:
     filled ``max_new_tokens`` was probably cut off: such source texts are listed in ``truncated`` after each call.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_new_tokens: int = 512, *, system: str | None = None,
-                 prompt: str = PROMPT, name: str | None = None):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, max_new_tokens: int = 512, *,
+                 system: str | None = None, prompt: str = PROMPT, name: str | None = None) -> None:
         if "{text}" not in prompt:
             raise RefusalError("The translation prompt has no {text} placeholder.",
                                "Put {text} where the text to translate goes (and {source} / {target} for languages).")
@@ -150,9 +151,9 @@ class LocalModelTranslator:
         self.truncated = []
         if not todo:
             return ["" for _ in texts]
-        raw = generate(self.model, self.tokenizer, self.prompts(todo, target, source),
-                       max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                       description=f"Translating into {language_name(target)}")
+        raw = cast(list[str], generate(  # no refusal_ids: the texts alone
+            self.model, self.tokenizer, self.prompts(todo, target, source), max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size, description=f"Translating into {language_name(target)}"))
         lengths = self.tokenizer(raw, add_special_tokens=False)["input_ids"]
         self.truncated = [t for t, ids in zip(todo, lengths) if len(ids) >= self.max_new_tokens - 1]
         done = {t: clean_output(r, t) for t, r in zip(todo, raw)}
@@ -173,7 +174,7 @@ class GoogleTranslator:
     yours to set up)."""
 
     def __init__(self, version: str = "v2", *, project: str | None = None, location: str = "global",
-                 model: str | None = None, batch_size: int = 100, max_chars: int = 25_000, client=None):
+                 model: str | None = None, batch_size: int = 100, max_chars: int = 25_000, client: Any = None) -> None:
         if version not in ("v2", "v3"):
             raise RefusalError(f"Unknown Google Cloud Translation API version '{version}'.", "Use 'v2' or 'v3'.")
         self.version, self.project, self.location, self.model = version, project, location, model
@@ -207,7 +208,7 @@ class GoogleTranslator:
                                "Pass project=..., or set GOOGLE_CLOUD_PROJECT.")
         return project
 
-    def client(self):
+    def client(self) -> Any:  # google.cloud.translate's client (untyped)
         if self._client is not None:
             return self._client
         try:
@@ -228,8 +229,9 @@ class GoogleTranslator:
                                f"Check that {_CREDENTIALS} names a valid service-account key file.") from None
         return self._client
 
-    def _chunks(self, texts: list[str]):
-        chunk, size = [], 0
+    def _chunks(self, texts: list[str]) -> Iterator[list[str]]:
+        chunk: list[str] = []
+        size = 0
         for t in texts:
             if chunk and (len(chunk) >= self.batch_size or size + len(t) > self.max_chars):
                 yield chunk

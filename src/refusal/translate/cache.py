@@ -80,6 +80,7 @@ class TranslationCache:
                 "that holds these translations.",
             )
         for i in range(0, len(todo), self.chunk_size):
+            assert not isinstance(translator, str)  # a backend's name only when nothing is missing (above)
             chunk = todo[i:i + self.chunk_size]
             got = translator.translate(chunk, target, source)
             self.calls += 1

@@ -16,6 +16,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from ..errors import RefusalError
 
@@ -150,7 +151,7 @@ class LanguageId:
 
 
 @lru_cache(maxsize=1)
-def _langid_identifier():
+def _langid_identifier() -> tuple[Any, frozenset[str]]:  # langid's identifier (untyped), its languages
     import langid.langid as ll  # optional: pip install langid
 
     ident = ll.LanguageIdentifier.from_modelstring(ll.model, norm_probs=True)
@@ -186,7 +187,7 @@ def identify_languages(texts: list[str], target: str, top_k: int = LANGID_TOP_K)
     code = _base(target)
     if code not in known:
         return LanguageId(False, f"not checked: langid has no model for '{target}'"), [None] * len(texts)
-    out = []
+    out: list[tuple[str, bool] | None] = []
     for t in texts:
         if not t.strip():
             out.append(None)
@@ -219,11 +220,11 @@ def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> 
         recalls.append(match / n_ref)
     if not precisions:
         return 0.0
-    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
-    if p + r == 0:
+    prec, rec = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    if prec + rec == 0:
         return 0.0
     b2 = beta ** 2
-    return 100 * (1 + b2) * p * r / (b2 * p + r)
+    return 100 * (1 + b2) * prec * rec / (b2 * prec + rec)
 
 
 # ---------------------------------------------------------------- the report

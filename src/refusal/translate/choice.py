@@ -7,9 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    from .backends import Translator
 
 
 def check_translator(translator: Any, run_model: str) -> Any:
@@ -51,8 +54,8 @@ def translator_identity(translator: Any, run_source: Any, trust_remote_code: boo
     return f"local:{model_identity(source, trust_remote_code)}:prompt-{prompt[:8]}"
 
 
-def build_translator(translator: Any, run_model: Callable[[], tuple[Any, Any]], *, device, dtype,
-                     trust_remote_code: bool, batch_size: int):
+def build_translator(translator: Any, run_model: Callable[[], tuple[Any, Any]], *, device: str | None,
+                     dtype: str | None, trust_remote_code: bool, batch_size: int) -> Translator:
     """The backend itself; ``run_model()`` gives the run's own ``(model, tokenizer)`` for ``"local"``."""
     from ..batching import console
     from .backends import GoogleTranslator, LocalModelTranslator

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from ...batching import in_batches
 from ...models.parts import decoder, find_parts, model_device
@@ -20,7 +22,7 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def collect_activations(
-    model, tokenizer, prompts: Sequence[str], n_positions: int, layers: Sequence[int] | None = None,
+    model: Any, tokenizer: Any, prompts: Sequence[str], n_positions: int, layers: Sequence[int] | None = None,
     batch_size: int = 32, description: str = "",
 ) -> torch.Tensor:
     """Per-prompt residual-stream inputs of the decoder layers at the last ``n_positions`` tokens.
@@ -43,8 +45,8 @@ def collect_activations(
     caught: dict[int, torch.Tensor] = {}
     deepest = max(layers)
 
-    def make_hook(j: int, i: int):
-        def hook(_m, args, kwargs):
+    def make_hook(j: int, i: int) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["hidden_states"]
             caught[j] = x[:, -n_positions:, :].to(device=dev, dtype=torch.float32, copy=True)
             if i == deepest:
@@ -56,7 +58,7 @@ def collect_activations(
     base = decoder(model)
     done = 0
     try:
-        def run(chunk):
+        def run(chunk: Sequence[str]) -> None:
             nonlocal done
             caught.clear()
             b = tokenize(tokenizer, list(chunk), dev)

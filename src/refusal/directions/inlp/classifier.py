@@ -9,13 +9,25 @@ matmuls; otherwise in the ``d`` features directly.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 CLASSIFIERS = ("logistic", "svm")
 _LINE_STEPS = 0.5 ** torch.arange(0, 40, dtype=torch.float64)  # backtracking step sizes 1, 1/2, ..., 2^-39
 
 
-def _loss_terms(m: torch.Tensor, classifier: str, derivatives: bool = True):
+@overload
+def _loss_terms(m: torch.Tensor, classifier: str, derivatives: Literal[True] = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def _loss_terms(m: torch.Tensor, classifier: str, derivatives: Literal[False]) -> torch.Tensor: ...
+
+
+def _loss_terms(m: torch.Tensor, classifier: str, derivatives: bool = True
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample loss of the margin ``m = y f`` and its first two derivatives with respect to ``m``."""
     if classifier == "logistic":
         loss = torch.nn.functional.softplus(-m)

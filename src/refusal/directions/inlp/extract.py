@@ -6,6 +6,7 @@ collects the activations from a model and prompts first.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -57,22 +58,24 @@ def inlp(
     if n_iterations < 1 or l2 <= 0 or not 0 <= heldout_fraction < 1:
         raise ValueError("need n_iterations >= 1, l2 > 0 and 0 <= heldout_fraction < 1")
     four_d = harmful_acts.ndim == 4
+    position_list: list[int]  # the components' positions and layers, from either layout (below)
+    layer_list: list[int]
     if four_d:
-        positions = list(range(-harmful_acts.shape[0], 0)) if positions is None else list(positions)
-        layers = list(range(harmful_acts.shape[1])) if layers is None else list(layers)
-        if (len(positions), len(layers)) != tuple(harmful_acts.shape[:2]):
-            raise ValueError(f"{len(positions)} positions × {len(layers)} layers do not match activations of shape "
-                             f"{tuple(harmful_acts.shape)}")
+        position_list = list(range(-harmful_acts.shape[0], 0)) if positions is None else list(positions)
+        layer_list = list(range(harmful_acts.shape[1])) if layers is None else list(layers)
+        if (len(position_list), len(layer_list)) != tuple(harmful_acts.shape[:2]):
+            raise ValueError(f"{len(position_list)} positions × {len(layer_list)} layers do not match activations "
+                             f"of shape {tuple(harmful_acts.shape)}")
     h, b = _components(harmful_acts, "harmful"), _components(harmless_acts, "harmless")
     if h.shape[0] != b.shape[0] or h.shape[2] != b.shape[2]:
         raise ValueError(f"harmful {tuple(h.shape)} and harmless {tuple(b.shape)} activations must have the same "
                          "components and hidden size")
     C = h.shape[0]
     if not four_d:
-        positions = [-1] if positions is None else list(positions)
-        layers = list(range(C // max(1, len(positions)))) if layers is None else list(layers)
-    if len(positions) * len(layers) != C:
-        raise ValueError(f"{len(positions)} positions × {len(layers)} layers != {C} components")
+        position_list = [-1] if positions is None else list(positions)
+        layer_list = list(range(C // max(1, len(position_list)))) if layers is None else list(layers)
+    if len(position_list) * len(layer_list) != C:
+        raise ValueError(f"{len(position_list)} positions × {len(layer_list)} layers != {C} components")
     b = b.to(h.device)
 
     gen = torch.Generator().manual_seed(seed)
@@ -108,14 +111,14 @@ def inlp(
               "n_harmful": int(h.shape[1]), "n_harmless": int(b.shape[1]),
               "n_train": [len(tr_h), len(tr_b)], "n_heldout": [len(he_h), len(he_b)]}
     return InlpResult(out["basis"][:, :k_max].float().contiguous(), out["rank"], out["train_accuracy"],
-                      out["heldout_accuracy"], positions, layers, out["weights"][:, :k_max].float().contiguous(),
-                      out["first"].float(), config, model_name)
+                      out["heldout_accuracy"], position_list, layer_list,
+                      out["weights"][:, :k_max].float().contiguous(), out["first"].float(), config, model_name)
 
 
 @with_fused_norms
 def extract_inlp(
-    model, tokenizer, harmful_prompts: Sequence[str], harmless_prompts: Sequence[str], n_positions: int,
-    layers: Sequence[int] | None = None, *, batch_size: int = 32, model_name: str = "", **kw,
+    model: Any, tokenizer: Any, harmful_prompts: Sequence[str], harmless_prompts: Sequence[str], n_positions: int,
+    layers: Sequence[int] | None = None, *, batch_size: int = 32, model_name: str = "", **kw: Any,
 ) -> InlpResult:
     """Collect per-prompt activations (:func:`collect_activations`) and run :func:`inlp` on them (``**kw``)."""
     if not harmful_prompts or not harmless_prompts:

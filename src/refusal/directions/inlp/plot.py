@@ -34,4 +34,4 @@ def plot_accuracy(result: InlpResult, pos: int, layer: int, path: str | Path) ->
     ax.set_title(f"INLP at position {pos}, layer {layer}: rank {int(result.rank[c])}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    io.write_png(path, fig)
+    io.write_png(Path(path), fig)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ... import io
+
+if TYPE_CHECKING:
+    from ..base import Direction
 
 
 @dataclass
@@ -63,7 +66,7 @@ class InlpResult:
         b = self.subspace(pos, layer).double()
         return (torch.eye(b.shape[-1], dtype=b.dtype) - b.T @ b).float()
 
-    def direction(self, pos: int, layer: int):
+    def direction(self, pos: int, layer: int) -> Direction:
         """The subspace at that component as a :class:`~refusal.directions.base.Direction` (method ``inlp``)."""
         from ..base import Direction
 

@@ -215,7 +215,7 @@ def rate(judgements: Sequence[Judgement], label: str, z: float = 1.96) -> Rate:
 def summarize(judgements: Sequence[Judgement], labels: Sequence[str] | None = None, z: float = 1.96) -> dict:
     """``{"n", "failed", "rates": {label: Rate.to_json()}}`` for the given labels (default: all seen)."""
     if labels is None:
-        labels = sorted({j.label for j in judgements if not j.failed})
+        labels = sorted({j.label for j in judgements if not j.failed and j.label is not None})
     return {"n": len(judgements), "failed": sum(j.failed for j in judgements),
             "rates": {lab: rate(judgements, lab, z).to_json() for lab in labels}}
 

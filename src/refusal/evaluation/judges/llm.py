@@ -308,6 +308,7 @@ class LocalModelJudge(Judge):
     def loaded(self):
         """``(model, tokenizer)``, loading them on first use."""
         if self._model is None:
+            assert self.spec is not None  # no model passed in: a spec was
             self._model, self._tokenizer = load_judge_model(
                 self.spec, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
                 need_template=self.need_template, what=self.type)

@@ -94,8 +94,8 @@ class OpenAIJudge(Judge):
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def _scrub(self, text: str | None) -> str | None:
-        if text is None or self._key is None or not self._key.reveal():
+    def _scrub(self, text: str) -> str:
+        if self._key is None or not self._key.reveal():
             return text
         return text.replace(self._key.reveal(), "***")
 
@@ -160,7 +160,7 @@ class OpenAIJudge(Judge):
             return Judgement.failure(f"malformed response: message content is {type(content).__name__}",
                                      raw=self._scrub(payload[:2000]))
         j = parse_rubric_answer(self._scrub(content), self.rubric)
-        j.error = self._scrub(j.error)
+        j.error = None if j.error is None else self._scrub(j.error)
         return j
 
     def judge(self, items: Sequence) -> list[Judgement]:

@@ -139,7 +139,9 @@ def read_arc(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise RefusalError(f"Line {i} of '{path}' is not JSON ({exc.msg}).",
                                "Use one JSON object a line.") from None
-        q, opts, key = r.get("question"), r.get("options"), r.get("answer")
+        q: Any = r.get("question")  # JSON values, checked below
+        opts: Any = r.get("options")
+        key: Any = r.get("answer")
         if isinstance(q, dict):  # AI2's layout
             q, opts, key = q.get("stem"), q.get("choices"), r.get("answerKey")
         ok = (isinstance(q, str) and isinstance(opts, list) and len(opts) >= 2
@@ -217,7 +219,7 @@ def load_mmlu(subject: str | None = None, data_dir: str | None = None, **_: Any)
     if not test.is_file():
         raise RefusalError(f"MMLU's {subject} test file '{test}' does not exist.", "Add it, or leave the subject out.")
     dev = root / "dev" / f"{subject}_dev.csv"
-    empty = {"question": [], "choices": [], "answer": []}
+    empty: dict[str, list] = {"question": [], "choices": [], "answer": []}
     return datasets.DatasetDict({
         "test": _dataset([{**r, "subject": subject} for r in read_mmlu_csv(test)], empty),
         "dev": _dataset([{**r, "subject": subject} for r in read_mmlu_csv(dev)] if dev.is_file() else [],
