@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -459,3 +460,22 @@ def test_crosslingual_uses_learned_lists_everywhere(model_dir, xl_inputs, tmp_pa
     with pytest.raises(RefusalError, match="learn_openings"):
         Crosslingual(resolve(cfg, {"model": str(model_dir)}), "en,fr", polyrefuse=root, paper=eng,
                      out_dir=tmp_path / "xl2", learn_openings="sometimes")
+
+
+# Floors set from the real model's data (Qwen2.5-Coder-1.5B-Instruct on an H100, 2026-12-06; the learning rows and
+# completions of the cross-lingual run with every list learned, packed by `python -m benchmarks.quality
+# .learned_openings --pack`): the kappa of the relearned list (shipped list hidden, no saved scores) against the
+# shipped list on every completion of the language, measured then at de 0.44, en 0.91, es 0.90, fr 0.82, ru 0.98,
+# th 0.81, zh 0.91, less 0.05 and rounded down. German's shipped list and the learned one disagree on hedged answers
+# ("es ist wichtig ..."), which is why its floor is low (benchmarks/results/h100-2026-12-06-second/).
+REAL_KAPPA_FLOORS = {"de": 0.35, "en": 0.85, "es": 0.85, "fr": 0.75, "ru": 0.90, "th": 0.75, "zh": 0.85}
+
+
+def test_learned_lists_keep_their_agreement_on_the_real_models_completions():
+    from benchmarks.quality.learned_openings import evaluate_pack
+
+    pack = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "learned-openings-h100.json.gz"
+    got = {lang: e["agreement"]["all"]["kappa"] for lang, e in evaluate_pack(pack).items()}
+    assert set(got) == set(REAL_KAPPA_FLOORS)
+    low = {lang: k for lang, k in got.items() if k is None or k < REAL_KAPPA_FLOORS[lang]}
+    assert not low, f"learned lists agree less with the shipped ones than they did: {low} (floors {REAL_KAPPA_FLOORS})"

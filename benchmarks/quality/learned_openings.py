@@ -13,6 +13,11 @@ verdicts are compared on every completion of the language: its own run's and the
 (learned on the even rows, compared on the odd ones). Saved refusal scores check the phrases unless
 ``--no-scores``; first-token distributions are not saved, so no tokens are learned here.
 
+A finished run packed small enough to commit, and the agreement recomputed from the pack (as a test does):
+
+    python -m benchmarks.quality.learned_openings --pack /tmp/runs/learned-openings-learned --out PACK.json.gz
+    python -m benchmarks.quality.learned_openings --completions PACK.json.gz --out result.json
+
 With the model (two cross-lingual runs over every language of a PolyRefuse-style folder, one with every list learned
 and the shipped lists hidden, one with the shipped lists; then the agreement table and both transfer matrices):
 
@@ -78,10 +83,11 @@ def _run_texts(folder: Path, lang: str) -> dict[str, list[str]]:
 
 
 def evaluate_folder(folder: Path, languages: list[str] | None = None, use_scores: bool = True) -> dict:
-    """The agreement table from saved completions (see the module)."""
+    """The agreement table from saved completions (see the module): a run folder, a folder of ``<lang>.json``
+    files, or a pack written by :func:`pack_run` (``.json.gz``)."""
+    if folder.is_file():
+        return evaluate_pack(folder, languages, use_scores)
     from refusal import io
-    from refusal.evaluation.learned import learn_openings
-    from refusal.translate import refusal_phrases
 
     out = {}
     for lang in languages or SHIPPED:
@@ -97,15 +103,60 @@ def evaluate_folder(folder: Path, languages: list[str] | None = None, use_scores
             groups = {f"{k}/held-out": [r["completion"] for r in rows[k][1::2]] for k in ("harmful", "harmless")}
         else:
             continue
-        h, b = src["harmful"], src["harmless"]
-        scores = use_scores and all(r.get("refusal_score") is not None for r in h + b)
-        learned = learn_openings([r["instruction"] for r in h], [r["completion"] for r in h],
-                                 [r["instruction"] for r in b], [r["completion"] for r in b], language=lang,
-                                 harmful_scores=[r["refusal_score"] for r in h] if scores else None,
-                                 harmless_scores=[r["refusal_score"] for r in b] if scores else None)
-        out[lang] = {"learned": _listing(learned), "scores_used": bool(scores),
-                     "agreement": compare(learned, refusal_phrases(lang)["phrases"], groups)}
+        out[lang] = _evaluate(lang, src, groups, use_scores)
     return out
+
+
+def _evaluate(lang: str, src: dict, groups: dict[str, list[str]], use_scores: bool) -> dict:
+    """Learn ``lang``'s list from the learning rows ``src`` (the shipped list hidden) and compare its verdicts with
+    the shipped list's on ``groups``."""
+    from refusal.evaluation.learned import learn_openings
+    from refusal.translate import refusal_phrases
+
+    h, b = src["harmful"], src["harmless"]
+    scores = use_scores and all(r.get("refusal_score") is not None for r in h + b)
+    learned = learn_openings([r["instruction"] for r in h], [r["completion"] for r in h],
+                             [r["instruction"] for r in b], [r["completion"] for r in b], language=lang,
+                             harmful_scores=[r["refusal_score"] for r in h] if scores else None,
+                             harmless_scores=[r["refusal_score"] for r in b] if scores else None)
+    return {"learned": _listing(learned), "scores_used": bool(scores),
+            "agreement": compare(learned, refusal_phrases(lang)["phrases"], groups)}
+
+
+def pack_run(folder: Path, out: Path, languages: list[str] | None = None) -> dict:
+    """A finished cross-lingual run's learning rows and own completions per language (the transfer's left out), as
+    one gzipped JSON file small enough to commit: what :func:`evaluate_pack` (and a test) relearns from."""
+    import gzip
+
+    from refusal import io
+
+    langs: dict[str, dict] = {}
+    for lang in languages or SHIPPED:
+        run_dir = folder / lang
+        own, oc = run_dir / "completions.json", run_dir / "openings_completions.json"
+        if own.is_file():  # its own run's completions
+            c = io.read_json(own)
+            learning = io.read_json(oc) if oc.is_file() else {k: c[k]["baseline"] for k in ("harmful", "harmless")}
+            groups = {f"{kind}/{cond}": [r["completion"] for r in recs]
+                      for kind, conds in c.items() for cond, recs in conds.items()}
+        elif oc.is_file():  # no direction of its own: a target only, judged on the transfer's completions
+            learning, groups = io.read_json(oc), _run_texts(folder, lang)
+        else:
+            continue
+        langs[lang] = {"learning": {k: [{f: r[f] for f in ("instruction", "completion", "refusal_score") if f in r}
+                                        for r in v] for k, v in learning.items()},
+                       "groups": groups}
+    data = {"source": str(folder), "languages": langs}
+    out.write_bytes(gzip.compress(json.dumps(data, ensure_ascii=False, sort_keys=True).encode(), mtime=0))
+    return data
+
+
+def evaluate_pack(path: Path, languages: list[str] | None = None, use_scores: bool = True) -> dict:
+    import gzip
+
+    data = json.loads(gzip.decompress(path.read_bytes()))
+    return {lang: _evaluate(lang, e["learning"], e["groups"], use_scores)
+            for lang, e in data["languages"].items() if not languages or lang in languages}
 
 
 # ---- the cross-lingual runs ------------------------------------------------------------------------------------
@@ -228,9 +279,14 @@ def main() -> None:
     ap.add_argument("--paper", default=".data/refusal_direction")
     ap.add_argument("--runs", default="/tmp/runs")
     ap.add_argument("--only", choices=("learned", "shipped"))
+    ap.add_argument("--pack", help="write a finished run's learning rows and completions to OUT (.json.gz) and stop")
     ap.add_argument("--dry", action="store_true", default=bool(os.environ.get("DRY")))
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if a.pack:
+        data = pack_run(Path(a.pack), Path(a.out), a.languages.split(",") if a.languages else None)
+        print(f"packed {', '.join(data['languages'])} from {a.pack} into {a.out}")
+        return
     import torch
 
     started = time.perf_counter()
