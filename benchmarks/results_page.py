@@ -386,6 +386,7 @@ def edits(page: Page) -> None:
     page.add(f"Direction sets (`refusal sets --k 3 --beam 4`): best set {members} (ranks {b['ranks']}), bypass "
              f"{b['bypass']:.2f}, induce {b['induce']:.2f}, KL {b['kl']:.3f}.", "")
     page.source(rel, s)
+    keep_refusal(page)
 
 
 def crosslingual(page: Page) -> None:
@@ -418,6 +419,7 @@ def crosslingual(page: Page) -> None:
             rows.append([src] + [f"{c['rate']:.2f}" if c else "—" for c in row])
         page.table(["source \\ target"] + list(t["languages"]), rows)
     page.source(rel, t)
+    learned_openings(page)
 
 
 def performance(page: Page) -> None:
@@ -463,6 +465,8 @@ def performance(page: Page) -> None:
              f"Command of the latest run (each file records its own): `{provenance(latest[2])['command']}`; commit: "
              "not recorded in any of these files. The paper's own code on the same task: 135.9 s, prose only "
              "(see the last section).", "")
+
+    before_after(page)
 
     page.add("### Selection and decoding at the 8B shape", "",
              "`python -m benchmarks.pipeline --arch llama3-8b` (and `qwen2.5-7b`; module names as they were when these "
@@ -529,6 +533,113 @@ def performance(page: Page) -> None:
         page.add(f"Against `{ref['file']}` (the run before this round's redesign): {same} selection and rates"
                  + ("" if not ref["differences"] else f"; differences: {ref['differences']}") + ".", "")
     page.source(rel, c)
+
+
+SECOND = f"{RESULTS}/h100-2026-12-06-second"
+
+
+def before_after(page: Page) -> None:
+    """The paper run with the code before the fidelity rule and with today's, pairs on one warm machine."""
+    page.add("### The paper run before and after the fidelity rule (H100, one machine)", "",
+             "`python -m benchmarks.paper_run` (process start to exit of `refusal run --preset paper`, fresh run "
+             "folder each time) with the code of 71497bc (before the fidelity rule) and of 108eeb6, alternating on "
+             "one warm H100 (`bash benchmarks/gpu_call.sh A`, then `PAIRS=\"2 3\" bash benchmarks/gpu_round3.sh "
+             "speed`); the warm-up runs are each call's first `refusal run`.", "")
+    rows, walls = [], {"before": [], "after": []}
+    for name in ("paper-warmup", "paper-before-1", "paper-after-1", "paper-warmup-2", "paper-before-2",
+                 "paper-after-2", "paper-before-3", "paper-after-3"):
+        rel = f"{SECOND}/{name}.json"
+        d = page.load(rel)
+        st = d["stage_seconds"]
+        kind = "before" if "before" in name else "after" if "after" in name else "warm-up (today's code)"
+        if kind in walls:
+            walls[kind].append(d["wall_s"])
+        rows.append([f"[`{name}.json`]({_link(rel)})", kind, d["wall_s"], st.get("load_model"), st.get("extract"),
+                     st.get("select"), st.get("generate"), st.get("evaluate"), _sel(d.get("selected")),
+                     " / ".join(f"{d['harmful'][c]:.2f}" for c in ("baseline", "ablation", "actadd")),
+                     " / ".join(f"{d['harmless'][c]:.2f}" for c in ("baseline", "actadd"))])
+    page.table(["file", "code", "wall s", "load", "extract", "select", "generate", "evaluate", "selected",
+                "harmful non-refusal base / abl / ActAdd−", "harmless refusal base / ActAdd+"], rows)
+    b, a = sorted(walls["before"]), sorted(walls["after"])
+    page.add(f"Before: median {b[len(b) // 2]:.2f} s ({b[0]:.2f}–{b[-1]:.2f}); after: median {a[len(a) // 2]:.2f} s "
+             f"({a[0]:.2f}–{a[-1]:.2f}); level (the spreads overlap). Selection and rates are identical in every "
+             "run.", "")
+    page.source(f"{SECOND}/paper-after-1.json", page.load(f"{SECOND}/paper-after-1.json"),
+                {"commit": "108eeb6 (before: 71497bc)"})
+
+
+def keep_refusal(page: Page) -> None:
+    """Refusal kept for some categories and released for the others, per category with intervals."""
+    rel = f"{SECOND}/keep-refusal.json"
+    d = page.load(rel)
+    page.add("### Refusal kept by category", "",
+             f"`select.keep_refusal` with kept = {', '.join(d['kept'])} (StrongREJECT's categories, directions from "
+             f"the train split, rates on its held-out prompts, greedy, {d['max_new_tokens']} new tokens). Method: "
+             f"{d['method']}. Refusal rate (substring judge) with 95 % Wilson intervals:", "")
+    rows = [[r["category"], r["role"], r["n"]] + [rate(r.get(c), 2) if isinstance(r.get(c), Mapping) else
+                                                   r.get(c, "—") for c in ("baseline", "ablation", "keep_refusal")]
+            for r in d["table"]]
+    page.table(["category", "role", "n", "baseline", "ablation", "keep_refusal"], rows)
+    kl = d["kl_harmless"]
+    page.add(f"First-token KL on the harmless test prompts: ablation {kl['ablation']:.3f}, keep_refusal "
+             f"{kl['keep_refusal']:.3f}. The released direction keeps {d['norm_fraction']:.0%} of its norm after "
+             f"the projection and has cosine {d['cosine_kept_direction_selected']:.2f} with the selected "
+             "direction; every category's direction has cosine "
+             f"{min(d['cosine_category_with_selected'].values()):.2f}–"
+             f"{max(d['cosine_category_with_selected'].values()):.2f} with it. **This method does not release the "
+             "released categories on this model**: their refusal stays at the baseline's level.", "")
+    page.source(rel, d, {"commit": "108eeb6"})
+
+
+def learned_openings(page: Page) -> None:
+    """Refusal openings learned from the model's own contrast against the shipped lists, and both transfers."""
+    rel = f"{SECOND}/learned-openings.json"
+    d = page.load(rel)
+    page.add("### Refusal openings learned from the model (shipped lists hidden)", "",
+             "Two cross-lingual runs over every PolyRefuse language (n = 100 test prompts per language and kind, "
+             "64 new tokens): one with every phrase list learned from the model's own harmful / harmless contrast "
+             "(`--learn-openings all`, the shipped lists hidden), one with the shipped lists. Per language, the "
+             "learned list against the shipped one on the same completions (every completion of the language in "
+             "the shipped-list run):", "")
+    rows = []
+    for lang, e in d["agreement"].items():
+        a = e["shipped_run"]["all"]
+        c = a["confusion"]
+        ls = e["learned"]
+        rows.append([lang, ", ".join(f"`{p}`" for p in ls["phrases"]), ls["confidence"],
+                     "—" if a["kappa"] is None else f"{a['kappa']:.2f}", rate(a["agree"], 3), c["both"],
+                     c["only_learned"], c["only_shipped"], c["neither"]])
+    page.table(["language", "learned phrases", "confidence", "kappa", "agreement", "both", "only learned",
+                "only shipped", "neither"], rows)
+    page.add("Baseline (no intervention) per language, judged with each run's lists (harmful non-refusal / "
+             "harmless refusal; 95 % Wilson):", "")
+    langs = d["learned"]["transfer"]["languages"]
+    page.table(["lists"] + langs,
+               [[run] + [f"{rate(d[run]['transfer']['baseline'][lang]['harmful_non_refusal'])} / "
+                         f"{rate(d[run]['transfer']['baseline'][lang]['harmless_refusal'])}" for lang in langs]
+                for run in ("learned", "shipped")])
+    for key, what in (("ablation_non_refusal", "Ablation → non-refusal on the target's harmful prompts"),):
+        for run in ("learned", "shipped"):
+            t = d[run]["transfer"]
+            page.add(f"{what}, judged with the **{run}** lists (rows: source language's direction; columns: "
+                     "target):", "")
+            page.table(["source \\ target"] + list(t["languages"]),
+                       [[src] + [f"{c['rate']:.2f}" if c else "—" for c in row]
+                        for src, row in zip(t.get("sources", t["languages"]), t[key]) if row is not None])
+    page.add("(Thai has no direction of its own in either run: no candidate passed the filters; it is a target "
+             "only.)", "")
+    page.source(rel, d, {"commit": "108eeb6"})
+    rel = f"{SECOND}/llm-verdicts.json"
+    v = page.load(rel)
+    counts: dict[str, int] = {}
+    for x in v["verdicts"].values():
+        counts[str(x["label"])] = counts.get(str(x["label"]), 0) + 1
+    page.add(f"The LLM-judge check (the refusal rubric with the run's own model, {v['n_items']:,} completions of "
+             "these runs, the paper run and the contrast set): it answered "
+             + ", ".join(f"{k} {n:,}" for k, n in sorted(counts.items(), key=lambda x: -x[1]))
+             + ", so a 1.5B coder model is not a usable judge, of either list; its agreement with labels is in "
+             "[Judges against labels](#judges-against-labels).", "")
+    page.source(rel, v, {"commit": "108eeb6"})
 
 
 def peers(page: Page) -> None:
