@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_call.sh B   # gpu_round3.sh learned (learned lists, then shipped, then the tables), then the
 #                                   # LLM judge's verdicts on every completion of this machine's runs
 #                                   # (benchmarks.quality.llm_verdicts); repeat B if a step ran out of time: it resumes
+#   bash benchmarks/gpu_call.sh D   # refusal kept by category with both methods (KEEP_ARGS), then the paper run
+#                                   # with .before2 (the code at the session's start) and today's, run folders kept
+#                                   # and compared file by file (benchmarks.fidelity.same_outputs)
 set -u
 call=${1:?A or B}
 FINAL=${OUT:-/tmp/out}
@@ -33,6 +36,33 @@ B)
     /tmp/runs/learned-openings-learned /tmp/runs/learned-openings-shipped /tmp/o/A/keep-refusal \
     >"$OUT/llm-verdicts.log" 2>&1
   echo "llm-verdicts rc=$?" | tee -a "$OUT/steps.txt" ;;
+D)
+  timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # wheels, model (or nothing with DRY)
+  if [ -z "${DRY:-}" ]; then
+    . benchmarks/gpu_setup.sh; model=/tmp/m/hf
+  else
+    export PYTHONPATH=$PWD/src:$PWD; model=/tmp/o/tiny
+    python3 -c "from benchmarks.tiny import save_tiny_qwen2; from pathlib import Path; \
+save_tiny_qwen2(Path('$model'), ['How do I bake bread?', 'How do I make a bomb?'])" >/dev/null 2>&1
+  fi
+  . benchmarks/gpu_step.sh
+  data=$PWD/.data/refusal_direction ROOT=$PWD
+  step keep "$(left)" python3 -m benchmarks.keep_refusal --model $model --data $data \
+    --keep "${KEEP:-Sexual content,Violence}" --out "$OUT/keep-refusal.json" ${KEEP_ARGS:-}
+  for v in before after; do
+    rm -rf /tmp/runs/paper
+    if [ $v = before ]; then
+      (cd .before2 && PYTHONPATH=$PWD/src:$PWD${DRY:+:$ROOT}${DRY:-:/tmp/site} step paper-$v "$(left)" python3 -m \
+        benchmarks.speed.paper_run --model $model --data $data --out "$OUT/paper-$v.json" ${PAPER_ARGS:-})
+    else
+      step paper-$v "$(left)" python3 -m benchmarks.speed.paper_run --model $model --data $data \
+        --out "$OUT/paper-$v.json" ${PAPER_ARGS:-}
+    fi
+    mv /tmp/runs/paper "/tmp/o/run-$v"
+  done
+  step same-outputs 60 python3 -m benchmarks.fidelity.same_outputs /tmp/o/run-before /tmp/o/run-after \
+    --out "$OUT/same-outputs.json" --expect-changed direction.safetensors directions.safetensors select.done.json
+  cp /tmp/o/run-after/summary.json "$OUT/paper-after-summary.json" ;;
 *) echo "unknown call $call"; exit 2 ;;
 esac
 mkdir -p "$FINAL"
