@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_call.sh B   # gpu_round3.sh learned (learned lists, then shipped, then the tables), then the
 #                                   # LLM judge's verdicts on every completion of this machine's runs
 #                                   # (benchmarks.quality.llm_verdicts); repeat B if a step ran out of time: it resumes
-#   bash benchmarks/gpu_call.sh D   # refusal kept by category with both methods (KEEP_ARGS), then the paper run
+#   bash benchmarks/gpu_call.sh D   # the matrix again (beside the conversion), refusal kept by category with both
+#                                   # methods (KEEP_ARGS), then the paper run
 #                                   # with .before2 (the code at the session's start) and today's, run folders kept
 #                                   # and compared file by file (benchmarks.fidelity.same_outputs)
 set -u
@@ -37,13 +38,19 @@ B)
     >"$OUT/llm-verdicts.log" 2>&1
   echo "llm-verdicts rc=$?" | tee -a "$OUT/steps.txt" ;;
 D)
+  [ -n "${DRY:-}" ] || (export OUT=/tmp/o/D/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
+   unset PYTHONDONTWRITEBYTECODE; mkdir -p "$OUT"; . benchmarks/gpu_step.sh
+   step matrix 300 python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json") &
   timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # wheels, model (or nothing with DRY)
+  wait
   if [ -z "${DRY:-}" ]; then
     . benchmarks/gpu_setup.sh; model=/tmp/m/hf
   else
     export PYTHONPATH=$PWD/src:$PWD; model=/tmp/o/tiny
     python3 -c "from benchmarks.tiny import save_tiny_qwen2; from pathlib import Path; \
 save_tiny_qwen2(Path('$model'), ['How do I bake bread?', 'How do I make a bomb?'])" >/dev/null 2>&1
+    printf 'data: {filter: false, n_train: 8, n_val: 4, n_test: 4}\nselect: {kl_threshold: 1.0e+9, induce_threshold: -1.0e+9}\ngenerate: {max_new_tokens: 4}\n' >/tmp/o/dry.yaml
+    PAPER_ARGS="--config /tmp/o/dry.yaml"
   fi
   . benchmarks/gpu_step.sh
   data=$PWD/.data/refusal_direction ROOT=$PWD
@@ -53,15 +60,15 @@ save_tiny_qwen2(Path('$model'), ['How do I bake bread?', 'How do I make a bomb?'
     rm -rf /tmp/runs/paper
     if [ $v = before ]; then
       (cd .before2 && PYTHONPATH=$PWD/src:$PWD${DRY:+:$ROOT}${DRY:-:/tmp/site} step paper-$v "$(left)" python3 -m \
-        benchmarks.speed.paper_run --model $model --data $data --out "$OUT/paper-$v.json" ${PAPER_ARGS:-})
+        benchmarks.speed.paper_run --model $model --data $data --out "$OUT/paper-$v.json" ${PAPER_ARGS:+--extra="$PAPER_ARGS"})
     else
       step paper-$v "$(left)" python3 -m benchmarks.speed.paper_run --model $model --data $data \
-        --out "$OUT/paper-$v.json" ${PAPER_ARGS:-}
+        --out "$OUT/paper-$v.json" ${PAPER_ARGS:+--extra="$PAPER_ARGS"}
     fi
     mv /tmp/runs/paper "/tmp/o/run-$v"
   done
   step same-outputs 60 python3 -m benchmarks.fidelity.same_outputs /tmp/o/run-before /tmp/o/run-after \
-    --out "$OUT/same-outputs.json" --expect-changed direction.safetensors directions.safetensors select.done.json
+    --out "$OUT/same-outputs.json" --expect-changed direction.safetensors directions.safetensors select.done.json config.yaml
   cp /tmp/o/run-after/summary.json "$OUT/paper-after-summary.json" ;;
 *) echo "unknown call $call"; exit 2 ;;
 esac

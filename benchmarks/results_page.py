@@ -55,6 +55,21 @@ PROSE_ONLY = [
      "stage seconds are in `docs/runs/qwen2.5-coder-1.5b/summary.json`; the wall time was not measured"),
 ]
 
+# What a result file may have beside it (``unread`` does not list these): a folder's own files, where the folder holds a
+# file the page reads, and a read file's log, text and renderings (same stem; a step's log may be the stem's prefix).
+FOLDER_FILES = {"README.md", "steps.txt", "device.txt"}
+SUPPORT_SUFFIXES = {".log", ".txt", ".png", ".md"}
+
+# Files under benchmarks/results/ that no table reads but that stay in the tree, one reason each (a path ending in
+# "/" keeps the whole folder). Everything else no table reads leaves the tree (git keeps it).
+KEPT_UNREAD = {
+    f"{RESULTS}/h200-2026-12-01/over_refusal.json":
+        "the completions docs/judge-labels.md labels and benchmarks.quality.llm_verdicts judges (llm-verdicts.json)",
+    f"{RESULTS}/h100-2026-12-06/matrix-floor.log":
+        "the log of arch-matrix-cuda-floor.json (gpu_round3.sh names the step matrix-floor)",
+    f"{RESULTS}/h100-2026-12-06-second/": "tables pending (today's session; the page's tables for it are being added)",
+}
+
 # Published figures (Arditi et al. 2024, Table 1): not measured here.
 PAPER = [
     ("qwen-1.8b-chat", "(−2, 15)", 0.30, 0.99, 0.97, 0.97, 0.02),
@@ -229,6 +244,7 @@ def model_families(page: Page) -> None:
              + (", ".join(odd) if odd else "none") + ".", "")
     page.source(rel, {**d, "command": "bash benchmarks/gpu_round3.sh matrix (python -m benchmarks.arch_matrix)",
                       "date": "2026-12-06", "commit": "07181bd, with arch_matrix.py of 3ba4be7"})
+    greedy_checks(page)
     before, after = page.load(f"{base}/step8b-before.json"), page.load(f"{base}/step8b-after.json")
     page.add("The 8B decode step before and after the fidelity rule (random Llama-3-8B shape, batch 64, 128 new "
              "tokens, `python -m benchmarks.profile_generate --variants default`, the same machine in one call):", "")
@@ -237,6 +253,23 @@ def model_families(page: Page) -> None:
                 for label, x in (("71497bc (before)", before), ("07181bd (after)", after))])
     page.source(f"{base}/step8b-after.json", {**after, "command": "bash benchmarks/gpu_round3.sh step8b",
                                                 "date": "2026-12-06"})
+
+
+def greedy_checks(page: Page) -> None:
+    """The second H100 matrix: every cell that differs from ``model.generate``, with its greedy-deficit check."""
+    rel = f"{RESULTS}/h100-2026-12-06-second/arch-matrix-cuda.json"
+    d = page.load(rel)
+    sm = d["summary"]
+    page.add(f"A second run of the matrix (same fast paths: {sm['match']} match, {sm['differs']} differ, "
+             f"{sm['refused']} refused) checks every cell that differs against one plain forward of the model over "
+             "prompt + the path's own tokens: per token, the largest logit minus the chosen token's (`deficit`). "
+             "Rounding on near ties gives a fraction of a logit; a wrong computation gives whole logits.", "")
+    rows = [[r["family"], r["dtype"], r["path"], g["tokens_greedy"], g["deficit_max"], g["logit_max_minus_mean"]]
+            for r in d["rows"] if (g := r.get("greedy_check"))]
+    page.table(["family", "dtype", "path", "share of tokens greedy", "largest deficit (logits)",
+                "logit spread (max − mean)"], rows)
+    page.source(rel, {**d, "command": "bash benchmarks/gpu_call.sh A (python -m benchmarks.arch_matrix)",
+                      "date": "2026-12-06", "commit": "108eeb6"})
 
 
 def evaluation(page: Page) -> None:
@@ -709,11 +742,25 @@ def render(root: Path = ROOT) -> tuple[str, set[str]]:
 
 
 def unread(root: Path = ROOT, read: set[str] | None = None) -> list[str]:
-    """Files under ``benchmarks/results/`` that no table reads."""
+    """Files under ``benchmarks/results/`` that no table reads and that support none, less ``KEPT_UNREAD``.
+
+    A file supports a read file beside it (same folder) when it is the folder's README, steps or device file, a log,
+    text or rendering with the read file's stem, or a step's log whose name the stem starts with (``keep.log`` beside
+    ``keep-refusal.json``)."""
     if read is None:
         read = render(root)[1]
-    return sorted(p.relative_to(root).as_posix() for p in (root / RESULTS).rglob("*")
-                  if p.is_file() and p.relative_to(root).as_posix() not in read)
+
+    def supports(rel: str) -> bool:
+        path = Path(rel)
+        beside = [Path(r) for r in read if Path(r).parent == path.parent]
+        if not beside or path.name in FOLDER_FILES:
+            return bool(beside)
+        return path.suffix in SUPPORT_SUFFIXES and any(
+            r.stem == path.stem or (path.suffix == ".log" and r.stem.startswith(path.stem + "-")) for r in beside)
+
+    files = (p.relative_to(root).as_posix() for p in (root / RESULTS).rglob("*") if p.is_file())
+    return sorted(f for f in files if f not in read and not supports(f)
+                  and not any(f == k or (k.endswith("/") and f.startswith(k)) for k in KEPT_UNREAD))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

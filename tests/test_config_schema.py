@@ -123,6 +123,17 @@ def test_wrong_values_are_refused_naming_the_setting(overrides, message):
     assert e.value.fix
 
 
+def test_yaml_exponent_read_as_text_gets_the_spelling_that_parses(tmp_path):
+    """PyYAML (YAML 1.1) reads 1.0e9 as a string; the error says so and gives 1.0e+9, which parses."""
+    p = tmp_path / "c.yaml"
+    p.write_text("select: {kl_threshold: 1.0e9}\n")
+    with pytest.raises(RefusalError) as e:
+        resolve(p, has_gpu=False)
+    assert "write kl_threshold: 1.0e+9" in e.value.fix
+    p.write_text("select: {kl_threshold: 1.0e+9}\n")
+    assert resolve(p, has_gpu=False).select.kl_threshold == 1e9
+
+
 def test_batch_sizes_are_named_per_stage_and_stay_out_of_the_digests():
     cfg = resolve(None, None, has_gpu=False)
     assert cfg.batch_sizes(on_gpu=True) == C.BatchSizes(extract=64, select=4096, generate=512, cross_entropy=32)

@@ -17,6 +17,12 @@ def test_page_regenerates_identically_from_the_committed_files():
     assert "benchmarks/results/vs_heretic.json" in read and "benchmarks/results/judges.json" in read
 
 
+
+def test_every_result_file_is_read_or_supports_one():
+    # a table reads it, it is a read file's log / README / steps / rendering, or KEPT_UNREAD names it with a reason
+    orphans = rp.unread()
+    assert not orphans, "result files no table reads (remove them; git keeps them):\n" + "\n".join(orphans)
+
 def test_page_flags_hand_edited_files_and_says_level_within_noise():
     text, _ = rp.render()
     assert "**Edited by hand**" in text  # vs_heretic.json; cpu-run.json is now written by benchmarks.speed.default_run

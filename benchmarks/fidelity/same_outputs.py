@@ -43,6 +43,9 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def compare(before: Path, after: Path, expect_changed: Sequence[str] = ()) -> dict:
+    for d in (before, after):
+        if not d.is_dir() or not any(d.iterdir()):
+            raise SystemExit(f"{d} is not a run folder (missing or empty): nothing to compare")
     fb, fa = _files(before), _files(after)
     rows: dict[str, dict] = {}
     for name in sorted(set(fb) | set(fa)):
@@ -55,6 +58,12 @@ def compare(before: Path, after: Path, expect_changed: Sequence[str] = ()) -> di
         hb = hashlib.sha256(fb[name].read_bytes()).hexdigest()
         ha = hashlib.sha256(fa[name].read_bytes()).hexdigest()
         row: dict[str, Any] = {"status": "identical" if hb == ha else "differs", "sha256": ha}
+        if hb != ha and name.endswith((".yaml", ".txt", ".md")):
+            import difflib
+
+            lines = difflib.unified_diff(fb[name].read_text("utf-8").splitlines(),
+                                         fa[name].read_text("utf-8").splitlines(), lineterm="", n=0)
+            row["diff"] = [ln for ln in lines if ln[:1] in "+-" and ln[:3] not in ("+++", "---")][:20]
         if hb != ha and name.endswith(".json"):
             try:
                 keys = _diff_keys(json.loads(fb[name].read_text("utf-8")), json.loads(fa[name].read_text("utf-8")))
@@ -64,6 +73,16 @@ def compare(before: Path, after: Path, expect_changed: Sequence[str] = ()) -> di
             row["same_except_timing"] = bool(keys) and all(any(_timing_key(p) for p in k.split(".")) for k in keys)
         rows[name] = row
     expected = {n for n in rows if any(n == e or n.endswith("/" + e) for e in expect_changed)}
+    # a manifest's digest of another file is explained when that file's own change is (timing, or expected)
+    explained = expected | {n for n, r in rows.items() if r.get("same_except_timing")}
+    for r in rows.values():
+        keys = r.get("keys")
+        if keys and not r.get("same_except_timing"):
+            rest = [k for k in keys if not any(_timing_key(p) for p in k.split("."))
+                    and not (k.startswith("sha256.") and k.removeprefix("sha256.") in explained)]
+            if not rest:
+                r["same_except_timing"] = True
+                r["note"] = "differs in timing and in digests of files whose change is explained"
     others = {n: r for n, r in rows.items() if n not in expected}
     unexplained = sorted(n for n, r in others.items()
                          if r["status"] != "identical" and not r.get("same_except_timing"))

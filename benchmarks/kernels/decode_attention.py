@@ -7,15 +7,16 @@ The 8B decode shape mid-generation: batch 64, 32 query and 8 K/V heads of 128, a
 left-padded by 0..15 positions of a 72-wide prompt and 64 tokens generated. Each configuration is timed as 32 launches
 (one K/V cache each, as a model's layers) replayed from a CUDA graph, in microseconds per layer.
 
-What the H200 sweeps of 2026-12-02 found (``benchmarks/results/h200-2026-12-02/decode-attention-*.json``, made by
-earlier versions of this script that also held the variants): the kernel, whose loop then ran over every block of the
-cache with loads masked past the span, took 17.4 us a layer at 64 positions per block, 2 warps, 2 stages,
-``gqa_attention`` 42 us eager; a kernel reading the visible K/V alone (looping the same way) took 16.3 us. Variants
-that did not pay: flash-decoding splits of 16-128 positions with a combining kernel (20.5-28.5 us), one program per
-query head without tensor cores (30.9 us), K loaded transposed (17.5 us, the same). The ninth session
-(``benchmarks/results/h200-2026-12-02-ninth/``) ended both loops at the span: the kernel 17.7 -> 13.9 us (32
-positions a block, 2 warps, 2 stages, now the package's constants), faster than the old read-only floor; the new
-floor (15.6 us) is a plain reduction, not tuned as the kernel.
+What the H200 sweeps of 2026-12-02 found (``benchmarks/results/h200-2026-12-02/decode-attention-*.json``, in git
+history at d505dfe (removed from the tree on 2026-12-06), made by earlier versions of this script that also held the
+variants): the kernel, whose loop then ran over every block of the cache with loads masked past the span, took 17.4 us
+a layer at 64 positions per block, 2 warps, 2 stages, ``gqa_attention`` 42 us eager; a kernel reading the visible K/V
+alone (looping the same way) took 16.3 us. Variants that did not pay: flash-decoding splits of 16-128 positions with a
+combining kernel (20.5-28.5 us), one program per query head without tensor cores (30.9 us), K loaded transposed (17.5
+us, the same). The ninth session (``benchmarks/results/h200-2026-12-02-ninth/``, its sweeps in git history at d505dfe)
+ended both loops at the span: the kernel 17.7 -> 13.9 us (32 positions a block, 2 warps, 2 stages, now the package's
+constants), faster than the old read-only floor; the new floor (15.6 us) is a plain reduction, not tuned as the
+kernel.
 """
 
 from __future__ import annotations

@@ -68,22 +68,42 @@ LAB_KEYS = ("steps_per_graph", "kv_bucket", "combo_kernels", "mode")  # knobs on
 
 
 @torch.no_grad()
-def greedy_deficit(model, input_ids, attention_mask, tokens) -> dict:
+def greedy_deficit(model, input_ids, attention_mask, tokens, eos_ids=None) -> dict:
     """How far a decoder's greedy tokens are from greedy under one plain forward of the model over prompt + tokens
     (teacher-forced, the decoder's own positions: left padding excluded): per token, the largest logit minus the
     chosen token's. A correct decoder gives 0 for most tokens and bfloat16 rounding for the rest (near ties); a
-    decoder that computes something else (a lost cache write, a wrong rotation) gives deficits of whole logits."""
+    decoder that computes something else (a lost cache write, a wrong rotation) gives deficits of whole logits.
+
+    ``eos_ids`` (the decoder's stop tokens): a row's tokens after its first stop token are not checked. A decoder
+    writes padding there, which is no greedy choice: counting it gave deficits of whole logits to a correct decoder
+    (and to ``model.generate``'s own tokens) whenever a row ended early. ``tokens_checked`` says how many counted.
+
+    The positions are 2-D (``cumsum(mask) - 1``): for a text-only prompt they are what ``model.generate`` uses on every
+    model, multimodal RoPE included (Qwen2-VL's family expands 2-D ids to its three sections, as its own generate does
+    for text with zero ``rope_deltas``)."""
     n = tokens.shape[1]
     ids = torch.cat([input_ids, tokens[:, :-1]], 1)
     mask = torch.cat([attention_mask, attention_mask.new_ones(tokens.shape[0], n - 1)], 1)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=n).logits.float()
     deficit = logits.max(-1).values - logits.gather(-1, tokens[..., None]).squeeze(-1)
-    spread = (logits.max(-1).values - logits.mean(-1)).mean().item()
-    return {"tokens_greedy": round((deficit == 0).float().mean().item(), 4),
+    live = live_tokens(tokens, eos_ids)
+    deficit = deficit[live]
+    spread = (logits.max(-1).values - logits.mean(-1))[live].mean().item()
+    return {"tokens_checked": int(live.sum().item()),
+            "tokens_greedy": round((deficit == 0).float().mean().item(), 4),
             "deficit_mean": round(deficit.mean().item(), 5), "deficit_max": round(deficit.max().item(), 4),
             "deficit_p99": round(deficit.flatten().quantile(0.99).item(), 4),
             "logit_max_minus_mean": round(spread, 3)}
+
+
+def live_tokens(tokens: torch.Tensor, eos_ids=None) -> torch.Tensor:
+    """Per token of ``tokens`` ``(batch, n)``, whether its row had not ended before it (a stop token ends a row and is
+    itself live): True everywhere without ``eos_ids``."""
+    if eos_ids is None or len(eos_ids) == 0:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    ended = torch.isin(tokens, torch.as_tensor(eos_ids, device=tokens.device)).long().cumsum(1)
+    return torch.cat([torch.ones_like(tokens[:, :1], dtype=torch.bool), ended[:, :-1] == 0], 1)
 
 
 def _profile(res: dict, name: str, run, clock, args) -> None:

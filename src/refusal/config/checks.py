@@ -92,6 +92,10 @@ def _check_fields(d: Mapping[str, Any], cls: type, where: str = "") -> None:
                 fix = f"For example {key}: {json.dumps(f.default).replace(chr(34), '')} (the default)."
             else:
                 fix = "See `refusal config` for every setting and its default."
+            if isinstance(v, str) and _matches(1.0, t) and _yaml_float(v):
+                mantissa, _, exponent = f"{float(v):.1e}".partition("e")
+                fix = (f"YAML reads {v} as text (an exponent needs a dot and a sign): write {key}: "
+                       f"{mantissa}e{int(exponent):+d}.")
             got = "" if f.metadata.get("secret") else f" (got {v!r})"
             raise RefusalError(f"{name} must be {_describe(t)}{got}.", fix)
         choices = f.metadata.get("choices")
@@ -102,6 +106,15 @@ def _check_fields(d: Mapping[str, Any], cls: type, where: str = "") -> None:
         if complaint:
             got = "" if f.metadata.get("secret") else f" (got {v!r})"
             raise RefusalError(f"{name} {complaint}{got}.", _fix(f))
+
+
+def _yaml_float(v: str) -> bool:
+    """Whether text that YAML 1.1 left a string (``1e9``, ``1.0e9``) is a number to Python."""
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _fix(f: dataclasses.Field) -> str:
