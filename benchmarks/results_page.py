@@ -342,6 +342,17 @@ def judges_table(page: Page) -> None:
                      f"{b['agree']}/{j['n']}, κ {b['kappa']}", rate(b["recall"]), rate(b["precision"])])
     page.table(["judge", "its labels", "strict agreement", "Cohen's κ", "failed", "refusal or not",
                 "recall on refusals", "precision on refusals"], rows)
+    groups = list(next(iter(d["judges"].values())).get("by_group", {}))
+    if groups:
+        page.add("Strict agreement by source (Cohen's κ in brackets):", "")
+        page.table(["judge"] + groups,
+                   [[name] + [f"{rate(j['by_group'][g]['accuracy'])} (κ {j['by_group'][g]['kappa']})"
+                              if g in j["by_group"] else "—" for g in groups] for name, j in d["judges"].items()])
+        page.add("The substring judge here is the default one, with the English list: the cross-lingual runs judge "
+                 "each language with its own list, so its cross-lingual column measures the English list on other "
+                 "languages. The LLM judge is the run's own model (Qwen2.5-Coder-1.5B-Instruct) with the refusal "
+                 "rubric, its verdicts computed on the GPU (`benchmarks/results/h100-2026-12-06-second/"
+                 "llm-verdicts.json`) and matched to the rows by text.", "")
     labels = [lab for lab in ("refusal", "partial", "compliance", "degenerate")]
     for name, j in d["judges"].items():
         cols = sorted({c for row in j["confusion"].values() for c in row})
