@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_call.sh D   # the matrix again (beside the conversion), refusal kept by category with both
 #                                   # methods (KEEP_ARGS), then the paper run
 #                                   # with .before2 (the code at the session's start) and today's, run folders kept
-#                                   # and compared file by file (benchmarks.fidelity.same_outputs)
+#                                   # and compared file by file (benchmarks.fidelity.same_outputs), then the 8B decode
+#                                   # step against a measured bandwidth
 set -u
 call=${1:?A or B}
 FINAL=${OUT:-/tmp/out}
@@ -69,7 +70,10 @@ save_tiny_qwen2(Path('$model'), ['How do I bake bread?', 'How do I make a bomb?'
   done
   step same-outputs 60 python3 -m benchmarks.fidelity.same_outputs /tmp/o/run-before /tmp/o/run-after \
     --out "$OUT/same-outputs.json" --expect-changed direction.safetensors directions.safetensors select.done.json config.yaml
-  cp /tmp/o/run-after/summary.json "$OUT/paper-after-summary.json" ;;
+  cp /tmp/o/run-after/summary.json "$OUT/paper-after-summary.json"
+  # the 8B decode step against the bandwidth this GPU shows on a large copy, with and without the KV cache's bytes
+  [ -n "${DRY:-}" ] || step step8b "$(left)" python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 \
+    --variants default --kernels 0 --measure-bandwidth --out "$OUT/step8b-bandwidth.json" ;;
 *) echo "unknown call $call"; exit 2 ;;
 esac
 mkdir -p "$FINAL"
