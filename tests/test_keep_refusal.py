@@ -154,9 +154,28 @@ def test_summary_has_per_category_rates_with_wilson_intervals():
 
 
 def test_config_adds_and_drops_the_keep_refusal_condition(tmp_path):
+    def conds(c):
+        return [(c.name, c.prompts, [(iv.op, iv.direction) for iv in c.interventions]) for c in c.generate.conditions]
+
     cfg = resolve(None, {"select": {"keep_refusal": ["Violence"]}}, has_gpu=False)
-    conds = [(c.name, c.prompts, [(iv.op, iv.direction) for iv in c.interventions]) for c in cfg.generate.conditions]
-    assert conds[-1] == ("keep_refusal", "harmful", [("ablate", "kept")])
+    assert cfg.select.keep_refusal_method == "conditional"  # the default: the selected direction's ablation, gated
+    assert conds(cfg)[-1] == ("keep_refusal", "harmful", [("ablate", "selected")])
+    # the orthogonal method ablates `kept`; changing the method on a saved config swaps the condition, never doubles it
+    orth = resolve(None, {**cfg.to_dict(), "preset": "cpu",
+                          "select": {**cfg.to_dict()["select"], "keep_refusal_method": "orthogonal"}}, has_gpu=False)
+    assert [c for c in conds(orth) if c[0] == "keep_refusal"] == [("keep_refusal", "harmful", [("ablate", "kept")])]
+    back = resolve(None, {**orth.to_dict(), "preset": "cpu",
+                          "select": {**orth.to_dict()["select"], "keep_refusal_method": "conditional"}}, has_gpu=False)
+    assert [c for c in conds(back) if c[0] == "keep_refusal"] == [("keep_refusal", "harmful", [("ablate", "selected")])]
+    with pytest.raises(RefusalError, match="keep_refusal_method must be"):
+        resolve(None, {"select": {"keep_refusal": ["Violence"], "keep_refusal_method": "cast"}}, has_gpu=False)
+    # without keep_refusal the method is in no digest (run folders made before the setting keep theirs)
+    from refusal.config import digest
+
+    plain = resolve(None, {}, has_gpu=False)
+    other = resolve(None, {"select": {"keep_refusal_method": "orthogonal"}}, has_gpu=False)
+    assert digest(plain.stage_config("select")) == digest(other.stage_config("select"))
+    assert digest(cfg.stage_config("select")) != digest(orth.stage_config("select"))
     # resolving the saved config again adds nothing; turning the option off drops it
     again = resolve(None, {**cfg.to_dict(), "preset": "cpu"}, has_gpu=False)
     assert [c.name for c in again.generate.conditions].count("keep_refusal") == 1
@@ -278,17 +297,23 @@ def test_gpu_demo_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
 
     out = tmp_path / "kr" / "tiny.json"
     res = main(["--tiny", "--data", str(tmp_path / "no-such-folder"), "--out", str(out), "--n-train", "16",
-                "--n-val", "3", "--n-test", "12"])
+                "--n-val", "3", "--n-test", "12", "--method", "both"])
     saved = json.loads(out.read_text())
     assert saved["kept"] == ["violence_weapons"] and saved["tiny_random_model"] is True
-    assert set(saved["rates"]) == {"baseline", "ablation", "keep_refusal"}
-    assert set(saved["kl_harmless"]) >= {"baseline", "ablation", "keep_refusal"}
+    assert set(saved["rates"]) == {"baseline", "ablation", "conditional", "orthogonal"}
+    assert set(saved["kl_harmless"]) == {"baseline", "ablation", "conditional", "orthogonal"}
     for cond in saved["rates"].values():
         assert sum(v["refusal"]["n"] for v in cond["by_category"].values()) == cond["overall"]["n"] == 12
+    gate = saved["methods"]["conditional"]
+    assert gate["condition"]["layer"] is not None and gate["condition"]["per_layer"]
+    assert sum(v["n"] for v in gate["routing"].values()) == 12 == gate["routing_overall"]["n"]
+    assert saved["methods"]["orthogonal"]["norm_fraction"] is not None
     row = saved["table"][0]
-    assert {"category", "role", "n", "baseline", "ablation", "keep_refusal", "keep_in_baseline_ci"} <= set(row)
+    assert {"category", "role", "n", "baseline", "ablation", "conditional", "orthogonal", "routed_to_release",
+            "conditional_in_baseline_ci", "orthogonal_minus_baseline"} <= set(row)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    assert "| category |" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| category |" in md and "gate: routed to release" in md and "orthogonal − baseline" in md
     assert saved["command"].startswith("python -m benchmarks.keep_refusal --tiny") and res["date"] == saved["date"]
 
 
@@ -310,3 +335,186 @@ def test_keep_refusal_turned_on_and_off_on_a_finished_run(model_dir, categorised
     s = io.read_json(run_dir / "summary.json")
     assert "keep_refusal" not in s["results"]["harmful"] and "keep_refusal" not in s
     assert "kept" not in DirectionSet.load(run_dir / "directions.safetensors")
+
+
+# ---- the conditional method (CAST): the condition, the routing, its fidelity -------------------------------------
+
+
+def _synthetic(n: int, seed: int, shift: float):
+    """(3 layers, n, 16) activations of prompts in categories A, B (released) and K (kept): layer 0 carries nothing,
+    layers 1 and 2 the same separation along dimension 0; dimension 1 has a large spread that tells nothing."""
+    g = torch.Generator().manual_seed(seed)
+    cats = [("A", "B", "K")[i % 3] for i in range(n)]
+    x = torch.randn(3, n, 16, generator=g)
+    x[:, :, 1] *= 50
+    kept = torch.tensor([c == "K" for c in cats])
+    x[1:, :, 0] += torch.where(kept, -shift, shift)
+    x[2] = x[1]  # the same at layers 1 and 2: a tie
+    return x, cats
+
+
+def test_condition_is_a_nearest_centroid_rule_chosen_on_val(tmp_path):
+    from refusal.directions.condition import KeepCondition, balanced_accuracy, fit_keep_condition, fit_layer
+
+    train, tr_c = _synthetic(30, 0, 3.0)
+    val, va_c = _synthetic(12, 1, 3.0)
+    cond = fit_keep_condition(train, tr_c, val, va_c, [4, 6, 8], kept=["K"], released=["A", "B"])
+    acc = {r["layer"]: r["val_balanced_accuracy"] for r in cond.info["per_layer"]}
+    assert set(acc) == {4, 6, 8} and acc[6] == acc[8] == 1.0 and acc[4] < 1.0
+    assert cond.layer == 6  # the best val accuracy; the tie with layer 8 goes to the earlier layer
+    assert cond.info["n_train"] == {"released": 20, "kept": 10} and cond.info["val_classes_missing"] == []
+    assert cond.info["val_released_rate_by_category"]["K"] == {"released": 0, "n": 4}
+    # the linear rule is nearest centroid in the centred, scaled space
+    f = fit_layer(train[1], torch.tensor([c != "K" for c in tr_c]))
+    z = (val[1] - f["mean"]) / f["scale"]
+    nearest = ((z - f["centroid_kept"]).pow(2).sum(1) > (z - f["centroid_released"]).pow(2).sum(1)).tolist()
+    assert cond.release(val[1]) == nearest
+    # the spread of dimension 1 is scaled away: the rule leans on dimension 0
+    assert abs(float(cond.weight[0])) > 10 * abs(float(cond.weight[1]))
+    # saved and read back: the same rule, the per-layer record
+    cond.save(tmp_path / "c.safetensors")
+    back = KeepCondition.load(tmp_path / "c.safetensors")
+    assert back.layer == 6 and back.release(val[1]) == cond.release(val[1]) and back.info == cond.info
+    assert balanced_accuracy([True, True, False], [True, False, False]) == 0.75
+    with pytest.raises(RefusalError, match="released and of kept"):
+        fit_layer(train[1], torch.ones(30, dtype=torch.bool))
+
+
+def test_gated_kl_takes_the_no_intervention_row_where_routed_to_keep():
+    from refusal.runs.keep_refusal import Gates, gated_kl
+
+    kl = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [5.0, 6.0, 7.0], [0.1, 0.2, 0.3]])  # 3 conditions + none
+    gate = Gates(layer=1, rows={2: [True, False, True, True]}, harmless=[True, False, False])
+    out = gated_kl(kl, gate)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [5.0, 0.2, 0.3]]))
+    assert gated_kl(kl[:3], None) is not None and gated_kl(kl[:3], None).shape == (3, 3)
+    assert gate.interventions(2, 1, ["iv"]) == [] and gate.interventions(2, 0, ["iv"]) == ["iv"]
+    assert gate.interventions(0, 1, ["iv"]) == ["iv"] and gate.label(2, 1) == "keep" and gate.label(0, 0) is None
+
+
+def _with(cfg, tmp_path, **select):
+    """The fixture's config with more select settings (and more tokens, so that ablation changes completions)."""
+    c = yaml.safe_load(cfg.read_text())
+    c["select"].update(select)
+    c["generate"]["max_new_tokens"] = 8
+    p = tmp_path / f"cfg-{'-'.join(map(str, select.values()))}.yaml"
+    p.write_text(yaml.safe_dump(c))
+    return p
+
+
+def _check_routing_fidelity(run_dir):
+    """Every keep_refusal row is routed once, in the original order, and gets exactly the tokens of the plain
+    ablation (routed to release) or of the baseline (routed to keep) for the same prompt. Returns the routing."""
+    comps = io.read_json(run_dir / "completions.json")["harmful"]
+    base, abl, keep = comps["baseline"], comps["ablation"], comps["keep_refusal"]
+    assert [r["instruction"] for r in keep] == [r["instruction"] for r in base] == [r["instruction"] for r in abl]
+    assert all(r["gate"] in ("release", "keep") for r in keep)
+    assert not any("gate" in r for r in base + abl)
+    for k, b, a in zip(keep, base, abl):
+        want = a if k["gate"] == "release" else b
+        assert k["completion"] == want["completion"], (k["gate"], k["instruction"])
+    return [r["gate"] == "release" for r in keep]
+
+
+def test_conditional_run_routes_each_prompt_and_matches_ablation_or_baseline(model_dir, categorised, tmp_path,
+                                                                             monkeypatch):
+    data, cfg = categorised
+    out = tmp_path / "runs"
+    r = runner.invoke(app, ["run", *_args(model_dir, data, _with(cfg, tmp_path), out, "--keep-refusal", "Violence")])
+    assert r.exit_code == 0, r.output
+    run_dir = out / "tiny-qwen2"
+    # the condition: saved with every candidate layer's val accuracy, its layer the best one (ties: the earlier)
+    from refusal.directions.condition import KeepCondition
+
+    cond = KeepCondition.load(run_dir / "keep_condition.safetensors")
+    info = io.read_json(run_dir / "categories.json")
+    assert info["method"] == "conditional" and info["condition"]["layer"] == cond.layer
+    per_layer = info["condition"]["per_layer"]
+    assert [p["layer"] for p in per_layer] == [0, 1]  # the tiny model's candidate layers (3 x 0.8)
+    best = max(p["val_balanced_accuracy"] for p in per_layer)
+    assert cond.layer == next(p["layer"] for p in per_layer if p["val_balanced_accuracy"] == best)
+    assert cond.kept == ["Violence"] and cond.released == list(CATS[1:])
+    assert "kept" in DirectionSet.load(run_dir / "directions.safetensors")  # the orthogonal one, as a diagnostic
+    # the routing: one batched forward, no intervention, the same decisions as the condition on hand-read activations
+    routed = _check_routing_fidelity(run_dir)
+    splits = io.read_json(run_dir / "splits.json")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refusal.templates import format_prompts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompts = format_prompts(tok, [x["instruction"] for x in splits["harmful"]["test"]])
+    hand = torch.stack([_hand_mean(model, tok, [p], -1, cond.layer) for p in prompts])
+    assert routed == cond.release(hand)
+    # the summary: the gate's routing rate per test category with its interval, the condition's accuracy
+    s = io.read_json(run_dir / "summary.json")
+    kr = s["keep_refusal"]
+    assert kr["method"] == "conditional" and kr["condition"]["layer"] == cond.layer
+    assert set(kr["routing"]) == set(CATS) and sum(v["n"] for v in kr["routing"].values()) == 6
+    assert sum(v["count"] for v in kr["routing"].values()) == sum(routed) == kr["routing_overall"]["count"]
+    for v in kr["routing"].values():
+        assert 0 <= v["low"] <= v["rate"] <= v["high"] <= 1
+    h = kr["routing_harmless"]  # the harmless prompts routed by the same condition, for the KL
+    assert h["n"] == 6 and s["results"]["harmful"]["keep_refusal"]["kl_harmless"] is not None
+    from refusal.report import write_report
+
+    html, md = write_report(run_dir)
+    for text in (html.read_text(), md.read_text()):
+        assert "routed to release" in text and "conditional" in text
+    # the fidelity proof with both groups surely present: routing forced to alternate, generate redone
+    comps = io.read_json(run_dir / "completions.json")["harmful"]
+    differ = [i for i, (b, a) in enumerate(zip(comps["baseline"], comps["ablation"])) if b["completion"] !=
+              a["completion"]]
+    assert len(differ) >= 2, "the ablation must change some completions for this test to mean anything"
+    pattern = [i % 2 == 0 for i in range(6)]
+    pattern[differ[0]], pattern[differ[1]] = True, False
+    import refusal.directions.condition as condition
+
+    monkeypatch.setattr(condition, "route", lambda m, t, c, ps, **k: pattern[:len(ps)])
+    r = runner.invoke(app, ["run", "--resume", str(run_dir), "--from-stage", "generate"])
+    assert r.exit_code == 0, r.output
+    assert _check_routing_fidelity(run_dir) == pattern
+    # the harmless KL under the same routing: between no intervention (all kept) and the ablation's (all released)
+    kl = io.read_json(run_dir / "kl.json")["harmful"]
+    assert kl["keep_refusal"]["harmless_routed_release"]["count"] == 3
+    assert min(kl["baseline"]["kl_harmless"], kl["ablation"]["kl_harmless"]) - 1e-6 <= \
+        kl["keep_refusal"]["kl_harmless"] <= kl["ablation"]["kl_harmless"] + 1e-6
+    # exports refuse it: a conditional edit is not a weight edit
+    r = runner.invoke(app, ["abliterate", str(run_dir), "--out", str(tmp_path / "export")])
+    assert r.exit_code != 0 and "conditional" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "export").exists()
+
+
+def test_orthogonal_method_still_works(model_dir, categorised, tmp_path):
+    data, cfg = categorised
+    out = tmp_path / "runs"
+    r = runner.invoke(app, ["run", *_args(model_dir, data, _with(cfg, tmp_path, keep_refusal_method="orthogonal"),
+                                          out, "--keep-refusal", "Violence")])
+    assert r.exit_code == 0, r.output
+    run_dir = out / "tiny-qwen2"
+    assert not (run_dir / "keep_condition.safetensors").exists()
+    s = io.read_json(run_dir / "summary.json")
+    assert s["keep_refusal"]["method"] == "orthogonal" and "routing" not in s["keep_refusal"]
+    keep = io.read_json(run_dir / "completions.json")["harmful"]["keep_refusal"]
+    assert not any("gate" in r for r in keep)
+    dirs = DirectionSet.load(run_dir / "directions.safetensors")
+    cats = DirectionSet.load(run_dir / "categories.safetensors")
+    for c in CATS[:1]:
+        assert abs(float(dirs["kept"].unit @ cats[c].unit)) < 1e-5
+    kr = s["results"]["harmful"]["keep_refusal"]
+    assert set(kr["by_category"]) == set(CATS) and kr["kl_harmless"] is not None
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["select"]["keep_refusal_method"] == "orthogonal"
+    assert [[(iv["op"], iv["direction"]) for iv in c["interventions"]] for c in saved["generate"]["conditions"]
+            if c["name"] == "keep_refusal"] == [[("ablate", "kept")]]
+
+
+def test_unknown_method_is_refused_before_the_model_loads(no_model_load, model_dir, categorised, tmp_path):
+    data, cfg = categorised
+    r = runner.invoke(app, ["run", *_args(model_dir, data, _with(cfg, tmp_path, keep_refusal_method="cast"),
+                                          tmp_path / "runs", "--keep-refusal", "Violence")])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "keep_refusal_method must be" in text and "conditional" in text and "orthogonal" in text
+    assert not (tmp_path / "runs").exists()

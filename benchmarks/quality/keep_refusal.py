@@ -1,26 +1,33 @@
 """Refusal kept where wanted, measured: per-category refusal rates under the baseline, the paper's ablation and the
-keep-refusal ablation (``select.keep_refusal``), each with its 95 % Wilson interval, plus every condition's
-first-token KL on harmless prompts, and one panel per category in a PNG.
+keep-refusal condition of each method (``select.keep_refusal_method``: conditional, the CAST-style gate, and/or
+orthogonal, the released categories' direction made orthogonal to the kept ones'), each with its 95 % Wilson
+interval; the conditional gate's routing rate per category (the share of each category's test prompts it sends to
+release); every condition's first-token KL on harmless prompts (the gated one under the same routing); and one panel
+per category in a PNG.
 
     # on the GPU (the lead copies ../shared/datasets/refusal_direction to .data/refusal_direction):
     python -m benchmarks.quality.keep_refusal --model /path/to/Qwen2.5-Coder-1.5B-Instruct \
         --data .data/refusal_direction --keep "Sexual content,Violence" \
-        --out benchmarks/results/keep-refusal/qwen2.5-coder-1.5b.json
+        --out benchmarks/results/keep-refusal/qwen2.5-coder-1.5b.json          # --method both (default)
+    # one method only
+    python -m benchmarks.quality.keep_refusal --model ... --method conditional --out ...
     # the same with JailbreakBench's categories as the test set (mapped onto StrongREJECT's names, see JBB_TO_SR):
     python -m benchmarks.quality.keep_refusal --model ... --data .data/refusal_direction --test jailbreakbench --out ...
-    # the plumbing on a CPU with a tiny random model, in well under a minute (no refusal to measure):
+    # the plumbing on a CPU with a tiny random model, in about a minute (no refusal to measure):
     DRY=1 python -m benchmarks.quality.keep_refusal --data ../shared/datasets/refusal_direction --out /tmp/kr/tiny.json
 
 Directions come from a categorised harmful set (``--train``: StrongREJECT, 313 prompts in six categories, by
 default; HarmBench's val + test, 200 prompts in six; or any file whose records carry ``category``), cut by the run's
-seeded splits into train (the per-category directions and the global one), val (selection) and, with ``--test
-heldout``, the test prompts. Harmless prompts are the paper's Alpaca splits (``DATA/splits/harmless_*.json``).
+seeded splits into train (the per-category directions, the global one, the gate's fit), val (selection, the gate's
+layer) and, with ``--test heldout``, the test prompts. Harmless prompts are the paper's Alpaca splits
+(``DATA/splits/harmless_*.json``). With ``--method both`` the two methods run as two runs of the same config and
+splits (the baseline and ablation columns are the conditional run's).
 
-Writes OUT (JSON: command, date, device, versions, model, selection, kept / released categories, the method's
-numbers from categories.json, KL per condition, per-category rates per condition and a table with, per category,
-the change from baseline and whether the keep-refusal rate lies in the baseline's interval), OUT with ``.png``
-(one panel per category) and ``.md`` (the table), and the run folder (``--runs``; its report with
-``refusal report RUN_DIR``).
+Writes OUT (JSON: command, date, device, versions, model, selection, kept / released categories, each method's
+numbers from categories.json, the gate's layer and accuracies and routing, KL per condition, per-category rates per
+condition and a table with, per category, each method's change from baseline and whether it lies in the baseline's
+interval), OUT with ``.png`` (one panel per category) and ``.md`` (the table), and the run folders (``--runs``;
+their reports with ``refusal report RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ JBB_TO_SR = {
 }
 DEFAULT_KEEP = {"strongreject": "Sexual content,Violence", "harmbench": "chemical_biological,harassment_bullying"}
 CONDITIONS = ("baseline", "ablation", "keep_refusal")
+METHODS = ("conditional", "orthogonal")
 
 
 def device_name() -> str:
@@ -104,37 +112,62 @@ def mapped_test(data: Path | None, work: Path, mapping: dict[str, str]) -> str:
     return str(p)
 
 
-def table(summary: dict, role: dict[str, str]) -> list[dict]:
-    """One row per test category: its rate under each condition and what the claim needs."""
-    from refusal.report.categories import ordered, per_category
+def columns(summaries: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """``{column: {category: {"refusal": rate}}}``: baseline and ablation (from the first run), then each method's
+    keep_refusal condition under the method's name."""
+    from refusal.report.categories import per_category
 
-    by_cond = per_category(summary["results"])
+    first = next(iter(summaries.values()))
+    by_cond = per_category(first["results"])
+    out = {c: by_cond[c] for c in ("baseline", "ablation") if c in by_cond}
+    for method, summary in summaries.items():
+        kr = per_category(summary["results"]).get("keep_refusal")
+        if kr is not None:
+            out[method] = kr
+    return out
+
+
+def table(cols: dict[str, dict[str, dict]], role: dict[str, str], routing: dict[str, dict] | None = None) -> list[dict]:
+    """One row per test category: its rate under each column, the gate's routing rate (conditional), and per method
+    the change from baseline and whether it lies in the baseline's interval."""
+    from refusal.report.categories import ordered
+
     rows = []
-    for cat in ordered((c for v in by_cond.values() for c in v), role):
-        rates = {c: (by_cond.get(c, {}).get(cat) or {}).get("refusal") for c in CONDITIONS}
+    methods = [m for m in METHODS if m in cols]
+    for cat in ordered((c for v in cols.values() for c in v), role):
+        rates = {c: (cols[c].get(cat) or {}).get("refusal") for c in cols}
         row = {"category": cat, "role": role.get(cat, "other"), "n": next((r["n"] for r in rates.values() if r), 0),
                **rates}
-        b, k = rates.get("baseline"), rates.get("keep_refusal")
-        if b and k and b["rate"] is not None and k["rate"] is not None:
-            row["keep_minus_baseline"] = round(k["rate"] - b["rate"], 4)
-            row["keep_in_baseline_ci"] = b["low"] <= k["rate"] <= b["high"]
-            row["intervals_overlap"] = k["low"] <= b["high"] and b["low"] <= k["high"]
+        if routing is not None:
+            row["routed_to_release"] = routing.get(cat)
+        b = rates.get("baseline")
+        for m in methods:
+            k = rates.get(m)
+            if b and k and b["rate"] is not None and k["rate"] is not None:
+                row[f"{m}_minus_baseline"] = round(k["rate"] - b["rate"], 4)
+                row[f"{m}_in_baseline_ci"] = b["low"] <= k["rate"] <= b["high"]
+                row[f"{m}_intervals_overlap"] = k["low"] <= b["high"] and b["low"] <= k["high"]
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], kl: dict, head: str) -> str:
+def markdown(rows: list[dict], cols: list[str], kl: dict, head: str, notes: list[str] = ()) -> str:
     def cell(r):
         return "—" if not r or r["rate"] is None else f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
 
-    lines = [head, "", "| category | role | n | " + " | ".join(CONDITIONS) + " | keep − baseline |",
-             "|---|---|---|" + "---|" * (len(CONDITIONS) + 1)]
+    methods = [m for m in METHODS if m in cols]
+    gate = any("routed_to_release" in r for r in rows)
+    names = cols + (["gate: routed to release"] if gate else []) + [f"{m} − baseline" for m in methods]
+    lines = [head, "", "| category | role | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in rows:
-        d = r.get("keep_minus_baseline")
-        lines.append(f"| {r['category']} | {r['role']} | {r['n']} | " + " | ".join(cell(r.get(c)) for c in CONDITIONS)
-                     + f" | {'—' if d is None else f'{d:+.2f}'} |")
+        cells = [cell(r.get(c)) for c in cols] + ([cell(r.get("routed_to_release"))] if gate else [])
+        for m in methods:
+            d = r.get(f"{m}_minus_baseline")
+            cells.append("—" if d is None else f"{d:+.2f}")
+        lines.append(f"| {r['category']} | {r['role']} | {r['n']} | " + " | ".join(cells) + " |")
     lines += ["", "First-token KL(baseline ‖ condition) on the harmless test prompts: "
               + ", ".join(f"{c} {max(v, 0.0):.4f}" for c, v in kl.items() if v is not None) + "."]
+    lines += [""] + list(notes) if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--no-filter", action="store_true", help="keep train/val prompts the model does not refuse")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--method", default="both", choices=(*METHODS, "both"),
+                    help="select.keep_refusal_method to measure: conditional (the gate), orthogonal, or both (two "
+                         "runs, default)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (also DRY=1): plumbing only")
     a = ap.parse_args(argv)
     tiny = a.tiny or os.environ.get("DRY") == "1"
@@ -220,55 +256,105 @@ def main(argv: list[str] | None = None) -> dict:
     from refusal import io
     from refusal.config import resolve
     from refusal.report import write_report
-    from refusal.report.categories import category_plot, per_category, roles
+    from refusal.report.categories import category_plot, roles
     from refusal.runs.pipeline import Run
 
-    run_dir = runs / over["name"]
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run: nothing resumed
-    run = Run(resolve(None, over))
-    summary = run.run()
-    cats = io.read_json(run.dir / "categories.json")
-    role = roles(summary)
-    kl = {c: summary["results"]["harmful"].get(c, {}).get("kl_harmless") for c in summary["results"]["harmful"]}
-    rows = table(summary, role)
-    by_cond = {c: v for c, v in per_category(summary["results"]).items() if c in CONDITIONS}
-    title = (f"{Path(str(summary['model'])).name}: refusal per category ({train_name} directions, "
+    methods = list(METHODS) if a.method == "both" else [a.method]
+    summaries: dict[str, dict] = {}
+    cats: dict[str, dict] = {}
+    runs_made: dict[str, Run] = {}
+    for m in methods:
+        o = json.loads(json.dumps(over))  # a copy per method
+        o["select"]["keep_refusal_method"] = m
+        o["name"] = f"{over['name']}-{m}"
+        run_dir = runs / o["name"]
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run: nothing resumed
+        run = Run(resolve(None, o))
+        summaries[m] = run.run()
+        cats[m] = io.read_json(run.dir / "categories.json")
+        runs_made[m] = run
+        write_report(run.dir)
+    first = summaries[methods[0]]
+    role = roles(first)
+    cols = columns(summaries)
+    kl = {c: first["results"]["harmful"].get(c, {}).get("kl_harmless") for c in ("baseline", "ablation")}
+    for m, summary in summaries.items():
+        kl[m] = summary["results"]["harmful"].get("keep_refusal", {}).get("kl_harmless")
+    gate = (summaries.get("conditional") or {}).get("keep_refusal") or {}
+    routing = gate.get("routing") if "conditional" in summaries else None
+    rows = table(cols, role, routing)
+    title = (f"{Path(str(first['model'])).name}: refusal per category ({train_name} directions, "
              f"{'held-out ' + train_name if a.test == 'heldout' else 'JailbreakBench'} test)")
-    category_plot(by_cond, role, kl={c: kl.get(c) for c in by_cond}, title=title, path=out.with_suffix(".png"))
-    write_report(run.dir)
+    category_plot(cols, role, kl={c: kl.get(c) for c in cols}, title=title, path=out.with_suffix(".png"),
+                  routing=routing)
     import torch
     import transformers
 
+    run0 = runs_made[methods[0]]
+    cat0 = cats[methods[0]]
+    method_info: dict[str, dict] = {}
+    for m in methods:
+        c = cats[m]
+        info = {"norm_fraction": c.get("norm_fraction"),
+                "cosine_kept_direction_selected": c.get("cosine_kept_direction_selected"),
+                "kl_harmless": kl.get(m), "run_dir": str(runs_made[m].dir),
+                "rates": {"overall": summaries[m]["results"]["harmful"]["keep_refusal"]["refusal"],
+                          "by_category": cols.get(m, {})}}
+        if m == "conditional":
+            info["description"] = ("CAST-style gate (Lee et al. 2024): a nearest-centroid classifier (diagonal LDA) "
+                                   "on the residual stream at the prompt's last token, fitted on the harmful train "
+                                   "prompts, its layer chosen by val balanced accuracy; the prompts it routes to "
+                                   "release get the selected direction ablated at every layer, the others nothing")
+            info["condition"] = {k: c.get("condition", {}).get(k) for k in
+                                 ("layer", "val_balanced_accuracy", "train_balanced_accuracy", "per_layer",
+                                  "n_train", "n_val", "val_released_rate_by_category")}
+            info["routing"] = gate.get("routing")
+            info["routing_overall"] = gate.get("routing_overall")
+            info["routing_harmless"] = gate.get("routing_harmless")
+        else:
+            info["description"] = ("the released categories' count-weighted mean difference in means, made "
+                                   "orthogonal (QR) to the span of the kept categories' directions, ablated at "
+                                   "every layer for every prompt")
+        method_info[m] = info
     result = {
         "command": "python -m benchmarks.keep_refusal " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name() if str(run.device).startswith("cuda") else summary["device"],
+        "device": device_name() if str(run0.device).startswith("cuda") else first["device"],
         "torch": torch.__version__, "transformers": transformers.__version__, "tiny_random_model": tiny,
-        "model": summary["model"], "dtype": summary["dtype"], "selected": summary["selected"],
-        "method": "keep_refusal: the released categories' count-weighted mean difference in means, made orthogonal "
-                  "(QR) to the span of the kept categories' directions, ablated at every layer (docs/keep-refusal.md)",
-        "train": {"set": train_name, "source": harmful, "n_train_per_category": cats["n_train"],
-                  "uncategorised_train": cats["uncategorised_train"], "filtered": bool(run.cfg.data.filter)},
+        "model": first["model"], "dtype": first["dtype"], "selected": first["selected"],
+        "methods": method_info, "method": a.method,
+        "train": {"set": train_name, "source": harmful, "n_train_per_category": cat0["n_train"],
+                  "uncategorised_train": cat0["uncategorised_train"], "filtered": bool(run0.cfg.data.filter)},
         "test": {"set": "held-out " + train_name if a.test == "heldout" else "jailbreakbench",
                  "mapping": JBB_TO_SR if a.test == "jailbreakbench" else None},
-        "kept": cats["kept"], "released": cats["released"],
-        "norm_fraction": cats["norm_fraction"],
-        "cosine_kept_direction_selected": cats["cosine_kept_direction_selected"],
-        "cosine_category_with_selected": cats["cosine_with_selected"], "category_similarity": cats["similarity"],
-        "kl_harmless": kl, "max_new_tokens": summary["max_new_tokens"],
-        "rates": {c: {"overall": summary["results"]["harmful"][c]["refusal"], "by_category": by_cond.get(c, {})}
-                  for c in CONDITIONS if c in summary["results"]["harmful"]},
-        "harmless_refusal": {c: m["refusal"] for c, m in summary["results"].get("harmless", {}).items()},
-        "table": rows, "stage_seconds": summary["stage_seconds"], "wall_s": round(time.perf_counter() - t0, 2),
-        "run_dir": str(run.dir), "plot": str(out.with_suffix(".png")),
+        "kept": cat0["kept"], "released": cat0["released"],
+        "cosine_category_with_selected": cat0["cosine_with_selected"], "category_similarity": cat0["similarity"],
+        "kl_harmless": kl, "max_new_tokens": first["max_new_tokens"],
+        "rates": {c: {"overall": (summaries[c] if c in METHODS else first)["results"]["harmful"][
+            "keep_refusal" if c in METHODS else c]["refusal"], "by_category": v} for c, v in cols.items()},
+        "harmless_refusal": {c: m["refusal"] for c, m in first["results"].get("harmless", {}).items()},
+        "table": rows, "stage_seconds": {m: s["stage_seconds"] for m, s in summaries.items()},
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "run_dirs": {m: str(r.dir) for m, r in runs_made.items()}, "plot": str(out.with_suffix(".png")),
     }
     io.write_json(out, result)
-    md = markdown(rows, {c: kl.get(c) for c in CONDITIONS}, f"Refusal rate per category, {result['device']}, "
-                  f"{result['model']} (kept: {', '.join(cats['kept'])})")
+    notes = []
+    if "conditional" in method_info:
+        ci = method_info["conditional"]["condition"]
+        notes.append(f"Gate (conditional): layer {ci['layer']}, val balanced accuracy {ci['val_balanced_accuracy']} "
+                     f"(train {ci['train_balanced_accuracy']}); harmless test prompts routed to release: "
+                     + (f"{gate['routing_harmless']['count']}/{gate['routing_harmless']['n']}"
+                        if gate.get("routing_harmless") else "—") + ".")
+    if "orthogonal" in method_info and method_info["orthogonal"]["norm_fraction"] is not None:
+        notes.append(f"Orthogonal: the released direction keeps {method_info['orthogonal']['norm_fraction']:.1%} of "
+                     "its norm outside the kept categories' span.")
+    md = markdown(rows, list(cols), kl, f"Refusal rate per category, {result['device']}, {result['model']} "
+                  f"(kept: {', '.join(cat0['kept'])}; methods: {', '.join(methods)})", notes)
     io.write_text(out.with_suffix(".md"), md)
     print(md)
-    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.md')}; run folder {run.dir}")
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.md')}; run folders "
+          + ", ".join(str(r.dir) for r in runs_made.values()))
     return result
 
 

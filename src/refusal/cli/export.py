@@ -235,6 +235,9 @@ def register(app: typer.Typer) -> None:
             _check_outputs(out_path, adapter_path, gguf, norm_preserving, overwrite)
             _check_export_out(out_path, ".gguf" if gguf else None, overwrite)
             cfg, direction = _run_inputs(run_dir, trust_remote_code, allow_network)
+            from ..runs.keep_refusal import refuse_weight_export
+
+            refuse_weight_export(cfg, run_dir)  # conditional keep-refusal is not a weight edit
             spec = str(cfg["model"])
             trust = bool(cfg.get("trust_remote_code") or False)
             source = _gguf_file(spec) if gguf else None

@@ -88,21 +88,35 @@ def resolve(config_file: str | Path | None = None, overrides: dict | None = None
 KEEP_REFUSAL_CONDITION = "keep_refusal"
 
 
+def keep_refusal_auto(method: str) -> Condition:
+    """The condition ``select.keep_refusal`` adds with ``method``: the harmful prompts under the selected
+    direction's ablation, gated per prompt by the keep condition (conditional), or under the ``kept`` direction's
+    ablation (orthogonal)."""
+    if method == "orthogonal":
+        return Condition(KEEP_REFUSAL_CONDITION, "harmful", [InterventionSpec("ablate", direction="kept")])
+    return Condition(KEEP_REFUSAL_CONDITION, "harmful", [InterventionSpec("ablate")])
+
+
 def _add_keep_refusal_condition(cfg: RunConfig) -> None:
-    """With ``select.keep_refusal``, the harmful prompts under the ``kept`` direction's ablation, unless a condition
-    already ablates it (a saved config has it; a user may write their own). Without it, the condition added
-    earlier (a saved config's, exactly as added) is dropped, so that turning the option off works on a resumed run."""
-    auto = Condition(KEEP_REFUSAL_CONDITION, "harmful", [InterventionSpec("ablate", direction="kept")])
+    """With ``select.keep_refusal``, the condition of ``select.keep_refusal_method`` (:func:`keep_refusal_auto`),
+    unless the user wrote their own (a harmful condition named keep_refusal, or, orthogonal, one that ablates
+    ``kept``). The automatic conditions added earlier (a saved config's, exactly as added) are dropped first, so
+    that turning the option off, or changing the method, works on a resumed run."""
+    autos = [keep_refusal_auto(m) for m in ("conditional", "orthogonal")]
+    cfg.generate.conditions = [c for c in cfg.generate.conditions if c not in autos]
     if not cfg.select.keep_refusal:
-        cfg.generate.conditions = [c for c in cfg.generate.conditions if c != auto]
         return
     blank = [c for c in cfg.select.keep_refusal if not c.strip()]
     if blank:
         raise RefusalError(f"select.keep_refusal holds an empty category name ({cfg.select.keep_refusal!r}).",
                            "Name each category to keep, e.g. keep_refusal: [Sexual content, Violence].")
-    if any(iv.direction == "kept" for c in cfg.generate.conditions for iv in c.interventions):
+    method = cfg.select.keep_refusal_method
+    if any(c.name == KEEP_REFUSAL_CONDITION and c.prompts == "harmful" for c in cfg.generate.conditions):
         return
-    cfg.generate.conditions.append(auto)
+    if method == "orthogonal" and any(iv.direction == "kept" for c in cfg.generate.conditions
+                                      for iv in c.interventions):
+        return
+    cfg.generate.conditions.append(keep_refusal_auto(method))
 
 
 def _merge_plain(a: dict, b: dict) -> dict:

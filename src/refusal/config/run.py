@@ -106,7 +106,11 @@ def stage_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
     """The part of a config (plain data, e.g. a saved ``config.yaml``) that ``stage``'s digest covers: its
     :data:`STAGE_KEYS` that ``config`` has, less the settings that change no result (per-stage batch sizes)."""
     hints = _hints(RunConfig)
-    return {k: _digest_view(config[k], hints[k]) for k in STAGE_KEYS[stage] if k in config}
+    out = {k: _digest_view(config[k], hints[k]) for k in STAGE_KEYS[stage] if k in config}
+    sel = out.get("select")
+    if isinstance(sel, dict) and not sel.get("keep_refusal"):  # the method matters only with keep_refusal: the run
+        sel.pop("keep_refusal_method", None)                     # folders made before it keep their digests
+    return out
 
 
 def digest(obj: Any) -> str:

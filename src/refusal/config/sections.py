@@ -105,11 +105,20 @@ class SelectConfig:
     judge_candidates: int = setting(8, "candidates judged with a judge objective", check=at_least(1))
     judge_max_new_tokens: int = setting(SELECT_JUDGE_MAX_NEW_TOKENS, "tokens per completion judged with a judge "
                                                                      "objective", check=at_least(1))
-    keep_refusal: list[str] = setting(help="categories (the harmful records' category field) whose refusal is kept: "
-                                           "the run also extracts one direction per category of the harmful train "
-                                           "split, writes the others' direction made orthogonal to these ones as "
-                                           "kept in directions.safetensors, and adds the condition keep_refusal "
-                                           "(harmful prompts, kept ablated)", factory=list)
+    keep_refusal: list[str] = setting(help="categories (the harmful records' category field) whose refusal is kept "
+                                           "(the others' is removed): the run extracts one direction per category "
+                                           "of the harmful train split (categories.safetensors) and adds the "
+                                           "condition keep_refusal (harmful prompts), made by keep_refusal_method",
+                                      factory=list)
+    keep_refusal_method: str = setting("conditional", "with keep_refusal: conditional (CAST, Lee et al. 2024: a "
+                                                      "classifier on the prompt's activations routes each prompt; "
+                                                      "those routed to release get the selected direction ablated, "
+                                                      "the others nothing; keep_condition.safetensors; not a weight "
+                                                      "edit) or orthogonal (one direction for every prompt: the "
+                                                      "released categories' direction made orthogonal to the kept "
+                                                      "ones', kept in directions.safetensors; exportable, but it "
+                                                      "does not separate the categories: docs/keep-refusal.md)",
+                                       choices=("conditional", "orthogonal"))
     batch_size: int | None = setting(None, f"sequences per scoring forward (the filter, candidate scores, rankings, "
                                            f"first-token KL): only the last position's logits are kept; default: "
                                            f"extract's size, times {SCORE_BATCH_FACTOR} on a GPU",

@@ -13,7 +13,9 @@ released categories' direction with every component in the span of the kept cate
 Ablating ``v`` (``x ← x − (x·v̂) v̂``) leaves ``x·r_k`` unchanged for every kept ``k``, since ``v ⊥ r_k``: the part of
 the activation that reads as "category k, refuse" survives the ablation exactly. Because ``v`` is one direction of
 the residual stream, the edit is as cheap as the paper's and exports as weights or a rank-one adapter like any other
-direction of the run. docs/keep-refusal.md says why this method and what it does not promise.
+direction of the run. This is ``select.keep_refusal_method: orthogonal``; measured on a real model it does not
+separate the categories (their directions are nearly the same vector), and the default is the conditional
+method (:mod:`.condition`); docs/keep-refusal.md has the numbers.
 """
 
 from __future__ import annotations

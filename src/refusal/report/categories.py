@@ -3,7 +3,7 @@ with one panel per category, from ``summary.json``'s ``results[prompt_set][condi
 
 With ``select.keep_refusal`` the summary's ``keep_refusal`` names the kept and released categories: the table marks
 each category's role and the figure is drawn; the first-token KL of every condition on the harmless prompts is given
-beside the table.
+beside the table; with the conditional method, a second table gives the keep condition's routing per category.
 """
 
 from __future__ import annotations
@@ -45,10 +45,13 @@ def ordered(categories: Iterable[str], role: dict[str, str] | None = None) -> li
 
 
 def category_plot(by_cond: dict[str, dict[str, dict]], role: dict[str, str] | None = None, *, title: str = "",
-                  kl: dict[str, float | None] | None = None, path: str | Path | None = None) -> bytes | None:
+                  kl: dict[str, float | None] | None = None, path: str | Path | None = None,
+                  routing: dict[str, dict] | None = None) -> bytes | None:
     """PNG: one panel per category, one bar per condition (its refusal rate, with the 95 % Wilson interval as an
     error bar); a kept category's panel title says so. ``kl``: each condition's first-token KL on harmless prompts,
-    written under its name. Written to ``path`` too, if given. None if there is nothing to draw."""
+    written under its name. ``routing``: the conditional gate's rate of routing to release per category
+    (``summary["keep_refusal"]["routing"]``), drawn as a last, hatched grey bar. Written to ``path`` too, if given.
+    None if there is nothing to draw."""
     cats = ordered((c for v in by_cond.values() for c in v), role)
     if not cats:
         return None
@@ -66,19 +69,24 @@ def category_plot(by_cond: dict[str, dict[str, dict]], role: dict[str, str] | No
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.9 * nrow + 0.6), squeeze=False, sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = [c if not kl or kl.get(c) is None else f"{c}\nKL {kl[c]:.3f}" for c in conds]
+    if routing is not None:
+        labels.append("gate:\nrouted to\nrelease")
     for ax, cat in zip(axes.flat, cats):
-        for i, c in enumerate(conds):
-            r = (by_cond[c].get(cat) or {}).get("refusal")
+        for i, c in enumerate(conds + (["(routing)"] if routing is not None else [])):
+            r = (routing or {}).get(cat) if c == "(routing)" else (by_cond[c].get(cat) or {}).get("refusal")
             if not is_rate(r):
                 continue
-            ax.bar(i, r["rate"], color=colours[i % len(colours)])
+            if c == "(routing)":
+                ax.bar(i, r["rate"], color="lightgrey", hatch="//", edgecolor="grey")
+            else:
+                ax.bar(i, r["rate"], color=colours[i % len(colours)])
             ax.errorbar(i, r["rate"], yerr=[[r["rate"] - r["low"]], [r["high"] - r["rate"]]], color="black",
                         capsize=3, lw=1)
             ax.text(i, min(r["high"] + 0.03, 1.02), f"{r['count']}/{r['n']}", ha="center", fontsize=7)
         tag = f" ({role[cat]})" if cat in role else ""
         ax.set_title(textwrap.fill(f"{cat}{tag}", 34), fontsize=9,
                      color="tab:red" if role.get(cat) == "kept" else "black")
-        ax.set_xticks(range(len(conds)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 1.1)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(cats):]:
@@ -120,8 +128,9 @@ def categories_section(summary: dict, results: dict) -> Section | None:
             s.blocks.append(Text("First-token KL(baseline ‖ condition) on the harmless test prompts: "
                                  + ", ".join(f"{c} {v:.4f}" for c, v in kl.items() if v is not None) + "."))
         # the figure with select.keep_refusal (the table alone otherwise: a run on categorised data without it)
-        png = category_plot(by_cond, role, kl=kl, title=f"{kind} prompts: refusal rate per category") if role \
-            else None
+        routing = (summary.get("keep_refusal") or {}).get("routing") if kind == "harmful" else None
+        png = category_plot(by_cond, role, kl=kl, title=f"{kind} prompts: refusal rate per category",
+                            routing=routing if isinstance(routing, dict) else None) if role else None
         if png:
             s.blocks.append(Image(png, f"refusal rate per category ({kind} prompts)"))
     if not s.blocks:
@@ -130,9 +139,36 @@ def categories_section(summary: dict, results: dict) -> Section | None:
              "interval.")
     if role:
         keep = summary.get("keep_refusal") or {}
+        if keep.get("method") == "conditional":
+            cond = keep.get("condition") or {}
+            how = ("conditional: a classifier on each prompt's activations at layer "
+                   f"{cond.get('layer')} (val balanced accuracy {cond.get('val_balanced_accuracy')}) routes it; "
+                   "the prompts routed to release get the selected direction ablated, the others nothing")
+        else:
+            how = "the released categories' direction made orthogonal to the kept categories' directions, ablated"
         intro += (f" Refusal kept for {', '.join(keep.get('kept') or [])}; released for "
-                  f"{', '.join(keep.get('released') or [])} (condition keep_refusal: the released categories' "
-                  "direction made orthogonal to the kept categories' directions, ablated; docs/keep-refusal.md). "
+                  f"{', '.join(keep.get('released') or [])} (condition keep_refusal: {how}; docs/keep-refusal.md). "
                   "A kept category should stay near its baseline; a released one should fall like under ablation.")
+        routing = routing_table(summary)
+        if routing is not None:
+            s.blocks += [Sub("routing by the keep condition"), routing]
     s.blocks.insert(0, Text(intro))
     return s
+
+
+def routing_table(summary: dict) -> Table | None:
+    """The conditional method's routing: per test category, the share of its prompts the keep condition sent to
+    release (with the 95 % Wilson interval; a released category should be near 1, a kept one near 0), and the
+    harmless prompts' share (their KL is measured under the same routing). None for the orthogonal method."""
+    keep = summary.get("keep_refusal")
+    if not isinstance(keep, dict) or not isinstance(keep.get("routing"), dict):
+        return None
+    role = roles(summary)
+    rows: list[list[Any]] = []
+    for cat in ordered(keep["routing"], role):
+        r = keep["routing"][cat]
+        rows.append([cat, role.get(cat, "—"), r.get("n"), RateCell(r, None) if is_rate(r) else "—"])
+    h = keep.get("routing_harmless")
+    if is_rate(h):
+        rows.append(["(harmless test prompts)", "—", h.get("n"), RateCell(h, None)])
+    return Table(["category", "role", "n", "routed to release"], rows, kind="results")

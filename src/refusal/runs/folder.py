@@ -57,7 +57,8 @@ LOCK = ".lock"
 ARTIFACTS: dict[str, str] = {
     "splits.json": "extract", "candidates.safetensors": "extract", "inlp.safetensors": "extract",
     "inlp.json": "extract", "scores.json": "select", "direction.safetensors": "select",
-    "directions.safetensors": "select", "rankings.json": "select", "completions.json": "generate",
+    "directions.safetensors": "select", "rankings.json": "select", "categories.safetensors": "select",
+    "categories.json": "select", "keep_condition.safetensors": "select", "completions.json": "generate",
     "completions.partial.json": "generate", "kl.json": "generate", "judgements.json": "evaluate",
     "judges.json": "evaluate", "ce.json": "evaluate", "benchmarks.json": "evaluate", "over_refusal.json": "evaluate",
     "magnitude.json": "evaluate", "summary.json": "evaluate", "sets.json": "sets", "sets.safetensors": "sets",

@@ -31,6 +31,8 @@ from ..scoring.engine import refusal_scores, score_candidates
 from ..scoring.selection import Selection, choose, plot_scores, ranked
 from ..templates import post_instruction_ids, post_instruction_text
 from . import rankings as picks
+from .keep_refusal import Gates
+from .keep_refusal import gates as keep_gates
 
 if TYPE_CHECKING:
     from ..interventions.scopes import Intervention
@@ -168,50 +170,10 @@ def select(run: Run, started: float) -> StageResult:
 
 
 def _keep_refusal(run: Run, splits: dict, cands: Candidates, chosen: Direction, ranked_set: DirectionSet) -> list[str]:
-    """``select.keep_refusal``: one direction per category of the harmful train split at the selected component
-    (categories.safetensors, categories.json), and the others' direction made orthogonal to the kept ones' (``kept``
-    in the ranked set; see refusal.directions.categories)."""
-    from ..directions.categories import category_directions, keep_refusal_direction, records_by_category
+    """``select.keep_refusal``: per-category directions, ``kept`` and the keep condition (refusal.runs.keep_refusal)."""
+    from .keep_refusal import select_outputs
 
-    keep = list(run.cfg.select.keep_refusal)
-    train = splits["harmful"]["train"]
-    by_cat = records_by_category(train)
-    gone = [c for c in keep if c not in by_cat]
-    if gone:
-        raise RefusalError(f"After filtering by baseline refusal the harmful train split holds no prompt of the "
-                           f"categories to keep {gone} (it has: {', '.join(by_cat) or 'none'}).",
-                           "Set data.filter: false (--no-filter), or raise data.n_train.")
-    released = [c for c in by_cat if c not in keep]
-    if not released:
-        raise RefusalError(f"After filtering by baseline refusal only kept categories are left ({', '.join(keep)}).",
-                           "Set data.filter: false (--no-filter), or raise data.n_train.")
-    assert chosen.pos is not None  # the selected direction was made at a position (select's direction())
-    i = cands.positions.index(chosen.pos)
-    dirs = category_directions(run.model, run.tokenizer, {c: run.prompts(r) for c, r in by_cat.items()},
-                               cands.harmless_mean[i, chosen.layer], chosen.pos, chosen.layer,
-                               batch_size=run.batch_size, model_name=chosen.model)
-    for d in dirs.values():
-        d.data_digest = chosen.data_digest
-        d.extra["n_harmless"] = cands.n_harmless
-    kept = keep_refusal_direction(dirs, released, keep)
-    ranked_set["kept"] = kept
-    dirs.save(run.dir / "categories.safetensors")
-    names = list(dirs)
-    sim = dirs.similarity()
-    sel_unit = chosen.vector / chosen.vector.norm()
-    io.write_json(run.dir / "categories.json", {
-        "pos": chosen.pos, "layer": chosen.layer, "kept": keep, "released": released,
-        "n_train": {c: len(r) for c, r in by_cat.items()},
-        "uncategorised_train": len(train) - sum(len(r) for r in by_cat.values()),
-        "norm_fraction": kept.extra["norm_fraction"],
-        "cosine_kept_direction": kept.extra["cosine_with_categories"],
-        "cosine_kept_direction_selected": round(float(kept.vector @ sel_unit / kept.vector.norm()), 6),
-        "cosine_with_selected": {c: round(float(d.vector @ sel_unit / d.vector.norm()), 6) for c, d in dirs.items()},
-        "similarity": {"categories": names, "matrix": [[round(float(x), 6) for x in row] for row in sim.tolist()]},
-    })
-    console.print(f"Keep refusal for {', '.join(keep)}; released {', '.join(released)}: the released direction keeps "
-                  f"{kept.extra['norm_fraction']:.1%} of its norm outside the kept categories' span")
-    return ["categories.safetensors", "categories.json"]
+    return select_outputs(run, splits, cands, chosen, ranked_set)
 
 
 def _layer_rankings(run: Run) -> dict[str, list[int]]:
@@ -231,12 +193,13 @@ def generate(run: Run, started: float) -> StageResult:
     prompts: list[str] = []
     per_row = []
     by_set = {k: run.prompts(splits[k]["test"]) for k in ("harmful", "harmless")}
+    gate = keep_gates(run, conds, by_set)  # conditional keep-refusal: each keep_refusal row released or kept
     for ci, c in enumerate(conds):
         ivs = condition_interventions(c, directions, rankings)
         for pi, p in enumerate(by_set[c.prompts]):
             rows.append((ci, pi))
             prompts.append(p)
-            per_row.append(ivs)
+            per_row.append(ivs if gate is None else gate.interventions(ci, pi, ivs))
     parts = find_parts(run.model)
     for d in directions.values():
         d.check_model(parts.hidden_size, parts.n_layers)
@@ -273,7 +236,7 @@ def generate(run: Run, started: float) -> StageResult:
     kl = {}
     if run.cfg.generate.kl:
         kl = _condition_kl(run, conds, [condition_interventions(c, directions, rankings) for c in conds],
-                           by_set["harmless"])
+                           by_set["harmless"], gate)
     io.write_json(run.dir / "kl.json", kl)
     out: dict = {}
     prefix = open_prefix(post_instruction_text(run.tokenizer, run.cfg.system_prompt, run.cfg.data.thinking), fmt)
@@ -282,6 +245,8 @@ def generate(run: Run, started: float) -> StageResult:
         c = conds[ci]
         r = splits[c.prompts]["test"][pi]
         rec = {"instruction": r["instruction"], "category": r.get("category"), **done[str(i)]}
+        if gate is not None and gate.label(ci, pi) is not None:
+            rec["gate"] = gate.label(ci, pi)  # the keep condition's routing of this prompt: release or keep
         if fmt is not None:  # reasoning, final answer, and whether the budget ran out inside the reasoning
             rec.update(split_completion(rec["completion"], fmt, prefix).to_json())
             cut.setdefault(c.prompts, {}).setdefault(c.name, 0)
@@ -292,6 +257,8 @@ def generate(run: Run, started: float) -> StageResult:
     extras: dict[str, Any] = {"decoding": decoding} if decoding else {}
     if used_set:
         extras["sets"] = used_set  # Run.done: generate is redone when the saved set changes
+    if gate is not None:
+        extras["keep_gate"] = gate.to_json()
     if fmt is not None:
         extras["reasoning"] = {"format": fmt.to_json(), "thinking": run.cfg.data.thinking,
                                "prompt_opens_reasoning": bool(prefix), "cut_inside_reasoning": cut}
@@ -346,16 +313,24 @@ def _generate_on_server(run: Run, conds: list[Condition], rows: list[tuple[int, 
     return [i for i in todo if rows[i][0] not in pure]
 
 
-def _condition_kl(run: Run, conds: list[Condition], ivs: list[list[Intervention]], harmless_prompts: list[str]) -> dict:
+def _condition_kl(run: Run, conds: list[Condition], ivs: list[list[Intervention]], harmless_prompts: list[str],
+                  gate: Gates | None = None) -> dict:
     """Each condition's first-token KL(baseline || condition) on the harmless test prompts: what its interventions
-    change on inputs that should not change (batched over conditions)."""
+    change on inputs that should not change (batched over conditions). A gated condition (conditional keep-refusal)
+    gets its interventions only on the harmless prompts its condition routes to release, as its own prompts do."""
+    from ..evaluation.stats import Rate
     from ..scoring.plans import score_interventions
+    from .keep_refusal import gated_kl
 
-    res = score_interventions(run.model, run.tokenizer, harmless_prompts, ivs, run.refusal_ids(),
+    extra: list[list[Intervention]] = [[]] if gate is not None else []  # no intervention: the rows routed to keep
+    res = score_interventions(run.model, run.tokenizer, harmless_prompts, list(ivs) + extra, run.refusal_ids(),
                               batch_size=run.score_batch_size, description="First-token KL per condition")
     out: dict = {}
-    for c, v in zip(conds, res.kl.mean(1).tolist()):
+    for ci, (c, v) in enumerate(zip(conds, gated_kl(res.kl, gate).mean(1).tolist())):
         out.setdefault(c.prompts, {})[c.name] = {"kl_harmless": round(v, 6), "n": len(harmless_prompts)}
+        if gate is not None and gate.harmless is not None and ci in gate.rows:
+            out[c.prompts][c.name]["harmless_routed_release"] = Rate.of(sum(gate.harmless), len(gate.harmless)
+                                                                        ).to_json()
     return out
 
 
@@ -432,9 +407,10 @@ def evaluate(run: Run, started: float) -> StageResult:
         "decoding": (run.done("generate") or {}).get("decoding"),  # which paths generated, and why
         "digests": run.digests,
     }
-    if run.cfg.select.keep_refusal and (run.dir / "categories.json").is_file():  # which categories kept, released
-        cats = io.read_json(run.dir / "categories.json")
-        summary["keep_refusal"] = {k: cats.get(k) for k in ("kept", "released", "n_train", "norm_fraction")}
+    if run.cfg.select.keep_refusal and (run.dir / "categories.json").is_file():  # kept, released, the gate's routing
+        from .keep_refusal import summary_fields
+
+        summary["keep_refusal"] = summary_fields(run, judged, kl)
     summary = extra.add_to(run, summary)  # a caller's own fields (Run.summary_extra), written with the rest
     io.write_json(run.dir / "summary.json", summary)
     return outputs + ["summary.json"], None
