@@ -13,6 +13,7 @@ with a JSON header; nothing is ever unpickled.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -116,13 +117,14 @@ class Direction:
 
     # ---- interventions -------------------------------------------------------------------------------------------
 
-    def ablate(self, model, **kwargs):
-        """Context manager: project this direction (or subspace) out of the residual stream at every layer."""
+    def ablate(self, model: Any, **kwargs: Any) -> AbstractContextManager[object]:
+        """Context manager: project this direction (or subspace) out of the residual stream at every layer
+        (``kwargs``: those of :func:`refusal.interventions.hooks.ablate`)."""
         from ..interventions import hooks
 
         return hooks.ablate(model, self.vectors, **kwargs)
 
-    def add(self, model, coeff: float = 1.0, layer: int | None = None):
+    def add(self, model: Any, coeff: float = 1.0, layer: int | None = None) -> AbstractContextManager[object]:
         """Context manager: add ``coeff`` times the raw vector at the input of its source layer."""
         from ..interventions import hooks
 
@@ -143,7 +145,7 @@ class Direction:
 
     @classmethod
     def from_tensors(cls, vectors: torch.Tensor, meta: Mapping[str, Any]) -> Direction:
-        def opt_int(x):
+        def opt_int(x: Any) -> int | None:
             return None if x is None else int(x)
         return cls(vectors, opt_int(meta.get("layer")), opt_int(meta.get("pos")), meta.get("model", ""),
                    meta.get("method", "diff_means"), dict(meta.get("scores") or {}), meta.get("data_digest", ""),

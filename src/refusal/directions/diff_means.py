@@ -6,15 +6,17 @@ For every decoder layer ``l`` (at its input) and every post-instruction position
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from .. import io
 from ..batching import Batching, in_batches
-from ..layout import layout, run_decoder
+from ..layout import Bucket, layout, run_decoder
 from ..models.norms import with_fused_norms
 from ..models.parts import find_parts, model_device
 from ..templates import check_prompts_end_with, prompts_post_instruction_ids
@@ -60,8 +62,8 @@ class Candidates:
 
 @torch.no_grad()
 def mean_activations(
-    model, tokenizer, prompts: Sequence[str], n_positions: int, batch_size: int = 32, description: str = "", *,
-    batching: Batching | None = None,
+    model: Any, tokenizer: Any, prompts: Sequence[str], n_positions: int, batch_size: int = 32,
+    description: str = "", *, batching: Batching | None = None,
 ) -> torch.Tensor:
     """Mean residual-stream input of every layer at the last ``n_positions`` positions: ``(n_pos, n_layers, d)``.
 
@@ -78,8 +80,8 @@ def mean_activations(
     back = torch.arange(n_positions - 1, -1, -1)
     where: list[torch.Tensor | None] = [None]  # (rows, n_positions) positions of the bucket being run; None: prefix
 
-    def make_hook(i):
-        def hook(_m, args, kwargs):
+    def make_hook(i: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             idx = where[0]
             if idx is None:  # the shared prefix: not a post-instruction position
                 return
@@ -88,13 +90,13 @@ def mean_activations(
             chunk_acc[:, i].add_(x[rows, idx.to(x.device)].float().sum(0).to(dev))
         return hook
 
-    def before(bucket):
+    def before(bucket: Bucket | None) -> None:
         where[0] = None if bucket is None else bucket.last[:, None] - back.to(bucket.last.device)
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i, layer in enumerate(parts.layers)]
     try:
-        def run(chunk):
+        def run(chunk: Sequence[str]) -> None:
             chunk_acc.zero_()
             lay = layout(tokenizer, list(chunk), dev)
             if min(int(b.last.min()) for b in lay.buckets) + 1 < n_positions:  # positions inside the prefix
@@ -113,7 +115,7 @@ def mean_activations(
 
 @with_fused_norms
 def extract(
-    model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], n_positions: int, *,
+    model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], n_positions: int, *,
     batch_size: int = 32, model_name: str = "", batching: Batching | None = None,
 ) -> Candidates:
     """Difference-in-means candidates at every layer and the last ``n_positions`` (post-instruction) positions.

@@ -35,19 +35,30 @@ import contextlib
 import difflib
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+
+    from ..interventions.hooks import Plan
+    from ..interventions.scopes import Intervention
+
+    # what a benchmark condition runs under: interventions, a shared plan, a context manager, or nothing
+    Interventions = Sequence[Intervention] | Intervention | Plan | AbstractContextManager[object] | None
 
 OFFLINE_TASKS = ("refusal_mmlu", "refusal_arc_challenge", "refusal_truthfulqa_mc1", "refusal_truthfulqa_mc2")
 HUB_TASKS = ("mmlu", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2")
 _INSTALL = "Install lm-eval: pip install 'refusal[eval]' (or pip install 'lm-eval>=0.4')."
 
 
-def _lm_eval():
+def _lm_eval() -> ModuleType:
     try:
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
@@ -57,7 +68,7 @@ def _lm_eval():
 
 
 @lru_cache(maxsize=4)
-def _manager(defaults: bool, data_dir: str | None):
+def _manager(defaults: bool, data_dir: str | None) -> TaskManager:
     """lm-eval's task index with the offline tasks (and lm-eval's own when ``defaults``; indexing those takes
     seconds, so managers are kept)."""
     from lm_eval.tasks import TaskManager
@@ -74,7 +85,7 @@ def _manager(defaults: bool, data_dir: str | None):
 # ---- checking the request (no model work) -------------------------------------------------------------------------
 
 
-def _check_args(tasks, limit, batch_size, num_fewshot) -> list[str]:
+def _check_args(tasks: object, limit: object, batch_size: object, num_fewshot: object) -> list[str]:
     if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
         raise RefusalError(f"Benchmarks must be a non-empty list of task names, not {tasks!r}.",
                            f"For example {list(HUB_TASKS)} or {list(OFFLINE_TASKS)} with data_dir.")
@@ -111,7 +122,7 @@ def _check_offline_name(name: str) -> None:
                        f"The offline benchmarks are {', '.join(OFFLINE_TASKS)} and refusal_mmlu_<subject>.")
 
 
-def _offline_tasks(name: str, data_dir, num_fewshot: int | None) -> list[str]:
+def _offline_tasks(name: str, data_dir: str | None, num_fewshot: int | None) -> list[str]:
     """The lm-eval tasks that ``name`` (an offline task) runs, after checking its files."""
     from .tasks import loaders
 
@@ -142,7 +153,7 @@ def _offline_tasks(name: str, data_dir, num_fewshot: int | None) -> list[str]:
     return [f"refusal_mmlu_{s}" for s in subjects]
 
 
-def _intervention_context(model, interventions):
+def _intervention_context(model: Any, interventions: Interventions) -> AbstractContextManager[object]:
     """A context manager for the condition, with its plan built (layers checked) now."""
     from ..interventions.hooks import Plan, apply
     from ..interventions.scopes import Intervention
@@ -165,7 +176,7 @@ def _intervention_context(model, interventions):
 
 
 @contextlib.contextmanager
-def _without_environment_report(evaluator):
+def _without_environment_report(evaluator: ModuleType) -> Iterator[None]:
     """lm-eval adds the environment (``pip list``, ``git describe``, CUDA details: subprocesses taking seconds on
     every call) to its results; the report here does not use it, so it is skipped for the call."""
     saved = {k: getattr(evaluator, k) for k in ("add_env_info", "get_git_commit_hash") if hasattr(evaluator, k)}
@@ -244,7 +255,8 @@ def _pool(parts: dict[str, dict]) -> dict[str, Any]:
 # ---- the entry point ----------------------------------------------------------------------------------------------
 
 
-def run_benchmarks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, interventions=None,
+def run_benchmarks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | float | None = None,
+                   interventions: Interventions = None,
                    data_dir: str | Path | None = None, batch_size: int = 8, num_fewshot: int | None = None,
                    samples: bool = False, apply_chat_template: bool = False) -> dict[str, dict]:
     """Evaluate ``model`` on lm-eval ``tasks`` with ``interventions`` active (see the module docs).

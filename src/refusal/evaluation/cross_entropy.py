@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import RefusalError
 
@@ -158,7 +159,7 @@ def find_column(rows: Sequence[Mapping], want: str, columns: Mapping[str, str] |
                        f"{', '.join(CANDIDATES[want])}).")
 
 
-def _describe(source) -> str:
+def _describe(source: str | Path | Sequence[Mapping]) -> str:
     return "the records" if isinstance(source, (list, tuple)) else f"'{source}'"
 
 
@@ -166,14 +167,14 @@ def _describe(source) -> str:
 # Tokenizing
 
 
-def _pad_id(tokenizer) -> int:
+def _pad_id(tokenizer: Any) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if t is not None:
             return t
     return 0
 
 
-def text_sequences(tokenizer, text: str, *, seq_len: int = 512, max_tokens: int | None = None,
+def text_sequences(tokenizer: Any, text: str, *, seq_len: int = 512, max_tokens: int | None = None,
                    allow_fewer: bool = False, add_bos: bool = True, where: str = "the text") -> Sequences:
     """Cut ``text`` (its first ``max_tokens`` tokens) into sequences of ``seq_len`` tokens (BOS included)."""
     if seq_len < 2:
@@ -204,7 +205,7 @@ def text_sequences(tokenizer, text: str, *, seq_len: int = 512, max_tokens: int 
     return Sequences(seqs, scored, _pad_id(tokenizer))
 
 
-def _tokenize_prefix(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+def _tokenize_prefix(tokenizer: Any, text: str, max_tokens: int | None) -> list[int]:
     """Tokens of ``text``, or of a prefix long enough for ``max_tokens`` (a long corpus is not tokenized whole)."""
     if max_tokens is None:
         return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -218,7 +219,7 @@ def _tokenize_prefix(tokenizer, text: str, max_tokens: int | None) -> list[int]:
         chars *= 2
 
 
-def pair_sequences(tokenizer, records: Sequence[Mapping], *, field: str = "response", seq_len: int = 2048,
+def pair_sequences(tokenizer: Any, records: Sequence[Mapping], *, field: str = "response", seq_len: int = 2048,
                    max_tokens: int | None = None, allow_fewer: bool = False, system: str | None = None,
                    columns: Mapping[str, str] | None = None, where: str = "the records") -> Sequences:
     """Chat-formatted instruction + ``field`` (the response or completion); only the latter's tokens are scored.
@@ -263,7 +264,7 @@ def pair_sequences(tokenizer, records: Sequence[Mapping], *, field: str = "respo
     return Sequences(seqs, scored, _pad_id(tokenizer), skipped)
 
 
-def prepare(tokenizer, source: str | Path | Sequence[Mapping], *, mode: str | None = None, seq_len: int = 512,
+def prepare(tokenizer: Any, source: str | Path | Sequence[Mapping], *, mode: str | None = None, seq_len: int = 512,
             max_tokens: int | None = None, allow_fewer: bool = False, columns: Mapping[str, str] | None = None,
             system: str | None = None, add_bos: bool = True) -> Sequences:
     """Read and tokenize a source (see the module docs). ``mode`` ``None``: ``text`` for a text file or a plain
@@ -314,7 +315,7 @@ def _infer_mode(rows: list[dict], columns: Mapping[str, str] | None) -> str:
 # Scoring
 
 
-def evaluate(model, sequences: Sequences, *, batch_size: int = 8, description: str = "Cross-entropy") -> dict:
+def evaluate(model: Any, sequences: Sequences, *, batch_size: int = 8, description: str = "Cross-entropy") -> dict:
     """``{"loss", "perplexity", "tokens", "sequences"}``: mean nats per scored token, ``exp(loss)``, counts.
 
     Runs plain forwards (batched, right-padded; longest first, halving the batch on out-of-memory), so any
@@ -333,7 +334,7 @@ def evaluate(model, sequences: Sequences, *, batch_size: int = 8, description: s
     totals = {"nll": 0.0, "tokens": 0}
 
     @torch.no_grad()
-    def run(chunk):
+    def run(chunk: Sequence[int]) -> None:
         width = max(len(sequences.ids[i]) for i in chunk)
         ids = torch.full((len(chunk), width), sequences.pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -364,7 +365,7 @@ def evaluate(model, sequences: Sequences, *, batch_size: int = 8, description: s
     return out
 
 
-def cross_entropy(model, tokenizer, source: str | Path | Sequence[Mapping], *, mode: str | None = None,
+def cross_entropy(model: Any, tokenizer: Any, source: str | Path | Sequence[Mapping], *, mode: str | None = None,
                   seq_len: int = 512, max_tokens: int | None = None, batch_size: int = 8, allow_fewer: bool = False,
                   columns: Mapping[str, str] | None = None, system: str | None = None, add_bos: bool = True) -> dict:
     """:func:`prepare` then :func:`evaluate`: ``{"loss", "perplexity", "tokens", "sequences"}``."""

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -327,7 +327,7 @@ def _as_logprobs(x: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(x, dim=-1)
 
 
-def token_text(tokenizer, token_id: int) -> str | None:
+def token_text(tokenizer: Any, token_id: int) -> str | None:
     """The text of a token that tokenizes back to it as a first token (what ``config.refusal_tokens`` needs), else
     ``None`` (a byte piece of a character, or a token its tokenizer never produces at the start)."""
     text = tokenizer.decode([int(token_id)])
@@ -392,7 +392,8 @@ def _quote_pieces(phrase: str) -> list[str]:
     return out
 
 
-def _rows(harmful_prompts, harmful, harmless, harmful_scores=None, harmless_scores=None) -> _Rows:
+def _rows(harmful_prompts: Sequence[str], harmful: Sequence[str], harmless: Sequence[str],
+          harmful_scores: Sequence[float] | None = None, harmless_scores: Sequence[float] | None = None) -> _Rows:
     return _Rows([normalize(t) for t in harmful], [normalize(t) for t in harmless],
                  [normalize(t) for t in harmful_prompts], None if harmful_scores is None else list(harmful_scores),
                  None if harmless_scores is None else list(harmless_scores))
@@ -486,7 +487,9 @@ def check_phrases(phrases: Sequence[str], harmful_prompts: Sequence[str], harmfu
     return out
 
 
-def _check_inputs(harmful_prompts, harmful, harmless_prompts, harmless, harmful_first, harmless_first) -> None:
+def _check_inputs(harmful_prompts: Sequence[str], harmful: Sequence[str], harmless_prompts: Sequence[str],
+                  harmless: Sequence[str], harmful_first: torch.Tensor | None,
+                  harmless_first: torch.Tensor | None) -> None:
     if len(harmful_prompts) != len(harmful) or len(harmless_prompts) != len(harmless):
         raise RefusalError(f"Prompts and completions differ in number (harmful {len(harmful_prompts)} vs "
                            f"{len(harmful)}, harmless {len(harmless_prompts)} vs {len(harmless)}).",
@@ -496,7 +499,7 @@ def _check_inputs(harmful_prompts, harmful, harmless_prompts, harmless, harmful_
                            "Give at least a few harmful and harmless prompts with their completions.")
     if (harmful_first is None) != (harmless_first is None):
         raise RefusalError("First-token scores were given for one side only.", "Give them for both sides, or none.")
-    if harmful_first is not None:
+    if harmful_first is not None and harmless_first is not None:  # both or neither (checked above)
         if len(harmful_first) != len(harmful) or len(harmless_first) != len(harmless):
             raise RefusalError("First-token scores must have one row per prompt.",
                                "Pass (rows, vocabulary) tensors in the prompts' order.")
@@ -645,7 +648,7 @@ def translated_phrases(translator: Any, target: str, cache: Any = None) -> list[
 # ---- from a model ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def first_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int = 32,
+def first_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32,
                          description: str = "First-token distributions") -> torch.Tensor:
     """Log-probabilities of the first generated token for already-templated prompts, ``(rows, vocabulary)`` on the
     CPU, in the prompts' order (length buckets, the template's shared opening run once)."""
@@ -657,7 +660,7 @@ def first_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: i
     dev = model_device(model)
     parts: list[torch.Tensor] = []
 
-    def run(chunk):
+    def run(chunk: Sequence[str]) -> None:
         logits = layout_logits(model, layout(tokenizer, list(chunk), dev))
         parts.append(torch.log_softmax(logits.float(), dim=-1).cpu())
 
@@ -665,7 +668,7 @@ def first_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: i
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def learn_from_model(model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], *, language: str = "",
+def learn_from_model(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *, language: str = "",
                      system: str | None = None, template: Callable[[list[str]], list[str]] | None = None,
                      max_new_tokens: int = 64, batch_size: int = 32, score_batch_size: int | None = None,
                      settings: LearnSettings = LearnSettings(), translated: Sequence[str] | None = None,
@@ -678,9 +681,9 @@ def learn_from_model(model, tokenizer, harmful: Sequence[str], harmless: Sequenc
 
     fmt = template or (lambda xs: format_prompts(tokenizer, xs, system))
     hp, bp = fmt(list(harmful)), fmt(list(harmless))
-    texts = cast(list[str], generate(  # no refusal_ids: the texts alone
+    texts = generate(  # no refusal_ids: the texts alone
         model, tokenizer, hp + bp, max_new_tokens=max_new_tokens, batch_size=batch_size, fallback=True,
-        description=f"Completions to learn {language or 'the'} refusal openings from"))
+        description=f"Completions to learn {language or 'the'} refusal openings from")
     hc, bc = texts[:len(hp)], texts[len(hp):]
     if on_completions is not None:
         on_completions(hc, bc)

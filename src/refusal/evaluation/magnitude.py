@@ -23,18 +23,25 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .. import io
 from ..errors import RefusalError
 
+if TYPE_CHECKING:
+    from ..directions.base import Direction
+
+    # whether each prompt was judged refused: bools (or 0 / 1), "refusal" / "compliance", or refusal Judgements
+    Labels = Sequence[object] | torch.Tensor | np.ndarray | None
+
 # ---- statistics ---------------------------------------------------------------------------------------------------
 
 
-def rankdata(x) -> np.ndarray:
+def rankdata(x: ArrayLike) -> np.ndarray:
     """Ranks 1..n of ``x``, ties sharing their average rank."""
     x = np.asarray(x, dtype=np.float64).ravel()
     order = np.argsort(x, kind="mergesort")
@@ -47,7 +54,7 @@ def rankdata(x) -> np.ndarray:
     return ranks
 
 
-def pearson(x, y) -> float:
+def pearson(x: ArrayLike, y: ArrayLike) -> float:
     """Pearson correlation; NaN if either input is constant or has fewer than 2 values."""
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
@@ -59,12 +66,12 @@ def pearson(x, y) -> float:
     return float(np.clip(dx @ dy / denom, -1.0, 1.0)) if denom > 0 else float("nan")
 
 
-def spearman(x, y) -> float:
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
     """Spearman rank correlation (the Pearson correlation of the average ranks)."""
     return pearson(rankdata(x), rankdata(y))
 
 
-def roc_auc(scores, labels) -> float:
+def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Area under the ROC curve of ``scores`` predicting ``labels`` (True = positive), by the Mann-Whitney
     statistic (ties count one half); NaN when one class is absent."""
     s = np.asarray(scores, dtype=np.float64).ravel()
@@ -85,7 +92,7 @@ def _json(x: float) -> float | None:
 # ---- inputs -------------------------------------------------------------------------------------------------------
 
 
-def _as_labels(labels, n: int) -> list[bool] | None:
+def _as_labels(labels: Labels, n: int) -> list[bool] | None:
     if labels is None:
         return None
     labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
@@ -108,7 +115,10 @@ def _as_labels(labels, n: int) -> list[bool] | None:
     return out
 
 
-def _check(model, tokenizer, prompts, direction, layer, pos, labels, refusal_scores, kinds):
+def _check(model: Any, tokenizer: Any, prompts: Sequence[str], direction: Direction, layer: int | None,
+           pos: int | None, labels: Labels, refusal_scores: Sequence[float] | torch.Tensor | None,
+           kinds: Sequence[str] | None
+           ) -> tuple[list[str], int, int, list[bool] | None, list[float] | None, list[str] | None]:
     from ..models.parts import find_parts
     from ..templates import check_prompts_end_with, prompts_post_instruction_ids
 
@@ -156,7 +166,7 @@ def _check(model, tokenizer, prompts, direction, layer, pos, labels, refusal_sco
 
 
 @torch.no_grad()
-def magnitude(model, tokenizer, prompts: Sequence[str], direction, *, labels: Sequence | None = None,
+def magnitude(model: Any, tokenizer: Any, prompts: Sequence[str], direction: Direction, *, labels: Labels = None,
               refusal_scores: Sequence[float] | torch.Tensor | None = None, kinds: Sequence[str] | None = None,
               layer: int | None = None, pos: int | None = None, batch_size: int = 32) -> dict[str, Any]:
     """Projection of every (templated) prompt's activation onto ``direction`` and its relation to refusal.
@@ -235,7 +245,7 @@ def plot_magnitude(result: dict, path: str | Path, title: str = "") -> None:
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="best")
 
-    def fmt(x):
+    def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2f}"
     stats = (f"Pearson {fmt(result.get('pearson'))}, Spearman {fmt(result.get('spearman'))}, "
              f"ROC-AUC {fmt(result.get('roc_auc'))}")

@@ -20,15 +20,19 @@ failed judgement counts in ``n`` and in neither count. ``by_type`` gives the ref
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RefusalError
 from .stats import Rate
 
+if TYPE_CHECKING:
+    from .judges import Judge
+
 REFUSED = ("refusal", "partial")
 
 
-def _check(records, conditions, max_new_tokens, batch_size) -> tuple[list[dict], dict[str, list]]:
+def _check(records: object, conditions: object, max_new_tokens: object, batch_size: object
+           ) -> tuple[list[dict], dict[str, list]]:
     from ..interventions.scopes import Intervention
 
     if isinstance(records, (str, Mapping)) or not isinstance(records, Sequence) or not records:
@@ -59,8 +63,9 @@ def _check(records, conditions, max_new_tokens, batch_size) -> tuple[list[dict],
     return recs, conds
 
 
-def over_refusal(model, tokenizer, contrast_records: Sequence[Mapping], conditions: Mapping[str, Sequence], judge,
-                 *, max_new_tokens: int = 64, batch_size: int = 32, system: str | None = None) -> dict[str, dict]:
+def over_refusal(model: Any, tokenizer: Any, contrast_records: Sequence[Mapping], conditions: Mapping[str, Sequence],
+                 judge: Mapping | Judge, *, max_new_tokens: int = 64, batch_size: int = 32,
+                 system: str | None = None) -> dict[str, dict]:
     """Generate, judge and count (see the module docs). ``judge`` is a judge spec (``{"type": "substring"}``) or a
     :class:`~refusal.evaluation.judges.Judge`; ``system`` an optional system prompt for the chat template.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 REASONING_TAGS = ("think", "thinking", "reasoning", "thought")
 HARMONY = {"channel": "<|channel|>", "message": "<|message|>", "end": "<|end|>", "start": "<|start|>"}
@@ -42,7 +43,7 @@ class ReasoningFormat:
             return (*HARMONY.values(), *HARMONY_STOPS[1:])
         return (self.open, self.close)
 
-    def keep_ids(self, tokenizer) -> list[int]:
+    def keep_ids(self, tokenizer: Any) -> list[int]:
         """Ids of this format's markers that are special tokens (plain decoding would drop them)."""
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items() if t.special}
@@ -54,7 +55,7 @@ class ReasoningFormat:
         return {"kind": self.kind, "open": self.open, "close": self.close}
 
 
-def _known_strings(tokenizer) -> tuple[set[str], str]:
+def _known_strings(tokenizer: Any) -> tuple[set[str], str]:
     """The tokenizer's added and special tokens (not its whole BPE vocabulary, where a merged ``<think>`` can be a
     piece of web text), and its chat template's text."""
     vocab = {t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
@@ -65,7 +66,7 @@ def _known_strings(tokenizer) -> tuple[set[str], str]:
     return vocab, tpl
 
 
-def reasoning_format(tokenizer) -> ReasoningFormat | None:
+def reasoning_format(tokenizer: Any) -> ReasoningFormat | None:
     """The tokenizer's reasoning format, or ``None`` when it marks no reasoning."""
     vocab, tpl = _known_strings(tokenizer)
     if HARMONY["channel"] in vocab and HARMONY["message"] in vocab:

@@ -44,7 +44,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -54,6 +54,9 @@ from ..interventions.weights import EditOptions, _check_weights, _resident, prep
 from ..models.parts import find_parts
 from ..models.writers import Writer, residual_writers
 from .hf import _atomic_save, _direction_info, _fmt, _how, card_tail, check_out_dir
+
+if TYPE_CHECKING:
+    from ..interventions.weights import DirectionLike
 
 __all__ = ["LoraFactor", "VLLM_RANKS", "export_adapter", "lora_factors", "peft_state_dict", "vllm_max_lora_rank"]
 
@@ -135,7 +138,7 @@ def _embedding_a(e: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lora_factors(model: nn.Module, direction, *, orthogonal_to_harmless: torch.Tensor | None = None,
+def lora_factors(model: nn.Module, direction: DirectionLike, *, orthogonal_to_harmless: torch.Tensor | None = None,
                  layer_weights: Sequence[float] | None = None, norm_preserving: bool = False) -> list[LoraFactor]:
     """The exact LoRA factors of :func:`~refusal.interventions.weights.orthogonalize_` with the same options, one
     per edited module (layers with weight 0 are left out). The model is not changed.
@@ -332,8 +335,8 @@ def _merged_bytes(model: nn.Module) -> int:
 
 
 def export_adapter(
-    model,
-    direction_or_subspace,
+    model: Any,
+    direction_or_subspace: DirectionLike,
     out_dir: str | Path,
     *,
     base_model: str | None = None,

@@ -23,12 +23,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .. import io
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    from ..directions.base import Direction
 
 __all__ = ["control_vector_tensors", "llama_cpp_index", "write_control_vector"]
 
@@ -55,7 +59,7 @@ def llama_cpp_index(layer: int, n_layers: int) -> int:
     return layer - 1
 
 
-def _vector(direction) -> tuple[torch.Tensor, int | None]:
+def _vector(direction: torch.Tensor | Direction) -> tuple[torch.Tensor, int | None]:
     if hasattr(direction, "vectors") and not isinstance(direction, torch.Tensor):  # a Direction
         v = direction.vectors
         if v.ndim != 2 or v.shape[0] != 1:
@@ -71,8 +75,8 @@ def _vector(direction) -> tuple[torch.Tensor, int | None]:
     return v, None
 
 
-def control_vector_tensors(direction, n_layers: int, *, layer: int | None = None, coeff: float = 1.0,
-                           intervention: str = "add") -> dict[str, np.ndarray]:
+def control_vector_tensors(direction: torch.Tensor | Direction, n_layers: int, *, layer: int | None = None,
+                           coeff: float = 1.0, intervention: str = "add") -> dict[str, np.ndarray]:
     """``{"direction.N": float32 (d,)}`` for N = 1 .. n_layers−1: ``coeff · v`` at the index that adds at the input
     of ``layer`` (default: the direction's own layer), zeros elsewhere."""
     kind = intervention.lower().replace("-", "_")
@@ -99,9 +103,9 @@ def control_vector_tensors(direction, n_layers: int, *, layer: int | None = None
     return out
 
 
-def write_control_vector(direction, out: str | Path, *, n_layers: int, model_hint: str, layer: int | None = None,
-                         coeff: float = 1.0, hidden_size: int | None = None, intervention: str = "add",
-                         overwrite: bool = False) -> Path:
+def write_control_vector(direction: torch.Tensor | Direction, out: str | Path, *, n_layers: int, model_hint: str,
+                         layer: int | None = None, coeff: float = 1.0, hidden_size: int | None = None,
+                         intervention: str = "add", overwrite: bool = False) -> Path:
     """Write ``coeff · v``, added at the input of ``layer`` (default: the direction's layer), as a llama.cpp
     control-vector GGUF at ``out`` (atomically). ``model_hint`` is the model's llama.cpp architecture (``qwen2``,
     ``llama``, ...). Use it with ``llama-cli -m MODEL.gguf --control-vector out.gguf`` (or

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,13 +30,16 @@ from .gguf_edit import edit_gguf
 from .gguf_from_hf import _hf_arch, write_gguf
 from .gguf_write import GGUFExport, _check_out
 
+if TYPE_CHECKING:
+    from ..interventions.weights import DirectionLike
+
 __all__ = ["GGUFExport", "edit_gguf", "export_gguf", "write_gguf"]
 
 
 def export_gguf(
-    model,
-    tokenizer,
-    direction,
+    model: Any,
+    tokenizer: Any,
+    direction: DirectionLike,
     out: str | Path,
     *,
     source_gguf: str | Path | None = None,

@@ -25,9 +25,10 @@ llama.cpp's Gemma architectures always take the head from ``token_embd``; there 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,11 @@ from ..interventions.weights import _check_weights, edit_matrix, prepare_bases
 from .gguf_quant import _can_quantize, _fits, _planned
 from .gguf_write import GGUFExport, _check_out, _Tensor, _write
 
+if TYPE_CHECKING:
+    import gguf
+
+    from ..interventions.weights import DirectionLike
+
 _BLOCK_WRITER = re.compile(r"^blk\.(\d+)\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
 # tensors of llama.cpp architectures that also write to the residual stream and that this edit does not cover
 _OTHER_WRITERS = ("ssm_out", "time_mix_output", "channel_mix_value", "shortconv.out_proj", "per_layer_proj",
@@ -45,12 +51,13 @@ _OTHER_WRITERS = ("ssm_out", "time_mix_output", "channel_mix_value", "shortconv.
 _HEAD_IS_EMBEDDING = re.compile(r"^gemma")
 
 
-def _field(reader, key: str):
+def _field(reader: gguf.GGUFReader, key: str) -> Any:
     f = reader.get_field(key)
     return None if f is None else f.contents()
 
 
-def _edited_type(orig, shape: tuple[int, ...], edited_type: str):
+def _edited_type(orig: gguf.GGMLQuantizationType, shape: tuple[int, ...], edited_type: str
+                 ) -> gguf.GGMLQuantizationType:
     import gguf
 
     Q = gguf.GGMLQuantizationType
@@ -71,7 +78,7 @@ def _edited_type(orig, shape: tuple[int, ...], edited_type: str):
     return Q.Q8_0 if _fits(shape, Q.Q8_0) else Q.F16
 
 
-def _open(src: Path, out: Path, overwrite: bool):
+def _open(src: Path, out: Path, overwrite: bool) -> gguf.GGUFReader:
     """The reader of ``src``, after checking that ``out`` may be written and is not ``src``."""
     import gguf
 
@@ -87,7 +94,7 @@ def _open(src: Path, out: Path, overwrite: bool):
                            "Check that the file is a complete GGUF model.") from None
 
 
-def _dimensions(reader, src: Path) -> tuple[str, int, int]:
+def _dimensions(reader: gguf.GGUFReader, src: Path) -> tuple[str, int, int]:
     """``(architecture, hidden size, layer count)`` from the metadata; a split file or a non-decoder is refused."""
     arch = _field(reader, "general.architecture")
     if (_field(reader, "split.count") or 1) > 1:
@@ -152,7 +159,7 @@ def _plan(by_name: dict, n_layers: int, weights: Sequence[float], do_emb: bool) 
     return plan
 
 
-def _raw(t, reader) -> _Tensor:
+def _raw(t: gguf.ReaderTensor, reader: gguf.GGUFReader) -> _Tensor:
     """Tensor ``t`` copied byte for byte (still quantized)."""
     return _Tensor(t.name, tuple(t.data.shape), t.data.dtype, int(t.data.nbytes), t.tensor_type,
                    lambda: t.data, reader.endianess)
@@ -169,7 +176,7 @@ class _Edit:
     edited_type: str
     result: GGUFExport
 
-    def tensor(self, t, axis: int, layer: int) -> _Tensor:
+    def tensor(self, t: gguf.ReaderTensor, axis: int, layer: int) -> _Tensor:
         """Tensor ``t`` dequantized, ablated along its residual ``axis`` with ``layer``'s basis, requantized when
         written (recorded in ``result.edited``)."""
         import gguf
@@ -199,7 +206,8 @@ class _Edit:
         return _planned(t.name, shape, qtype, produce)
 
 
-def _tensors(reader, plan: dict[str, tuple[int, int]], edit: _Edit, untied_head: bool) -> list[_Tensor]:
+def _tensors(reader: gguf.GGUFReader, plan: dict[str, tuple[int, int]], edit: _Edit,
+             untied_head: bool) -> list[_Tensor]:
     """Every tensor of the output in the input's order: planned ones edited, the others raw; with
     ``untied_head``, the untouched embedding added as ``output.weight`` after ``token_embd.weight``."""
     tensors = []
@@ -213,13 +221,13 @@ def _tensors(reader, plan: dict[str, tuple[int, int]], edit: _Edit, untied_head:
     return tensors
 
 
-def _metadata_writer(reader):
+def _metadata_writer(reader: gguf.GGUFReader) -> Callable[[gguf.GGUFWriter], None]:
     """A function copying every metadata key/value of ``reader`` (but the architecture) to a ``GGUFWriter``."""
     import gguf
 
     skip = {"general.architecture"}
 
-    def kv(w) -> None:
+    def kv(w: gguf.GGUFWriter) -> None:
         for f in reader.fields.values():
             if f.name.startswith("GGUF.") or f.name in skip:
                 continue
@@ -232,7 +240,7 @@ def _metadata_writer(reader):
 
 def edit_gguf(
     src: str | Path,
-    direction,
+    direction: DirectionLike,
     out: str | Path,
     *,
     overwrite: bool = False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,10 +21,13 @@ from .gguf_quant import _fits, _planned
 from .gguf_tokenizer import _tokenizer_kv
 from .gguf_write import GGUFExport, _check_out, _Tensor, _write
 
+if TYPE_CHECKING:
+    import gguf
+
 _HF_ARCHS = ("llama", "qwen2")
 
 
-def _hf_arch(model) -> str:
+def _hf_arch(model: Any) -> str:
     cfg = model.config
     mt = getattr(cfg, "model_type", "")
     if mt not in _HF_ARCHS:
@@ -46,7 +50,7 @@ def _hf_arch(model) -> str:
     return mt
 
 
-def _rope_theta(cfg) -> float:
+def _rope_theta(cfg: Any) -> float:  # a transformers config
     rope = getattr(cfg, "rope_parameters", None) or {}
     return float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
@@ -58,7 +62,7 @@ def _permute(x: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tenso
     return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def _hf_type(dtype: str, tensor: torch.Tensor, shape: tuple[int, ...]):
+def _hf_type(dtype: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
     import gguf
 
     Q = gguf.GGMLQuantizationType
@@ -75,7 +79,7 @@ def _hf_type(dtype: str, tensor: torch.Tensor, shape: tuple[int, ...]):
     return q
 
 
-def write_gguf(model, tokenizer, out: str | Path, *, overwrite: bool = False, dtype: str = "auto",
+def write_gguf(model: Any, tokenizer: Any, out: str | Path, *, overwrite: bool = False, dtype: str = "auto",
                name: str | None = None) -> GGUFExport:
     """Write a plain Hugging Face llama or qwen2 model (as it is now, edits included) as a GGUF file.
 
@@ -107,7 +111,7 @@ def write_gguf(model, tokenizer, out: str | Path, *, overwrite: bool = False, dt
             raise RefusalError(f"The parameter '{hf_name}' has no GGUF name for architecture '{arch}'.",
                                "Export a Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py.")
 
-        def produce(t=tensor, g=gname) -> np.ndarray:
+        def produce(t: torch.Tensor = tensor, g: str = gname) -> np.ndarray:
             x = t.detach().to("cpu", torch.float32)
             if arch == "llama" and re.search(r"\.attn_q\.", g):
                 x = _permute(x, n_head, n_head)
@@ -120,7 +124,7 @@ def write_gguf(model, tokenizer, out: str | Path, *, overwrite: bool = False, dt
 
     display = name or str(getattr(cfg, "_name_or_path", "") or arch).rstrip("/").split("/")[-1]
 
-    def kv(w) -> None:
+    def kv(w: gguf.GGUFWriter) -> None:
         w.add_name(display)
         w.add_context_length(int(cfg.max_position_embeddings))
         w.add_embedding_length(hidden)

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .gguf_write import _Tensor
 
-_QUANTIZABLE: dict[Any, bool] = {}
+if TYPE_CHECKING:
+    import gguf
+
+_QUANTIZABLE: dict[gguf.GGMLQuantizationType, bool] = {}
 
 
-def _can_quantize(qtype) -> bool:
+def _can_quantize(qtype: gguf.GGMLQuantizationType) -> bool:
     """Whether gguf-py can write ``qtype`` (many types it can only read)."""
     import gguf
     from gguf.quants import quantize
@@ -30,7 +33,7 @@ def _can_quantize(qtype) -> bool:
     return _QUANTIZABLE[qtype]
 
 
-def _encode(arr: np.ndarray, qtype) -> np.ndarray:
+def _encode(arr: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     import gguf
     from gguf.quants import quantize
 
@@ -41,7 +44,8 @@ def _encode(arr: np.ndarray, qtype) -> np.ndarray:
     return np.ascontiguousarray(quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype))
 
 
-def _planned(name: str, shape: tuple[int, ...], qtype, produce: Callable[[], np.ndarray]) -> _Tensor:
+def _planned(name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType,
+             produce: Callable[[], np.ndarray]) -> _Tensor:
     """A tensor of float ``shape`` (numpy order) to be written as ``qtype``; ``produce`` returns float32."""
     import gguf
     from gguf.quants import quant_shape_to_byte_shape
@@ -54,7 +58,7 @@ def _planned(name: str, shape: tuple[int, ...], qtype, produce: Callable[[], np.
     return _Tensor(name, bshape, np.uint8, math.prod(bshape), qtype, lambda: _encode(produce(), qtype))
 
 
-def _fits(shape: Sequence[int], qtype) -> bool:
+def _fits(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> bool:
     import gguf
 
     block, _ = gguf.GGML_QUANT_SIZES[qtype]

@@ -6,8 +6,12 @@ chat template. Other tokenizers are refused.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    import gguf
 
 
 def _pre_tokenizer_name(spec: dict) -> str:
@@ -30,7 +34,7 @@ def _pre_tokenizer_name(spec: dict) -> str:
                        "Export a Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py.")
 
 
-def _tokenizer_kv(w, tokenizer, vocab_size: int) -> None:
+def _tokenizer_kv(w: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -56,14 +60,16 @@ def _tokenizer_kv(w, tokenizer, vocab_size: int) -> None:
         if t["id"] < n:
             tokens[t["id"]] = t["content"]
             types[t["id"]] = int(gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
+    names: list[str] = []
     for i, t in enumerate(tokens):
         if t is None:
-            tokens[i] = f"[PAD{i}]"
+            t = f"[PAD{i}]"
             types[i] = int(gguf.TokenType.UNUSED)
+        names.append(t)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
+    w.add_token_list(names)
     w.add_token_types(types)
     w.add_token_merges(merges)
     specials = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,

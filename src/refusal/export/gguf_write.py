@@ -10,12 +10,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import io
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    import gguf
 
 
 @dataclass
@@ -35,9 +38,9 @@ class _Tensor:
     shape: tuple[int, ...]  # numpy (PyTorch) order; bytes shape for quantized data
     np_dtype: Any
     nbytes: int
-    qtype: Any  # gguf.GGMLQuantizationType
+    qtype: gguf.GGMLQuantizationType
     produce: Callable[[], np.ndarray]
-    endianess: Any = None
+    endianess: gguf.GGUFEndian | None = None
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -47,7 +50,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise RefusalError(f"'{out}' is a folder; a GGUF export is one file.", "Give a path ending in .gguf.")
 
 
-def _write(out: Path, arch: str, kv: Callable, tensors: list[_Tensor], endianess=None, alignment: int | None = None):
+def _write(out: Path, arch: str, kv: Callable[[gguf.GGUFWriter], None], tensors: list[_Tensor],
+           endianess: gguf.GGUFEndian | None = None, alignment: int | None = None) -> None:
     """Stream a GGUF to a temporary file next to ``out`` (one tensor in memory at a time), then rename it."""
     import gguf
 

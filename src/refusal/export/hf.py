@@ -13,9 +13,9 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,7 +23,10 @@ from ..errors import RefusalError
 from ..interventions.weights import EditOptions, _check_weights, orthogonalize_, orthogonalized, prepare_bases
 from ..models.loading import clear_quantizer
 from ..models.parts import find_parts
-from ..models.writers import residual_writers
+from ..models.writers import Writer, residual_writers
+
+if TYPE_CHECKING:
+    from ..interventions.weights import DirectionLike
 
 __all__ = ["check_out_dir", "export_hf", "model_card"]
 
@@ -35,7 +38,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise RefusalError(f"'{out}' exists and is not a folder.", "Choose another path.")
 
 
-def _direction_info(direction) -> dict[str, Any]:
+def _direction_info(direction: DirectionLike) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if hasattr(direction, "vectors") and not isinstance(direction, torch.Tensor):
         for k in ("layer", "pos", "method", "model"):
@@ -119,7 +122,7 @@ def card_tail(scores: Any, card: Mapping[str, Any] | None, notes: Any) -> list[s
     return lines
 
 
-def _how(model, direction, writers, options: EditOptions) -> dict[str, Any]:
+def _how(model: Any, direction: DirectionLike, writers: Sequence[Writer], options: EditOptions) -> dict[str, Any]:
     kinds = Counter(w.kind for w in writers)
     n_experts = sum(w.n_experts for w in writers if w.kind == "expert")
     n_shared = sum(w.n_experts for w in writers if w.kind == "shared_expert")
@@ -141,7 +144,7 @@ def _how(model, direction, writers, options: EditOptions) -> dict[str, Any]:
     return how
 
 
-def _atomic_save(out: Path, overwrite: bool, write) -> None:
+def _atomic_save(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     old = None
@@ -164,9 +167,9 @@ def _atomic_save(out: Path, overwrite: bool, write) -> None:
 
 
 def export_hf(
-    model,
-    tokenizer,
-    direction_or_subspace,
+    model: Any,
+    tokenizer: Any,
+    direction_or_subspace: DirectionLike,
     out_dir: str | Path,
     *,
     overwrite: bool = False,

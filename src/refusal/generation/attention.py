@@ -10,9 +10,12 @@ model on its own attention code; :func:`grouped_attention_misfit` says why, for 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch import nn
 
 from .attention_kernel import KERNEL, decode_attention
 
@@ -38,7 +41,9 @@ def _misfit(kwargs: dict) -> str | None:
     return None
 
 
-def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def gqa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention that groups query heads over their shared K/V head instead of expanding K/V (``repeat_kv``).
 
     Same result as transformers' SDPA path; for decoding (one query token over a long static cache) it avoids
@@ -83,7 +88,7 @@ def _register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(GQA, sdpa_mask)
 
 
-def grouped_attention_misfit(model) -> str | None:
+def grouped_attention_misfit(model: Any) -> str | None:
     """Why :func:`grouped_attention` leaves ``model`` on its own attention (None when it swaps it in): another
     implementation than SDPA or eager (flash-attention, ...), or attention layers that pass arguments the grouped
     attention does not apply, found by one probe forward of three tokens with the model's hooks held off (cached
@@ -100,7 +105,7 @@ def grouped_attention_misfit(model) -> str | None:
 
 
 @torch.no_grad()
-def _probe(model) -> str | None:
+def _probe(model: Any) -> str | None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -109,7 +114,8 @@ def _probe(model) -> str | None:
     seen: list[str] = []
     calls = [0]
 
-    def record(module, query, key, value, attention_mask, **kwargs):
+    def record(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         calls[0] += 1
         why = _misfit(kwargs)
         if why is not None:
@@ -141,7 +147,7 @@ def _probe(model) -> str | None:
 
 
 @contextmanager
-def grouped_attention(model):
+def grouped_attention(model: Any) -> Iterator[bool]:
     """Run attention with :func:`gqa_attention` (same math as SDPA/eager, no copies of the grouped K/V heads), and
     restore the model's own on exit. Yields whether it is active: a model on another attention implementation
     (flash-attention, ...) or whose attention does something the grouped attention does not

@@ -21,8 +21,13 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from functools import cache
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from triton.runtime.jit import JITFunction
 
 KERNEL = "refusal_kernel"  # keyword argument of the forward: decode attention with this kernel
 # the launch configuration (positions per block, warps, pipeline stages): the fastest of
@@ -48,7 +53,7 @@ def why_not(device: torch.device) -> str | None:
 
 
 @cache
-def _kernel():
+def _kernel() -> tuple[ModuleType, JITFunction]:
     """Triton and the jitted kernel (imported on first use; Triton's interpreter, if chosen, is chosen then)."""
     import triton
 
@@ -87,7 +92,7 @@ def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 @_decode_attention_op.register_fake
-def _(query, key, value, mask2d, scale):
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask2d: torch.Tensor, scale: float) -> torch.Tensor:
     bsz, h, _, dim = query.shape
     return query.new_empty(bsz, 1, h, dim)
 

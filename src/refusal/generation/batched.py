@@ -7,8 +7,9 @@ manager.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import Any, overload
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -19,7 +20,7 @@ from ..models.head import contiguous_head_input
 from ..models.norms import fused_norms
 from ..models.parts import cache_kwarg, model_device
 from ..scoring.refusal import refusal_score
-from ..templates import decode_keeping, tokenize
+from ..templates import Batch, decode_keeping, tokenize
 from .attention import grouped_attention, grouped_attention_misfit
 from .prefill import prefill
 from .static import StaticDecoder, one_device
@@ -32,14 +33,14 @@ class _FirstLogits(LogitsProcessor):
         self.first: torch.Tensor | None = None
         self.phase = phase
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.first is None:
             self.first = scores.detach().clone()
             self.phase.set("generated")  # called after the prefill forward: the next forwards generate
         return scores
 
 
-def greedy_config(model, tokenizer, max_new_tokens: int) -> GenerationConfig:
+def greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> GenerationConfig:
     """Plain greedy decoding: the model's stop tokens, none of its sampling or repetition-penalty defaults."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
@@ -48,12 +49,12 @@ def greedy_config(model, tokenizer, max_new_tokens: int) -> GenerationConfig:
 
 
 @contextmanager
-def _eager_speedups(model):
+def _eager_speedups(model: Any) -> Iterator[None]:
     with grouped_attention(model), fused_norms(model), contiguous_head_input(model):
         yield
 
 
-def attention_path(model) -> str:
+def attention_path(model: Any) -> str:
     """Which attention generation runs on ``model``, and why, for a run's record."""
     why = grouped_attention_misfit(model)
     return "grouped (same math as the model's SDPA/eager attention)" if why is None else f"the model's own ({why})"
@@ -62,7 +63,7 @@ def attention_path(model) -> str:
 STATIC_CACHE = (False, True, "graphs")
 
 
-def static_decoder(model, kind: bool | str) -> StaticDecoder:
+def static_decoder(model: Any, kind: bool | str) -> StaticDecoder:
     """The decoder ``generate(static_cache=kind)`` uses: ``True`` compiles the step (and on a GPU captures it into
     CUDA graphs, fused projections); ``"graphs"`` captures the eager step into CUDA graphs with no compile (seconds
     to set up instead of a minute; on a CPU, plain static-cache decoding)."""
@@ -74,9 +75,43 @@ def static_decoder(model, kind: bool | str) -> StaticDecoder:
     return StaticDecoder(model, compile=cuda)
 
 
+# The result's type follows ``refusal_ids``: the texts alone without them, the texts and the scores with them.
+@overload
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 32,
+    static_cache: bool | str = False, refusal_ids: None = None, description: str = "Generating",
+    plan: Plan | None = None, rows: Sequence[int] | None = None,
+    on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
+    decoder: StaticDecoder | None = None, fallback: bool = False, report: dict | None = None,
+    keep_special: Sequence[int] = (), batching: Batching | None = None,
+) -> list[str]: ...
+
+
+@overload
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 32,
+    static_cache: bool | str = False, refusal_ids: Sequence[int], description: str = "Generating",
+    plan: Plan | None = None, rows: Sequence[int] | None = None,
+    on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
+    decoder: StaticDecoder | None = None, fallback: bool = False, report: dict | None = None,
+    keep_special: Sequence[int] = (), batching: Batching | None = None,
+) -> tuple[list[str], torch.Tensor]: ...
+
+
+@overload
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 32,
+    static_cache: bool | str = False, refusal_ids: Sequence[int] | None = None, description: str = "Generating",
+    plan: Plan | None = None, rows: Sequence[int] | None = None,
+    on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
+    decoder: StaticDecoder | None = None, fallback: bool = False, report: dict | None = None,
+    keep_special: Sequence[int] = (), batching: Batching | None = None,
+) -> list[str] | tuple[list[str], torch.Tensor]: ...
+
+
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 32,
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 32,
     static_cache: bool | str = False, refusal_ids: Sequence[int] | None = None, description: str = "Generating",
     plan: Plan | None = None, rows: Sequence[int] | None = None,
     on_batch: Callable[[list[int], list[str], list[float | None]], None] | None = None, split_prefill: bool = True,
@@ -136,7 +171,7 @@ def generate(
     return texts, torch.tensor([job.first[i] for i in wanted])
 
 
-def _by_length(tokenizer, prompts: Sequence[str], rows: Sequence[int] | None
+def _by_length(tokenizer: Any, prompts: Sequence[str], rows: Sequence[int] | None
                ) -> tuple[list[int], dict[int, list[int]], list[int]]:
     """The prompt indices wanted (``rows``, default all), their token ids, and the indices shortest first."""
     wanted = list(range(len(prompts))) if rows is None else list(rows)
@@ -149,7 +184,7 @@ class _Batches:
     """The batches of one :func:`generate` call: :meth:`run` decodes a chunk of prompt indices (with the static
     decoder, or ``model.generate``) and records each prompt's text and first-position refusal score."""
 
-    def __init__(self, model, tokenizer, prompts: Sequence[str], token_ids: dict[int, list[int]], *,
+    def __init__(self, model: Any, tokenizer: Any, prompts: Sequence[str], token_ids: dict[int, list[int]], *,
                  plan: Plan | None, decoder: StaticDecoder | None, max_new_tokens: int,
                  refusal_ids: Sequence[int] | None, split_prefill: bool, fallback: bool, report: dict | None,
                  keep_special: Sequence[int],
@@ -207,7 +242,7 @@ class _Batches:
                                      generation_config=self.gen_cfg, logits_processor=LogitsProcessorList([keep]))
                 return seq[:, b.input_ids.shape[1]:], keep.first
 
-    def _static(self, decoder: StaticDecoder, b) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _static(self, decoder: StaticDecoder, b: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Decode with the static decoder; with ``fallback``, a failure other than out-of-memory is said, recorded
         and answered with None (the decoder is dropped for the rest of the call)."""
         try:

@@ -23,12 +23,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import cache
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from .attention_kernel import interpreting
+
+if TYPE_CHECKING:
+    from triton.runtime.jit import JITFunction
 
 # the launch configuration (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of benchmarks/kernels/mlp_kernel.py's
 # sweep at the 8B decode shape (64 rows); rows come in blocks of up to 64
@@ -43,13 +46,14 @@ MAX_ROWS = 64
 
 
 @cache
-def _kernel():
+def _kernel() -> JITFunction:
     from . import _triton_decode
 
     return _triton_decode.gate_up_act_kernel
 
 
-def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: int = 0, config=None) -> torch.Tensor:
+def _launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: int = 0,
+            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     import triton
 
     block_n, block_k, warps, stages = config or CONFIG
@@ -86,7 +90,7 @@ def _gate_up_act_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, a
 
 
 @_gate_up_act_op.register_fake
-def _(x, w_gate, w_up, act):
+def _(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], w_gate.shape[0])
 
 

@@ -16,7 +16,9 @@ width unless it is that long.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
@@ -26,8 +28,8 @@ from ..models.parts import cache_kwarg, decoder
 from ..templates import Batch
 
 
-def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *, max_buckets: int = 4,
-            slack: float = 0.1) -> tuple[Batch, object] | None:
+def prefill(model: Any, ids: list[list[int]], plan: Plan | None, pad: int, device: torch.device | str, *,
+            max_buckets: int = 4, slack: float = 0.1) -> tuple[Batch, object] | None:
     """``(batch, cache)`` for ``model.generate``: the batch is ``[prefix][padding][rest]`` per row, the cache holds
     every column but the last. None when the prompts share no prefix of 4 tokens or more, or the model's cache
     cannot be split by row (then the caller runs the padded batch whole: same tokens, no saving)."""
@@ -101,5 +103,5 @@ def prefill(model, ids: list[list[int]], plan: Plan | None, pad: int, device, *,
     return Batch(out.to(device), att.to(device)), shared
 
 
-def _hooks(model, plan: Plan | None, rows):
+def _hooks(model: Any, plan: Plan | None, rows: torch.Tensor | Sequence[int]) -> AbstractContextManager[object]:
     return apply(model, plan.take(rows)) if plan is not None else nullcontext()

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..endpoints import RETRY_STATUS as _RETRY_STATUS
 from ..endpoints import RetriesExhausted, Retryable, retrying
@@ -48,6 +49,10 @@ from ..endpoints import check_url as _check_url
 from ..endpoints import retry_after as _retry_after
 from ..endpoints import snippet as _snippet
 from ..errors import RefusalError
+
+if TYPE_CHECKING:
+    from ..config.sections import OpenAIGenerateConfig
+    from ..models.loading import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +109,7 @@ class ServedModel:
 
     @classmethod
     def from_json(cls, d: dict) -> ServedModel:
-        def text(k):
+        def text(k: str) -> str | None:
             v = d.get(k)
             return v if isinstance(v, str) and v else None
 
@@ -199,7 +204,7 @@ def check_served_model(served: Sequence[ServedModel], want: str | None, run_name
     return entry.id, record
 
 
-def run_model_names(spec: str, source=None) -> list[str]:
+def run_model_names(spec: str, source: ModelSource | None = None) -> list[str]:
     """The names the run's model goes by: its spec first, then the resolved path or hub id (a
     :class:`~refusal.models.loading.ModelSource`), and a local folder's own ``_name_or_path``."""
     names = [spec]
@@ -385,8 +390,8 @@ class CompletionServer:
         return f"<CompletionServer {self.shown} (key from ${self.api_key_env})>"
 
 
-def generate_on_server(o, prompts: Mapping[int, str] | Sequence[str], rows: Sequence[int], budgets: Mapping[int, int],
-                       *, tokenizer, run_names: Sequence[str], identity: str | None,
+def generate_on_server(o: OpenAIGenerateConfig, prompts: Mapping[int, str] | Sequence[str], rows: Sequence[int],
+                       budgets: Mapping[int, int], *, tokenizer: Any, run_names: Sequence[str], identity: str | None,
                        stop_token_ids: Sequence[int] | None, on_batch: Callable, record: dict) -> dict:
     """A run's server rows: check the served model, then decode ``rows`` (``budgets[i]`` new tokens each) on the
     server of ``o`` (a :class:`~refusal.config.OpenAIGenerateConfig`), each request's texts to ``on_batch``.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ class Active:
 class ChatSession:
     """A conversation with one model, and the interventions currently on (at most one ablation, one addition)."""
 
-    def __init__(self, model, tokenizer, directions: Mapping[str, Direction], system: str | None = None,
+    def __init__(self, model: Any, tokenizer: Any, directions: Mapping[str, Direction], system: str | None = None,
                  max_new_tokens: int = 256, *, batching: Batching | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise RefusalError("The tokenizer has no chat template, so this is not a chat model.",

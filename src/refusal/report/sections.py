@@ -56,10 +56,11 @@ def build(run_dir: str | Path) -> Report:
     config = config if isinstance(config, dict) else {}
     scores = a.json("scores.json")
     scores = scores if isinstance(scores, dict) else None
-    results = summary.get("results") if isinstance(summary.get("results"), dict) else _flat_results(summary)
+    stored = summary.get("results")
+    results = stored if isinstance(stored, dict) else _flat_results(summary)
 
     per_language = is_crosslingual_run(summary)  # a `refusal crosslingual` folder: its languages hold the results
-    sections = [
+    found: list[Section | None] = [
         None if per_language else _results_section(results),
         None if per_language else categories_section(summary, results),
         None if per_language else _direction_section(a, summary, scores, config),
@@ -75,7 +76,7 @@ def build(run_dir: str | Path) -> Report:
         _completions_section(a, config),
         _config_section(a, summary, config),
     ]
-    sections = [s for s in sections if s is not None and s.blocks]
+    sections = [s for s in found if s is not None and s.blocks]
     if a.problems:
         sections.append(Section("problems", "Unreadable files",
                                 [Text("These files exist but could not be read; their sections are left out.",

@@ -9,7 +9,7 @@ from typing import Any
 
 from .artifacts import Artifacts
 from .blocks import Code, Image, Row, Section, Sub, Table, Text
-from .values import _num
+from .values import _num, as_dict
 
 
 def _selected_text(summary: dict, scores: dict | None) -> str | None:
@@ -37,7 +37,7 @@ def _direction_section(a: Artifacts, summary: dict, scores: dict | None, config:
     for kind in ("harmful", "harmless"):
         if _num(base.get(kind)) is not None:
             rows.append([f"baseline score, {kind} val", base[kind]])
-    sc = config.get("select") if isinstance(config.get("select"), dict) else {}
+    sc = as_dict(config.get("select"))
     if sc:
         frac = _num(sc.get("max_layer_fraction"))
         rows += [["filters", f"KL < {sc.get('kl_threshold')}, induce > {sc.get('induce_threshold')}"],
@@ -125,7 +125,7 @@ def _scores_section(a: Artifacts, scores: dict | None, config: dict) -> Section:
     if scores:
         from .plots import score_heatmaps
 
-        sc = config.get("select") if isinstance(config.get("select"), dict) else {}
+        sc = as_dict(config.get("select"))
         n_layers = len(scores["bypass"][0]) if scores.get("bypass") and scores["bypass"][0] else None
         frac = _num(sc.get("max_layer_fraction"))
         try:

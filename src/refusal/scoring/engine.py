@@ -15,11 +15,14 @@ computed, and scores are reduced on the device.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import DynamicCache
 
 from ..batching import Batching, in_batches
 from ..directions.diff_means import Candidates
@@ -32,13 +35,13 @@ from .refusal import refusal_score
 from .selection import Scores
 
 
-def _takes_logits_to_keep(model) -> bool:
+def _takes_logits_to_keep(model: Any) -> bool:
     """Whether the model's forward can compute the output head at chosen positions only."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
-def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits at the last position of a left-padded batch, ``(batch, vocab)``; the output head runs on that
     position only. Positions count real tokens only (padding does not shift them), as in ``generate``."""
     kwargs = {"logits_to_keep": keep_last(input_ids.shape[1], input_ids.device)} if _takes_logits_to_keep(model) \
@@ -48,7 +51,7 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return out.logits[:, -1, :]
 
 
-def _bucket_logits(model, bucket: Bucket, reps: int, prefix=None) -> torch.Tensor:
+def _bucket_logits(model: Any, bucket: Bucket, reps: int, prefix: DynamicCache | None = None) -> torch.Tensor:
     """Logits at each row's last real position for a bucket repeated ``reps`` times (all of the bucket, then
     again), after ``prefix`` (the prefix's cache with ``reps`` rows, or None without a prefix): ``(reps * n, V)``.
 
@@ -65,7 +68,7 @@ def _bucket_logits(model, bucket: Bucket, reps: int, prefix=None) -> torch.Tenso
 
 
 @torch.no_grad()
-def layout_logits(model, lay: Layout) -> torch.Tensor:
+def layout_logits(model: Any, lay: Layout) -> torch.Tensor:
     """Last-position logits of every prompt of a layout, in the original order, with no intervention."""
     out = None
     prefix = prefix_cache(model, lay, 1) if lay.prefix is not None else None
@@ -74,6 +77,7 @@ def layout_logits(model, lay: Layout) -> torch.Tensor:
         if out is None:
             out = logits.new_empty(lay.n, logits.shape[-1])
         out[bucket.rows] = logits
+    assert out is not None, "a layout has at least one bucket (layout() refuses an empty prompt list)"
     return out
 
 
@@ -84,14 +88,14 @@ def kl_div(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 @with_fused_norms
-def refusal_scores(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 32,
+def refusal_scores(model: Any, tokenizer: Any, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 32,
                    description: str = "", *, batching: Batching | None = None) -> torch.Tensor:
     """Per-prompt refusal score (log-odds of refusal tokens at the first generated position), in length buckets."""
     dev = model_device(model)
     ids = torch.tensor(list(refusal_ids), device=dev)
     out: list[torch.Tensor] = []
 
-    def run(chunk):
+    def run(chunk: Sequence[str]) -> None:
         lay = layout(tokenizer, list(chunk), dev)
         out.append(refusal_score(layout_logits(model, lay), ids).cpu())
 
@@ -102,7 +106,7 @@ def refusal_scores(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequen
 @torch.no_grad()
 @with_fused_norms
 def score_candidates(
-    model, tokenizer, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
+    model: Any, tokenizer: Any, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str],
     refusal_ids: Sequence[int], *, layers: Sequence[int] | None = None, batch_size: int = 64,
     prune_induce_below: float | None = None, share_prefix: bool = True, min_prefix: int = 4,
     max_buckets: int = 8, slack: float = 0.03, batching: Batching | None = None,
@@ -127,10 +131,10 @@ def score_candidates(
     diffs = candidates.diffs.to(dev)
     all_cand = _with_direction(diffs, n_pos, layers)
     nh, nb = len(harmful_val), len(harmless_val)
-    opts: dict[str, Any] = {"share_prefix": share_prefix, "min_prefix": min_prefix, "max_buckets": max_buckets,
-                            "slack": slack}
-    both = layout(tokenizer, list(harmful_val) + list(harmless_val), dev, **opts)
-    harmless = layout(tokenizer, list(harmless_val), dev, **opts)
+    lay = partial(layout, tokenizer, device=dev, share_prefix=share_prefix, min_prefix=min_prefix,
+                  max_buckets=max_buckets, slack=slack)
+    both = lay(list(harmful_val) + list(harmless_val))
+    harmless = lay(list(harmless_val))
     shape = (n_pos, n_layers)
     passes = _Passes(model, diffs, torch.tensor(list(refusal_ids), device=dev), both, harmless, nh, nb, shape)
     base_scores = passes.prepare()
@@ -174,7 +178,7 @@ class _Passes:
     shared prefix runs once per candidate); a chunk's scores are written into ``bypass`` / ``kl`` / ``induce`` only
     once all its buckets are done, so an out-of-memory retry cannot count one twice."""
 
-    def __init__(self, model, diffs: torch.Tensor, rids: torch.Tensor, both: Layout, harmless: Layout,
+    def __init__(self, model: Any, diffs: torch.Tensor, rids: torch.Tensor, both: Layout, harmless: Layout,
                  nh: int, nb: int, shape: tuple[int, int]) -> None:
         self.model, self.diffs, self.rids, self.both, self.harmless = model, diffs, rids, both, harmless
         self.dev = diffs.device
@@ -201,16 +205,15 @@ class _Passes:
         # cache the harmless prompts' input to every layer once, and start each pass at its lowest source layer.
         base_prefix = prefix_cache(model, self.harmless, 1) if self.harmless.prefix is not None else None
         for bucket in self.harmless.buckets:
-            layer_inputs, returns_tuple = _layer_inputs(
-                model, lambda b=bucket: _bucket_logits(model, b, 1, base_prefix))
+            layer_inputs, returns_tuple = _layer_inputs(model, partial(_bucket_logits, model, bucket, 1, base_prefix))
             self.induce_buckets.append((bucket, layer_inputs, returns_tuple))
         return base_scores
 
-    def _index(self, chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    def _index(self, chunk: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.tensor([p for p, _ in chunk], device=self.dev),
                 torch.tensor([lay for _, lay in chunk], device=self.dev))
 
-    def ablation_pass(self, chunk) -> None:
+    def ablation_pass(self, chunk: Sequence[tuple[int, int]]) -> None:
         """Bypass (harmful rows) and KL (harmless rows) of the candidates of ``chunk``, ablated at every layer."""
         model, both, rids, dev = self.model, self.both, self.rids, self.dev
         c = len(chunk)
@@ -236,7 +239,7 @@ class _Passes:
             stack.enter_context(add(self.model, rows.repeat_interleave(reps, 0), layer, per_row=True))
         return stack
 
-    def induce_pass(self, chunk) -> None:
+    def induce_pass(self, chunk: Sequence[tuple[int, int]]) -> None:
         """Induce of the candidates of ``chunk`` on the harmless rows, each added at its source layer; the pass
         starts at the chunk's lowest source layer."""
         model, harmless = self.model, self.harmless
@@ -260,19 +263,19 @@ class _Passes:
 
 
 @torch.no_grad()
-def _layer_inputs(model, forward) -> tuple[list[torch.Tensor], bool]:
+def _layer_inputs(model: Any, forward: Callable[[], object]) -> tuple[list[torch.Tensor], bool]:
     """The residual stream at the input of every layer during ``forward()``, and whether a layer returns a tuple
     (transformers 4)."""
     parts = find_parts(model)
     saved: list = [None] * parts.n_layers
     kind = {}
 
-    def pre(i):
-        def hook(_m, args, kwargs):
+    def pre(i: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             saved[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         return hook
 
-    def post(_m, _a, out):
+    def post(_m: nn.Module, _a: tuple[Any, ...], out: Any) -> None:
         kind["tuple"] = isinstance(out, tuple)
 
     handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(parts.layers)]
@@ -286,7 +289,7 @@ def _layer_inputs(model, forward) -> tuple[list[torch.Tensor], bool]:
 
 
 @contextmanager
-def _start_at(model, start: int, x: torch.Tensor, reps: int, returns_tuple: bool):
+def _start_at(model: Any, start: int, x: torch.Tensor, reps: int, returns_tuple: bool) -> Iterator[None]:
     """Skip the layers below ``start`` (they pass their input through) and feed ``x`` repeated ``reps`` times
     into layer ``start``: the forward then costs only the layers from ``start`` on."""
     parts = find_parts(model)
@@ -295,11 +298,11 @@ def _start_at(model, start: int, x: torch.Tensor, reps: int, returns_tuple: bool
         return
     xr = x.repeat(reps, *([1] * (x.ndim - 1)))
 
-    def passthrough(*args, **kwargs):
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
         h = args[0] if args else kwargs["hidden_states"]
         return (h,) if returns_tuple else h
 
-    def feed(_m, args, kwargs):
+    def feed(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if args:
             return (xr,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": xr}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,10 +42,11 @@ class PlanScores:
 
 @torch.no_grad()
 @with_fused_norms
-def score_interventions(model, tokenizer, prompts: Sequence[str], candidates: Sequence[Sequence[Intervention]],
-                        refusal_ids: Sequence[int], *, batch_size: int = 64, description: str = "Scoring",
-                        share_prefix: bool = True, min_prefix: int = 4, max_buckets: int = 8,
-                        slack: float = 0.03, batching: Batching | None = None) -> PlanScores:
+def score_interventions(model: Any, tokenizer: Any, prompts: Sequence[str],
+                        candidates: Sequence[Sequence[Intervention]], refusal_ids: Sequence[int], *,
+                        batch_size: int = 64, description: str = "Scoring", share_prefix: bool = True,
+                        min_prefix: int = 4, max_buckets: int = 8, slack: float = 0.03,
+                        batching: Batching | None = None) -> PlanScores:
     """Refusal score and KL from the baseline of every candidate on every prompt (already templated)."""
     dev = model_device(model)
     rids = torch.tensor(list(refusal_ids), device=dev)
@@ -57,7 +59,7 @@ def score_interventions(model, tokenizer, prompts: Sequence[str], candidates: Se
     kl = torch.zeros(n_cand, n, device=dev)
     widest = max(len(b.rows) for b in lay.buckets)
 
-    def run(chunk: Sequence[int]):
+    def run(chunk: Sequence[int]) -> None:
         c = len(chunk)
         plan = Plan.rows(model, [candidates[i] for i in chunk])
         prefix = None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import RefusalError
 from ..templates import builtin_phrases
 
 
-def refusal_token_ids(tokenizer, openings: list[str] | None = None) -> list[int]:
+def refusal_token_ids(tokenizer: Any, openings: list[str] | None = None) -> list[int]:
     """First token ids of typical refusal openings, as the answer's first token (no leading space)."""
     openings = openings if openings is not None else builtin_phrases()["refusal_openings"]
     ids: list[int] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ class Scores:
     baseline_harmless: float
 
     def to_json(self) -> dict:
-        def grid(t):
+        def grid(t: torch.Tensor) -> list[list[float | None]]:
             return [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in t.tolist()]
         return {"positions": self.positions, "baseline_refusal_score": {
             "harmful": self.baseline_harmful, "harmless": self.baseline_harmless},
@@ -31,7 +32,7 @@ class Scores:
 
     @classmethod
     def from_json(cls, d: dict) -> Scores:
-        def t(g):
+        def t(g: list[list[float | None]]) -> torch.Tensor:
             return torch.tensor([[float("nan") if v is None else v for v in row] for row in g])
         b = d["baseline_refusal_score"]
         return cls(list(d["positions"]), t(d["bypass"]), t(d["induce"]), t(d["kl"]), b["harmful"], b["harmless"])
@@ -82,7 +83,7 @@ def ranked(scores: Scores, *, n_layers: int, kl_threshold: float = 0.1, induce_t
     return [(scores.positions[int(i) // n_layers], int(i) % n_layers) for i in order]
 
 
-def plot_scores(scores: Scores, selection: Selection | None, path, title: str = "") -> None:
+def plot_scores(scores: Scores, selection: Selection | None, path: str | Path, title: str = "") -> None:
     """Bypass, induce and KL against layer, one line per post-instruction position."""
     import matplotlib
 
@@ -112,4 +113,4 @@ def plot_scores(scores: Scores, selection: Selection | None, path, title: str = 
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    io.write_png(path, fig)
+    io.write_png(Path(path), fig)

@@ -31,6 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -156,7 +157,7 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 6)
 
 
-def _check(model, candidates: Sequence[Direction]) -> None:
+def _check(model: Any, candidates: Sequence[Direction]) -> None:
     if not candidates:
         raise RefusalError("No candidate directions to build sets from.", "Give at least one direction.")
     parts = find_parts(model)
@@ -170,9 +171,9 @@ def _check(model, candidates: Sequence[Direction]) -> None:
                                "its layer) is undefined.", "Use directions read at a layer (a run's candidates).")
 
 
-def _score(model, tokenizer, candidates: Sequence[Direction], sets: Sequence[tuple[int, ...]], harmful_val,
-           harmless_val, refusal_ids, *, kl_threshold: float, induce_threshold: float, batch_size: int,
-           step: str) -> tuple[list[ScoredSet], float, float]:
+def _score(model: Any, tokenizer: Any, candidates: Sequence[Direction], sets: Sequence[tuple[int, ...]],
+           harmful_val: Sequence[str], harmless_val: Sequence[str], refusal_ids: Sequence[int], *, kl_threshold: float,
+           induce_threshold: float, batch_size: int, step: str) -> tuple[list[ScoredSet], float, float]:
     """Score many sets at once: one call for the ablations (harmful + harmless prompts: bypass and KL), one for the
     additions (harmless prompts: induce)."""
     nh = len(harmful_val)
@@ -192,15 +193,16 @@ def _score(model, tokenizer, candidates: Sequence[Direction], sets: Sequence[tup
     return out, float(a.baseline[:nh].mean()), float(b.baseline.mean())
 
 
-def _prompts(harmful_val, harmless_val) -> None:
+def _prompts(harmful_val: Sequence[str], harmless_val: Sequence[str]) -> None:
     if not harmful_val or not harmless_val:
         raise RefusalError("Scoring direction sets needs harmful and harmless validation prompts.",
                            "Give at least one prompt of each kind.")
 
 
-def score_sets(model, tokenizer, candidates: Sequence[Direction], sets: Sequence[Sequence[int]], harmful_val,
-               harmless_val, refusal_ids, *, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
-               kl_weight: float = 0.0, batch_size: int = 64) -> SetSearch:
+def score_sets(model: Any, tokenizer: Any, candidates: Sequence[Direction], sets: Sequence[Sequence[int]],
+               harmful_val: Sequence[str], harmless_val: Sequence[str], refusal_ids: Sequence[int], *,
+               kl_threshold: float = 0.1, induce_threshold: float = 0.0, kl_weight: float = 0.0,
+               batch_size: int = 64) -> SetSearch:
     """Bypass, induce and KL of each given set (lists of indices into ``candidates``), in batched forwards."""
     _check(model, candidates)
     _prompts(harmful_val, harmless_val)
@@ -220,9 +222,10 @@ def score_sets(model, tokenizer, candidates: Sequence[Direction], sets: Sequence
     return SetSearch(list(candidates), scored, {}, bh, bl, kl_threshold, induce_threshold, kl_weight, None)
 
 
-def search_sets(model, tokenizer, candidates: Sequence[Direction], harmful_val, harmless_val, refusal_ids, *,
-                k_max: int = 3, beam: int = 1, pool: int | None = None, kl_threshold: float = 0.1,
-                induce_threshold: float = 0.0, kl_weight: float = 0.0, batch_size: int = 64) -> SetSearch:
+def search_sets(model: Any, tokenizer: Any, candidates: Sequence[Direction], harmful_val: Sequence[str],
+                harmless_val: Sequence[str], refusal_ids: Sequence[int], *, k_max: int = 3, beam: int = 1,
+                pool: int | None = None, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
+                kl_weight: float = 0.0, batch_size: int = 64) -> SetSearch:
     """Greedy (``beam=1``) or beam search over sets of up to ``k_max`` of the first ``pool`` candidates (default:
     all; give them best first, e.g. a run's ranked directions).
 
@@ -317,4 +320,4 @@ def plot_pareto(result: SetSearch, path: str | Path, title: str = "", ranks: Seq
     ax.set_title(title or "Direction sets: bypass against KL", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    io.write_png(path, fig)
+    io.write_png(Path(path), fig)

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import RefusalError
 
@@ -151,9 +151,9 @@ class LocalModelTranslator:
         self.truncated = []
         if not todo:
             return ["" for _ in texts]
-        raw = cast(list[str], generate(  # no refusal_ids: the texts alone
+        raw = generate(  # no refusal_ids: the texts alone
             self.model, self.tokenizer, self.prompts(todo, target, source), max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size, description=f"Translating into {language_name(target)}"))
+            batch_size=self.batch_size, description=f"Translating into {language_name(target)}")
         lengths = self.tokenizer(raw, add_special_tokens=False)["input_ids"]
         self.truncated = [t for t, ids in zip(todo, lengths) if len(ids) >= self.max_new_tokens - 1]
         done = {t: clean_output(r, t) for t, r in zip(todo, raw)}

@@ -40,7 +40,7 @@ class Judgement:
     raw: str | None = None
     details: dict | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.failed:
             self.label = None  # a failed item is never counted as anything
         elif self.label is None:

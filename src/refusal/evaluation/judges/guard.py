@@ -14,11 +14,12 @@ score is the probability of ``yes`` where that answer starts. All three answers 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ...config import GUARD_FORMATS, GuardJudgeConfig
 from ...errors import RefusalError
-from .base import Judgement, as_items
+from .base import Item, Judgement, as_items
 from .llm import (
     Answer,
     LocalModelJudge,
@@ -101,7 +102,7 @@ def _value_offset(text: str, field_name: str) -> int:
     return m.end() if m else 0
 
 
-def _render(tokenizer, prompt: str, completion: str) -> str:
+def _render(tokenizer: Any, prompt: str, completion: str) -> str:
     """The exchange in the guard's own chat template. Some guards (Llama Guard 3 1B) take message content as a
     list of parts, ``[{"type": "text", "text": ...}]``: plain strings are tried first, then parts."""
     error = None
@@ -127,8 +128,9 @@ class GuardJudge(LocalModelJudge):
     type = "guard"
     SCHEMA = GuardJudgeConfig
 
-    def __init__(self, model, tokenizer=None, *, format: str = "llama-guard", label_from: str | None = None,
-                 max_new_tokens: int | None = None, batch_size: int = 8, **kwargs):
+    def __init__(self, model: Any, tokenizer: Any = None, *, format: str = "llama-guard",
+                 label_from: str | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
+                 **kwargs: Any) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size, **kwargs)
         if format not in FORMATS:
             raise RefusalError(f"Unknown guard format '{format}'.", f"Use one of: {', '.join(FORMATS)}.")
@@ -143,7 +145,7 @@ class GuardJudge(LocalModelJudge):
         self.name = f"guard:{self.spec or type(model).__name__}"
 
     @classmethod
-    def check_spec(cls, spec):
+    def check_spec(cls, spec: Mapping) -> dict:
         opts = super().check_spec(spec)
         if opts["label_from"] is not None and opts["format"] != "wildguard":
             raise RefusalError("'label_from' in the guard judge spec only applies to the wildguard format.",
@@ -152,7 +154,7 @@ class GuardJudge(LocalModelJudge):
         check_dtype(opts["dtype"], opts["device"], cls.type)
         return opts
 
-    def format_prompts(self, tokenizer, items) -> list[str]:
+    def format_prompts(self, tokenizer: Any, items: Sequence[Item]) -> list[str]:
         if self.format == "wildguard":
             bos = tokenizer.bos_token or ""
             return [bos + WILDGUARD_TEMPLATE.format(prompt=it.prompt, response=it.completion) for it in items]
@@ -172,7 +174,7 @@ class GuardJudge(LocalModelJudge):
         parse = self._wildguard if self.format == "wildguard" else self._llama_guard
         return [parse(a, tok) for a in answers]
 
-    def _llama_guard(self, a: Answer, tok) -> Judgement:
+    def _llama_guard(self, a: Answer, tok: Any) -> Judgement:
         score = prob_at(a, tok, first_char(a.text), "unsafe") if a.text.strip() else None
         try:
             label, cats = parse_llama_guard(a.text)
@@ -180,7 +182,7 @@ class GuardJudge(LocalModelJudge):
             return Judgement.failure(f"unparseable guard answer: {exc}", raw=a.text, score=score)
         return Judgement(label, score=score, raw=a.text, details={"categories": cats} if cats else None)
 
-    def _wildguard(self, a: Answer, tok) -> Judgement:
+    def _wildguard(self, a: Answer, tok: Any) -> Judgement:
         try:
             answers = parse_wildguard(a.text)
         except ParseError as exc:

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ...config import JUDGE_MAX_NEW_TOKENS, LLMJudgeConfig
 from ...errors import RefusalError
@@ -122,7 +123,7 @@ def check_model_spec(spec: str, where: str) -> None:
         _require_causal_lm(config.get("model_type"), config.get("auto_map") or {}, spec, where)
 
 
-def _require_causal_lm(model_type, auto_map, spec: str, what: str) -> None:
+def _require_causal_lm(model_type: str | None, auto_map: Mapping[str, Any], spec: str, what: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map:
@@ -144,7 +145,8 @@ def check_dtype(dtype: str | None, device: str | None, where: str) -> None:
 
 
 def load_judge_model(spec: str, *, device: str | None = None, dtype: str | None = None,
-                     trust_remote_code: bool = False, need_template: bool = True, what: str = "judge"):
+                     trust_remote_code: bool = False, need_template: bool = True, what: str = "judge"
+                     ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a judge; clear errors for a model that is not a causal LM or has no chat template.
 
     Folders and hub ids are checked through their config and tokenizer before any weights are read.
@@ -175,7 +177,7 @@ def load_judge_model(spec: str, *, device: str | None = None, dtype: str | None 
     return model, tok
 
 
-def _require_template(tokenizer, spec: str, what: str) -> None:
+def _require_template(tokenizer: Any, spec: str, what: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise RefusalError(
             f"The tokenizer of the {what} model '{spec}' has no chat template, so the conversation cannot be "
@@ -185,7 +187,7 @@ def _require_template(tokenizer, spec: str, what: str) -> None:
         )
 
 
-def first_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+def first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
     """First token id of each word (as tokenized on its own), without repeats."""
     ids: list[int] = []
     for w in words:
@@ -200,7 +202,7 @@ def _variants(word: str) -> list[str]:
     return [p + w for w in forms for p in ("", " ")]
 
 
-def distinct_first_ids(tokenizer, word: str, others: Sequence[str]) -> list[int]:
+def distinct_first_ids(tokenizer: Any, word: str, others: Sequence[str]) -> list[int]:
     """First token ids of ``word`` (as given, upper, lower and capitalized; bare and after a space) that no such
     variant of ``others`` starts with.
 
@@ -220,7 +222,7 @@ class Answer:
     probs: list[dict[str, float]]
 
 
-def answer_step(tokenizer, ids: Sequence[int], offset: int) -> int | None:
+def answer_step(tokenizer: Any, ids: Sequence[int], offset: int) -> int | None:
     """Index of the generated token that produced character ``offset`` of the decoded answer."""
     for i in range(len(ids)):
         if len(tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True)) > offset:
@@ -228,7 +230,7 @@ def answer_step(tokenizer, ids: Sequence[int], offset: int) -> int | None:
     return None
 
 
-def prob_at(answer: Answer, tokenizer, offset: int, key: str) -> float | None:
+def prob_at(answer: Answer, tokenizer: Any, offset: int, key: str) -> float | None:
     """Probability of the watched token set ``key`` at the step that generated character ``offset``."""
     step = answer_step(tokenizer, answer.ids, offset)
     if step is None or step >= len(answer.probs) or key not in answer.probs[step]:
@@ -241,7 +243,7 @@ def first_char(text: str) -> int:
     return len(text) - len(text.lstrip())
 
 
-def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
                      watch: Mapping[str, Sequence[int]] | None = None, description: str = "Judging") -> list[Answer]:
     """Greedy answers to already-formatted prompts, in the caller's order.
 
@@ -269,7 +271,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     out: dict[int, Answer] = {}
 
     @torch.no_grad()
-    def run(chunk):
+    def run(chunk: Sequence[int]) -> None:
         b = tokenize(tokenizer, [prompts[i] for i in chunk], dev)
         res = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, generation_config=gen_cfg)
         new = res.sequences[:, b.input_ids.shape[1]:].tolist()
@@ -293,8 +295,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
 class LocalModelJudge(Judge):
     """Base for judges that run a local model: lazy loading, or a model and tokenizer passed in."""
 
-    def __init__(self, model, tokenizer=None, *, batch_size: int = 16, device: str | None = None,
-                 dtype: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, model: Any, tokenizer: Any = None, *, batch_size: int = 16, device: str | None = None,
+                 dtype: str | None = None, trust_remote_code: bool = False) -> None:
         if tokenizer is None and not isinstance(model, str):
             raise TypeError("pass a model spec (str), or a loaded model together with its tokenizer")
         self.spec = model if isinstance(model, str) else None
@@ -305,7 +307,7 @@ class LocalModelJudge(Judge):
 
     need_template = True
 
-    def loaded(self):
+    def loaded(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loading them on first use."""
         if self._model is None:
             assert self.spec is not None  # no model passed in: a spec was
@@ -325,8 +327,8 @@ class LLMJudge(LocalModelJudge):
     type = "llm"
     SCHEMA = LLMJudgeConfig
 
-    def __init__(self, model, tokenizer=None, *, rubric: str = "refusal", max_new_tokens: int = JUDGE_MAX_NEW_TOKENS,
-                 **kwargs):
+    def __init__(self, model: Any, tokenizer: Any = None, *, rubric: str = "refusal",
+                 max_new_tokens: int = JUDGE_MAX_NEW_TOKENS, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, **kwargs)
         if rubric not in RUBRICS:
             raise RefusalError(f"Unknown rubric '{rubric}'.", f"Use one of: {', '.join(RUBRICS)}.")
@@ -336,7 +338,7 @@ class LLMJudge(LocalModelJudge):
         self.name = f"llm:{self.spec or type(model).__name__}"
 
     @classmethod
-    def check_spec(cls, spec):
+    def check_spec(cls, spec: Mapping) -> dict:
         opts = super().check_spec(spec)
         check_model_spec(opts["model"], cls.type)
         check_dtype(opts["dtype"], opts["device"], cls.type)

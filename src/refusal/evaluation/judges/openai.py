@@ -22,7 +22,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ...config import OpenAIJudgeConfig
@@ -86,7 +86,7 @@ class OpenAIJudge(Judge):
         self._opener = urllib.request.build_opener()
 
     @classmethod
-    def check_spec(cls, spec):
+    def check_spec(cls, spec: Mapping) -> dict:
         opts = super().check_spec(spec)
         if opts["api_key_env"]:
             _read_key(opts["api_key_env"])

@@ -23,11 +23,14 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from refusal.errors import RefusalError
+
+if TYPE_CHECKING:
+    import datasets
 
 ENV = "REFUSAL_BENCHMARK_DIR"
 MMLU_COLUMNS = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
@@ -71,7 +74,7 @@ def benchmark_dir(data_dir: str | os.PathLike | None) -> Path:
     return p
 
 
-def _find(data_dir, sub: str, rel: str) -> Path:
+def _find(data_dir: str | os.PathLike | None, sub: str, rel: str) -> Path:
     root = benchmark_dir(data_dir)
     for p in (root / rel, root / sub / rel):
         if p.exists():
@@ -80,12 +83,12 @@ def _find(data_dir, sub: str, rel: str) -> Path:
                        f"Put the {sub} files there (see refusal.evaluation.tasks.loaders for the formats).")
 
 
-def mmlu_folder(data_dir) -> Path:
+def mmlu_folder(data_dir: str | os.PathLike | None) -> Path:
     """The folder holding MMLU's ``test/`` (and ``dev/``)."""
     return _find(data_dir, "mmlu", "test").parent
 
 
-def mmlu_subjects(data_dir) -> list[str]:
+def mmlu_subjects(data_dir: str | os.PathLike | None) -> list[str]:
     """The subjects with a ``test/<subject>_test.csv`` file, sorted; an error for files of unknown subjects."""
     folder = mmlu_folder(data_dir) / "test"
     found = sorted(p.name[: -len("_test.csv")] for p in folder.glob("*_test.csv"))
@@ -191,7 +194,7 @@ def read_truthfulqa(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ---- lm-eval's custom_dataset functions ---------------------------------------------------------------------------
 
 
-def _dataset(rows: list[dict], columns: dict[str, list]):
+def _dataset(rows: list[dict], columns: dict[str, list]) -> datasets.Dataset:
     """A ``datasets.Dataset`` of ``rows`` (``columns`` gives the empty layout), fingerprinted by a hash of its rows.
 
     ``Dataset.from_list`` would fingerprint the table by pickling it with dill, which fails on some Python /
@@ -208,7 +211,7 @@ def _dataset(rows: list[dict], columns: dict[str, list]):
     return datasets.Dataset(table, fingerprint=key)
 
 
-def load_mmlu(subject: str | None = None, data_dir: str | None = None, **_: Any):
+def load_mmlu(subject: str | None = None, data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """``{"test", "dev"}`` of one subject (``dev`` empty when its file is absent: zero-shot only)."""
     import datasets
 
@@ -227,13 +230,13 @@ def load_mmlu(subject: str | None = None, data_dir: str | None = None, **_: Any)
     })
 
 
-def load_arc(data_dir: str | None = None, **_: Any):
+def load_arc(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     import datasets
 
     return datasets.DatasetDict({"test": _dataset(read_arc(_find(data_dir, "arc", ARC_FILE)), {})})
 
 
-def load_truthfulqa(data_dir: str | None = None, **_: Any):
+def load_truthfulqa(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     import datasets
 
     return datasets.DatasetDict({"validation": _dataset(read_truthfulqa(_find(data_dir, "truthfulqa",
