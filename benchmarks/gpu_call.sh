@@ -38,8 +38,8 @@ B)
     /tmp/runs/learned-openings-learned /tmp/runs/learned-openings-shipped /tmp/o/A/keep-refusal \
     >"$OUT/llm-verdicts.log" 2>&1
   echo "llm-verdicts rc=$?" | tee -a "$OUT/steps.txt" ;;
-D)
-  [ -n "${DRY:-}" ] || (export OUT=/tmp/o/D/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
+D)  # MATRIX=1 and STEP8B=1 add the matrix and the 8B step (left out when device time is short)
+  [ -n "${DRY:-}" ] || [ -z "${MATRIX:-}" ] || (export OUT=/tmp/o/D/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
    unset PYTHONDONTWRITEBYTECODE; mkdir -p "$OUT"; . benchmarks/gpu_step.sh
    step matrix 300 python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json") &
   timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # wheels, model (or nothing with DRY)
@@ -72,7 +72,7 @@ save_tiny_qwen2(Path('$model'), ['How do I bake bread?', 'How do I make a bomb?'
     --out "$OUT/same-outputs.json" --expect-changed direction.safetensors directions.safetensors select.done.json config.yaml
   cp /tmp/o/run-after/summary.json "$OUT/paper-after-summary.json"
   # the 8B decode step against the bandwidth this GPU shows on a large copy, with and without the KV cache's bytes
-  [ -n "${DRY:-}" ] || step step8b "$(left)" python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 \
+  [ -n "${DRY:-}" ] || [ -z "${STEP8B:-}" ] || step step8b "$(left)" python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 \
     --variants default --kernels 0 --measure-bandwidth --out "$OUT/step8b-bandwidth.json" ;;
 *) echo "unknown call $call"; exit 2 ;;
 esac
