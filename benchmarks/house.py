@@ -165,13 +165,38 @@ def house(src: Path = SRC, top: int = 15) -> dict[str, Any]:
     }
 
 
+def at_commit(commit: str, top: int = 15) -> dict[str, Any]:
+    """:func:`house` of the package as it was at ``commit`` (``git archive`` of ``src`` into a temporary folder)."""
+    import subprocess
+    import tarfile
+    import tempfile
+
+    root = SRC.parent
+    info = subprocess.run(["git", "log", "-1", "--format=%h%x00%cI%x00%s", commit], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip().split("\0")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", "--format=tar", commit, "src"], cwd=root, capture_output=True,
+                                 check=True).stdout
+        tar = Path(tmp) / "src.tar"
+        tar.write_bytes(archive)
+        with tarfile.open(tar) as t:
+            t.extractall(tmp, filter="data")
+        return {"commit": info[0], "date": info[1], "subject": info[2][:120], **house(Path(tmp) / "src", top)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--src", default=str(SRC), help="the folder holding the refusal package (default: src)")
     ap.add_argument("--top", type=int, default=15, help="how many functions and files to list")
+    ap.add_argument("--commits", nargs="+", help="measure these commits instead (each `git archive`d to a temporary "
+                    "folder); the JSON then holds one entry per commit, with its date and subject")
     args = ap.parse_args(argv)
-    result = house(Path(args.src), args.top)
+    if args.commits:
+        result: dict[str, Any] = {"command": "python -m benchmarks.house " + " ".join(argv or []),
+                                  "commits": {c: at_commit(c, args.top) for c in args.commits}}
+    else:
+        result = house(Path(args.src), args.top)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -723,6 +723,28 @@ def peers(page: Page) -> None:
     page.source(rel, v, {"date": v.get("date", NR)})
 
 
+def code_shape(page: Page) -> None:
+    """Modules, lines, long functions and import cycles of the package at the round's milestones."""
+    rel = f"{RESULTS}/house.json"
+    if not (page.root / rel).is_file():
+        return
+    d = page.load(rel)
+    page.add("## The code's shape", "",
+             "`python -m benchmarks.house --commits …`: the package's modules and lines, functions over 60 lines, "
+             "the longest function and the largest file, and import cycles between its modules, at the end of "
+             "round 2, at the start of this session and now.", "")
+    rows = []
+    for h in d["commits"].values():
+        f, m = h["longest_functions"][0], h["largest_files"][0]
+        rows.append([f"`{h['commit']}`", h["date"][:10], h["modules"], f"{h['lines']:,}", h["functions"],
+                     h["functions_over_60_lines"], f"`{f['name'].removeprefix('refusal.')}` ({f['lines']})",
+                     f"`{m['path']}` ({m['lines']})", len(h["cycles"]) or "none"])
+    page.table(["commit", "date", "modules", "lines", "functions", "over 60 lines", "longest function",
+                "largest file", "import cycles"], rows)
+    page.source(rel, {"command": d["command"], "device": "cpu (static analysis)", "date": "2026-12-06",
+                      "commit": " / ".join(h["commit"] for h in d["commits"].values())})
+
+
 def prose_only(page: Page) -> None:
     page.add("## Prose only: not reproducible from a committed file", "",
              "Figures that earlier versions of this page or the README quoted, which no committed result file "
@@ -731,7 +753,7 @@ def prose_only(page: Page) -> None:
     page.table(["figure", "why it is prose only"], PROSE_ONLY)
 
 
-SECTIONS = (fidelity, model_families, evaluation, inlp, edits, crosslingual, performance, peers, prose_only)
+SECTIONS = (fidelity, model_families, evaluation, inlp, edits, crosslingual, performance, peers, code_shape, prose_only)
 
 
 def render(root: Path = ROOT) -> tuple[str, set[str]]:
