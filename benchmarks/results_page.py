@@ -67,7 +67,18 @@ KEPT_UNREAD = {
         "the completions docs/judge-labels.md labels and benchmarks.quality.llm_verdicts judges (llm-verdicts.json)",
     f"{RESULTS}/h100-2026-12-06/matrix-floor.log":
         "the log of arch-matrix-cuda-floor.json (gpu_round3.sh names the step matrix-floor)",
-    f"{RESULTS}/h100-2026-12-06-second/": "tables pending (today's session; the page's tables for it are being added)",
+    f"{RESULTS}/h100-2026-12-06-second/paper-after-completions.json":
+        "the paper run's completions that benchmarks/data/judge_labels.jsonl labels (130 rows) and llm-verdicts judges",
+    f"{RESULTS}/h100-2026-12-06-second/learned-runs/":
+        "the two cross-lingual runs' summaries, transfer and similarity, and each learned list with its evidence "
+        "(openings.json): what learned-openings.json's tables summarise",
+    f"{RESULTS}/h100-2026-12-06-second/learned-learned.log": "log of learned-openings.json (learned lists)",
+    f"{RESULTS}/h100-2026-12-06-second/learned-shipped.log": "log of learned-openings.json (shipped lists)",
+    f"{RESULTS}/h100-2026-12-06-second/learned-tables.log": "a log of learned-openings.json (the tables step)",
+    f"{RESULTS}/h100-2026-12-06-second/matrix.log": "the log of arch-matrix-cuda.json",
+    f"{RESULTS}/h100-2026-12-06-second/paper-warm.log": "the log of paper-warmup.json",
+    f"{RESULTS}/h100-2026-12-06-second/paper-warm-2.log": "the log of paper-warmup-2.json",
+    f"{RESULTS}/h100-2026-12-06-second/call-C.log": "the log of call C (paper-warmup-2, paper-before/after-2 and -3)",
 }
 
 # Published figures (Arditi et al. 2024, Table 1): not measured here.
@@ -610,6 +621,22 @@ def before_after(page: Page) -> None:
              "run.", "")
     page.source(f"{SECOND}/paper-after-1.json", page.load(f"{SECOND}/paper-after-1.json"),
                 {"commit": "108eeb6 (before: 71497bc)"})
+    third = f"{RESULTS}/h100-2026-12-06-third"
+    so = page.load(f"{third}/same-outputs.json")
+    b, a = page.load(f"{third}/paper-before.json"), page.load(f"{third}/paper-after.json")
+    exp = "; ".join(f"`{n}`" + (f" ({', '.join(r['keys'] if 'keys' in r else r.get('diff', []))})"
+                                if r.get("keys") or r.get("diff") else "")
+                    for n, r in so["expected_changes"].items())
+    page.add("The redesign of this round (run folder, selection stored once, config package, split functions) "
+             "against the code at the session's start (f23e463 → 484cda5), the paper run on one H100, run folders "
+             f"compared file by file (`benchmarks.fidelity.same_outputs`): {so['counts']['identical']} files "
+             f"byte-identical ({', '.join(f'`{n}`' for n, r in so['files'].items() if r['status'] == 'identical')}"
+             f"), {len(so['timing_only'])} differ only in timings and in digests of those ("
+             f"{', '.join(f'`{n}`' for n in so['timing_only'])}), and the changes that were meant: {exp}. "
+             f"Unexplained differences: {len(so['unexplained']) or 'none'}. Wall time {b['wall_s']} s before, "
+             f"{a['wall_s']} s after (one pair); selection {_sel(a['selected'])} both.", "")
+    page.source(f"{third}/same-outputs.json", {**so, "device": a["device"], "date": a["measured_at"],
+                                                "commit": "f23e463 → 484cda5"})
 
 
 def keep_refusal(page: Page) -> None:
@@ -633,6 +660,27 @@ def keep_refusal(page: Page) -> None:
              f"{max(d['cosine_category_with_selected'].values()):.2f} with it. **This method does not release the "
              "released categories on this model**: their refusal stays at the baseline's level.", "")
     page.source(rel, d, {"commit": "108eeb6"})
+    rel = f"{RESULTS}/h100-2026-12-06-third/keep-refusal.json"
+    d = page.load(rel)
+    c = d["methods"]["conditional"]
+    cond = c["condition"]
+    page.add("The conditional method (CAST-style gate, `select.keep_refusal_method: conditional`), the same data, "
+             "split and model, on another warm H100: a released-vs-kept nearest-centroid rule on the prompt's own "
+             f"residual stream, its layer chosen on {sum(cond['n_val'].values())} validation prompts; prompts "
+             "routed to release get the paper's ablation, the others nothing.", "")
+    rows = [[r["category"], r["role"], r["n"], rate(r["baseline"]), rate(r["ablation"]), rate(r["conditional"]),
+             rate(r["routed_to_release"])] for r in d["table"]]
+    page.table(["category", "role", "n", "baseline", "ablation", "conditional", "gate: routed to release"], rows)
+    best = max(x["val_balanced_accuracy"] for x in cond["per_layer"])
+    page.add(f"First-token KL on the harmless test prompts: conditional {c['kl_harmless']:.3f} (ablation "
+             f"{d['kl_harmless']['ablation']:.3f}); the gate routes {rate(c['routing_harmless'])} of harmless "
+             f"prompts to release. The gate is weak: layer {cond['layer']}, validation balanced accuracy "
+             f"{cond['val_balanced_accuracy']:.2f} (the best of any layer {best:.2f}, chance 0.50; trained on "
+             f"{cond['n_train']['released']} released and {cond['n_train']['kept']} kept prompts). Refusal falls in "
+             "every released category, but a kept category whose prompts the gate sends to release loses its "
+             "refusal with them (Sexual content above): **not yet what issue 29 asks** (released down, kept "
+             "within noise of the baseline).", "")
+    page.source(rel, d, {"commit": "484cda5"})
 
 
 def learned_openings(page: Page) -> None:

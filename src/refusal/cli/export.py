@@ -204,101 +204,124 @@ def _write_adapter(model: Any, spec: str, trust: bool, direction: Direction, run
                           card=card)
 
 
+_RUN_DIR_HELP = "A run folder (holds config.yaml and direction.safetensors)."
+_TRUST_HELP = "Allow the model's own code (never taken from the run's config)."
+_NETWORK_HELP = "Let the run's saved config name a hub model or server (never without this flag)."
+
+
+def _edit_gguf_file(source: Path, direction: Direction, out_path: Path, overwrite: bool,
+                    norm_preserving: bool) -> None:
+    """``abliterate --gguf`` on a model that is a GGUF file: edit the file itself (tensors stay quantized, no model
+    load) and report what was edited, added and skipped."""
+    from ..export.gguf import edit_gguf
+    from .app import err, out
+
+    err.print(f"Editing [bold]{source}[/] (tensors stay quantized) ...")
+    res = edit_gguf(source, direction, out_path, overwrite=overwrite, norm_preserving=norm_preserving)
+    out.print(f"Wrote [bold]{res.path}[/]: {len(res.edited)} tensors edited"
+              + (f", added {', '.join(res.added)}" if res.added else "")
+              + "".join(f"\n  skipped {k}: {v}" for k, v in res.skipped.items()))
+
+
+def _write_edited(cfg: dict, direction: Direction, run_dir: Path, out_path: Path | None, adapter_path: Path | None,
+                  gguf: bool, overwrite: bool, norm_preserving: bool, device: str | None,
+                  dtype: str | None) -> None:
+    """Load the run's model and write the edit: a LoRA adapter (``adapter_path``), a GGUF file (``gguf``) or an
+    edited Hugging Face folder."""
+    from ..models.loading import load_model
+    from .app import err, out
+
+    spec = str(cfg["model"])
+    trust = bool(cfg.get("trust_remote_code") or False)
+    err.print(f"Loading [bold]{spec}[/] ...")
+    model, tokenizer = load_model(spec, device=device, dtype=dtype or cfg.get("dtype"), trust_remote_code=trust)
+    if adapter_path is not None:
+        path = _write_adapter(model, spec, trust, direction, Path(run_dir), adapter_path, overwrite)
+        out.print(f"Wrote [bold]{path}[/] (load it with PeftModel.from_pretrained(base, PATH); "
+                  "vLLM: see its README.md)")
+        return
+    assert out_path is not None  # exactly one of --out and --adapter (checked by _check_outputs)
+    if gguf:
+        from ..export.gguf import export_gguf
+
+        res = export_gguf(model, tokenizer, direction, out_path, overwrite=overwrite,
+                          norm_preserving=norm_preserving)
+        out.print(f"Wrote [bold]{res.path}[/]")
+    else:
+        from ..export.hf import export_hf
+
+        path = export_hf(model, tokenizer, direction, out_path, overwrite=overwrite,
+                         card=_card(Path(run_dir), spec, direction), in_place=True,
+                         norm_preserving=norm_preserving)
+        out.print(f"Wrote [bold]{path}[/] (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+@_locked
+def abliterate(
+    run_dir: Path = typer.Argument(..., help=_RUN_DIR_HELP),
+    out_path: Path = typer.Option(None, "--out", "-o", help="Output folder (or .gguf file with --gguf)."),
+    adapter_path: Path = typer.Option(None, "--adapter",
+                                      help="Write a PEFT LoRA adapter folder instead of the edited model "
+                                           "(exact: base model + adapter = the --out model)."),
+    gguf: bool = typer.Option(False, "--gguf", help="Write one GGUF file instead of a Hugging Face folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    norm_preserving: bool = typer.Option(False, "--norm-preserving",
+                                         help="Keep every weight row's norm (heretic's variant; not exact)."),
+    device: str = typer.Option(None, help="Where to load the model (default: best available)."),
+    dtype: str = typer.Option(None, help="auto, bfloat16, float16, float32 (default: the run's)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
+    allow_network: bool = typer.Option(False, "--allow-network", help=_NETWORK_HELP),
+) -> None:
+    """Bake the run's refusal direction into the weights and save the edited model (or, with --adapter, the
+    edit as a LoRA adapter for the base model)."""
+    from .app import _fail
+
+    try:
+        _check_outputs(out_path, adapter_path, gguf, norm_preserving, overwrite)
+        _check_export_out(out_path, ".gguf" if gguf else None, overwrite)
+        cfg, direction = _run_inputs(run_dir, trust_remote_code, allow_network)
+        from ..runs.keep_refusal import refuse_weight_export
+
+        refuse_weight_export(cfg, run_dir)  # conditional keep-refusal is not a weight edit
+        source = _gguf_file(str(cfg["model"])) if gguf else None
+        if gguf and source is not None:  # edit the GGUF file itself: quantization kept, no model load
+            _edit_gguf_file(source, direction, out_path, overwrite, norm_preserving)
+            return
+        _write_edited(cfg, direction, Path(run_dir), out_path, adapter_path, gguf, overwrite, norm_preserving,
+                      device, dtype)
+    except RefusalError as exc:
+        _fail(exc)
+
+
+@_locked
+def control_vector(
+    run_dir: Path = typer.Argument(..., help=_RUN_DIR_HELP),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Output control-vector file (.gguf)."),
+    coeff: float = typer.Option(1.0, help="Scale of the vector (activation addition adds coeff · v)."),
+    layer: int = typer.Option(None, help="Add at the input of this layer (default: the direction's layer)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
+    allow_network: bool = typer.Option(False, "--allow-network", help=_NETWORK_HELP),
+) -> None:
+    """Write the run's direction as a llama.cpp control vector (activation addition; use it with
+    llama-cli --control-vector FILE). Ablation cannot be a control vector: use `refusal abliterate`."""
+    from ..export.control_vector import write_control_vector
+    from .app import _fail, out
+
+    try:
+        _check_export_out(out_path, ".gguf", overwrite)
+        cfg, direction = _run_inputs(run_dir, trust_remote_code, allow_network)
+        hint, n_layers, hidden = _model_shape(str(cfg["model"]), bool(cfg.get("trust_remote_code") or False))
+        path = write_control_vector(direction, out_path, n_layers=n_layers, model_hint=hint, layer=layer,
+                                    coeff=coeff, hidden_size=hidden, overwrite=overwrite)
+        used = direction.layer if layer is None else layer
+        out.print(f"Wrote [bold]{path}[/]: {coeff:g} × direction added at the input of layer {used} "
+                  f"(llama.cpp direction.{used - 1}, after block {used - 1})")
+    except RefusalError as exc:
+        _fail(exc)
+
+
 def register(app: typer.Typer) -> None:
-    from .app import _fail, err, out
-
-    @app.command("abliterate")
-    @_locked
-    def abliterate(
-        run_dir: Path = typer.Argument(..., help="A run folder (holds config.yaml and direction.safetensors)."),
-        out_path: Path = typer.Option(None, "--out", "-o", help="Output folder (or .gguf file with --gguf)."),
-        adapter_path: Path = typer.Option(None, "--adapter",
-                                          help="Write a PEFT LoRA adapter folder instead of the edited model "
-                                               "(exact: base model + adapter = the --out model)."),
-        gguf: bool = typer.Option(False, "--gguf", help="Write one GGUF file instead of a Hugging Face folder."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-        norm_preserving: bool = typer.Option(False, "--norm-preserving",
-                                             help="Keep every weight row's norm (heretic's variant; not exact)."),
-        device: str = typer.Option(None, help="Where to load the model (default: best available)."),
-        dtype: str = typer.Option(None, help="auto, bfloat16, float16, float32 (default: the run's)."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
-                                               help="Allow the model's own code (never taken from the run's config)."),
-        allow_network: bool = typer.Option(False, "--allow-network",
-                                           help="Let the run's saved config name a hub model or server (never "
-                                                "without this flag)."),
-    ) -> None:
-        """Bake the run's refusal direction into the weights and save the edited model (or, with --adapter, the
-        edit as a LoRA adapter for the base model)."""
-        from ..models.loading import load_model
-
-        try:
-            _check_outputs(out_path, adapter_path, gguf, norm_preserving, overwrite)
-            _check_export_out(out_path, ".gguf" if gguf else None, overwrite)
-            cfg, direction = _run_inputs(run_dir, trust_remote_code, allow_network)
-            from ..runs.keep_refusal import refuse_weight_export
-
-            refuse_weight_export(cfg, run_dir)  # conditional keep-refusal is not a weight edit
-            spec = str(cfg["model"])
-            trust = bool(cfg.get("trust_remote_code") or False)
-            source = _gguf_file(spec) if gguf else None
-            if gguf and source is not None:  # edit the GGUF file itself: quantization kept, no model load
-                from ..export.gguf import edit_gguf
-
-                err.print(f"Editing [bold]{source}[/] (tensors stay quantized) ...")
-                res = edit_gguf(source, direction, out_path, overwrite=overwrite, norm_preserving=norm_preserving)
-                out.print(f"Wrote [bold]{res.path}[/]: {len(res.edited)} tensors edited"
-                          + (f", added {', '.join(res.added)}" if res.added else "")
-                          + "".join(f"\n  skipped {k}: {v}" for k, v in res.skipped.items()))
-                return
-            err.print(f"Loading [bold]{spec}[/] ...")
-            model, tokenizer = load_model(spec, device=device, dtype=dtype or cfg.get("dtype"),
-                                          trust_remote_code=trust)
-            if adapter_path is not None:
-                path = _write_adapter(model, spec, trust, direction, Path(run_dir), adapter_path, overwrite)
-                out.print(f"Wrote [bold]{path}[/] (load it with PeftModel.from_pretrained(base, PATH); "
-                          "vLLM: see its README.md)")
-            elif gguf:
-                from ..export.gguf import export_gguf
-
-                res = export_gguf(model, tokenizer, direction, out_path, overwrite=overwrite,
-                                  norm_preserving=norm_preserving)
-                out.print(f"Wrote [bold]{res.path}[/]")
-            else:
-                from ..export.hf import export_hf
-
-                path = export_hf(model, tokenizer, direction, out_path, overwrite=overwrite,
-                                 card=_card(Path(run_dir), spec, direction), in_place=True,
-                                 norm_preserving=norm_preserving)
-                out.print(f"Wrote [bold]{path}[/] (load it with AutoModelForCausalLM.from_pretrained)")
-        except RefusalError as exc:
-            _fail(exc)
-
-    @app.command("control-vector")
-    @_locked
-    def control_vector(
-        run_dir: Path = typer.Argument(..., help="A run folder (holds config.yaml and direction.safetensors)."),
-        out_path: Path = typer.Option(..., "--out", "-o", help="Output control-vector file (.gguf)."),
-        coeff: float = typer.Option(1.0, help="Scale of the vector (activation addition adds coeff · v)."),
-        layer: int = typer.Option(None, help="Add at the input of this layer (default: the direction's layer)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
-                                               help="Allow the model's own code (never taken from the run's config)."),
-        allow_network: bool = typer.Option(False, "--allow-network",
-                                           help="Let the run's saved config name a hub model or server (never "
-                                                "without this flag)."),
-    ) -> None:
-        """Write the run's direction as a llama.cpp control vector (activation addition; use it with
-        llama-cli --control-vector FILE). Ablation cannot be a control vector: use `refusal abliterate`."""
-        from ..export.control_vector import write_control_vector
-
-        try:
-            _check_export_out(out_path, ".gguf", overwrite)
-            cfg, direction = _run_inputs(run_dir, trust_remote_code, allow_network)
-            hint, n_layers, hidden = _model_shape(str(cfg["model"]), bool(cfg.get("trust_remote_code") or False))
-            path = write_control_vector(direction, out_path, n_layers=n_layers, model_hint=hint, layer=layer,
-                                        coeff=coeff, hidden_size=hidden, overwrite=overwrite)
-            used = direction.layer if layer is None else layer
-            out.print(f"Wrote [bold]{path}[/]: {coeff:g} × direction added at the input of layer {used} "
-                      f"(llama.cpp direction.{used - 1}, after block {used - 1})")
-        except RefusalError as exc:
-            _fail(exc)
+    """Add ``refusal abliterate`` and ``refusal control-vector`` to the app."""
+    app.command("abliterate")(abliterate)
+    app.command("control-vector")(control_vector)

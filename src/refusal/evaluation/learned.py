@@ -526,21 +526,9 @@ def learn_openings(
     used instead of the learned tokens' scores where no first-token distributions are given."""
     settings.check()
     _check_inputs(harmful_prompts, harmful, harmless_prompts, harmless, harmful_first, harmless_first)
-    given: tuple[list[float], list[float]] | None = None  # the scores given, where no first-token scores are
-    if harmful_first is None and harmful_scores is not None and harmless_scores is not None:
-        if len(harmful_scores) != len(harmful) or len(harmless_scores) != len(harmless):
-            raise RefusalError("Refusal scores must have one value per completion.", "Pass them in the rows' order.")
-        given = [float(x) for x in harmful_scores], [float(x) for x in harmless_scores]
+    given = _given_scores(harmful, harmless, harmful_first, harmful_scores, harmless_scores)
     notes: list[str] = []
-    hl: torch.Tensor | None = None
-    bl: torch.Tensor | None = None
-    cand_tokens: list[tuple[int, float, float]] = []
-    if harmful_first is not None and harmless_first is not None:  # both or neither (checked above)
-        hl, bl = _as_logprobs(harmful_first), _as_logprobs(harmless_first)
-        cand_tokens = contrast_tokens(hl, bl, settings.max_tokens, settings.min_token_diff)
-        if not cand_tokens:
-            notes.append("no token is more likely first on harmful prompts than on harmless ones by "
-                         f"{settings.min_token_diff}: the model's openings do not tell the two apart")
+    hl, bl, cand_tokens = _first_token_contrast(harmful_first, harmless_first, settings, notes)
     ids0 = [i for i, _, _ in cand_tokens]
     scores0 = row_scores(hl, ids0) if hl is not None and ids0 else None
     scores0_b = row_scores(bl, ids0) if bl is not None and ids0 else None
@@ -549,61 +537,122 @@ def learn_openings(
 
     mode = "chars" if is_unspaced(list(harmful) + list(harmless)) else "words"
     rows = _rows(harmful_prompts, harmful, harmless, scores0, scores0_b)
+    phrases, evidence = _ngram_phrases(harmful, harmless, mode, rows, settings)
+    sources = ["learned"]
+    if translated is not None:
+        _add_translated(translated, harmful_prompts, harmful, harmless, scores0, scores0_b, rows, settings, phrases,
+                        evidence, sources)
+    if not phrases:
+        notes.append("no opening passed the checks: the model may not refuse in this language, or refuses in too "
+                     "many ways for the rows given")
+
+    verdict_h = [any(p in t for p in phrases) for t in rows.harmful]
+    verdict_b = [any(p in t for p in phrases) for t in rows.harmless]
+    tokens = _check_tokens(cand_tokens, hl, bl, tokenizer, phrases, verdict_h + verdict_b)
+    ids = [t.id for t in tokens if t.kept]
+    result = LearnedOpenings(
+        language, phrases, ids, [t.text for t in tokens if t.kept and t.text is not None], mode, len(harmful),
+        len(harmless), _order(evidence, phrases), tokens, None, sources,
+        {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}, notes)
+    result.agreement = _phrase_score_agreement(verdict_h + verdict_b, hl, bl, ids, given)
+    return result
+
+
+def _given_scores(harmful: Sequence[str], harmless: Sequence[str], harmful_first: torch.Tensor | None,
+                  harmful_scores: Sequence[float] | None,
+                  harmless_scores: Sequence[float] | None) -> tuple[list[float], list[float]] | None:
+    """The refusal scores given from elsewhere, used where no first-token distributions are: ``(harmful,
+    harmless)``, checked to have one value per completion; None where first-token distributions are given or the
+    scores are not."""
+    if harmful_first is None and harmful_scores is not None and harmless_scores is not None:
+        if len(harmful_scores) != len(harmful) or len(harmless_scores) != len(harmless):
+            raise RefusalError("Refusal scores must have one value per completion.", "Pass them in the rows' order.")
+        return [float(x) for x in harmful_scores], [float(x) for x in harmless_scores]
+    return None
+
+
+def _first_token_contrast(
+    harmful_first: torch.Tensor | None, harmless_first: torch.Tensor | None, settings: LearnSettings,
+    notes: list[str],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[int, float, float]]]:
+    """The first-token step: both sides' log-probabilities and the candidate tokens more likely first on harmful
+    prompts than on harmless ones, ``(token id, harmful p, harmless p)``. Without distributions (both or neither,
+    checked before), ``(None, None, [])``; a note in ``notes`` where no token separates the two."""
+    if harmful_first is None or harmless_first is None:
+        return None, None, []
+    hl, bl = _as_logprobs(harmful_first), _as_logprobs(harmless_first)
+    cand_tokens = contrast_tokens(hl, bl, settings.max_tokens, settings.min_token_diff)
+    if not cand_tokens:
+        notes.append("no token is more likely first on harmful prompts than on harmless ones by "
+                     f"{settings.min_token_diff}: the model's openings do not tell the two apart")
+    return hl, bl, cand_tokens
+
+
+def _ngram_phrases(harmful: Sequence[str], harmless: Sequence[str], mode: str, rows: _Rows,
+                   settings: LearnSettings) -> tuple[list[str], list[PhraseEvidence]]:
+    """The n-gram step: every opening n-gram of enough harmful completions is a candidate, checked against the
+    rows; returns the picked phrases (in pick order) and every candidate's evidence."""
     df_h: Counter = Counter()
     for t in harmful:
         df_h.update(opening_ngrams(t, mode, settings))
     need = _min_rows(settings, len(harmful))
     cands = [_evidence(g, "learned", rows, settings) for g, c in df_h.most_common() if c >= need]
     chosen = _pick(cands, settings, len(harmful), len(harmless))
-    phrases = [e.phrase for e in chosen]
-    evidence = [e for e, _, _ in cands]
-    sources = ["learned"]
-    if translated is not None:
-        checked = check_phrases(translated, harmful_prompts, harmful, harmless, scores0, scores0_b,
-                                source="translated", settings=settings)
-        combined = combine(phrases, checked, rows, settings)
-        for ev in combined:
-            same = next((e for e in evidence if e.phrase == ev.phrase), None)
-            if same is not None:
-                same.source = "learned+translated"
-            else:
-                evidence.append(ev)
-            if ev.kept and ev.phrase not in phrases:
-                phrases.append(ev.phrase)
-                sources.append("translated")
-    if not phrases:
-        notes.append("no opening passed the checks: the model may not refuse in this language, or refuses in too "
-                     "many ways for the rows given")
+    return [e.phrase for e in chosen], [e for e, _, _ in cands]
 
-    # tokens: kept where more likely first on the rows the phrases call refusals
-    verdict_h = [any(p in t for p in phrases) for t in rows.harmful]
-    verdict_b = [any(p in t for p in phrases) for t in rows.harmless]
+
+def _add_translated(translated: Sequence[str], harmful_prompts: Sequence[str], harmful: Sequence[str],
+                    harmless: Sequence[str], scores0: list[float] | None, scores0_b: list[float] | None,
+                    rows: _Rows, settings: LearnSettings, phrases: list[str], evidence: list[PhraseEvidence],
+                    sources: list[str]) -> None:
+    """The translated step: check the second source's phrases the same way and combine them with the learned ones
+    where they agree, extending ``phrases``, ``evidence`` and ``sources`` in place."""
+    checked = check_phrases(translated, harmful_prompts, harmful, harmless, scores0, scores0_b,
+                            source="translated", settings=settings)
+    for ev in combine(phrases, checked, rows, settings):
+        same = next((e for e in evidence if e.phrase == ev.phrase), None)
+        if same is not None:
+            same.source = "learned+translated"
+        else:
+            evidence.append(ev)
+        if ev.kept and ev.phrase not in phrases:
+            phrases.append(ev.phrase)
+            sources.append("translated")
+
+
+def _check_tokens(cand_tokens: list[tuple[int, float, float]], hl: torch.Tensor | None, bl: torch.Tensor | None,
+                  tokenizer: Any, phrases: list[str], verdict_list: list[bool]) -> list[TokenEvidence]:
+    """The token check: each candidate token is kept where it is more likely first on the rows the phrases call
+    refusals (``verdict_list``: harmful rows then harmless) and tokenizes back to itself; [] without
+    distributions."""
     tokens: list[TokenEvidence] = []
-    ids: list[int] = []
-    if hl is not None and bl is not None:
-        allp = torch.cat([hl, bl]).exp()
-        verdict = torch.tensor(verdict_h + verdict_b)
-        for i, hp, bp in cand_tokens:
-            te = TokenEvidence(i, token_text(tokenizer, i) if tokenizer is not None else None, round(hp, 6),
-                               round(bp, 6))
-            if phrases and verdict.any() and (~verdict).any():
-                on, off = float(allp[verdict, i].mean()), float(allp[~verdict, i].mean())
-                if on <= off:
-                    te.reason = f"more likely on rows the phrases call answers ({off:.3f}) than refusals ({on:.3f})"
-            if not te.reason and tokenizer is not None and te.text is None:
-                te.reason = "does not tokenize back to itself (cannot be named as an opening)"
-            te.kept = not te.reason
-            tokens.append(te)
-        ids = [t.id for t in tokens if t.kept]
-    result = LearnedOpenings(
-        language, phrases, ids, [t.text for t in tokens if t.kept and t.text is not None], mode, len(harmful),
-        len(harmless), _order(evidence, phrases), tokens, None, sources,
-        {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}, notes)
+    if hl is None or bl is None:
+        return tokens
+    allp = torch.cat([hl, bl]).exp()
+    verdict = torch.tensor(verdict_list)
+    for i, hp, bp in cand_tokens:
+        te = TokenEvidence(i, token_text(tokenizer, i) if tokenizer is not None else None, round(hp, 6),
+                           round(bp, 6))
+        if phrases and verdict.any() and (~verdict).any():
+            on, off = float(allp[verdict, i].mean()), float(allp[~verdict, i].mean())
+            if on <= off:
+                te.reason = f"more likely on rows the phrases call answers ({off:.3f}) than refusals ({on:.3f})"
+        if not te.reason and tokenizer is not None and te.text is None:
+            te.reason = "does not tokenize back to itself (cannot be named as an opening)"
+        te.kept = not te.reason
+        tokens.append(te)
+    return tokens
+
+
+def _phrase_score_agreement(verdicts: list[bool], hl: torch.Tensor | None, bl: torch.Tensor | None, ids: list[int],
+                            given: tuple[list[float], list[float]] | None) -> dict | None:
+    """How far the phrases' verdicts (harmful rows then harmless) agree with the refusal score (the kept tokens'
+    score, else the scores given); None where there is no score."""
     scores = row_scores(torch.cat([hl, bl]), ids) if hl is not None and bl is not None and ids else \
         given[0] + given[1] if given is not None else None
-    if scores is not None:
-        result.agreement = agreement(verdict_h + verdict_b, [s > 0 for s in scores], ("phrases", "refusal_score"))
-    return result
+    if scores is None:
+        return None
+    return agreement(verdicts, [s > 0 for s in scores], ("phrases", "refusal_score"))
 
 
 def _order(evidence: list[PhraseEvidence], phrases: list[str], keep_rejected: int = 200) -> list[PhraseEvidence]:

@@ -44,13 +44,14 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import io
 from ..errors import DamagedFileError, RefusalError
+from . import manifests
+from .manifests import SETS, STAGES, file_sha256
 
 if TYPE_CHECKING:
     from ..directions.base import Direction, DirectionSet
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-STAGES = ("extract", "select", "generate", "evaluate")
 CONFIG = "config.yaml"
 LOCK = ".lock"
 # every artifact of a run folder and the step that writes it (what to redo when it is damaged)
@@ -69,10 +70,6 @@ ARTIFACTS: dict[str, str] = {
 SELECTION = "scores.json"
 DIRECTION = "direction.safetensors"  # the selected vector (its scores: read from SELECTION)
 DIRECTIONS = "directions.safetensors"  # the ranked set ("0", "1", ..., "kept", "inlp", ...)
-# `refusal sets`: a stage outside `refusal run` that reads extract's and select's outputs; its own artifact is the saved
-# set (SETS, the direction "set") with its manifest sets.done.json; sets.json and sets.png report its last search
-SETS = "sets.safetensors"
-SETS_AFTER = ("extract", "select")
 # a cross-lingual run's own stages (refusal.crosslingual; openings in each language's subfolder, whose other files
 # are a run's) and the artifacts they write
 CROSSLINGUAL_STAGES = ("prompts", "openings", "transfer", "similarity", "plots")
@@ -147,7 +144,7 @@ class RunFolder:
 
     def has_finished(self) -> list[str]:
         """The stages with a manifest (finished for some config)."""
-        return [s for s in STAGES if self.file(f"{s}.done.json").exists()]
+        return manifests.finished(self)
 
     # ---- config.yaml ---------------------------------------------------------------------------------------------
 
@@ -186,40 +183,14 @@ class RunFolder:
         return RefusalError(f"{self.config_path} is damaged ({why}).", fix + ".")
 
     def stale_digests(self, saved: dict) -> list[str]:
-        """The stages (select onwards) whose digests, saved in ``config.yaml``, its settings no longer reproduce: the
-        file was edited or cut since the run wrote it. (Extract's digest also covers the model's weights, which
-        are checked when the stage is resumed.)"""
-        from ..config import STAGE_KEYS, digest, stage_config
-
-        digests = saved.get("digests")
-        if not isinstance(digests, dict):
-            return []
-        # the sections as written: what the digests were computed from (settings a newer version added, with their
-        # defaults, are not an edit)
-        stale = []
-        prev = digests.get("extract")
-        for stage in STAGES[1:]:
-            own = stage_config(saved, stage)
-            if stage in digests and prev is not None and (
-                    len(own) < len(STAGE_KEYS[stage])
-                    or digest({"stage": stage, "config": own, "after": prev}) != digests[stage]):
-                stale.append(stage)
-            prev = digests.get(stage)
-        return stale
+        """The stages (select onwards) whose digests, saved in ``config.yaml``, its settings no longer reproduce
+        (:func:`manifests.stale_digests`)."""
+        return manifests.stale_digests(saved)
 
     def check_digests(self, saved: dict, *, force: bool = False, from_stage: str | None = None) -> None:
         """Refuse a ``config.yaml`` that no longer reproduces its digests, unless ``force`` or a ``from_stage`` at
-        or before the first stage it would change."""
-        stale = self.stale_digests(saved)
-        if not stale or force:
-            return
-        if from_stage in STAGES and STAGES.index(from_stage) <= STAGES.index(stale[0]):
-            return
-        raise RefusalError(
-            f"{self.config_path} no longer reproduces the digests saved in it (stages {', '.join(stale)}): it was "
-            "edited or cut after the run wrote it, so its finished stages cannot be trusted to match it.",
-            f"Nothing was changed. Give changed settings as flags instead; or, if the edit is meant, pass "
-            f"--from-stage {stale[0]} to redo from there (--force redoes everything).")
+        or before the first stage it would change (:func:`manifests.check_digests`)."""
+        manifests.check_digests(self, saved, force=force, from_stage=from_stage)
 
     # ---- artifacts -----------------------------------------------------------------------------------------------
 
@@ -267,7 +238,7 @@ class RunFolder:
 
     def checksums(self, names: list[str]) -> dict[str, str]:
         """The sha256 of each of these files that exists (recorded in a stage's manifest when it finishes)."""
-        return {n: _sha256(self.file(n)) for n in names if self.file(n).is_file()}
+        return manifests.checksums(self, names)
 
     def verify(self, stage: str, manifest: dict) -> None:
         """Raise if an artifact a finished stage recorded is missing or changed since (a finished stage is not
@@ -277,20 +248,14 @@ class RunFolder:
             if not p.is_file():
                 raise RefusalError(f"{p} is missing, although stage {stage} finished with it.",
                                    redo_fix(stage, self.path))
-            if _sha256(p) != h:
+            if file_sha256(p) != h:
                 raise self.damaged(name, f"it changed after {stage} wrote it: its sha256 differs from the one in "
                                          f"{stage}.done.json")
 
     def record(self, stage: str, name: str) -> None:
         """Record the new checksum of ``name`` in ``stage``'s manifest, after something outside the stage graph
-        rewrote it on purpose (``refusal sets`` before it had its own artifact did so with directions.safetensors)."""
-        p = self.file(f"{stage}.done.json")
-        if not p.is_file():
-            return
-        m = self.read_json(p.name)
-        if name in (m.get("sha256") or {}):
-            m["sha256"][name] = _sha256(self.file(name))
-            io.write_json(p, m)
+        rewrote it on purpose (:func:`manifests.record`)."""
+        manifests.record(self, stage, name)
 
     # ---- the selection (owned by scores.json) -------------------------------------------------------------------
 
@@ -311,7 +276,7 @@ class RunFolder:
 
     def selection_reference(self) -> dict:
         """What a file derived from the selection keeps instead of a copy: the owner's name, key and sha256."""
-        return {"file": SELECTION, "key": "selected", "sha256": _sha256(self.file(SELECTION))}
+        return {"file": SELECTION, "key": "selected", "sha256": file_sha256(self.file(SELECTION))}
 
     def selected_direction(self) -> Direction:
         """``direction.safetensors``, the selected vector, with the selection's scores read from ``scores.json``
@@ -353,16 +318,9 @@ class RunFolder:
     # ---- the saved set of `refusal sets` -------------------------------------------------------------------------
 
     def sets_after(self) -> dict:
-        """What ``refusal sets`` reads, identified: each stage of :data:`SETS_AFTER` by its digest and the sha256
-        of its manifest (which holds its outputs' sha256, and is rewritten whenever the stage runs again)."""
-        out = {}
-        for stage in SETS_AFTER:
-            m = self.manifest(stage)
-            if m is None:
-                raise RefusalError(f"Stage {stage} has not finished in {self.path}: there is no set to search.",
-                                   f"Run `refusal run --resume {self.path}` (or `refusal {stage} {self.path}`) first.")
-            out[stage] = {"digest": m.get("digest"), "manifest_sha256": _sha256(self.file(f"{stage}.done.json"))}
-        return out
+        """What ``refusal sets`` reads, identified: each stage of :data:`manifests.SETS_AFTER` by its digest and the
+        sha256 of its manifest (:func:`manifests.sets_after`)."""
+        return manifests.sets_after(self)
 
     def write_sets(self, direction: Direction, options: dict, best: dict, seconds: float = 0.0) -> dict:
         """Save ``direction`` as the run's ``set`` (``sets.safetensors``), then its manifest ``sets.done.json``:
@@ -379,45 +337,24 @@ class RunFolder:
     def sets_state(self) -> str:
         """``"none"`` (no saved set), ``"fresh"`` (saved from the extract and select outputs now in the folder) or
         ``"stale"`` (one of those stages ran again since, or its manifest is gone)."""
-        if not self.file(SETS).is_file():
-            return "none"
-        m = self.manifest("sets")
-        if m is None:
-            return "stale"
-        try:
-            return "fresh" if m.get("after") == self.sets_after() else "stale"
-        except RefusalError:  # a stage it read has no manifest now (being redone)
-            return "stale"
+        return manifests.sets_state(self)
 
     def set_reference(self) -> dict | None:
         """What a stage that used the direction ``set`` records (and is redone when it changes): the saved set's
         sha256 and digest; None when no fresh set is saved."""
-        if self.sets_state() != "fresh":
-            return None
-        m = self.manifest("sets") or {}
-        return {"file": SETS, "sha256": _sha256(self.file(SETS)), "digest": m.get("digest")}
+        return manifests.set_reference(self)
 
     # ---- stage manifests -----------------------------------------------------------------------------------------
 
     def manifest(self, stage: str, digest: str | None = None) -> dict | None:
         """``<stage>.done.json`` (validated), or None where the stage has not finished (with ``digest``: not for
         that digest)."""
-        name = f"{stage}.done.json"
-        if not self.file(name).is_file():
-            return None
-        m = self.read_json(name)
-        return m if digest is None or m.get("digest") == digest else None
+        return manifests.read(self, stage, digest)
 
     def write_manifest(self, stage: str, digest: str, seconds: float, outputs: list[str],
                        extra: dict | None = None) -> dict:
         """Write ``<stage>.done.json``, last, after the stage's outputs: its digest, time, outputs and their sha256."""
-        from datetime import datetime, timezone
-
-        m = {"stage": stage, "digest": digest, "seconds": round(seconds, 2),
-             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "outputs": outputs,
-             **(extra or {}), "sha256": self.checksums(outputs)}
-        io.write_json(self.file(f"{stage}.done.json"), m)
-        return m
+        return manifests.write(self, stage, digest, seconds, outputs, extra)
 
     # ---- the lock ------------------------------------------------------------------------------------------------
 
@@ -491,16 +428,6 @@ def exclusive(lock_file: Path, what: Path, *, read_only_ok: bool = False, remove
             os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _held(rf: RunFolder) -> bool:

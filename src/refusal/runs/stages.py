@@ -35,6 +35,9 @@ from .keep_refusal import Gates
 from .keep_refusal import gates as keep_gates
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..evaluation.reasoning import ReasoningFormat
     from ..interventions.scopes import Intervention
     from .pipeline import Run
 
@@ -189,11 +192,41 @@ def generate(run: Run, started: float) -> StageResult:
     used_set = set_used(run)  # the saved set's reference, where a condition names it: recorded in the manifest
     conds = run.cfg.generate.conditions
     rankings = _layer_rankings(run)
+    by_set = {k: run.prompts(splits[k]["test"]) for k in ("harmful", "harmless")}
+    gate = keep_gates(run, conds, by_set)  # conditional keep-refusal: each keep_refusal row released or kept
+    rows, prompts, plan = _plan_rows(run, conds, directions, rankings, by_set, gate)
+
+    partial_path = run.dir / "completions.partial.json"
+    key = run.digests["generate"] + (f"+set:{used_set['sha256'][:16]}" if used_set else "")
+    done, server = _resume(partial_path, key)
+    todo = [i for i in range(len(rows)) if str(i) not in done]
+    if done:
+        console.print(f"Resuming generation: {len(done)} of {len(rows)} completions were saved earlier")
+    save = _saver(partial_path, key, done, server)
+
+    decoding: dict = {}  # what decoded (and why not the configured decoder, if it stepped aside)
+    fmt = reasoning_format(run.tokenizer)  # a reasoning model's markers stay in the text, to split it below
+    _decode(run, conds, rows, prompts, plan, todo, save, server, decoding, fmt)
+    kl = {}
+    if run.cfg.generate.kl:
+        kl = _condition_kl(run, conds, [condition_interventions(c, directions, rankings) for c in conds],
+                           by_set["harmless"], gate)
+    io.write_json(run.dir / "kl.json", kl)
+    prefix = open_prefix(post_instruction_text(run.tokenizer, run.cfg.system_prompt, run.cfg.data.thinking), fmt)
+    out, cut = _completion_records(splits, conds, rows, done, gate, fmt, prefix)
+    io.write_json(run.dir / "completions.json", out)
+    partial_path.unlink(missing_ok=True)
+    return ["completions.json", "kl.json"], _generate_extras(run, decoding, used_set, gate, fmt, prefix, cut)
+
+
+def _plan_rows(run: Run, conds: list[Condition], directions: DirectionSet, rankings: dict[str, list[int]],
+               by_set: dict[str, list[str]], gate: Gates | None) -> tuple[list[tuple[int, int]], list[str], Plan]:
+    """The rows to decode, every condition's test prompts in turn: ``(condition index, prompt index)``, their
+    prompts, and the plan of each row's interventions (a gated row gets those its keep-refusal routing gives it);
+    the directions checked against the model first."""
     rows: list[tuple[int, int]] = []  # (condition index, prompt index)
     prompts: list[str] = []
     per_row = []
-    by_set = {k: run.prompts(splits[k]["test"]) for k in ("harmful", "harmless")}
-    gate = keep_gates(run, conds, by_set)  # conditional keep-refusal: each keep_refusal row released or kept
     for ci, c in enumerate(conds):
         ivs = condition_interventions(c, directions, rankings)
         for pi, p in enumerate(by_set[c.prompts]):
@@ -203,26 +236,37 @@ def generate(run: Run, started: float) -> StageResult:
     parts = find_parts(run.model)
     for d in directions.values():
         d.check_model(parts.hidden_size, parts.n_layers)
-    plan = Plan.rows(run.model, per_row)
+    return rows, prompts, Plan.rows(run.model, per_row)
 
-    partial_path = run.dir / "completions.partial.json"
-    key = run.digests["generate"] + (f"+set:{used_set['sha256'][:16]}" if used_set else "")
+
+def _resume(partial_path: Path, key: str) -> tuple[dict, dict]:
+    """What an interrupted generation saved under the same digest ``key``: the finished rows (``{row: record}``)
+    and the server's record (generate.backend openai); both empty where nothing (or another run's) was saved."""
     partial = io.read_json(partial_path) if partial_path.exists() else {}
     done = partial.get("rows", {}) if partial.get("digest") == key else {}
     server: dict = dict(partial.get("server") or {}) if partial.get("digest") == key else {}  # generate.backend openai
-    todo = [i for i in range(len(rows)) if str(i) not in done]
-    if done:
-        console.print(f"Resuming generation: {len(done)} of {len(rows)} completions were saved earlier")
+    return done, server
+
+
+def _saver(partial_path: Path, key: str, done: dict, server: dict) -> SaveBatch:
+    """The on-batch callback: add a finished batch's rows to ``done`` and save them (with the server's record, if
+    any) to ``completions.partial.json``."""
 
     def save(batch_rows: list[int], texts: list[str], scores: list[float | None]) -> None:
         for i, t, s in zip(batch_rows, texts, scores):
             done[str(i)] = {"completion": t, "refusal_score": None if s is None else round(float(s), 4)}
         io.write_json(partial_path, {"digest": key, "rows": done, **({"server": server} if server else {})})
 
-    decoding: dict = {}  # what decoded (and why not the configured decoder, if it stepped aside)
+    return save
+
+
+def _decode(run: Run, conds: list[Condition], rows: list[tuple[int, int]], prompts: list[str], plan: Plan,
+            todo: list[int], save: SaveBatch, server: dict, decoding: dict,
+            fmt: ReasoningFormat | None) -> None:
+    """Decode the rows in ``todo``: with generate.backend openai the conditions without interventions on the
+    server first, the rest here, one pass per max_new_tokens budget (per condition, else generate's)."""
     g = run.cfg.generate
     budgets = [c.max_new_tokens or g.max_new_tokens for c in conds]  # per condition, else generate.max_new_tokens
-    fmt = reasoning_format(run.tokenizer)  # a reasoning model's markers stay in the text, to split it below
     if g.backend == "openai":  # the conditions without interventions decode on the server, its model checked first
         todo = _generate_on_server(run, conds, rows, prompts, budgets, todo, save, server, decoding)
     for budget in sorted({budgets[rows[i][0]] for i in todo}):
@@ -233,13 +277,13 @@ def generate(run: Run, started: float) -> StageResult:
                              keep_special=fmt.keep_ids(run.tokenizer) if fmt else (),
                              description=f"Generating {len(conds)} conditions x test prompts"
                                          + (f" ({budget} tokens)" if len(set(budgets)) > 1 else ""))
-    kl = {}
-    if run.cfg.generate.kl:
-        kl = _condition_kl(run, conds, [condition_interventions(c, directions, rankings) for c in conds],
-                           by_set["harmless"], gate)
-    io.write_json(run.dir / "kl.json", kl)
+
+
+def _completion_records(splits: dict, conds: list[Condition], rows: list[tuple[int, int]], done: dict,
+                        gate: Gates | None, fmt: ReasoningFormat | None, prefix: str) -> tuple[dict, dict]:
+    """``completions.json``'s content, ``{prompt set: {condition: [record]}}`` (each with its keep-refusal routing
+    and, for a reasoning model, its split), and per set and condition how many ran out inside the reasoning."""
     out: dict = {}
-    prefix = open_prefix(post_instruction_text(run.tokenizer, run.cfg.system_prompt, run.cfg.data.thinking), fmt)
     cut: dict = {}
     for i, (ci, pi) in enumerate(rows):
         c = conds[ci]
@@ -252,8 +296,13 @@ def generate(run: Run, started: float) -> StageResult:
             cut.setdefault(c.prompts, {}).setdefault(c.name, 0)
             cut[c.prompts][c.name] += rec["cut_inside_reasoning"]
         out.setdefault(c.prompts, {}).setdefault(c.name, []).append(rec)
-    io.write_json(run.dir / "completions.json", out)
-    partial_path.unlink(missing_ok=True)
+    return out, cut
+
+
+def _generate_extras(run: Run, decoding: dict, used_set: dict | None, gate: Gates | None,
+                     fmt: ReasoningFormat | None, prefix: str, cut: dict) -> dict | None:
+    """generate's manifest extras: what decoded, the saved set it used, the keep-refusal gate, the reasoning
+    format; None where there is nothing to record."""
     extras: dict[str, Any] = {"decoding": decoding} if decoding else {}
     if used_set:
         extras["sets"] = used_set  # Run.done: generate is redone when the saved set changes
@@ -262,7 +311,7 @@ def generate(run: Run, started: float) -> StageResult:
     if fmt is not None:
         extras["reasoning"] = {"format": fmt.to_json(), "thinking": run.cfg.data.thinking,
                                "prompt_opens_reasoning": bool(prefix), "cut_inside_reasoning": cut}
-    return ["completions.json", "kl.json"], extras or None
+    return extras or None
 
 
 def uses_set(conditions: list[Condition]) -> bool:
