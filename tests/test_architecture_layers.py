@@ -7,10 +7,11 @@ import is still an arrow: it only moves the failure from import time to call tim
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from benchmarks import house
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -53,57 +54,14 @@ ALLOWED_BACK_ARROWS: dict[tuple[str, str], str] = {
 ALLOWED_CYCLES: dict[frozenset[str], str] = {}
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
-
-
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted((SRC / "refusal").rglob("*.py"))}
-
-
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    lines: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If):
-            t = node.test
-            name = t.id if isinstance(t, ast.Name) else t.attr if isinstance(t, ast.Attribute) else None
-            if name == "TYPE_CHECKING":
-                for child in node.body:
-                    lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
+    return house.modules(SRC)
 
 
 def _imports(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
-    """``{module: {imported module: line}}`` for every refusal module, lazy imports included."""
-    out: dict[str, dict[str, int]] = {}
-    for name, path in modules.items():
-        tree = ast.parse(path.read_text("utf-8"))
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        skip = _type_checking_lines(tree)
-        found: dict[str, int] = {}
-        for node in ast.walk(tree):
-            if getattr(node, "lineno", None) in skip:
-                continue
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    base_name = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    base_name = node.module or ""
-                # ``from pkg import sub`` imports the submodule; ``from mod import name`` imports mod
-                subs = [f"{base_name}.{a.name}" for a in node.names if f"{base_name}.{a.name}" in modules]
-                targets = subs if subs else [base_name]
-            for t in targets:
-                if t.startswith("refusal") and t != name and t in modules:
-                    found.setdefault(t, node.lineno)
-        out[name] = found
-    return out
+    """``{module: {imported module: line}}`` for every refusal module, lazy imports included
+    (:func:`benchmarks.house.import_graph`, which the code-shape figures use too)."""
+    return house.import_graph(modules)
 
 
 def _layer(module: str) -> int:
@@ -139,40 +97,8 @@ def test_no_import_from_a_lower_layer_to_a_higher_one(graph):
 
 
 def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan), each sorted."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[list[str]] = []
-    counter = [0]
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph.get(v, {}):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
+    """Strongly connected components of more than one module, each sorted (:func:`benchmarks.house.cycles`)."""
+    return house.cycles(graph)
 
 
 def test_no_import_cycle(graph):
