@@ -103,3 +103,33 @@ def _refusal_home(request, tmp_path_factory, monkeypatch):
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("REFUSAL_HOME", str(tmp_path_factory.getbasetemp() / "refusal-home"))
 
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory, tokenizer):
+    """``(model folder, run folder)``: a tiny Qwen2 run with every stage finished, made once per session (the
+    fault and selection tests copy it; none may modify it). Its caches go to the tests' temporary home."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from refusal.cli import app
+    from refusal.data import builtin
+
+    root = tmp_path_factory.mktemp("finished")
+    model_dir = root / "tiny"
+    build_model("qwen2", len(tokenizer), n_layers=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    h, b = root / "harmful.json", root / "harmless.json"
+    h.write_text(json.dumps(builtin("harmful")[:8]))
+    b.write_text(json.dumps(builtin("harmless")[:8]))
+    cfg = root / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"n_train": 3, "n_val": 2, "n_test": 2, "filter": False},
+                                   "select": {"kl_threshold": 1e9, "induce_threshold": -1e9},
+                                   "generate": {"max_new_tokens": 2, "kl": False}, "device": "cpu", "preset": "paper",
+                                   "evaluate": {"cross_entropy": []}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REFUSAL_HOME", str(tmp_path_factory.getbasetemp() / "refusal-home"))
+        r = CliRunner().invoke(app, ["run", "--model", str(model_dir), "--harmful", str(h), "--harmless", str(b),
+                                     "--config", str(cfg), "--output", str(root / "runs"), "--name", "run"])
+    assert r.exit_code == 0, r.output
+    return model_dir, root / "runs" / "run"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_model
 from typer.testing import CliRunner
 
 from refusal import io
@@ -30,27 +29,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # ---- a finished run on a tiny model, made once and copied for each test --------------------------------------------
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tokenizer):
-    """``(model folder, run folder)``: every stage of a tiny run finished (do not modify: copy with ``run_copy``)."""
-    from refusal.data import builtin
-
-    root = tmp_path_factory.mktemp("faults")
-    model_dir = root / "tiny"
-    build_model("qwen2", len(tokenizer), n_layers=3).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    h, b = root / "harmful.json", root / "harmless.json"
-    h.write_text(json.dumps(builtin("harmful")[:8]))
-    b.write_text(json.dumps(builtin("harmless")[:8]))
-    cfg = root / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"n_train": 3, "n_val": 2, "n_test": 2, "filter": False},
-                                   "select": {"kl_threshold": 1e9, "induce_threshold": -1e9},
-                                   "generate": {"max_new_tokens": 2, "kl": False}, "device": "cpu", "preset": "paper",
-                                   "evaluate": {"cross_entropy": []}}))
-    r = runner.invoke(app, ["run", "--model", str(model_dir), "--harmful", str(h), "--harmless", str(b),
-                            "--config", str(cfg), "--output", str(root / "runs"), "--name", "run"])
-    assert r.exit_code == 0, r.output
-    return model_dir, root / "runs" / "run"
+@pytest.fixture
+def finished(finished_tiny_run):
+    """``(model folder, run folder)``: the session's finished tiny run (conftest; copy with ``run_copy``)."""
+    return finished_tiny_run
 
 
 @pytest.fixture
