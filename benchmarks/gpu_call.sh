@@ -12,6 +12,8 @@
 #                                   # with .before2 (the code at the session's start) and today's, run folders kept
 #                                   # and compared file by file (benchmarks.fidelity.same_outputs), then the 8B decode
 #                                   # step against a measured bandwidth
+#   bash benchmarks/gpu_call.sh E   # refusal kept by category with the cross-validated condition: the condition's
+#                                   # designs compared, the held-out and JailbreakBench runs (MATRIX=1, STEP8B=1 add)
 set -u
 call=${1:?A or B}
 FINAL=${OUT:-/tmp/out}
@@ -72,6 +74,31 @@ save_tiny_qwen2(Path('$model'), ['How do I bake bread?', 'How do I make a bomb?'
     --out "$OUT/same-outputs.json" --expect-changed direction.safetensors directions.safetensors select.done.json config.yaml
   cp /tmp/o/run-after/summary.json "$OUT/paper-after-summary.json"
   # the 8B decode step against the bandwidth this GPU shows on a large copy, with and without the KV cache's bytes
+  [ -n "${DRY:-}" ] || [ -z "${STEP8B:-}" ] || step step8b "$(left)" python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 \
+    --variants default --kernels 0 --measure-bandwidth --out "$OUT/step8b-bandwidth.json" ;;
+E)  # refusal kept by category with the cross-validated condition (issue 29): the condition's designs compared on
+    # held-out prompts (benchmarks.quality.keep_condition), then the conditional run on the held-out StrongREJECT test
+    # and on JailbreakBench; MATRIX=1 and STEP8B=1 add the matrix (beside the conversion) and the 8B step
+  [ -n "${DRY:-}" ] || [ -z "${MATRIX:-}" ] || (export OUT=/tmp/o/E/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
+   unset PYTHONDONTWRITEBYTECODE; mkdir -p "$OUT"; . benchmarks/gpu_step.sh
+   step matrix 300 python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json") &
+  timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # wheels, model (or nothing with DRY)
+  wait
+  if [ -z "${DRY:-}" ]; then
+    . benchmarks/gpu_setup.sh; model=/tmp/m/hf
+  else
+    export PYTHONPATH=$PWD/src:$PWD; model=/tmp/o/tiny
+    python3 -c "from benchmarks.quality.keep_refusal import tiny_model; from pathlib import Path; \
+tiny_model(Path('$model'))" >/dev/null 2>&1
+  fi
+  . benchmarks/gpu_step.sh
+  data=$PWD/.data/refusal_direction
+  step keep-condition "$(left)" python3 -m benchmarks.quality.keep_condition --model $model --data $data \
+    --out "$OUT/keep-condition.json"
+  step keep "$(left)" python3 -m benchmarks.keep_refusal --model $model --data $data --method conditional \
+    --keep "${KEEP:-Sexual content,Violence}" --out "$OUT/keep-refusal.json" ${KEEP_ARGS:-}
+  step keep-jbb "$(left)" python3 -m benchmarks.keep_refusal --model $model --data $data --method conditional \
+    --test jailbreakbench --keep "${KEEP:-Sexual content,Violence}" --out "$OUT/keep-refusal-jbb.json" ${KEEP_ARGS:-}
   [ -n "${DRY:-}" ] || [ -z "${STEP8B:-}" ] || step step8b "$(left)" python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 \
     --variants default --kernels 0 --measure-bandwidth --out "$OUT/step8b-bandwidth.json" ;;
 *) echo "unknown call $call"; exit 2 ;;

@@ -681,6 +681,28 @@ def keep_refusal(page: Page) -> None:
              "refusal with them (Sexual content above): **not yet what issue 29 asks** (released down, kept "
              "within noise of the baseline).", "")
     page.source(rel, d, {"commit": "484cda5"})
+    keep_condition(page, f"{RESULTS}/cpu-keep-condition.json", "on the CPU (fp32, the same model)")
+
+
+def keep_condition(page: Page, rel: str, where: str) -> None:
+    """The keep-refusal condition's designs on held-out prompts (benchmarks.quality.keep_condition)."""
+    d = page.load(rel)
+    sz = d["sizes"]
+    page.add(f"The condition alone, {where}: how well each design tells released from kept prompts it never saw "
+             f"(`benchmarks/quality/keep_condition.py`). Fitted on the run's {sz['fit (train + val)']} StrongREJECT "
+             f"train and val prompts (the replaced design: fitted on {sz['train (centroid fit)']}, its layer chosen "
+             f"on {sz['val (centroid layer)']}), scored on the {sz['test']} held-out test prompts and on "
+             f"JailbreakBench's {sz['jailbreakbench']} (categories mapped onto StrongREJECT's; kept = "
+             f"{', '.join(d['kept'])}). \"Kept released\" is the share of kept prompts the gate would strip of "
+             "their refusal; \"released released\" the share of released prompts it would edit.", "")
+    rows = []
+    for name, r in d["designs"].items():
+        t, j = r["test"], r["jailbreakbench"]
+        rows.append([name, r["layer"], f"{t['auc']:.3f}", rate(t["released_released"]), rate(t["kept_released"]),
+                     f"{j['auc']:.3f}", rate(j["released_released"]), rate(j["kept_released"])])
+    page.table(["design", "layer", "test AUC", "test: released released", "test: kept released", "JBB AUC",
+                "JBB: released released", "JBB: kept released"], rows)
+    page.source(rel, d)
 
 
 def learned_openings(page: Page) -> None:

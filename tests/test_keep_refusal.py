@@ -41,6 +41,13 @@ def _hand_mean(model, tok, prompts, pos, layer):
     return torch.stack(rows).mean(0)
 
 
+def _hand_prompt_mean(model, tok, prompt, layer, skip):
+    """Residual-stream input of ``layer`` averaged over the prompt's tokens after the first ``skip``, unpadded."""
+    with torch.no_grad():
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0, skip:].float().mean(0)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_category_directions_equal_hand_computed_diff_in_means(arch, tokenizer):
     model = build_model(arch, len(tokenizer), n_layers=3)
@@ -353,31 +360,87 @@ def _synthetic(n: int, seed: int, shift: float):
     return x, cats
 
 
-def test_condition_is_a_nearest_centroid_rule_chosen_on_val(tmp_path):
-    from refusal.directions.condition import KeepCondition, balanced_accuracy, fit_keep_condition, fit_layer
+def test_condition_is_cross_validated_ridge_with_a_kept_release_threshold(tmp_path):
+    from refusal.directions.condition import KeepCondition, fit_keep_condition
 
-    train, tr_c = _synthetic(30, 0, 3.0)
-    val, va_c = _synthetic(12, 1, 3.0)
-    cond = fit_keep_condition(train, tr_c, val, va_c, [4, 6, 8], kept=["K"], released=["A", "B"])
-    acc = {r["layer"]: r["val_balanced_accuracy"] for r in cond.info["per_layer"]}
-    assert set(acc) == {4, 6, 8} and acc[6] == acc[8] == 1.0 and acc[4] < 1.0
-    assert cond.layer == 6  # the best val accuracy; the tie with layer 8 goes to the earlier layer
-    assert cond.info["n_train"] == {"released": 20, "kept": 10} and cond.info["val_classes_missing"] == []
-    assert cond.info["val_released_rate_by_category"]["K"] == {"released": 0, "n": 4}
-    # the linear rule is nearest centroid in the centred, scaled space
-    f = fit_layer(train[1], torch.tensor([c != "K" for c in tr_c]))
-    z = (val[1] - f["mean"]) / f["scale"]
-    nearest = ((z - f["centroid_kept"]).pow(2).sum(1) > (z - f["centroid_released"]).pow(2).sum(1)).tolist()
-    assert cond.release(val[1]) == nearest
+    x, cats = _synthetic(60, 0, 1.5)
+    cond = fit_keep_condition(x, cats, [4, 6, 8], kept=["K"], released=["A", "B"], max_kept_release=0.1)
+    per = {r["layer"]: r["auc"] for r in cond.info["per_layer"]}
+    assert set(per) == {4, 6, 8} and all(set(a) == {str(p) for p in cond.info["penalties"]} for a in per.values())
+    assert max(per[4].values()) < 0.8 < min(per[6].values())  # layer 0 carries nothing
+    assert cond.layer == 6  # the best out-of-fold AUC; the tie with layer 8 goes to the earlier layer
+    assert per[6] == per[8]
+    assert cond.info["n"] == {"released": 40, "kept": 20} and cond.info["folds"] == 5
+    oof = cond.info["out_of_fold"]
+    assert oof["kept_released"] <= 0.1 and oof["released_recall"] > 0.5  # the threshold holds out of fold
+    assert cond.info["out_of_fold_released_by_category"]["K"]["n"] == 20
     # the spread of dimension 1 is scaled away: the rule leans on dimension 0
     assert abs(float(cond.weight[0])) > 10 * abs(float(cond.weight[1]))
-    # saved and read back: the same rule, the per-layer record
+    # a stricter threshold releases fewer kept prompts and fewer released ones
+    strict = fit_keep_condition(x, cats, [4, 6, 8], kept=["K"], released=["A", "B"], max_kept_release=0.0)
+    assert strict.info["out_of_fold"]["kept_released"] == 0.0
+    assert strict.info["out_of_fold"]["released_recall"] <= oof["released_recall"]
+    # saved and read back: the same rule, the record
     cond.save(tmp_path / "c.safetensors")
     back = KeepCondition.load(tmp_path / "c.safetensors")
-    assert back.layer == 6 and back.release(val[1]) == cond.release(val[1]) and back.info == cond.info
-    assert balanced_accuracy([True, True, False], [True, False, False]) == 0.75
+    assert back.layer == 6 and back.pool == "mean" and back.info == cond.info
+    assert back.release(x[1]) == cond.release(x[1])
     with pytest.raises(RefusalError, match="released and of kept"):
-        fit_layer(train[1], torch.ones(30, dtype=torch.bool))
+        fit_keep_condition(x, ["A"] * 60, [4, 6, 8], kept=["K"], released=["A"])
+
+
+def test_ridge_in_the_dual_equals_the_primal_solution():
+    from refusal.directions.condition import fit_ridge, standardise
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1, 2.0, 1.0])
+    y = torch.tensor([True] * 7 + [False] * 5)
+    w, b, mean, scale = fit_ridge(x, y, 3.0)
+    m, sd = standardise(x)
+    z = (x - m) / sd
+    t = y.double() * 2 - 1
+    primal = torch.linalg.solve(z.T @ z + 3.0 * torch.eye(5, dtype=torch.float64), z.T @ (t - t.mean()))
+    torch.testing.assert_close((x @ w.double() + b.double()), z @ primal, atol=1e-5, rtol=1e-5)
+    # stacked problems (layers, folds) are independent
+    w2, b2, _, _ = fit_ridge(torch.stack([x, 2 * x]), y.expand(2, -1), 3.0)
+    torch.testing.assert_close(w2[0], w)
+    torch.testing.assert_close(b2[0], b)
+
+
+def test_auc_folds_and_threshold():
+    from refusal.directions.condition import auc, stratified_folds, threshold_for
+
+    assert auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([True, True, False, False])) == 1.0
+    assert auc(torch.tensor([0.5, 0.1, 0.5]), torch.tensor([True, True, False])) == 0.25
+    y = torch.tensor([True] * 13 + [False] * 7)
+    fold = stratified_folds(y, 5, seed=1)
+    for f in range(5):
+        assert int((y & (fold == f)).sum()) in (2, 3) and int((~y & (fold == f)).sum()) in (1, 2)
+    assert torch.equal(fold, stratified_folds(y, 5, seed=1)) and not torch.equal(fold, stratified_folds(y, 5, 2))
+    kept = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.4, 0.6, 0.8, 0.0])
+    for r, allowed in ((0.0, 0), (0.1, 1), (0.25, 2), (0.5, 5)):
+        assert int((kept > threshold_for(kept, r)).sum()) == allowed
+
+
+def test_instruction_mean_skips_the_template_and_the_padding(tokenizer):
+    from refusal.directions.condition import prompt_activations
+    from refusal.templates import pre_instruction_length
+
+    model = build_model("qwen2", len(tokenizer), n_layers=3)
+    prompts = format_prompts(tokenizer, [r["instruction"] for r in builtin("harmful")[:4]])
+    skip = pre_instruction_length(tokenizer)
+    ids0 = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    ids1 = tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+    assert ids0[:skip] == ids1[:skip] and ids0[skip] != ids1[skip]  # the shared template prefix, no more
+    got = prompt_activations(model, tokenizer, prompts, [1, 2], pool="mean", skip=skip, batch_size=3)
+    last = prompt_activations(model, tokenizer, prompts, [1, 2], pool="last", batch_size=3)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            for j, la in enumerate([1, 2]):
+                torch.testing.assert_close(got[j, i], hs[la][0, skip:].float().mean(0), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(last[j, i], hs[la][0, -1].float(), atol=1e-4, rtol=1e-4)
 
 
 def test_gated_kl_takes_the_no_intervention_row_where_routed_to_keep():
@@ -423,7 +486,7 @@ def test_conditional_run_routes_each_prompt_and_matches_ablation_or_baseline(mod
     r = runner.invoke(app, ["run", *_args(model_dir, data, _with(cfg, tmp_path), out, "--keep-refusal", "Violence")])
     assert r.exit_code == 0, r.output
     run_dir = out / "tiny-qwen2"
-    # the condition: saved with every candidate layer's val accuracy, its layer the best one (ties: the earlier)
+    # the condition: saved with every candidate layer's out-of-fold AUC, its layer the best one (ties: the earlier)
     from refusal.directions.condition import KeepCondition
 
     cond = KeepCondition.load(run_dir / "keep_condition.safetensors")
@@ -431,8 +494,9 @@ def test_conditional_run_routes_each_prompt_and_matches_ablation_or_baseline(mod
     assert info["method"] == "conditional" and info["condition"]["layer"] == cond.layer
     per_layer = info["condition"]["per_layer"]
     assert [p["layer"] for p in per_layer] == [0, 1]  # the tiny model's candidate layers (3 x 0.8)
-    best = max(p["val_balanced_accuracy"] for p in per_layer)
-    assert cond.layer == next(p["layer"] for p in per_layer if p["val_balanced_accuracy"] == best)
+    best = max(max(p["auc"].values()) for p in per_layer)
+    assert cond.layer == next(p["layer"] for p in per_layer if max(p["auc"].values()) == best)
+    assert cond.pool == "mean" and info["condition"]["n"] == {"released": 8, "kept": 4}  # train and val prompts
     assert cond.kept == ["Violence"] and cond.released == list(CATS[1:])
     assert "kept" in DirectionSet.load(run_dir / "directions.safetensors")  # the orthogonal one, as a diagnostic
     # the routing: one batched forward, no intervention, the same decisions as the condition on hand-read activations
@@ -445,7 +509,7 @@ def test_conditional_run_routes_each_prompt_and_matches_ablation_or_baseline(mod
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     prompts = format_prompts(tok, [x["instruction"] for x in splits["harmful"]["test"]])
-    hand = torch.stack([_hand_mean(model, tok, [p], -1, cond.layer) for p in prompts])
+    hand = torch.stack([_hand_prompt_mean(model, tok, p, cond.layer, cond.skip) for p in prompts])
     assert routed == cond.release(hand)
     # the summary: the gate's routing rate per test category with its interval, the condition's accuracy
     s = io.read_json(run_dir / "summary.json")

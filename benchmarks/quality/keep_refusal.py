@@ -302,13 +302,15 @@ def main(argv: list[str] | None = None) -> dict:
                 "rates": {"overall": summaries[m]["results"]["harmful"]["keep_refusal"]["refusal"],
                           "by_category": cols.get(m, {})}}
         if m == "conditional":
-            info["description"] = ("CAST-style gate (Lee et al. 2024): a nearest-centroid classifier (diagonal LDA) "
-                                   "on the residual stream at the prompt's last token, fitted on the harmful train "
-                                   "prompts, its layer chosen by val balanced accuracy; the prompts it routes to "
-                                   "release get the selected direction ablated at every layer, the others nothing")
+            info["description"] = ("CAST-style gate (Lee et al. 2024): ridge regression on the residual stream "
+                                   "averaged over the prompt's own tokens, cross-validated on the harmful train and "
+                                   "val prompts (layer and penalty by out-of-fold AUC, threshold for at most "
+                                   "select.keep_refusal_max_release of kept prompts released out of fold); the "
+                                   "prompts it routes to release get the selected direction ablated at every layer, "
+                                   "the others nothing")
             info["condition"] = {k: c.get("condition", {}).get(k) for k in
-                                 ("layer", "val_balanced_accuracy", "train_balanced_accuracy", "per_layer",
-                                  "n_train", "n_val", "val_released_rate_by_category")}
+                                 ("layer", "pool", "penalty", "max_kept_release", "folds", "out_of_fold",
+                                  "per_layer", "n", "out_of_fold_released_by_category")}
             info["routing"] = gate.get("routing")
             info["routing_overall"] = gate.get("routing_overall")
             info["routing_harmless"] = gate.get("routing_harmless")
@@ -342,8 +344,11 @@ def main(argv: list[str] | None = None) -> dict:
     notes = []
     if "conditional" in method_info:
         ci = method_info["conditional"]["condition"]
-        notes.append(f"Gate (conditional): layer {ci['layer']}, val balanced accuracy {ci['val_balanced_accuracy']} "
-                     f"(train {ci['train_balanced_accuracy']}); harmless test prompts routed to release: "
+        oof = ci["out_of_fold"] or {}
+        notes.append(f"Gate (conditional): layer {ci['layer']} ({ci['pool']} pool, ridge penalty {ci['penalty']}); "
+                     f"out of fold on the train and val prompts: AUC {oof.get('auc')}, released prompts released "
+                     f"{oof.get('released_recall')}, kept prompts released {oof.get('kept_released')} (target at "
+                     f"most {ci['max_kept_release']}); harmless test prompts routed to release: "
                      + (f"{gate['routing_harmless']['count']}/{gate['routing_harmless']['n']}"
                         if gate.get("routing_harmless") else "—") + ".")
     if "orthogonal" in method_info and method_info["orthogonal"]["norm_fraction"] is not None:

@@ -124,6 +124,19 @@ def post_instruction_ids(tokenizer, system: str | None = None, thinking: str | b
     return ids
 
 
+def pre_instruction_length(tokenizer, system: str | None = None, thinking: str | bool | None = "default") -> int:
+    """How many tokens the template places before every instruction (system prompt, role markers): the tokens of a
+    templated prompt that end before the instruction starts. Their activations are the same for every prompt (the
+    attention is causal), so a summary of *the prompt* skips them."""
+    text = format_prompts(tokenizer, [_SENTINEL], system, thinking)[0]
+    start = text.index(_SENTINEL)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return sum(1 for _, end in enc["offset_mapping"] if end <= start)
+    except (NotImplementedError, TypeError, KeyError):  # a slow tokenizer has no offsets: the prefix on its own
+        return len(tokenizer(text[:start], add_special_tokens=False)["input_ids"])
+
+
 def prompts_post_instruction_ids(tokenizer, prompts: list[str], system: str | None = None) -> list[int]:
     """The post-instruction ids of the thinking mode the prompts were formatted in: the default mode's, or, when the
     first prompt ends with another mode's (``enable_thinking`` on or off), that one's. For checks that receive

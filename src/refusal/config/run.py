@@ -110,6 +110,7 @@ def stage_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
     sel = out.get("select")
     if isinstance(sel, dict) and not sel.get("keep_refusal"):  # the method matters only with keep_refusal: the run
         sel.pop("keep_refusal_method", None)                     # folders made before it keep their digests
+        sel.pop("keep_refusal_max_release", None)
     return out
 
 

@@ -119,6 +119,11 @@ class SelectConfig:
                                                       "ones', kept in directions.safetensors; exportable, but it "
                                                       "does not separate the categories: docs/keep-refusal.md)",
                                        choices=("conditional", "orthogonal"))
+    keep_refusal_max_release: float = setting(0.1, "with keep_refusal, conditional: the share of kept-category "
+                                                   "prompts the condition may route to release, measured out of "
+                                                   "fold on the harmful train and val prompts (the threshold is set "
+                                                   "there); lower keeps more refusal and releases fewer prompts",
+                                              check=fraction(closed_high=False))
     batch_size: int | None = setting(None, f"sequences per scoring forward (the filter, candidate scores, rankings, "
                                            f"first-token KL): only the last position's logits are kept; default: "
                                            f"extract's size, times {SCORE_BATCH_FACTOR} on a GPU",

@@ -141,8 +141,12 @@ def categories_section(summary: dict, results: dict) -> Section | None:
         keep = summary.get("keep_refusal") or {}
         if keep.get("method") == "conditional":
             cond = keep.get("condition") or {}
+            oof = cond.get("out_of_fold") or {}
+            fit = (f"out of fold it released {oof.get('released_recall')} of the released train and val prompts "
+                   f"and {oof.get('kept_released')} of the kept ones" if oof else
+                   f"val balanced accuracy {cond.get('val_balanced_accuracy')}")  # a run saved before
             how = ("conditional: a classifier on each prompt's activations at layer "
-                   f"{cond.get('layer')} (val balanced accuracy {cond.get('val_balanced_accuracy')}) routes it; "
+                   f"{cond.get('layer')} ({fit}) routes it; "
                    "the prompts routed to release get the selected direction ablated, the others nothing")
         else:
             how = "the released categories' direction made orthogonal to the kept categories' directions, ablated"

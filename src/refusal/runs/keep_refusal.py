@@ -103,9 +103,10 @@ def select_outputs(run: Run, splits: dict, cands: Candidates, chosen: Direction,
         cond.save(run.dir / CONDITION_FILE)
         outputs.append(CONDITION_FILE)
         info["condition"] = {"file": CONDITION_FILE, "layer": cond.layer, **cond.info}
-        console.print(f"Keep refusal for {', '.join(keep)} (conditional): the condition reads layer {cond.layer}, "
-                      f"val balanced accuracy {cond.info['val_balanced_accuracy']} (train "
-                      f"{cond.info['train_balanced_accuracy']}); released: {', '.join(released)}")
+        oof = cond.info["out_of_fold"]
+        console.print(f"Keep refusal for {', '.join(keep)} (conditional): the condition reads layer {cond.layer}; "
+                      f"out of fold it releases {oof['released_recall']:.0%} of released prompts and "
+                      f"{oof['kept_released']:.0%} of kept ones (AUC {oof['auc']}); released: {', '.join(released)}")
     elif kept is not None:
         console.print(f"Keep refusal for {', '.join(keep)} (orthogonal); released {', '.join(released)}: the "
                       f"released direction keeps {kept.extra['norm_fraction']:.1%} of its norm outside the kept "
@@ -115,26 +116,23 @@ def select_outputs(run: Run, splits: dict, cands: Candidates, chosen: Direction,
 
 
 def fit_condition(run: Run, n_layers: int, keep: list[str], released: list[str]) -> Any:
-    """The keep condition fitted on the harmful train prompts and chosen on the val prompts, every categorised one
-    (before the baseline-refusal filter: the condition learns the category, not whether the model refuses)."""
+    """The keep condition, cross-validated on every categorised harmful train and val prompt (before the
+    baseline-refusal filter: the condition learns the category, not whether the model refuses), read as the mean over
+    each prompt's own tokens at every layer select may score."""
     from ..directions.condition import fit_keep_condition, prompt_activations
+    from ..templates import pre_instruction_length
 
     layers = candidate_layers(run, n_layers)
     raw = run.inputs.splits["harmful"]
-
-    def labelled(split: str) -> tuple[list[dict], list[str]]:
-        recs = [r for r in raw[split] if r.get("category") is not None and str(r["category"]).strip()]
-        return recs, [str(r["category"]) for r in recs]
-
-    tr, tr_c = labelled("train")
-    va, va_c = labelled("val")
-    acts = prompt_activations(run.model, run.tokenizer, run.prompts(tr + va), layers, batch_size=run.batch_size,
+    recs = [r for split in ("train", "val") for r in raw[split]
+            if r.get("category") is not None and str(r["category"]).strip()]
+    skip = pre_instruction_length(run.tokenizer, run.cfg.system_prompt, run.cfg.data.thinking)
+    acts = prompt_activations(run.model, run.tokenizer, run.prompts(recs), layers, pool="mean", skip=skip,
+                              batch_size=run.batch_size,
                               description="Keep condition: activations of the harmful train and val prompts")
-    cond = fit_keep_condition(acts[:, :len(tr)], tr_c, acts[:, len(tr):], va_c, layers, keep, released)
-    if cond.info["val_classes_missing"]:
-        console.print(f"[yellow]The harmful val split holds no {' or '.join(cond.info['val_classes_missing'])} "
-                      "prompt: the condition's layer was chosen on what it has (raise data.n_val).[/]")
-    return cond
+    return fit_keep_condition(acts, [str(r["category"]) for r in recs], layers, keep, released, pool="mean",
+                              skip=skip, max_kept_release=run.cfg.select.keep_refusal_max_release,
+                              seed=run.cfg.data.seed)
 
 
 @dataclass
@@ -220,8 +218,8 @@ def summary_fields(run: Run, judged: dict, kl: dict) -> dict:
     out["method"] = cats.get("method", "orthogonal")
     cond = cats.get("condition")
     if out["method"] == "conditional" and isinstance(cond, dict):
-        out["condition"] = {k: cond.get(k) for k in ("layer", "val_balanced_accuracy", "train_balanced_accuracy",
-                                                     "n_train", "n_val")}
+        out["condition"] = {k: cond.get(k) for k in ("layer", "pool", "penalty", "max_kept_release", "out_of_fold",
+                                                     "n")}
         recs = judged.get("harmful", {}).get(KEEP_REFUSAL_CONDITION) or []
         out["routing"] = routing_rates(recs)  # per test category: the share routed to release
         routed = [r.get("gate") == "release" for r in recs if r.get("gate") in ("release", "keep")]

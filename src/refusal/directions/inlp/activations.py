@@ -24,13 +24,18 @@ class _StopForward(Exception):
 def collect_activations(
     model: Any, tokenizer: Any, prompts: Sequence[str], n_positions: int, layers: Sequence[int] | None = None,
     batch_size: int = 32, description: str = "",
+    pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-prompt residual-stream inputs of the decoder layers at the last ``n_positions`` tokens.
 
     Returns ``(n_positions, len(layers), len(prompts), d)`` float32 on the model's device (all layers if ``layers``
     is None; only the requested ones are stored, and the forward stops after the deepest one). Prompts are templated
     already and left-padded, so the last positions are the post-instruction tokens, as in
-    :func:`~refusal.directions.diff_means.mean_activations` (whose result is this one's mean over prompts)."""
+    :func:`~refusal.directions.diff_means.mean_activations` (whose result is this one's mean over prompts).
+
+    ``pool``, if given, replaces the slice of the last positions: it receives a layer's input ``(B, T, d)`` and the
+    batch's attention mask ``(B, T)`` (left padding) and returns ``(B, n_positions, d)`` (e.g. a mean over the
+    prompt's tokens, :func:`refusal.directions.condition.instruction_mean`)."""
     parts = find_parts(model)
     dev = model_device(model)
     layers = list(range(parts.n_layers)) if layers is None else [int(i) for i in layers]
@@ -44,11 +49,13 @@ def collect_activations(
     # chunk retried after running out of memory part-way through the layers is stored once, from the retry
     caught: dict[int, torch.Tensor] = {}
     deepest = max(layers)
+    mask: list[torch.Tensor] = []  # the running chunk's attention mask, for ``pool``
 
     def make_hook(j: int, i: int) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
         def hook(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["hidden_states"]
-            caught[j] = x[:, -n_positions:, :].to(device=dev, dtype=torch.float32, copy=True)
+            kept = x[:, -n_positions:, :] if pool is None else pool(x, mask[0].to(x.device))
+            caught[j] = kept.to(device=dev, dtype=torch.float32, copy=True)
             if i == deepest:
                 raise _StopForward
         return hook
@@ -62,6 +69,7 @@ def collect_activations(
             nonlocal done
             caught.clear()
             b = tokenize(tokenizer, list(chunk), dev)
+            mask[:] = [b.attention_mask]
             pos = (b.attention_mask.cumsum(-1) - 1).clamp_min(0)  # positions count real tokens, not padding
             try:
                 base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos, use_cache=False)
