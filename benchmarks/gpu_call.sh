@@ -12,6 +12,8 @@
 #                                   # with .before2 (the code at the session's start) and today's, run folders kept
 #                                   # and compared file by file (benchmarks.fidelity.same_outputs), then the 8B decode
 #                                   # step against a measured bandwidth
+#   bash benchmarks/gpu_call.sh F   # the Triton MLP kernel's activation rounding: static_toggles and the 8B step, code
+#                                   # before (.before3) and after, then the matrix
 #   bash benchmarks/gpu_call.sh E   # refusal kept by category with the cross-validated condition: the condition's
 #                                   # designs compared, the held-out and JailbreakBench runs (MATRIX=1, STEP8B=1 add)
 set -u
@@ -101,6 +103,26 @@ tiny_model(Path('$model'))" >/dev/null 2>&1
     --test jailbreakbench --keep "${KEEP:-Sexual content,Violence}" --out "$OUT/keep-refusal-jbb.json" ${KEEP_ARGS:-}
   [ -n "${DRY:-}" ] || [ -z "${STEP8B:-}" ] || step step8b "$(left)" python3 -m benchmarks.profile_generate --arch llama3-8b --batch 64 \
     --variants default --kernels 0 --measure-bandwidth --out "$OUT/step8b-bandwidth.json" ;;
+F)  # the Triton MLP kernel's activation rounding (no model needed): static_toggles with this code and with the code
+    # before the change (.before3: `git archive` of src benchmarks tests at that commit), the 8B decode step alternating
+    # old and new twice, then the matrix
+  [ -n "${DRY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
+  . benchmarks/gpu_step.sh
+  fams=${FAMS:-gemma,gemma3,llama,qwen2}
+  step toggles-after 120 python3 -m benchmarks.fidelity.static_toggles --families $fams --out "$OUT/toggles-after.json"
+  PYTHONPATH=/tmp/site:$PWD/.before3/src:$PWD step toggles-before 120 python3 -m benchmarks.fidelity.static_toggles \
+    --families $fams --out "$OUT/toggles-before.json"
+  if [ -z "${DRY:-}" ]; then
+    for i in 1 2; do
+      for v in before after; do
+        src=$PWD/src; [ $v = before ] && src=$PWD/.before3/src
+        PYTHONPATH=/tmp/site:$src:$PWD step step8b-$v-$i 120 python3 -m benchmarks.profile_generate --arch llama3-8b \
+          --batch 64 --variants default --kernels 0 --out "$OUT/step8b-$v-$i.json"
+      done
+    done
+    step matrix "$(left)" python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json"
+  fi ;;
 *) echo "unknown call $call"; exit 2 ;;
 esac
 mkdir -p "$FINAL"

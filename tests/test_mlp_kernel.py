@@ -74,7 +74,7 @@ def test_swapped_only_into_mlps_that_compute_the_same(interpreter):
     with gated_mlp_kernel(mlps):  # down_proj still runs as a module: its hooks see its output
         torch.testing.assert_close(mlps[2](x), want[2], atol=1e-5, rtol=1e-4)
     down.remove()
-    assert len(seen) == 3  # the check (the module's own forward, then the kernel's), then the call
+    assert len(seen) == 4  # the check (the module's own forward, then the kernel's with each activation), the call
     gemma = build_model("gemma", 300, n_layers=1)  # GELU with the tanh approximation
     gemma_mlp = gemma.model.layers[0].mlp
     want = gemma_mlp(x)
@@ -118,3 +118,48 @@ def test_mlp_kernel_refuses_where_it_cannot_run(monkeypatch):
     auto = StaticDecoder(model, compile=False)  # unset: on CUDA devices only
     auto(ids, torch.ones_like(ids), 3, eos, 0)
     assert auto.mlp_kernels == 0 and "MLP" not in auto.describe()
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_half_precision_rounds_the_activation_as_the_module_does(interpreter, activation):
+    """With both products exact (small integers times powers of two), the kernel's fp16 output is the module's
+    ``act(gate) * up`` bit for bit: the activation is rounded to the dtype before the product, as torch's elementwise
+    kernels round it (without that rounding about a fifth of these outputs differ in the last bit). fp16, because
+    Triton's interpreter has no bf16; the same epilogue serves bf16 on a GPU (benchmarks/fidelity/static_toggles.py)."""
+    from refusal.generation.mlp_kernel import gate_up_act
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randint(-3, 4, (7, 32), generator=g) / 4).half()
+    wg = (torch.randint(-3, 4, (48, 32), generator=g) / 8).half()
+    wu = (torch.randint(-3, 4, (48, 32), generator=g) / 8).half()
+    act = {"silu": torch.nn.functional.silu,
+           "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[activation]
+    want = act(x @ wg.T) * (x @ wu.T)  # torch's own fp16 ops, as the module runs them
+    unrounded = (act((x @ wg.T).float()) * (x @ wu.T).float()).half()
+    assert int((unrounded != want).sum()) > 30  # the test can tell the two roundings apart
+    got = gate_up_act(x, wg, wu, activation)
+    assert got.dtype == torch.float16
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {want.numel()} differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_check_tells_gelu_from_silu_at_every_precision(monkeypatch, dtype):
+    """Gemma's MLP is tanh-GELU. In bf16, a tolerance relative to the largest output over every input scale let SiLU
+    pass (at large inputs the two agree to a few percent of that output), and the kernel then decoded Gemma with
+    SiLU: its head strayed by up to 3.1 logits on an H100 (benchmarks/fidelity/static_toggles.py). The check must
+    pick GELU at every precision, and SiLU for a SiLU MLP. The kernel is replaced by its math in torch (Triton's
+    interpreter has no bf16): the check is what is tested."""
+    import refusal.generation.mlp_kernel as mk
+    from tests.conftest import build_model
+
+    def torch_kernel(x, wg, wu, activation="silu"):  # the kernel's roundings: products, activation, product
+        g, u = (x @ wg.T).float(), (x @ wu.T).float()
+        inner = g if activation == "silu" else 1.5957691216057308 * (g + 0.044715 * g ** 3)
+        a = g * torch.sigmoid(inner)
+        return (a.to(x.dtype).float() * u).to(x.dtype)
+
+    monkeypatch.setattr(mk, "gate_up_act", torch_kernel)
+    gemma = build_model("gemma", 300, n_layers=1).to(dtype).model.layers[0].mlp
+    llama = build_model("llama", 300, n_layers=1).to(dtype).model.layers[0].mlp
+    assert mk._activation(gemma) == "gelu_tanh"
+    assert mk._activation(llama) == "silu"
