@@ -360,7 +360,7 @@ def static_toggles(page: Page) -> None:
                          v["as shipped (graphs)"]["greedy_check"]["deficit_max"]])
     page.table(["code", "family", "dtype", "as shipped", "without the Triton MLP kernel", "none of the replacements",
                 "model's floor", "largest greedy deficit as shipped"], rows)
-    page.source(f"{base}/toggles-after.json", {**after, "commit": "this change over 10a6860 (before: 10a6860)"})
+    page.source(f"{base}/toggles-after.json", {**after, "commit": "5dadf06 (before: 10a6860)"})
     m = page.load(f"{base}/arch-matrix-cuda.json")
     gem = next(r for r in m["rows"] if r["family"] == "gemma" and r["dtype"] == "bfloat16" and r["path"] == "graphs")
     steps = {k: page.load(f"{base}/step8b-{k}.json")["ms_per_step"] for k in
@@ -373,7 +373,7 @@ def static_toggles(page: Page) -> None:
              "alternating on the same H100: "
              + ", ".join(f"{k} {v} ms" for k, v in steps.items()) + ": level.", "")
     page.source(f"{base}/arch-matrix-cuda.json", {**m, "command": "bash benchmarks/gpu_call.sh F", "date": "2026-12-06",
-                                                  "commit": "this change over 10a6860"})
+                                                  "commit": "5dadf06"})
 
 
 def evaluation(page: Page) -> None:
