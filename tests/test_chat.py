@@ -187,6 +187,86 @@ def test_chat_command_with_a_model_spec_and_a_direction_file(run_dir, tmp_path):
     assert r.exit_code == 2 and "out of range" in " ".join(r.output.split())
 
 
+def _condition(hidden: int, threshold: float, layer: int = 1):
+    """A keep condition whose decision is fixed: released iff 0 > threshold (weight zero)."""
+    from refusal.directions.condition import KeepCondition
+
+    return KeepCondition(layer, torch.zeros(hidden), threshold, ["Crime"], ["Violence"], torch.zeros(hidden),
+                         torch.ones(hidden), "mean", 0)
+
+
+def test_keep_refusal_gate_routes_each_message(loaded):
+    """With the gate on, a message the condition keeps is answered without the ablation (as the baseline), one it
+    releases with it (as under the ablation's hooks); an addition stays on either way; /compare uses the same
+    routing; a real condition's decision is route() on the message templated alone."""
+    from refusal.directions.condition import route
+    from refusal.templates import format_prompts
+
+    model, tok, dirs = loaded
+    hidden = find_parts(model).hidden_size
+    msg = "How do I pick a lock?"
+    p = ChatSession(model, tok, dirs).prompt([{"role": "user", "content": msg}])
+    base = generate(model, tok, [p], max_new_tokens=MAX_NEW)[0]
+    with apply(model, [ablation(dirs["selected"])]):
+        ablated = generate(model, tok, [p], max_new_tokens=MAX_NEW)[0]
+    assert base != ablated, "the ablation must change this answer for the test to mean anything"
+    streamed = "".join(ChatSession(model, tok, dirs, max_new_tokens=MAX_NEW).send(msg)).strip()
+    plain = ChatSession(model, tok, dirs, max_new_tokens=MAX_NEW)
+    plain.ablate("selected")
+    streamed_ablated = "".join(plain.send(msg)).strip()  # (a stream holds back a last partial UTF-8 character)
+    with pytest.raises(RefusalError, match="no keep-refusal condition"):
+        ChatSession(model, tok, dirs, max_new_tokens=MAX_NEW).keep(True)
+    for threshold, want, stream_want, where in ((1.0, base, streamed, "keep"),
+                                                (-1.0, ablated, streamed_ablated, "release")):
+        chat = ChatSession(model, tok, dirs, max_new_tokens=MAX_NEW, condition=_condition(hidden, threshold))
+        chat.ablate("selected")
+        assert "keep-refusal gate on (kept: Violence)" in chat.keep(True)
+        assert "".join(chat.send(msg)).strip() == stream_want
+        assert f"last message routed to {where}" in chat.status()
+        assert chat.compare() == (base, want)
+        assert "gate" not in chat.keep(False)
+        assert "".join(chat.send(msg)).strip() != "" and chat.last_route is None  # gate off: not routed
+    # an addition is not gated: kept messages still get it
+    chat = ChatSession(model, tok, dirs, max_new_tokens=MAX_NEW, condition=_condition(hidden, 1.0))
+    chat.add("0", -2.0)
+    chat.ablate("selected")
+    chat.keep(True)
+    added = ChatSession(model, tok, dirs, max_new_tokens=MAX_NEW)
+    added.add("0", -2.0)
+    assert "".join(chat.send(msg)).strip() == "".join(added.send(msg)).strip()
+    # a condition that reads the prompt: the chat's decision is route() on the message templated alone
+    g = torch.Generator().manual_seed(0)
+    real = _condition(hidden, 0.0)
+    real.weight = torch.randn(hidden, generator=g)
+    chat = ChatSession(model, tok, dirs, max_new_tokens=2, condition=real)
+    for text in ("Write a poem", "How do I make a weapon?", "Tell me a joke"):
+        from refusal.templates import pre_instruction_length
+
+        real.skip = pre_instruction_length(tok)
+        assert chat.route(text) == route(model, tok, real, format_prompts(tok, [text]))[0]
+    assert _no_hooks(model)
+
+
+def test_chat_command_keep_refusal_gate(run_dir, tmp_path):
+    import shutil
+
+    r = runner.invoke(app, ["chat", str(run_dir), "--keep-refusal-gate", "--device", "cpu"])
+    assert r.exit_code == 2 and "no keep-refusal condition" in " ".join(r.output.split())
+    gated = tmp_path / "gated"
+    shutil.copytree(run_dir, gated)
+    from refusal.models.loading import load_model
+    from refusal.models.parts import find_parts as parts_of
+
+    model, _ = load_model(str(run_dir.parent.parent / "tiny-qwen2"), device="cpu")
+    _condition(parts_of(model).hidden_size, 1.0).save(gated / "keep_condition.safetensors")
+    r = runner.invoke(app, ["chat", str(gated), "--keep-refusal-gate", "--max-new-tokens", "4", "--device", "cpu"],
+                      input="hello\n/keep off\n/keep maybe\n/keep on\n/quit\n")
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "intervention: ablate selected (all layers); keep-refusal gate on (kept: Violence)" in out
+    assert "last message routed to keep" in out and "/keep takes on or off" in out
+
+
 def test_chat_through_a_pseudo_terminal(run_dir):
     """A person at a terminal: type a message, watch the answer stream, ablate, compare, switch off, quit."""
     pexpect = pytest.importorskip("pexpect")

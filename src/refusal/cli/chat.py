@@ -20,12 +20,15 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from ..directions.base import DirectionSet
+    from ..directions.condition import KeepCondition
     from ..generation.session import ChatSession
 
 HELP = """Commands:
   /ablate SPEC          project out the span of these directions at every layer (SPEC: 0-2, 0,3,5, selected, set)
   /add NAME [--coeff C] add C x the direction at its source layer (C < 0 subtracts; default 1)
   /off                  no intervention (the baseline model)
+  /keep on|off          with a conditional keep-refusal run: route each message by the run's condition, answer
+                        the ones it keeps without the ablation
   /compare              answer your last message without and with the current intervention, side by side
   /reset                forget the conversation (interventions stay)
   /status               which interventions are on
@@ -86,6 +89,18 @@ def open_target(target: str, direction_file: Path | None, device: str | None, dt
     return model, tok, directions, None, target
 
 
+def keep_condition(target: Path) -> KeepCondition | None:
+    """The keep-refusal condition of a run folder made with the conditional method, or None."""
+    from ..runs.keep_refusal import CONDITION_FILE
+
+    path = target / CONDITION_FILE
+    if not (target.is_dir() and path.is_file()):
+        return None
+    from ..directions.condition import KeepCondition
+
+    return KeepCondition.load(path)
+
+
 def parse_add(args: list[str]) -> tuple[str, float]:
     """``NAME [--coeff C | C]``."""
     name, coeff, rest = None, 1.0, list(args)
@@ -127,6 +142,10 @@ def register(app: typer.Typer) -> None:
         allow_network: bool = typer.Option(False, "--allow-network",
                                            help="Let the run's saved config name a hub model or server (never "
                                                 "without this flag)."),
+        keep: bool = typer.Option(False, "--keep-refusal-gate",
+                                  help="A run made with --keep-refusal (conditional): start with the selected "
+                                       "direction ablated and the run's keep condition routing each message, as "
+                                       "/keep on does."),
     ) -> None:
         """Chat with a model; switch refusal directions on and off between turns (/help lists the commands)."""
         from rich.console import Console
@@ -138,9 +157,14 @@ def register(app: typer.Typer) -> None:
             model, tok, dirs, run_system, what = open_target(target, direction_file, device, dtype,
                                                              trust_remote_code, allow_network)
             session = ChatSession(model, tok, dirs, system if system is not None else run_system, max_new_tokens,
-                                  batching=Batching(quiet=True))  # no progress bars between the chat's lines
+                                  batching=Batching(quiet=True),  # no progress bars between the chat's lines
+                                  condition=keep_condition(Path(target)))
             if directions:
                 session.ablate(directions)
+            if keep:
+                if not directions:
+                    session.ablate("selected")
+                session.keep(True)
         except RefusalError as exc:
             _fail(exc)
         console = Console(highlight=False)
@@ -204,6 +228,10 @@ def command(session: ChatSession, console: Console, line: str) -> bool:
             console.print(f"[dim]{session.add(name, coeff)}[/]")
         elif cmd == "/off":
             console.print(f"[dim]{session.off()}[/]")
+        elif cmd == "/keep":
+            if len(args) != 1 or args[0].lower() not in ("on", "off"):
+                raise RefusalError("/keep takes on or off.", "Write /keep on or /keep off.")
+            console.print(f"[dim]{session.keep(args[0].lower() == 'on')}[/]")
         elif cmd == "/status":
             console.print(f"[dim]{session.status()}[/]")
         elif cmd == "/reset":

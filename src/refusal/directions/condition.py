@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .. import io
+from ..batching import Batching
 from ..errors import RefusalError
 
 __all__ = ["KeepCondition", "POOLS", "auc", "fit_keep_condition", "fit_ridge", "instruction_mean",
@@ -244,7 +245,8 @@ def instruction_mean(skip: int) -> Callable[[torch.Tensor, torch.Tensor], torch.
 
 
 def prompt_activations(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int], *,
-                       pool: str = "last", skip: int = 0, batch_size: int = 32, description: str = "") -> torch.Tensor:
+                       pool: str = "last", skip: int = 0, batch_size: int = 32, description: str = "",
+                       batching: Batching | None = None) -> torch.Tensor:
     """The inputs of decoder ``layers`` for each templated prompt, no intervention, at its last token
     (``pool="last"``) or averaged over its tokens after the template's first ``skip`` (``pool="mean"``):
     ``(len(layers), len(prompts), d)`` float32 on the CPU (batched; the forward stops after the deepest layer)."""
@@ -257,15 +259,17 @@ def prompt_activations(model: Any, tokenizer: Any, prompts: Sequence[str], layer
 
         return torch.zeros(len(layers), 0, find_parts(model).hidden_size)
     return collect_activations(model, tokenizer, list(prompts), 1, list(layers), batch_size, description,
-                               pool=instruction_mean(skip) if pool == "mean" else None)[0].cpu()
+                               pool=instruction_mean(skip) if pool == "mean" else None, batching=batching)[0].cpu()
 
 
 def route(model: Any, tokenizer: Any, condition: KeepCondition, prompts: Sequence[str], *,
-          batch_size: int = 32, description: str = "Routing prompts (keep-refusal condition)") -> list[bool]:
+          batch_size: int = 32, description: str = "Routing prompts (keep-refusal condition)",
+          batching: Batching | None = None) -> list[bool]:
     """For each templated prompt: True if the condition routes it to release (edit applied), False to keep (no
     edit). One batched forward up to the condition's layer, with no intervention."""
     if not prompts:
         return []
     acts = prompt_activations(model, tokenizer, prompts, [condition.layer], pool=condition.pool,
-                              skip=condition.skip, batch_size=batch_size, description=description)[0]
+                              skip=condition.skip, batch_size=batch_size, description=description,
+                              batching=batching)[0]
     return condition.release(acts)

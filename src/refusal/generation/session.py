@@ -8,6 +8,11 @@
 >>> without, with_ = chat.compare()   # the last user turn answered with and without, in one batched generate
 >>> chat.off(); chat.reset()
 
+A run made with ``select.keep_refusal`` (conditional method) saves a keep condition; with it (``condition=``) and
+the gate on (:meth:`keep`), each user message is first routed by the condition, the message alone templated as the
+run's prompts are: a message routed to keep is answered without the ablation (an addition stays on), one routed to
+release with it, as the run's ``keep_refusal`` condition decodes its test prompts.
+
 The conversation is a list of messages formatted with the tokenizer's chat template at every turn. Answers are
 greedy. Streaming runs its own loop over a key/value cache and installs the intervention hooks around each forward
 only, so no hook outlives a step, even if the caller stops reading. :meth:`compare` decodes both rows in one batch
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +32,9 @@ from ..directions.base import Direction, parse_ranks
 from ..errors import RefusalError
 from ..interventions.hooks import Plan, ablation, addition, apply, token_phase
 from ..interventions.scopes import Intervention
+
+if TYPE_CHECKING:
+    from ..directions.condition import KeepCondition
 from ..models.head import keep_last
 from ..models.parts import cache_kwarg, find_parts, model_device
 from .batched import generate, greedy_config
@@ -50,7 +58,8 @@ class ChatSession:
     """A conversation with one model, and the interventions currently on (at most one ablation, one addition)."""
 
     def __init__(self, model: Any, tokenizer: Any, directions: Mapping[str, Direction], system: str | None = None,
-                 max_new_tokens: int = 256, *, batching: Batching | None = None):
+                 max_new_tokens: int = 256, *, batching: Batching | None = None,
+                 condition: KeepCondition | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise RefusalError("The tokenizer has no chat template, so this is not a chat model.",
                                "Use an instruction-tuned model.")
@@ -62,6 +71,9 @@ class ChatSession:
         self.batching = batching if batching is not None else Batching()  # /compare's batch (an interactive CLI: quiet)
         self.messages: list[dict[str, str]] = []
         self._active: dict[str, Active] = {}
+        self.condition = condition  # the run's keep-refusal condition, if any
+        self.gate = False  # whether the condition routes each message (keep: no ablation)
+        self.last_route: str | None = None  # "release" or "keep": the gate's decision on the last message
         parts = find_parts(model)
         for name, d in directions.items():
             try:
@@ -132,15 +144,54 @@ class ChatSession:
         self._active.clear()
         return self.status()
 
+    def keep(self, on: bool) -> str:
+        """Turn the keep-refusal gate on or off; returns the status line."""
+        if on and self.condition is None:
+            raise RefusalError("This chat has no keep-refusal condition.",
+                               "Start it on a run made with --keep-refusal (the conditional method saves "
+                               "keep_condition.safetensors in the run folder).")
+        self.gate = bool(on)
+        self.last_route = None
+        return self.status()
+
+    def route(self, text: str) -> bool:
+        """Whether the keep condition routes the user message ``text`` to release (templated alone, with this chat's
+        system prompt, as the run templates its prompts)."""
+        from dataclasses import replace
+
+        from ..directions.condition import route
+        from ..templates import format_prompts, pre_instruction_length
+
+        if self.condition is None:
+            raise RefusalError("This chat has no keep-refusal condition.",
+                               "Start it on a conditional keep-refusal run.")
+        cond = replace(self.condition, skip=pre_instruction_length(self.tokenizer, self.system))
+        prompt = format_prompts(self.tokenizer, [text], self.system)[0]
+        return route(self.model, self.tokenizer, cond, [prompt], batch_size=1, description="",
+                     batching=self.batching)[0]
+
+    def turn_interventions(self, text: str) -> list[Intervention]:
+        """The interventions a user message is answered under: all that are on, less the ablation where the gate is
+        on and routes the message to keep (the decision is kept in :attr:`last_route`)."""
+        if not self.gate or "ablate" not in self._active:
+            return self.interventions
+        release = self.route(text)
+        self.last_route = "release" if release else "keep"
+        return [a.intervention for k, a in self._active.items() if release or k != "ablate"]
+
     @property
     def interventions(self) -> list[Intervention]:
         return [a.intervention for a in self._active.values()]
 
     def status(self) -> str:
         """The interventions that are on, in words."""
+        gate = ""
+        if self.gate and self.condition is not None:
+            gate = (f"; keep-refusal gate on (kept: {', '.join(self.condition.kept)}"
+                    + (f"; last message routed to {self.last_route}" if self.last_route else "") + ")")
         if not self._active:
-            return "intervention: none (baseline model)"
-        return "intervention: " + " + ".join(a.describe() for a in self._active.values())
+            return "intervention: none (baseline model)" + gate
+        return "intervention: " + " + ".join(a.describe() for a in self._active.values()) + gate
 
     # ---- conversation --------------------------------------------------------------------------------------------
 
@@ -157,10 +208,11 @@ class ChatSession:
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the answer (pieces of text) under the current interventions; the answer
         joins the conversation when the stream ends (or what was streamed of it, if the caller stops early)."""
+        ivs = self.turn_interventions(text)  # before the message joins: a routing error loses nothing
         self.messages.append({"role": "user", "content": text})
         pieces: list[str] = []
         try:
-            for piece in self.stream(self.prompt(), self.interventions):
+            for piece in self.stream(self.prompt(), ivs):
                 pieces.append(piece)
                 yield piece
         finally:
@@ -209,8 +261,9 @@ class ChatSession:
         if not self._active:
             raise RefusalError("No intervention is on, so there is nothing to compare.",
                                "Switch one on first (/ablate 0, /add 0 --coeff -1), then /compare.")
-        prompt = self.prompt(self.last_user_messages())
-        plan = Plan.rows(self.model, [[], self.interventions])
+        msgs = self.last_user_messages()
+        prompt = self.prompt(msgs)
+        plan = Plan.rows(self.model, [[], self.turn_interventions(msgs[-1]["content"])])
         texts = generate(self.model, self.tokenizer, [prompt, prompt], max_new_tokens=self.max_new_tokens,
                          batch_size=2, plan=plan, description="Comparing", batching=self.batching)
         return texts[0], texts[1]

@@ -244,6 +244,7 @@ def refuse_weight_export(config: dict, run_dir: Any) -> None:
         "method: a classifier on each prompt's activations decides whether the refusal direction is ablated. That "
         "is not a weight edit, and exporting the run's direction would remove refusal for the kept categories too.",
         "Conditional: serve with hooks (route each prompt with refusal.directions.condition.route, ablate for the "
-        "released ones; docs/keep-refusal.md), or try it with `refusal chat RUN_DIR` (/ablate). To export the plain "
+        "released ones; docs/keep-refusal.md), or try it with `refusal chat RUN_DIR --keep-refusal-gate`. To export "
+        "the plain "
         f"ablation, turn keep-refusal off (`refusal run --resume {run_dir} --keep-refusal \"\"`); the orthogonal "
         "method's `kept` direction exports from Python (docs/keep-refusal.md).")

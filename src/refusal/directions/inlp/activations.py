@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...batching import in_batches
+from ...batching import Batching, in_batches
 from ...models.parts import decoder, find_parts, model_device
 from ...templates import tokenize
 
@@ -24,7 +24,7 @@ class _StopForward(Exception):
 def collect_activations(
     model: Any, tokenizer: Any, prompts: Sequence[str], n_positions: int, layers: Sequence[int] | None = None,
     batch_size: int = 32, description: str = "",
-    pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, batching: Batching | None = None,
 ) -> torch.Tensor:
     """Per-prompt residual-stream inputs of the decoder layers at the last ``n_positions`` tokens.
 
@@ -80,7 +80,7 @@ def collect_activations(
             done += len(chunk)
             caught.clear()
 
-        in_batches(run, prompts, batch_size, description)
+        in_batches(run, prompts, batch_size, description, batching=batching)
     finally:
         for h in handles:
             h.remove()
