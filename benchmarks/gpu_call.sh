@@ -14,6 +14,7 @@
 #                                   # step against a measured bandwidth
 #   bash benchmarks/gpu_call.sh F   # the Triton MLP kernel's activation rounding: static_toggles and the 8B step, code
 #                                   # before (.before3) and after, then the matrix
+#   bash benchmarks/gpu_call.sh G   # refusal kept by category on other splits (SEEDS, default "1 2")
 #   bash benchmarks/gpu_call.sh E   # refusal kept by category with the cross-validated condition: the condition's
 #                                   # designs compared, the held-out and JailbreakBench runs (MATRIX=1, STEP8B=1 add)
 set -u
@@ -123,6 +124,15 @@ F)  # the Triton MLP kernel's activation rounding (no model needed): static_togg
     done
     step matrix "$(left)" python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json"
   fi ;;
+G)  # refusal kept by category on other splits of the same prompts (data.seed in SEEDS, default "1 2"): the held-out
+    # StrongREJECT run with the conditional method, once per seed
+  timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # wheels, model (or nothing with DRY)
+  if [ -z "${DRY:-}" ]; then . benchmarks/gpu_setup.sh; model=/tmp/m/hf; else export PYTHONPATH=$PWD/src:$PWD; model=none; fi
+  . benchmarks/gpu_step.sh
+  for seed in ${SEEDS:-1 2}; do
+    step keep-seed$seed "$(left)" python3 -m benchmarks.keep_refusal --model $model --data $PWD/.data/refusal_direction \
+      --method conditional --seed $seed --keep "${KEEP:-Sexual content,Violence}" --out "$OUT/keep-refusal-seed$seed.json"
+  done ;;
 *) echo "unknown call $call"; exit 2 ;;
 esac
 mkdir -p "$FINAL"

@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--no-filter", action="store_true", help="keep train/val prompts the model does not refuse")
+    ap.add_argument("--seed", type=int, default=None, help="data.seed: another split of the same prompts "
+                                                          "(default: the run's, 42)")
+    ap.add_argument("--max-release", type=float, default=None,
+                    help="select.keep_refusal_max_release (default: the run's, 0.1)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--method", default="both", choices=(*METHODS, "both"),
                     help="select.keep_refusal_method to measure: conditional (the gate), orthogonal, or both (two "
@@ -252,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
         over["device"] = a.device
     if a.no_filter:
         over["data"]["filter"] = False
+    if a.seed is not None:
+        over["data"]["seed"] = a.seed
+    if a.max_release is not None:
+        over["select"]["keep_refusal_max_release"] = a.max_release
 
     from refusal import io
     from refusal.config import resolve
