@@ -78,6 +78,8 @@ KEPT_UNREAD = {
     f"{RESULTS}/h100-2026-12-06-second/matrix.log": "the log of arch-matrix-cuda.json",
     f"{RESULTS}/h100-2026-12-06-fourth/matrix.log": "the log of arch-matrix-cuda.json",
     f"{RESULTS}/h100-2026-12-06-fifth/matrix.log": "the log of arch-matrix-cuda.json",
+    f"{RESULTS}/h100-2026-12-06-sixth/keep-seed1.log": "the log of keep-refusal-seed1.json",
+    f"{RESULTS}/h100-2026-12-06-sixth/keep-seed2.log": "the log of keep-refusal-seed2.json",
     f"{RESULTS}/h100-2026-12-06-fourth/keep-jbb.log": "the log of keep-refusal-jbb.json (step keep-jbb)",
     f"{RESULTS}/h100-2026-12-06-second/paper-warm.log": "the log of paper-warmup.json",
     f"{RESULTS}/h100-2026-12-06-second/paper-warm-2.log": "the log of paper-warmup-2.json",
@@ -781,6 +783,49 @@ def keep_refusal(page: Page) -> None:
                        ("keep-refusal-jbb", "JailbreakBench (its categories mapped onto StrongREJECT's; \"other\": "
                                             "no counterpart, routed like any prompt)")):
         keep_run(page, f"{fourth}/{name}.json", what)
+    keep_splits(page, [f"{fourth}/keep-refusal.json"] + [f"{RESULTS}/h100-2026-12-06-sixth/keep-refusal-seed{s}.json"
+                                                          for s in (1, 2)])
+
+
+def keep_splits(page: Page, rels: list[str]) -> None:
+    """The held-out keep-refusal run on several splits: each kept category's change, tested, and the released ones."""
+    page.add("The same held-out run on three splits of StrongREJECT (`data.seed` 42, 1, 2; `--seed` of "
+             "`benchmarks/quality/keep_refusal.py`, each split fits its own directions and condition). Per kept "
+             "category: baseline and conditional refusal, whether the conditional rate lies inside the baseline's "
+             "95 % interval, and Fisher's exact test of the two (two-sided p); per split, the released categories' "
+             "refusal pooled:", "")
+    rows, kb, kc, kn = [], 0, 0, 0
+    for rel in rels:
+        d = page.load(rel)
+        seed = d["command"].split("--seed ")[1].split()[0] if "--seed " in d["command"] else "42"
+        released = [r for r in d["table"] if r["role"] == "released"]
+        rb = sum(r["baseline"]["count"] for r in released)
+        rc = sum(r["conditional"]["count"] for r in released)
+        rn = sum(r["baseline"]["n"] for r in released)
+        for r in d["table"]:
+            if r["role"] != "kept":
+                continue
+            b, c = r["baseline"], r["conditional"]
+            kb, kc, kn = kb + b["count"], kc + c["count"], kn + b["n"]
+            rows.append([seed, r["category"], rate(b), rate(c), rate(r["routed_to_release"]),
+                         "yes" if r.get("conditional_in_baseline_ci") else "**no**",
+                         f"{fisher_exact(b['count'], b['n'], c['count'], c['n']):.2f}",
+                         f"{wilson_str(rb, rn)} → {wilson_str(rc, rn)}"])
+    page.table(["seed", "kept category", "baseline", "conditional", "gate: routed to release",
+                "inside the baseline's interval", "Fisher p", "released categories pooled: baseline → conditional"],
+               rows)
+    inside = sum(r[5] == "yes" for r in rows)
+    falls = sum(float(r[3].split()[0]) < float(r[2].split()[0]) for r in rows)
+    routed = [float(r[4].split()[0]) for r in rows]
+    page.add(f"{inside} of {len(rows)} kept cells lie inside their baseline's interval, and no kept cell's change "
+             f"is significant on its own (every Fisher p ≥ {min(float(r[6]) for r in rows):.2f}); but {falls} of "
+             f"{len(rows)} fall, and summed over the three splits the kept categories refuse {wilson_str(kc, kn)} "
+             f"under the conditional edit against {wilson_str(kb, kn)} at baseline (the three test sets overlap, so "
+             "these are not independent prompts and no test is put on the sum). The cause is the kept prompts the gate "
+             f"releases by mistake ({min(routed):.0%}–{max(routed):.0%} of them on these test sets, against the "
+             "10 % it allows out of fold): they lose their refusal. `select.keep_refusal_max_release` trades this "
+             "against how much of the released categories is released.", "")
+    page.source(rels[-1], page.load(rels[-1]), {"commit": "22941c3"})
 
 
 def keep_run(page: Page, rel: str, what: str) -> None:
