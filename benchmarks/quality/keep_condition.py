@@ -91,6 +91,34 @@ def score(feats: torch.Tensor, cats: list[str], design: dict) -> dict[str, Any]:
             "released_by_category": {c: {"released": sum(v), "n": len(v)} for c, v in by_cat.items()}}
 
 
+def random_splits(feats: torch.Tensor, cats: list[str], layers: list[int], released: list[str], skip: int,
+                  n_fit: int, n: int, max_kept_release: float) -> dict[str, Any]:
+    """The shipped design refitted on ``n`` random splits (seeds 0..n-1) of the StrongREJECT prompts into ``n_fit``
+    to fit and the rest to test: how its threshold, set for ``max_kept_release`` out of fold, holds on new prompts."""
+    import random
+
+    from refusal.directions.condition import fit_keep_condition
+
+    rows = []
+    for seed in range(n):
+        idx = list(range(len(cats)))
+        random.Random(seed).shuffle(idx)
+        fit, test = idx[:n_fit], idx[n_fit:]
+        c = fit_keep_condition(feats[:, fit], [cats[i] for i in fit], layers, list(KEEP), released, pool="mean",
+                               skip=skip, max_kept_release=max_kept_release, seed=seed)
+        r = score(feats[layers.index(c.layer)][test], [cats[i] for i in test],
+                  {"weight": c.weight, "threshold": c.threshold})
+        rows.append({"seed": seed, "layer": c.layer, "penalty": c.info["penalty"],
+                     "out_of_fold_kept_released": c.info["out_of_fold"]["kept_released"],
+                     "test_kept_released": r["kept_released"], "test_released_released": r["released_released"],
+                     "test_auc": r["auc"]})
+    kept = [r["test_kept_released"]["rate"] for r in rows]
+    rel = [r["test_released_released"]["rate"] for r in rows]
+    return {"n": n, "n_fit": n_fit, "target": max_kept_release, "rows": rows,
+            "test_kept_released": {"mean": round(sum(kept) / n, 4), "min": min(kept), "max": max(kept)},
+            "test_released_released": {"mean": round(sum(rel) / n, 4), "min": min(rel), "max": max(rel)}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model folder (not needed with DRY=1: a tiny random Qwen2)")
@@ -103,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-val", type=int, default=32)
     ap.add_argument("--max-kept-release", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--splits", type=int, default=0,
+                    help="also refit the shipped design on this many random splits of StrongREJECT (the run's sizes) "
+                         "and report its kept-release and released rates on each split's held-out prompts")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     from refusal.data.sources import load_source, make_splits
@@ -158,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{results[name]['test']['kept_released']['rate']:.2f}  released released "
               f"{results[name]['test']['released_released']['rate']:.2f}  | JBB AUC "
               f"{results[name]['jailbreakbench']['auc']:.3f}")
+    splits_out = random_splits(feats["mean"][:, :n_fit + n_test], cats[:n_fit + n_test], layers, released, skip,
+                               n_fit, a.splits, a.max_kept_release) if a.splits else None
     import transformers
 
     out = {
@@ -169,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kept": list(KEEP), "released": released, "seed": a.seed,
         "sizes": {"fit (train + val)": n_fit, "train (centroid fit)": a.n_train, "val (centroid layer)": a.n_val,
                   "test": n_test, "jailbreakbench": len(jbb)}, "jbb_mapping": JBB_TO_SR,
-        "designs": results, "wall_s": round(time.perf_counter() - t0, 1),
+        "designs": results, "random_splits": splits_out, "wall_s": round(time.perf_counter() - t0, 1),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
