@@ -893,7 +893,7 @@ def keep_condition(page: Page, rel: str, where: str) -> None:
                  f"prompts on average ({k['min']:.2f}–{k['max']:.2f}) and {r['mean']:.2f} of released ones "
                  f"({r['min']:.2f}–{r['max']:.2f}). The out-of-fold target is optimistic on new prompts: the layer and "
                  "penalty are chosen on the same folds, and a few dozen kept prompts set the threshold.", "")
-    page.source(rel, d, {"commit": "c333842" if not rs else "this session's last"})
+    page.source(rel, d, {"commit": "c333842" if not rs else "74e0b01"})
 
 
 def learned_openings(page: Page) -> None:
