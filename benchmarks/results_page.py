@@ -794,7 +794,7 @@ def keep_splits(page: Page, rels: list[str]) -> None:
              "category: baseline and conditional refusal, whether the conditional rate lies inside the baseline's "
              "95 % interval, and Fisher's exact test of the two (two-sided p); per split, the released categories' "
              "refusal pooled:", "")
-    rows, kb, kc, kn = [], 0, 0, 0
+    rows, kept, kb, kc, kn = [], [], 0, 0, 0
     for rel in rels:
         d = page.load(rel)
         seed = d["command"].split("--seed ")[1].split()[0] if "--seed " in d["command"] else "42"
@@ -807,6 +807,7 @@ def keep_splits(page: Page, rels: list[str]) -> None:
                 continue
             b, c = r["baseline"], r["conditional"]
             kb, kc, kn = kb + b["count"], kc + c["count"], kn + b["n"]
+            kept.append(r)
             rows.append([seed, r["category"], rate(b), rate(c), rate(r["routed_to_release"]),
                          "yes" if r.get("conditional_in_baseline_ci") else "**no**",
                          f"{fisher_exact(b['count'], b['n'], c['count'], c['n']):.2f}",
@@ -814,11 +815,13 @@ def keep_splits(page: Page, rels: list[str]) -> None:
     page.table(["seed", "kept category", "baseline", "conditional", "gate: routed to release",
                 "inside the baseline's interval", "Fisher p", "released categories pooled: baseline → conditional"],
                rows)
-    inside = sum(r[5] == "yes" for r in rows)
-    falls = sum(float(r[3].split()[0]) < float(r[2].split()[0]) for r in rows)
-    routed = [float(r[4].split()[0]) for r in rows]
+    inside = sum(bool(r.get("conditional_in_baseline_ci")) for r in kept)
+    falls = sum(r["conditional"]["rate"] < r["baseline"]["rate"] for r in kept)
+    routed = [r["routed_to_release"]["rate"] for r in kept]
+    p_min = min(fisher_exact(r["baseline"]["count"], r["baseline"]["n"], r["conditional"]["count"],
+                             r["conditional"]["n"]) for r in kept)
     page.add(f"{inside} of {len(rows)} kept cells lie inside their baseline's interval, and no kept cell's change "
-             f"is significant on its own (every Fisher p ≥ {min(float(r[6]) for r in rows):.2f}); but {falls} of "
+             f"is significant on its own (every Fisher p ≥ {p_min:.2f}); but {falls} of "
              f"{len(rows)} fall, and summed over the three splits the kept categories refuse {wilson_str(kc, kn)} "
              f"under the conditional edit against {wilson_str(kb, kn)} at baseline (the three test sets overlap, so "
              "these are not independent prompts and no test is put on the sum). The cause is the kept prompts the gate "
